@@ -1,0 +1,27 @@
+"""bora_pyro: Bayesian hierarchical multi-task LoRA (BoRA) for Hugging Face causal LMs, in Pyro."""
+
+from .base_models import load_base_model
+from .data import Batch, Corpus, CorpusConfig, Split, load_corpus
+from .evaluation import PerplexityReport, evaluate
+from .inference import FitResult, TrainConfig, fit
+from .lora import MultiTaskLoRA, MultiTaskLoRALinear
+from .models import BoRA
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BoRA",
+    "Batch",
+    "Corpus",
+    "CorpusConfig",
+    "FitResult",
+    "MultiTaskLoRA",
+    "MultiTaskLoRALinear",
+    "PerplexityReport",
+    "Split",
+    "TrainConfig",
+    "evaluate",
+    "fit",
+    "load_base_model",
+    "load_corpus",
+]

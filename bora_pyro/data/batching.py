@@ -1,0 +1,114 @@
+"""Tokenised document splits and mixed-task batches.
+
+A :class:`Split` holds the tokenised documents of one split (train/valid/test) of all tasks.
+Batches MIX tasks: every example carries its task index, and the model runs the whole batch
+in one forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+IGNORE_INDEX = -100  # label value of tokens that are not scored (padding, prompt, first token)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A padded batch of documents, possibly from several tasks.
+
+    Shapes:
+        input_ids, attention_mask, labels: [batch, tokens] (labels == -100 where not scored);
+        task_index, doc_index: [batch]. ``num_docs`` is the number of documents of the split the
+        batch was drawn from: the Pyro model scales the batch log-likelihood by num_docs / batch.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    task_index: torch.Tensor
+    doc_index: torch.Tensor
+    num_docs: int
+
+    def to(self, device: torch.device | str) -> "Batch":
+        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        return Batch(
+            move(self.input_ids), move(self.attention_mask), move(self.labels),
+            move(self.task_index), move(self.doc_index), self.num_docs,
+        )
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+@dataclass(frozen=True)
+class Split:
+    """The tokenised documents of one split of a multi-task corpus.
+
+    ``input_ids[i]`` is document i's token ids; ``labels[i]`` the same with unscored positions
+    set to -100; ``task_index[i]`` its task (index into ``tasks``).
+    """
+
+    name: str
+    tasks: tuple[str, ...]
+    input_ids: tuple[tuple[int, ...], ...]
+    labels: tuple[tuple[int, ...], ...]
+    task_index: tuple[int, ...]
+    pad_token_id: int
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def docs_per_task(self) -> np.ndarray:
+        """Number of documents of each task. Shape: [tasks]."""
+        return np.bincount(np.asarray(self.task_index, dtype=np.int64), minlength=len(self.tasks))
+
+    def tokens_per_task(self) -> np.ndarray:
+        """Number of scored tokens of each task. Shape: [tasks]."""
+        counts = np.zeros(len(self.tasks), dtype=np.int64)
+        for task, labels in zip(self.task_index, self.labels):
+            counts[task] += sum(1 for t in labels if t != IGNORE_INDEX)
+        return counts
+
+    def collate(self, indices: Sequence[int]) -> Batch:
+        """Pad the given documents (right padding) into one batch."""
+        width = max(len(self.input_ids[i]) for i in indices)
+        n = len(indices)
+        input_ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        for row, i in enumerate(indices):
+            length = len(self.input_ids[i])
+            input_ids[row, :length] = torch.tensor(self.input_ids[i])
+            labels[row, :length] = torch.tensor(self.labels[i])
+            mask[row, :length] = 1
+        index = torch.as_tensor(list(indices), dtype=torch.long)
+        tasks = torch.as_tensor([self.task_index[i] for i in indices], dtype=torch.long)
+        return Batch(input_ids, mask, labels, tasks, index, len(self))
+
+    def train_batches(self, batch_size: int, seed: int = 0, start_step: int = 0) -> Iterator[Batch]:
+        """Endless mixed-task batches drawn uniformly over documents, reshuffled every epoch.
+
+        Deterministic given ``seed``; ``start_step`` skips that many batches (for resuming).
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        rng = np.random.default_rng(seed)
+        order: list[int] = []
+        step = 0
+        while True:
+            if len(order) < batch_size:
+                order += rng.permutation(len(self)).tolist()
+            chosen, order = order[:batch_size], order[batch_size:]
+            if step >= start_step:
+                yield self.collate(chosen)
+            step += 1
+
+    def eval_batches(self, batch_size: int) -> Iterator[Batch]:
+        """All documents once, in batches of similar length (length bucketing cuts padding)."""
+        by_length = sorted(range(len(self)), key=lambda i: (len(self.input_ids[i]), i))
+        for start in range(0, len(by_length), batch_size):
+            yield self.collate(by_length[start : start + batch_size])

@@ -1,0 +1,118 @@
+"""Multi-task corpora: loading by name, per-task splitting and tokenisation.
+
+Corpus specs:
+    ``bible-books``           embedded default: each book of a Bible translation is a task
+    ``csv:PATH``, ``jsonl:PATH``  a table with a task column and a text column
+    ``datasets:NAME_OR_PATH`` a Hugging Face ``datasets`` hub name or a saved dataset folder
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .batching import Split
+from .bible import bible_books
+from .split import split_per_task
+from .tabular import documents_by_task, read_table
+from .tokenize import tokenize_split
+
+CORPUS_FORMS = ("bible-books", "csv:PATH", "jsonl:PATH", "datasets:NAME_OR_PATH")
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    """How a corpus is cut into documents and split. Validated on construction."""
+
+    max_tokens: int = 64
+    seed: int = 0
+    valid_fraction: float = 0.1
+    test_fraction: float = 0.1
+    max_train_docs: int | None = None  # per task
+    max_eval_docs: int | None = None  # per task, for each of valid and test
+    task_prompt: str | None = None  # e.g. "{task}: " (masked context before every document)
+    task_column: str = "task"
+    text_column: str = "text"
+    translation: str = "wyc"  # bible-books only
+    books: tuple[str, ...] | None = None  # bible-books only; None = ten default books
+    num_tasks: int | None = None  # keep the first n tasks
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 4:
+            raise ValueError(f"max_tokens must be >= 4, got {self.max_tokens}")
+        for name in ("valid_fraction", "test_fraction"):
+            value = getattr(self, name)
+            if not 0.0 < value < 0.5:
+                raise ValueError(f"{name} must be in (0, 0.5), got {value}")
+        for name in ("max_train_docs", "max_eval_docs", "num_tasks"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 or None, got {value}")
+        if self.task_prompt is not None and "{task}" not in self.task_prompt:
+            raise ValueError(f"task_prompt must contain '{{task}}', got {self.task_prompt!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A tokenised multi-task corpus: task names and the three splits."""
+
+    name: str
+    tasks: tuple[str, ...]
+    train: Split
+    valid: Split
+    test: Split
+    config: CorpusConfig = field(default_factory=CorpusConfig)
+
+    def split(self, name: str) -> Split:
+        if name not in ("train", "valid", "test"):
+            raise ValueError(f"unknown split {name!r}; expected 'train', 'valid' or 'test'")
+        return getattr(self, name)
+
+    def summary(self) -> list[dict]:
+        """One row per task: documents and scored tokens in each split."""
+        rows = []
+        counts = {s: (self.split(s).docs_per_task(), self.split(s).tokens_per_task()) for s in ("train", "valid", "test")}
+        for d, task in enumerate(self.tasks):
+            row = {"task": task}
+            for s, (docs, tokens) in counts.items():
+                row[f"n_{s}_docs"], row[f"n_{s}_tokens"] = int(docs[d]), int(tokens[d])
+            rows.append(row)
+        return rows
+
+
+def _documents(spec: str, tokenizer, config: CorpusConfig) -> dict[str, list[str]]:
+    if spec == "bible-books":
+        return bible_books(tokenizer, config.max_tokens, config.translation, config.books)
+    kind, sep, location = spec.partition(":")
+    if sep and kind in ("csv", "jsonl", "datasets") and location:
+        return documents_by_task(read_table(kind, location), config.task_column, config.text_column, spec)
+    raise ValueError(f"unknown corpus {spec!r}; expected one of {list(CORPUS_FORMS)}")
+
+
+def load_corpus(spec: str, tokenizer, **options) -> Corpus:
+    """Load, split (per task, seeded) and tokenise a multi-task corpus.
+
+    Args:
+        spec: see the module docstring (``"bible-books"``, ``"csv:PATH"``, ...).
+        tokenizer: the base model's tokenizer.
+        **options: fields of :class:`CorpusConfig` (``max_tokens``, ``seed``, ``max_train_docs``...).
+    """
+    config = CorpusConfig(**options)
+    docs = _documents(spec, tokenizer, config)
+    if config.num_tasks is not None:
+        docs = dict(list(docs.items())[: config.num_tasks])
+    splits = split_per_task(
+        docs, config.valid_fraction, config.test_fraction, config.seed, config.max_train_docs, config.max_eval_docs
+    )
+    tasks = tuple(docs)
+    tokenized = {
+        name: tokenize_split(name, tasks, rows, tokenizer, config.max_tokens, config.task_prompt)
+        for name, rows in splits.items()
+    }
+    corpus = Corpus(spec, tasks, tokenized["train"], tokenized["valid"], tokenized["test"], config)
+    assert np.all(corpus.train.docs_per_task() > 0), "every task must have training documents"
+    return corpus

@@ -1,0 +1,101 @@
+"""Held-out perplexity per task and overall (token-weighted and task-macro)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .data.batching import Batch, Split
+from .lora import Factors
+
+if TYPE_CHECKING:
+    from .models.bora import BoRA
+from .models.likelihood import lm_log_likelihood, scored_tokens
+
+
+@dataclass(frozen=True)
+class PerplexityReport:
+    """Summed log-likelihood and scored-token counts per task on one split.
+
+    Shapes: loglik, tokens, docs: [tasks].
+    """
+
+    split: str
+    tasks: tuple[str, ...]
+    loglik: np.ndarray
+    tokens: np.ndarray
+    docs: np.ndarray
+    seconds: float
+
+    @property
+    def per_task(self) -> np.ndarray:
+        """exp(-loglik_d / tokens_d) for each task. Shape: [tasks]."""
+        return np.exp(-self.loglik / np.maximum(self.tokens, 1))
+
+    @property
+    def token_weighted(self) -> float:
+        """exp(- total log-likelihood / total tokens): every token counts the same."""
+        return float(np.exp(-self.loglik.sum() / max(self.tokens.sum(), 1)))
+
+    @property
+    def task_macro(self) -> float:
+        """exp(- mean over tasks of the per-token log-likelihood): every task counts the same."""
+        return float(np.exp(-np.mean(self.loglik / np.maximum(self.tokens, 1))))
+
+    @property
+    def loglik_per_token(self) -> float:
+        return float(self.loglik.sum() / max(self.tokens.sum(), 1))
+
+    @property
+    def tokens_per_second(self) -> float:
+        return float(self.tokens.sum() / self.seconds) if self.seconds > 0 else float("nan")
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame(
+            {"task": self.tasks, "docs": self.docs, "tokens": self.tokens, "perplexity": self.per_task}
+        )
+
+    def summary(self) -> dict[str, float]:
+        return {"token_weighted_ppl": self.token_weighted, "task_macro_ppl": self.task_macro}
+
+
+@torch.inference_mode()
+def evaluate_log_likelihood(
+    log_likelihood: Callable[[Batch], torch.Tensor], split: Split, device: torch.device, batch_size: int = 16
+) -> PerplexityReport:
+    """Score every document of ``split`` once with ``log_likelihood(batch) -> [batch]``."""
+    num_tasks = len(split.tasks)
+    loglik, tokens = torch.zeros(num_tasks, dtype=torch.float64), torch.zeros(num_tasks, dtype=torch.long)
+    start = time.perf_counter()
+    for batch in split.eval_batches(batch_size):
+        batch = batch.to(device)
+        ll = log_likelihood(batch).double().cpu()
+        task = batch.task_index.cpu()
+        loglik.index_add_(0, task, ll)
+        tokens.index_add_(0, task, scored_tokens(batch.labels).cpu())
+    seconds = time.perf_counter() - start
+    return PerplexityReport(split.name, split.tasks, loglik.numpy(), tokens.numpy(), split.docs_per_task(), seconds)
+
+
+def evaluate(
+    bora: "BoRA", split: Split, batch_size: int = 16, factors: Factors | None = None, base_model: bool = False
+) -> PerplexityReport:
+    """Perplexity of a fitted BoRA on a split (plug-in point estimate of every task's adapter).
+
+    Args:
+        factors: task factors to score instead of the fitted ones (e.g. loaded from a run folder).
+        base_model: score the bare base LM (no adapter), for reference.
+    """
+    if split.tasks != bora.tasks:
+        raise ValueError(f"the split's tasks {list(split.tasks)[:5]}... differ from the model's {list(bora.tasks)[:5]}...")
+    if base_model:
+        fn = lambda batch: lm_log_likelihood(bora.lora, None, batch)  # noqa: E731
+    else:
+        chosen = bora.task_factors() if factors is None else factors
+        fn = lambda batch: bora.log_likelihood(chosen, batch)  # noqa: E731
+    return evaluate_log_likelihood(fn, split, bora.device, batch_size)

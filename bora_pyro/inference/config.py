@@ -1,0 +1,57 @@
+"""Training configuration (validated on construction)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How the SVI loop runs.
+
+    ``lr_tau_scaling`` is the paper's rule of a learning rate proportional to tau, anchored so that
+    ``tau == lr_tau_reference`` gets ``lr`` (only finite tau > 0; tau = 0 and inf keep ``lr``).
+    ``patience`` stops after that many validations without a better validation log-likelihood
+    (None: run all steps). The best validated state is restored at the end either way.
+    """
+
+    steps: int = 100
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    clip_norm: float | None = 1.0
+    lr_tau_scaling: bool = False
+    lr_tau_reference: float = 100.0
+    eval_every: int = 25
+    patience: int | None = None
+    eval_batch_size: int = 16
+    num_particles: int = 1
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        positive_ints = ("steps", "batch_size", "eval_every", "eval_batch_size", "num_particles")
+        for name in positive_ints:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise ValueError(f"clip_norm must be > 0 or None, got {self.clip_norm!r}")
+        if not (self.lr_tau_reference > 0 and math.isfinite(self.lr_tau_reference)):
+            raise ValueError(f"lr_tau_reference must be a finite number > 0, got {self.lr_tau_reference!r}")
+        if self.patience is not None and self.patience < 1:
+            raise ValueError(f"patience must be >= 1 or None, got {self.patience!r}")
+
+    def learning_rate(self, tau: float) -> float:
+        """The learning rate used at precision ``tau`` (see ``lr_tau_scaling``)."""
+        if self.lr_tau_scaling and 0 < tau < math.inf:
+            return self.lr * tau / self.lr_tau_reference
+        return self.lr
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,240 @@
+"""Multi-task LoRA: one frozen base layer, stacked per-task low-rank factors.
+
+Every adapted layer computes, for an example of task ``d``::
+
+    y = W0 x + (alpha / r) * B_d A_d x
+
+The per-task factors are *not* parameters of the layer: the Pyro model samples them
+(``[D, r, in]`` and ``[D, out, r]``) and hands them to the wrapped model for one forward pass with
+:meth:`MultiTaskLoRA.activate`. A batch may mix tasks; each example gathers its own task's
+factors, so the whole batch runs in one forward pass with two batched matmuls per layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Iterator, Mapping
+
+import torch
+from torch import nn
+
+# Default target modules by Hugging Face ``model_type`` (LoRA paper / PEFT convention: q and v).
+DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
+    "llama": ("q_proj", "v_proj"),
+    "mistral": ("q_proj", "v_proj"),
+    "qwen2": ("q_proj", "v_proj"),
+    "qwen3": ("q_proj", "v_proj"),
+    "gemma": ("q_proj", "v_proj"),
+    "gemma2": ("q_proj", "v_proj"),
+    "phi3": ("qkv_proj",),
+    "opt": ("q_proj", "v_proj"),
+    "gpt2": ("c_attn",),
+    "gpt_neox": ("query_key_value",),
+    "falcon": ("query_key_value",),
+    "bloom": ("query_key_value",),
+}
+# Prefixes dropped from module names to make short, stable Pyro site names.
+_NAME_PREFIXES = ("model.decoder.", "model.", "transformer.", "gpt_neox.")
+
+Factors = Mapping[str, torch.Tensor]  # site-style names "<layer>.A" / "<layer>.B" -> stacked tensors
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's ``Conv1D``: a linear layer whose weight is stored transposed as [in, out]."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def _is_adaptable(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+class MultiTaskLoRALinear(nn.Module):
+    """A frozen linear (or GPT-2 ``Conv1D``) layer plus per-example gathered LoRA factors.
+
+    Shapes:
+        x: [batch, tokens, in] -> y: [batch, tokens, out];
+        factors A: [D, r, in], B: [D, out, r]; task_index: [batch] (values in 0..D-1).
+        With D == 1 every example uses the single adapter (pooled mode, no gather).
+    """
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float) -> None:
+        super().__init__()
+        self.base_layer = base
+        self.fan_in_fan_out = _is_conv1d(base)
+        out_features, in_features = base.weight.shape
+        if self.fan_in_fan_out:
+            in_features, out_features = out_features, in_features
+        self.in_features, self.out_features = in_features, out_features
+        self.rank = rank
+        self.scaling = alpha / rank
+        self._A: torch.Tensor | None = None  # [D, r, in] while a context is active
+        self._B: torch.Tensor | None = None  # [D, out, r]
+        self._task_index: torch.Tensor | None = None  # [batch]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        if self._A is None:
+            return y
+        A, B = self._A, self._B
+        x = x.to(A.dtype)
+        if A.shape[0] == 1:  # one adapter for every example
+            delta = (x @ A[0].transpose(0, 1)) @ B[0].transpose(0, 1)
+        else:
+            idx = self._task_index
+            assert idx is not None and idx.shape[0] == x.shape[0], (
+                f"task_index must give one task per example: got {None if idx is None else tuple(idx.shape)}"
+                f" for a batch of {x.shape[0]}"
+            )
+            h = torch.bmm(x, A[idx].transpose(1, 2))  # [batch, tokens, r]
+            delta = torch.bmm(h, B[idx].transpose(1, 2))  # [batch, tokens, out]
+        return y + self.scaling * delta.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, r={self.rank}, scaling={self.scaling:g}"
+
+
+@dataclass(frozen=True)
+class AdaptedLayer:
+    """One adapted layer: its short name (used in site names), full module path and shapes."""
+
+    name: str  # e.g. "layers.3.self_attn.q_proj"
+    path: str  # e.g. "model.layers.3.self_attn.q_proj"
+    in_features: int
+    out_features: int
+
+    def shapes(self, rank: int) -> dict[str, tuple[int, ...]]:
+        """Per-task factor shapes (without the task dimension): A [r, in], B [out, r]."""
+        return {f"{self.name}.A": (rank, self.in_features), f"{self.name}.B": (self.out_features, rank)}
+
+
+def resolve_targets(lm: nn.Module, targets: tuple[str, ...] | list[str] | None) -> tuple[str, ...]:
+    """The module-name suffixes to adapt: given ones, or the default for the model type."""
+    if targets:
+        return tuple(targets)
+    model_type = getattr(getattr(lm, "config", None), "model_type", None)
+    if model_type in DEFAULT_TARGETS:
+        return DEFAULT_TARGETS[model_type]
+    names = {n.rsplit(".", 1)[-1] for n, m in lm.named_modules() if _is_adaptable(m)}
+    for guess in (("q_proj", "v_proj"), ("c_attn",), ("query_key_value",)):
+        if set(guess) <= names:
+            return guess
+    raise ValueError(
+        f"no default LoRA target modules for model type {model_type!r}; pass targets= (CLI: --targets) "
+        f"from the linear layer names it has: {sorted(names)}"
+    )
+
+
+def _short_name(path: str) -> str:
+    for prefix in _NAME_PREFIXES:
+        if path.startswith(prefix):
+            return path[len(prefix):]
+    return path
+
+
+class MultiTaskLoRA:
+    """Wraps the target layers of a Hugging Face causal LM (in place) with multi-task LoRA layers.
+
+    The base LM's own parameters are frozen. The wrapper holds no trainable state: factors are
+    passed per forward pass through :meth:`activate`.
+    """
+
+    def __init__(
+        self,
+        lm: nn.Module,
+        rank: int = 8,
+        alpha: float = 16.0,
+        targets: tuple[str, ...] | list[str] | None = None,
+    ) -> None:
+        if not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
+        if not alpha > 0:
+            raise ValueError(f"alpha must be > 0, got {alpha!r}")
+        self.lm = lm
+        self.rank = rank
+        self.alpha = float(alpha)
+        self.targets = resolve_targets(lm, targets)
+        for p in lm.parameters():
+            p.requires_grad_(False)
+        self.layers: dict[str, MultiTaskLoRALinear] = {}
+        self.adapted: list[AdaptedLayer] = []
+        self._wrap()
+
+    def _wrap(self) -> None:
+        matches = [
+            (path, module)
+            for path, module in self.lm.named_modules()
+            if path.rsplit(".", 1)[-1] in self.targets
+        ]
+        already = [path for path, m in matches if isinstance(m, MultiTaskLoRALinear)]
+        if already:
+            raise ValueError(f"model is already wrapped with multi-task LoRA (e.g. {already[0]!r})")
+        found = {path.rsplit(".", 1)[-1] for path, _ in matches}
+        missing = [t for t in self.targets if t not in found]
+        if missing:
+            names = sorted({n.rsplit(".", 1)[-1] for n, m in self.lm.named_modules() if _is_adaptable(m)})
+            raise ValueError(f"target modules {missing} not found in the model; linear layers it has: {names}")
+        for path, module in matches:
+            if not _is_adaptable(module):
+                raise ValueError(f"target {path!r} is a {type(module).__name__}, not a linear layer")
+            layer = MultiTaskLoRALinear(module, self.rank, self.alpha)
+            parent_path, _, child = path.rpartition(".")
+            setattr(self.lm.get_submodule(parent_path) if parent_path else self.lm, child, layer)
+            name = _short_name(path)
+            self.layers[name] = layer
+            self.adapted.append(AdaptedLayer(name, path, layer.in_features, layer.out_features))
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per-task factor shapes by name ("<layer>.A": (r, in), "<layer>.B": (out, r))."""
+        out: dict[str, tuple[int, ...]] = {}
+        for layer in self.adapted:
+            out.update(layer.shapes(self.rank))
+        return out
+
+    def num_parameters(self) -> int:
+        """Number of LoRA parameters of ONE adapter (one task)."""
+        return sum(math.prod(s) for s in self.shapes().values())
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.lm.parameters()).device
+
+    @contextlib.contextmanager
+    def activate(self, factors: Factors | None, task_index: torch.Tensor | None = None) -> Iterator[None]:
+        """Run the LM with the given stacked factors; ``None`` runs the bare base model.
+
+        Shapes:
+            factors["<layer>.A"]: [D, r, in], factors["<layer>.B"]: [D, out, r];
+            task_index: [batch] (may be None when D == 1).
+        """
+        if factors is not None:
+            expected = set(self.shapes())
+            if set(factors) != expected:
+                missing, extra = sorted(expected - set(factors)), sorted(set(factors) - expected)
+                raise KeyError(f"factors do not match the adapted layers: missing {missing[:3]}, unexpected {extra[:3]}")
+        try:
+            for name, layer in self.layers.items():
+                if factors is None:
+                    layer._A = layer._B = None
+                else:
+                    layer._A, layer._B = factors[f"{name}.A"], factors[f"{name}.B"]
+                layer._task_index = task_index
+            yield
+        finally:
+            for layer in self.layers.values():
+                layer._A = layer._B = layer._task_index = None
+
+    def init_factors(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Standard LoRA start for one adapter: A Kaiming-uniform (as PEFT/nn.Linear), B zero.
+
+        Shapes: "<layer>.A": [r, in], "<layer>.B": [out, r] (no task dimension).
+        """
+        out: dict[str, torch.Tensor] = {}
+        for name, shape in self.shapes().items():
+            if name.endswith(".A"):
+                bound = 1.0 / math.sqrt(shape[1])  # kaiming_uniform_(a=sqrt(5)) on [r, in]
+                out[name] = (torch.rand(shape, generator=generator) * 2 - 1) * bound
+            else:
+                out[name] = torch.zeros(shape)
+        return {k: v.to(self.device) for k, v in out.items()}

@@ -1,0 +1,143 @@
+"""BoRA: the Pyro model of Bayesian hierarchical multi-task LoRA.
+
+    log p(theta, Theta | data) = sum_d [ log L(D_d | theta_d) + log N(theta_d; Theta, 1/tau) ] + C
+
+``BoRA.model(batch)`` samples the task factors under :class:`HierarchicalPrior` and adds the
+minibatch log-likelihood as ``pyro.factor("loglik", ...)`` inside
+``pyro.plate("docs", num_docs, subsample=batch.doc_index)``, which scales it by num_docs / batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator, Sequence
+
+import pyro
+import torch
+from pyro import poutine
+from torch import nn
+
+from ..data.batching import Batch
+from .guides import make_guide
+from ..lora import Factors, MultiTaskLoRA
+from .likelihood import lm_log_likelihood
+from .prior import INDEPENDENT, HierarchicalPrior
+
+LogLikelihood = Callable[[Factors, Batch], torch.Tensor]  # (task factors, batch) -> [batch]
+
+
+class BoRA:
+    """Bayesian hierarchical multi-task LoRA over a frozen Hugging Face causal LM.
+
+    Args:
+        lm: the base causal LM; its target layers are wrapped in place, its weights frozen.
+        tasks: task names (the order defines task indices).
+        rank, alpha: LoRA rank r and scaling numerator (the update is scaled by alpha / r).
+        tau: prior precision; 0 = independent tasks, ``float("inf")`` = one pooled adapter.
+        targets: module-name suffixes to adapt (default by model type, e.g. q_proj, v_proj).
+        parameterization: "noncentered" (theta_d = Theta + tau^-1/2 z_d, Pyro's LocScaleReparam)
+            or "centered" (theta_d sampled directly around Theta).
+        inference: "map" (AutoDelta guide, the paper's estimate) or "vi" (AutoNormal).
+        log_likelihood: optional replacement of the LM likelihood, ``fn(task_factors, batch) -> [batch]``.
+        seed: seed of the LoRA initialisation.
+
+    The model's parameters (Theta and the guide's) live in this object's own Pyro param-store
+    scope: run ``bora.model`` / ``bora.guide`` inside ``with bora.param_scope():`` to use them.
+    """
+
+    def __init__(
+        self,
+        lm: nn.Module,
+        tasks: Sequence[str],
+        rank: int = 8,
+        alpha: float = 16.0,
+        tau: float = 100.0,
+        targets: Sequence[str] | None = None,
+        parameterization: str = "noncentered",
+        inference: str = "map",
+        log_likelihood: LogLikelihood | None = None,
+        seed: int = 0,
+    ) -> None:
+        tasks = tuple(str(t) for t in tasks)
+        if len(set(tasks)) != len(tasks):
+            dupes = sorted({t for t in tasks if tasks.count(t) > 1})
+            raise ValueError(f"task names must be unique, duplicated: {dupes}")
+        self.tasks = tasks
+        self.lora = MultiTaskLoRA(lm, rank=rank, alpha=alpha, targets=targets)
+        self.prior = HierarchicalPrior(self.lora.shapes(), len(tasks), float(tau), parameterization)
+        self.init = self.lora.init_factors(torch.Generator().manual_seed(seed))
+        self.log_likelihood: LogLikelihood = log_likelihood or (lambda f, b: lm_log_likelihood(self.lora, f, b))
+        self._store = {"params": {}, "constraints": {}}
+        self.inference = inference
+        self.guide = make_guide(inference, self.model, self.prior.initial_values(self.init))
+
+    @property
+    def tau(self) -> float:
+        return self.prior.tau
+
+    @property
+    def mode(self) -> str:
+        return self.prior.mode
+
+    @property
+    def device(self) -> torch.device:
+        return self.lora.device
+
+    def use_inference(self, inference: str) -> None:
+        """Replace the guide (and forget its fitted values) by a fresh "map" or "vi" guide."""
+        self.inference = inference
+        self.guide = make_guide(inference, self.model, self.prior.initial_values(self.init))
+        with self.param_scope():
+            store = pyro.get_param_store()
+            for name in [n for n in store.keys() if not n.startswith("global.")]:
+                del store[name]
+
+    @contextlib.contextmanager
+    def param_scope(self) -> Iterator[None]:
+        """Make this model's Theta and guide parameters the active Pyro param store."""
+        with pyro.get_param_store().scope(self._store):
+            yield
+
+    def _sample_task_factors(self) -> dict[str, torch.Tensor]:
+        return self.prior.sample(self.init)
+
+    def sample_task_factors(self) -> dict[str, torch.Tensor]:
+        """Prior part of the model. Shapes: name -> [D, *shape] ([1, *shape] when pooled)."""
+        return poutine.reparam(self._sample_task_factors, config=self.prior.reparam_config())()
+
+    def model(self, batch: Batch) -> None:
+        """The Pyro model: task-factor sites under the prior, then the scaled log-likelihood factor."""
+        factors = self.sample_task_factors()
+        loglik = self.log_likelihood(factors, batch)  # [batch]
+        with pyro.plate("docs", batch.num_docs, subsample=batch.doc_index):
+            pyro.factor("loglik", loglik)
+
+    @torch.no_grad()
+    def task_factors(self) -> dict[str, torch.Tensor]:
+        """Point estimate of every task's factors (the guide's median), stacked [D, *shape].
+
+        Pooled runs return Theta repeated for every task, so shapes are the same in all modes.
+        """
+        with self.param_scope():
+            started = getattr(self.guide, "prototype_trace", None) is not None
+            values = self.guide.median() if started else self.prior.initial_values(self.init)
+            factors = poutine.condition(self.sample_task_factors, data=values)()
+        return {k: v.detach().expand(len(self.tasks), *v.shape[1:]).clone() for k, v in factors.items()}
+
+    @torch.no_grad()
+    def global_factors(self) -> dict[str, torch.Tensor] | None:
+        """Theta (None in the independent mode, where it does not exist). Shapes: name -> [*shape]."""
+        if self.mode == INDEPENDENT:
+            return None
+        with self.param_scope():
+            return {name: value.detach().clone() for name, value in self.prior.global_factors(self.init).items()}
+
+    @torch.no_grad()
+    def distance_to_global(self) -> torch.Tensor | None:
+        """||theta_d - Theta||_2 over all factors of each task. Shapes: -> [D]; None if independent."""
+        theta = self.global_factors()
+        if theta is None:
+            return None
+        factors = self.task_factors()
+        sq = sum(((factors[n] - theta[n]) ** 2).flatten(1).sum(1) for n in theta)
+        return sq.sqrt()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
+import zlib
+
 import numpy as np
 
 SPLITS = ("train", "valid", "test")
@@ -31,11 +33,11 @@ def split_per_task(
             f"tasks with too few documents to split into train/valid/test (need >= 3): {too_small}; "
             "drop them or lower max_tokens so the text makes more documents"
         )
-    rng = np.random.default_rng(seed)
     out: dict[str, list[tuple[int, str]]] = {name: [] for name in SPLITS}
     for task_index, (task, docs) in enumerate(docs_by_task.items()):
         n = len(docs)
-        order = rng.permutation(n)
+        # each task's split depends only on (seed, task name), not on which other tasks are present
+        order = np.random.default_rng([seed, zlib.crc32(task.encode())]).permutation(n)
         n_valid = max(1, int(round(valid_fraction * n)))
         n_test = max(1, int(round(test_fraction * n)))
         n_valid, n_test = min(n_valid, n - 2), min(n_test, n - 1 - min(n_valid, n - 2))

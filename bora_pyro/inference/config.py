@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+LR_SCHEDULES = ("constant", "cosine")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -19,6 +21,7 @@ class TrainConfig:
     steps: int = 100
     batch_size: int = 8
     lr: float = 1e-3
+    lr_schedule: str = "constant"  # or "cosine": decays to 0 at the last step
     weight_decay: float = 0.0
     clip_norm: float | None = 1.0
     lr_tau_scaling: bool = False
@@ -38,6 +41,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.clip_norm is not None and not self.clip_norm > 0:
@@ -52,6 +57,12 @@ class TrainConfig:
         if self.lr_tau_scaling and 0 < tau < math.inf:
             return self.lr * tau / self.lr_tau_reference
         return self.lr
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of the learning rate at ``step`` (1-based) under ``lr_schedule``."""
+        if self.lr_schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * (step - 1) / self.steps))
+        return 1.0
 
     def to_dict(self) -> dict:
         return asdict(self)

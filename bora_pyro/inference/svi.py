@@ -104,6 +104,8 @@ def fit(bora: BoRA, corpus: Corpus, inference: str | None = None, **options) -> 
                     "or enable clipping (clip_norm)"
                 )
             if optimizer is not None:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * config.lr_factor(step)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if config.clip_norm is not None:

@@ -21,7 +21,7 @@ from ..data.batching import Batch
 from .guides import make_guide
 from ..lora import Factors, MultiTaskLoRA
 from .likelihood import lm_log_likelihood
-from .prior import INDEPENDENT, HierarchicalPrior
+from .prior import INDEPENDENT, HierarchicalPrior, parse_tau
 
 LogLikelihood = Callable[[Factors, Batch], torch.Tensor]  # (task factors, batch) -> [batch]
 
@@ -64,10 +64,11 @@ class BoRA:
             raise ValueError(f"task names must be unique, duplicated: {dupes}")
         self.tasks = tasks
         self.lora = MultiTaskLoRA(lm, rank=rank, alpha=alpha, targets=targets)
-        self.prior = HierarchicalPrior(self.lora.shapes(), len(tasks), float(tau), parameterization)
+        self.prior = HierarchicalPrior(self.lora.shapes(), len(tasks), parse_tau(tau), parameterization)
         self.init = self.lora.init_factors(torch.Generator().manual_seed(seed))
         self.log_likelihood: LogLikelihood = log_likelihood or (lambda f, b: lm_log_likelihood(self.lora, f, b))
         self._store = {"params": {}, "constraints": {}}
+        self._scope_active = False
         self.inference = inference
         self.guide = make_guide(inference, self.model, self.prior.initial_values(self.init))
 
@@ -94,9 +95,16 @@ class BoRA:
 
     @contextlib.contextmanager
     def param_scope(self) -> Iterator[None]:
-        """Make this model's Theta and guide parameters the active Pyro param store."""
-        with pyro.get_param_store().scope(self._store):
+        """Make this model's Theta and guide parameters the active Pyro param store (re-entrant)."""
+        if self._scope_active:
             yield
+            return
+        self._scope_active = True
+        try:
+            with pyro.get_param_store().scope(self._store):
+                yield
+        finally:
+            self._scope_active = False
 
     def _sample_task_factors(self) -> dict[str, torch.Tensor]:
         return self.prior.sample(self.init)

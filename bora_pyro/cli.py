@@ -1,0 +1,150 @@
+"""The ``bora-pyro`` command line.
+
+    bora-pyro train    --model M --data C [--tau T|0|inf] [--inference map|vi] [--steps N] --out RUN
+    bora-pyro evaluate RUN [--split test]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .data.corpus import CORPUS_FORMS, CorpusConfig
+from .inference.config import TrainConfig
+from .models.guides import INFERENCE
+from .models.prior import PARAMETERIZATIONS
+from .runs import AdapterConfig, RunSpec, load_run, train_run
+
+
+def _csv_list(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def _optional_int(text: str) -> int | None:
+    return None if text.lower() in ("none", "all") else int(text)
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    d_corpus, d_adapter, d_train = CorpusConfig(), AdapterConfig(), TrainConfig()
+    p = sub.add_parser("train", help="fit BoRA on a multi-task corpus and write a run folder",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m",
+                   help="smollm2-135m (embedded), tiny-random-llama (tests), or a HF id / local path")
+    p.add_argument("--data", default="bible-books", help=f"corpus: {', '.join(CORPUS_FORMS)}")
+    p.add_argument("--out", required=True, help="run folder to create")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data split, LoRA init and batch order")
+    g = p.add_argument_group("corpus")
+    g.add_argument("--max-tokens", type=int, default=d_corpus.max_tokens, help="tokens per document (truncation)")
+    g.add_argument("--valid-fraction", type=float, default=d_corpus.valid_fraction)
+    g.add_argument("--test-fraction", type=float, default=d_corpus.test_fraction)
+    g.add_argument("--max-train-docs", type=_optional_int, default=d_corpus.max_train_docs,
+                   help="cap on training documents per task ('none' = no cap)")
+    g.add_argument("--max-eval-docs", type=_optional_int, default=d_corpus.max_eval_docs,
+                   help="cap on validation and on test documents per task ('none' = no cap)")
+    g.add_argument("--task-prompt", default=None, help="masked prompt before each document, e.g. '{task}: '")
+    g.add_argument("--task-column", default=d_corpus.task_column, help="csv/jsonl/datasets: task column")
+    g.add_argument("--text-column", default=d_corpus.text_column, help="csv/jsonl/datasets: text column")
+    g.add_argument("--translation", default=d_corpus.translation, help="bible-books: pythonbible version (wyc, kjv...)")
+    g.add_argument("--books", type=_csv_list, default=None, help="bible-books: comma-separated titles, or 'all'")
+    g.add_argument("--num-tasks", type=int, default=None, help="keep the first N tasks")
+    g = p.add_argument_group("adapter model")
+    g.add_argument("--rank", type=int, default=d_adapter.rank)
+    g.add_argument("--alpha", type=float, default=d_adapter.alpha)
+    g.add_argument("--tau", default="100", help="prior precision: a number >= 0, 0 = independent, inf = pooled")
+    g.add_argument("--targets", type=_csv_list, default=None, help="module-name suffixes to adapt (default by model type)")
+    g.add_argument("--parameterization", choices=PARAMETERIZATIONS, default=d_adapter.parameterization)
+    g.add_argument("--inference", choices=INFERENCE, default=d_adapter.inference,
+                   help="map: AutoDelta (the paper's MAP); vi: AutoNormal")
+    g = p.add_argument_group("training")
+    g.add_argument("--steps", type=int, default=d_train.steps)
+    g.add_argument("--batch-size", type=int, default=d_train.batch_size)
+    g.add_argument("--lr", type=float, default=d_train.lr)
+    g.add_argument("--lr-schedule", choices=("constant", "cosine"), default=d_train.lr_schedule)
+    g.add_argument("--weight-decay", type=float, default=d_train.weight_decay)
+    g.add_argument("--clip-norm", type=float, default=d_train.clip_norm, help="global gradient-norm clip (0 = off)")
+    g.add_argument("--lr-tau-scaling", action="store_true", help="the paper's rule: lr proportional to tau")
+    g.add_argument("--lr-tau-reference", type=float, default=d_train.lr_tau_reference,
+                   help="with --lr-tau-scaling, the tau that gets --lr")
+    g.add_argument("--eval-every", type=int, default=d_train.eval_every, help="validate every N steps")
+    g.add_argument("--patience", type=int, default=None, help="early stop after N validations without improvement")
+    g.add_argument("--eval-batch-size", type=int, default=d_train.eval_batch_size)
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_train)
+
+
+def _spec_from_args(a: argparse.Namespace) -> RunSpec:
+    corpus = CorpusConfig(
+        max_tokens=a.max_tokens, seed=a.seed, valid_fraction=a.valid_fraction, test_fraction=a.test_fraction,
+        max_train_docs=a.max_train_docs, max_eval_docs=a.max_eval_docs, task_prompt=a.task_prompt,
+        task_column=a.task_column, text_column=a.text_column, translation=a.translation, books=a.books,
+        num_tasks=a.num_tasks,
+    )
+    adapter = AdapterConfig(rank=a.rank, alpha=a.alpha, tau=a.tau, targets=a.targets,
+                            parameterization=a.parameterization, inference=a.inference, init_seed=a.seed)
+    train = TrainConfig(
+        steps=a.steps, batch_size=a.batch_size, lr=a.lr, lr_schedule=a.lr_schedule, weight_decay=a.weight_decay,
+        clip_norm=a.clip_norm or None, lr_tau_scaling=a.lr_tau_scaling, lr_tau_reference=a.lr_tau_reference,
+        eval_every=a.eval_every, patience=a.patience, eval_batch_size=a.eval_batch_size, seed=a.seed,
+        progress=not a.no_progress,
+    )
+    return RunSpec(model=a.model, data=a.data, device=a.device, corpus=corpus, adapter=adapter, train=train)
+
+
+def _train(a: argparse.Namespace) -> None:
+    metrics = train_run(_spec_from_args(a), a.out, overwrite=a.overwrite)
+    print(f"wrote {a.out}")
+    print(
+        f"test perplexity: {metrics['test_ppl']:.2f} (task-macro {metrics['test_macro_ppl']:.2f}); "
+        f"base model: {metrics['base_test_ppl']:.2f} (task-macro {metrics['base_test_macro_ppl']:.2f})"
+    )
+    print(f"{metrics['steps']} steps in {metrics['train_seconds']:.0f} s of training "
+          f"({metrics['train_tokens_per_second']:.0f} tokens/s), {metrics['wall_seconds']:.0f} s in all")
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="per-task and overall perplexity of a run on a split")
+    p.add_argument("run", help="run folder written by 'bora-pyro train'")
+    p.add_argument("--split", choices=("train", "valid", "test"), default="test")
+    p.add_argument("--device", default=None, help="override the run's device")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_evaluate)
+
+
+def _evaluate(a: argparse.Namespace) -> None:
+    run = load_run(a.run, device=a.device)
+    report = run.evaluate(a.split)
+    if a.json:
+        print(json.dumps({"split": a.split, **report.summary(),
+                          "per_task": report.to_frame().to_dict(orient="records")}, default=float, indent=2))
+        return
+    print(report.to_frame().to_string(index=False, float_format=lambda x: f"{x:.2f}"))
+    print(f"{a.split}: token-weighted perplexity {report.token_weighted:.2f}, task-macro {report.task_macro:.2f}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bora-pyro", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_evaluate(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError, ModuleNotFoundError, KeyError) as err:
+        print(f"bora-pyro {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

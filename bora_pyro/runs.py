@@ -1,0 +1,207 @@
+"""One training run end to end, and its run folder.
+
+A run folder holds ``config.json`` (everything needed to rebuild the run), ``metrics.json``,
+``per_task.csv``, ``adapters.safetensors``, ``train_log.csv`` and ``training_curve.png``.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from . import __version__
+from .artifacts import (
+    ADAPTERS_FILE, RUN_FORMAT, atomic_folder, load_adapters, read_json, save_adapters, write_json,
+)
+from .base_models import load_base_model, resolve_device
+from .data.corpus import Corpus, CorpusConfig, load_corpus
+from .evaluation import PerplexityReport, evaluate
+from .inference.config import TrainConfig
+from .inference.svi import FitResult, fit
+from .models.bora import BoRA
+from .models.guides import INFERENCE
+from .models.prior import PARAMETERIZATIONS, parse_tau
+from .plots import plot_training_curve
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """The BoRA model's settings: LoRA shape, prior precision, parameterisation, inference."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    tau: float = 100.0
+    targets: tuple[str, ...] | None = None
+    parameterization: str = "noncentered"
+    inference: str = "map"
+    init_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"rank must be an integer >= 1, got {self.rank!r}")
+        if not self.alpha > 0:
+            raise ValueError(f"alpha must be > 0, got {self.alpha!r}")
+        object.__setattr__(self, "tau", parse_tau(self.tau))
+        if self.parameterization not in PARAMETERIZATIONS:
+            raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {self.parameterization!r}")
+        if self.inference not in INFERENCE:
+            raise ValueError(f"inference must be one of {INFERENCE}, got {self.inference!r}")
+        if self.targets is not None:
+            object.__setattr__(self, "targets", tuple(self.targets))
+
+    def build(self, lm, tasks) -> BoRA:
+        return BoRA(
+            lm, tasks, rank=self.rank, alpha=self.alpha, tau=self.tau, targets=self.targets,
+            parameterization=self.parameterization, inference=self.inference, seed=self.init_seed,
+        )
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything that defines a run: base model, corpus, adapter model, training."""
+
+    model: str = "smollm2-135m"
+    data: str = "bible-books"
+    device: str = "auto"
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "data": self.data, "device": self.device, "corpus": self.corpus.to_dict(),
+                "adapter": asdict(self.adapter), "train": self.train.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunSpec":
+        corpus = dict(d["corpus"])
+        if corpus.get("books") is not None:
+            corpus["books"] = tuple(corpus["books"])
+        return cls(d["model"], d["data"], d.get("device", "auto"), CorpusConfig(**corpus),
+                   AdapterConfig(**d["adapter"]), TrainConfig(**d["train"]))
+
+
+@dataclass
+class LoadedRun:
+    """A run folder brought back to life: the spec, corpus, model, and the saved task factors."""
+
+    path: Path
+    spec: RunSpec
+    corpus: Corpus
+    bora: BoRA
+    task_factors: dict[str, torch.Tensor]
+
+    def evaluate(self, split: str = "test", batch_size: int | None = None) -> PerplexityReport:
+        size = batch_size or self.spec.train.eval_batch_size
+        return evaluate(self.bora, self.corpus.split(split), size, factors=self.task_factors)
+
+
+def _per_task_frame(corpus: Corpus, reports: dict[str, PerplexityReport], distance) -> pd.DataFrame:
+    frame = pd.DataFrame({
+        "task": corpus.tasks,
+        "n_train_docs": corpus.train.docs_per_task(),
+        "n_train_tokens": corpus.train.tokens_per_task(),
+        "test_ppl": reports["test"].per_task,
+        "valid_ppl": reports["valid"].per_task,
+        "base_test_ppl": reports["base_test"].per_task,
+        "distance_to_global": distance.cpu().numpy() if distance is not None else float("nan"),
+    })
+    return frame
+
+
+def _train_log(result: FitResult) -> pd.DataFrame:
+    losses = pd.DataFrame(result.losses)
+    evals = pd.DataFrame(result.evals, columns=["step", "valid_ppl", "valid_macro_ppl", "valid_loglik_per_token"])
+    return losses.merge(evals, on="step", how="left")
+
+
+def train_run(spec: RunSpec, out: str | Path, overwrite: bool = False) -> dict:
+    """Train one BoRA run and write its run folder; returns the metrics written to metrics.json."""
+    started = time.perf_counter()
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"run folder {str(out)!r} exists and is not empty; choose another --out or pass --overwrite")
+    device = resolve_device(spec.device)
+    lm, tokenizer = load_base_model(spec.model, device=device)
+    corpus = load_corpus(spec.data, tokenizer, **spec.corpus.to_dict())
+    bora = spec.adapter.build(lm, corpus.tasks)
+    log.info("%d tasks, %d train docs; %d LoRA parameters per task", len(corpus.tasks), len(corpus.train),
+             bora.lora.num_parameters())
+    base_test = evaluate(bora, corpus.test, spec.train.eval_batch_size, base_model=True)
+    result = fit(bora, corpus, **spec.train.to_dict())
+    reports = {
+        "test": evaluate(bora, corpus.test, spec.train.eval_batch_size),
+        "valid": evaluate(bora, corpus.valid, spec.train.eval_batch_size),
+        "base_test": base_test,
+    }
+    metrics = {
+        "test_ppl": reports["test"].token_weighted,
+        "test_macro_ppl": reports["test"].task_macro,
+        "valid_ppl": reports["valid"].token_weighted,
+        "valid_macro_ppl": reports["valid"].task_macro,
+        "base_test_ppl": base_test.token_weighted,
+        "base_test_macro_ppl": base_test.task_macro,
+        "tau": spec.adapter.tau,
+        "mode": bora.mode,
+        "lr": result.lr,
+        "steps": result.steps_run,
+        "best_step": result.best_step,
+        "stopped_early": result.stopped_early,
+        "train_seconds": result.train_seconds,
+        "eval_seconds_during_training": result.eval_seconds,
+        "train_tokens": result.train_tokens,
+        "train_tokens_per_second": result.tokens_per_second,
+        "eval_tokens_per_second": reports["test"].tokens_per_second,
+        "num_tasks": len(corpus.tasks),
+        "lora_parameters_per_task": bora.lora.num_parameters(),
+        "device": str(device),
+    }
+    with atomic_folder(out, overwrite=overwrite) as tmp:
+        config = {"format": RUN_FORMAT, "bora_pyro_version": __version__, "torch_version": torch.__version__,
+                  "python": platform.python_version(), "tasks": list(corpus.tasks), **spec.to_dict()}
+        write_json(tmp / "config.json", config)
+        _per_task_frame(corpus, reports, bora.distance_to_global()).to_csv(tmp / "per_task.csv", index=False)
+        save_adapters(tmp / ADAPTERS_FILE, corpus.tasks, bora.task_factors(), bora.global_factors(),
+                      {"rank": bora.lora.rank, "alpha": bora.lora.alpha, "targets": list(bora.lora.targets),
+                       "tau": bora.tau})
+        train_log = _train_log(result)
+        train_log.to_csv(tmp / "train_log.csv", index=False)
+        plot_training_curve(train_log, tmp / "training_curve.png", f"{spec.model} on {spec.data}, tau={bora.tau:g}")
+        metrics["wall_seconds"] = time.perf_counter() - started
+        write_json(tmp / "metrics.json", metrics)
+    return metrics
+
+
+def load_run(path: str | Path, device: str | None = None) -> LoadedRun:
+    """Rebuild a run from its folder: same base model, same corpus split, the saved adapters."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"run folder {str(path)!r} does not exist")
+    config = read_json(path / "config.json")
+    if config.get("format") != RUN_FORMAT:
+        raise ValueError(
+            f"{path} was written by bora_pyro {config.get('bora_pyro_version', '?')} in run format "
+            f"{config.get('format')!r}; this version ({__version__}) reads format {RUN_FORMAT}"
+        )
+    spec = RunSpec.from_dict(config)
+    if device is not None:
+        spec = replace(spec, device=device)
+    lm, tokenizer = load_base_model(spec.model, device=resolve_device(spec.device))
+    corpus = load_corpus(spec.data, tokenizer, **spec.corpus.to_dict())
+    tasks, factors, _, _ = load_adapters(path / ADAPTERS_FILE)
+    if tuple(tasks) != corpus.tasks:
+        raise ValueError(f"{path}: adapter tasks {tasks} do not match the rebuilt corpus tasks {list(corpus.tasks)}")
+    bora = spec.adapter.build(lm, corpus.tasks)
+    expected = bora.lora.shapes()
+    for name, shape in expected.items():
+        if name not in factors or tuple(factors[name].shape[1:]) != shape:
+            raise ValueError(f"{path}: adapter tensor {name!r} is missing or has the wrong shape (expected [D, *{shape}])")
+    factors = {k: v.to(bora.device) for k, v in factors.items()}
+    return LoadedRun(path, spec, corpus, bora, factors)

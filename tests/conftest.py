@@ -1,0 +1,55 @@
+"""Shared fixtures: a clean Pyro state per test, tiny random models, small synthetic corpora."""
+
+from __future__ import annotations
+
+import random
+
+import pandas as pd
+import pyro
+import pytest
+import torch
+
+import bora_pyro
+from bora_pyro.base_models import tiny_random_llama
+
+WORDS = "the lord seide to his puple and thei wenten forth in to the lond of the king with gold".split()
+
+
+@pytest.fixture(autouse=True)
+def _clean_pyro_state():
+    pyro.clear_param_store()
+    pyro.enable_validation(True)
+    torch.manual_seed(0)
+    yield
+    pyro.clear_param_store()
+
+
+def synthetic_rows(docs_per_task: dict[str, int], seed: int = 0, words: int = 12) -> pd.DataFrame:
+    """Rows (task, text) of random word sequences; each task has its own favourite words."""
+    rng = random.Random(seed)
+    rows = []
+    for t, (task, n) in enumerate(docs_per_task.items()):
+        favourite = WORDS[t % len(WORDS)]
+        for _ in range(n):
+            text = " ".join(favourite if rng.random() < 0.4 else rng.choice(WORDS) for _ in range(words))
+            rows.append({"task": task, "text": text})
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture
+def tiny_lm():
+    return tiny_random_llama()
+
+
+@pytest.fixture
+def make_corpus(tmp_path, tiny_lm):
+    """Build a corpus from {task: n_docs} through the real csv loader."""
+
+    def build(docs_per_task: dict[str, int] | None = None, **options):
+        docs_per_task = docs_per_task or {"alpha": 12, "beta": 8, "gamma": 5}
+        path = tmp_path / "corpus.csv"
+        synthetic_rows(docs_per_task).to_csv(path, index=False)
+        options.setdefault("max_tokens", 48)
+        return bora_pyro.load_corpus(f"csv:{path}", tokenizer=tiny_lm[1], **options)
+
+    return build

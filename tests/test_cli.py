@@ -1,0 +1,86 @@
+"""The bora-pyro command line: a tiny end-to-end run, its run folder, evaluation, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+from safetensors.torch import load_file
+
+from bora_pyro.cli import main
+
+from .conftest import synthetic_rows
+
+TINY = ["--model", "tiny-random-llama", "--no-progress", "--eval-every", "5"]
+
+
+@pytest.fixture
+def corpus_csv(tmp_path):
+    path = tmp_path / "corpus.csv"
+    synthetic_rows({"north": 14, "south": 8, "east": 4}).to_csv(path, index=False)
+    return path
+
+
+def test_train_writes_the_run_folder_and_evaluate_reproduces_it(tmp_path, corpus_csv, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--data", f"csv:{corpus_csv}", "--tau", "100", "--steps", "10", "--out", str(run)]) == 0
+    for name in ("config.json", "metrics.json", "per_task.csv", "adapters.safetensors", "train_log.csv",
+                 "training_curve.png"):
+        assert (run / name).is_file(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["steps"] == 10 and metrics["mode"] == "hierarchical"
+    assert metrics["test_ppl"] < metrics["base_test_ppl"]  # 10 steps on 26 docs already help a random model
+    per_task = pd.read_csv(run / "per_task.csv")
+    assert list(per_task.columns[:6]) == ["task", "n_train_docs", "n_train_tokens", "test_ppl", "valid_ppl",
+                                          "base_test_ppl"]
+    assert per_task.task.tolist() == ["north", "south", "east"]
+    tensors = load_file(run / "adapters.safetensors")
+    assert tensors["task.layers.0.self_attn.q_proj.A"].shape == (3, 8, 32)
+    assert "global.layers.0.self_attn.q_proj.A" in tensors
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["token_weighted_ppl"] == pytest.approx(metrics["test_ppl"], rel=1e-5)
+    assert [r["perplexity"] for r in report["per_task"]] == pytest.approx(per_task.test_ppl.tolist(), rel=1e-5)
+
+
+def test_pooled_and_independent_runs(tmp_path, corpus_csv):
+    for tau in ("inf", "0"):
+        run = tmp_path / f"run{tau}"
+        assert main(["train", *TINY, "--data", f"csv:{corpus_csv}", "--tau", tau, "--steps", "3", "--out", str(run)]) == 0
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert metrics["mode"] == {"inf": "pooled", "0": "independent"}[tau]
+        distance = pd.read_csv(run / "per_task.csv").distance_to_global
+        assert (distance == 0).all() if tau == "inf" else distance.isna().all()
+    assert json.loads((tmp_path / "runinf" / "config.json").read_text())["adapter"]["tau"] == "inf"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "no-such-model"], "cannot load model 'no-such-model'"),
+    (["--data", "nonsense"], "unknown corpus 'nonsense'"),
+    (["--tau", "-3"], "tau must be a number >= 0 or 'inf', got '-3'"),
+    (["--rank", "0"], "rank must be an integer >= 1, got 0"),
+    (["--steps", "0"], "steps must be an integer >= 1, got 0"),
+])
+def test_bad_input_gets_a_clear_error_and_writes_nothing(tmp_path, corpus_csv, capsys, args, message):
+    run = tmp_path / "run"
+    base = ["train", "--model", "tiny-random-llama", "--data", f"csv:{corpus_csv}", "--out", str(run), "--no-progress"]
+    assert main(base + args) == 2
+    assert message in capsys.readouterr().err
+    assert not run.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["corpus.csv"]  # no half-written temporary folder either
+
+
+def test_existing_run_folder_is_not_overwritten(tmp_path, corpus_csv, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "keep.txt").write_text("precious")
+    assert main(["train", *TINY, "--data", f"csv:{corpus_csv}", "--steps", "1", "--out", str(run)]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert (run / "keep.txt").read_text() == "precious"
+
+
+def test_evaluate_a_folder_that_is_not_a_run(tmp_path, capsys):
+    assert main(["evaluate", str(tmp_path)]) == 2
+    assert "config.json not found" in capsys.readouterr().err

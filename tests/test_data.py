@@ -1,0 +1,141 @@
+"""Corpora: loading, per-task splitting, tokenisation masks, batching, and bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import bora_pyro
+from bora_pyro.data import IGNORE_INDEX
+from bora_pyro.data.bible import pack_verses
+
+from .conftest import synthetic_rows
+
+
+def test_split_is_stratified_seeded_and_disjoint(make_corpus):
+    corpus = make_corpus({"a": 20, "b": 7, "c": 3})
+    assert corpus.tasks == ("a", "b", "c")
+    for split in (corpus.train, corpus.valid, corpus.test):
+        assert (split.docs_per_task() >= 1).all()  # every task in every split
+    assert corpus.train.docs_per_task().tolist() == [16, 5, 1]
+    again = make_corpus({"a": 20, "b": 7, "c": 3})
+    assert again.test.input_ids == corpus.test.input_ids  # same seed, same split
+    seen = [set(s.input_ids) for s in (corpus.train, corpus.valid, corpus.test)]
+    assert not (seen[0] & seen[2]) and not (seen[0] & seen[1])
+    other = make_corpus({"a": 20, "b": 7, "c": 3}, seed=1)
+    assert other.test.input_ids != corpus.test.input_ids
+
+
+def test_caps_apply_per_task_after_the_split(make_corpus):
+    corpus = make_corpus({"a": 40, "b": 6}, max_train_docs=5, max_eval_docs=2)
+    assert corpus.train.docs_per_task().tolist() == [5, 4]
+    assert corpus.test.docs_per_task().tolist() == [2, 1]
+
+
+def test_prompt_and_padding_are_not_scored(tiny_lm):
+    tokenizer = tiny_lm[1]
+    frame = pd.DataFrame({"task": ["x", "x", "x"], "text": ["abc", "de", "fghij"]})
+    split = bora_pyro.data.tokenize.tokenize_split("train", ("x",), [(0, t) for t in frame.text], tokenizer,
+                                                   max_tokens=32, task_prompt="{task}: ")
+    ids, labels = split.input_ids[0], split.labels[0]
+    # <bos> x : space are context; a b c <eos> are scored
+    assert labels[:4] == (IGNORE_INDEX,) * 4
+    assert tokenizer.decode(ids[4:7]) == "abc" and ids[-1] == tokenizer.eos_token_id
+    assert split.tokens_per_task().tolist() == [4 + 3 + 6]  # each text plus its EOS
+    batch = split.collate([1, 2])
+    assert batch.input_ids.shape == (2, 4 + 6)
+    assert (batch.labels[0, 4 + 3:] == IGNORE_INDEX).all() and (batch.attention_mask[0, 4 + 3:] == 0).all()
+
+
+def test_truncation_keeps_max_tokens(tiny_lm):
+    split = bora_pyro.data.tokenize.tokenize_split("t", ("x",), [(0, "a" * 100)], tiny_lm[1], max_tokens=10)
+    assert len(split.input_ids[0]) == 10 and split.input_ids[0][-1] != tiny_lm[1].eos_token_id
+
+
+def test_prompt_longer_than_max_tokens_is_an_error(tiny_lm):
+    with pytest.raises(ValueError, match="max_tokens=6 is too small"):
+        bora_pyro.data.tokenize.tokenize_split("t", ("a long task name",), [(0, "text")], tiny_lm[1],
+                                               max_tokens=6, task_prompt="{task}: ")
+
+
+def test_batches_mix_tasks_and_cover_every_document(make_corpus):
+    corpus = make_corpus({"a": 30, "b": 30, "c": 30})
+    stream = corpus.train.train_batches(batch_size=8, seed=3)
+    first = [next(stream) for _ in range(9)]  # 72 docs = one epoch of 72
+    indices = np.concatenate([b.doc_index.numpy() for b in first])
+    assert sorted(indices.tolist()) == list(range(len(corpus.train)))
+    assert len(set(first[0].task_index.tolist())) > 1  # batches mix tasks
+    again = corpus.train.train_batches(batch_size=8, seed=3)
+    assert all((next(again).doc_index == b.doc_index).all() for b in first)
+    evaluated = np.concatenate([b.doc_index.numpy() for b in corpus.test.eval_batches(4)])
+    assert sorted(evaluated.tolist()) == list(range(len(corpus.test)))
+
+
+def test_pack_verses_respects_the_token_budget(tiny_lm):
+    verses = ["In the bigynnyng God made of nouyt heuene and erthe."] * 5
+    docs = pack_verses(verses, tiny_lm[1], max_tokens=120)
+    assert len(docs) == 5 // 2 + 1
+    assert all(len(tiny_lm[1](" " + d)["input_ids"]) <= 120 for d in docs)
+
+
+def test_bible_books_default_corpus(tiny_lm):
+    corpus = bora_pyro.load_corpus("bible-books", tiny_lm[1], max_tokens=200, books=("Jonah", "Obadiah", "Ruth"))
+    assert corpus.tasks == ("Jonah", "Obadiah", "Ruth")
+    tokens = corpus.train.tokens_per_task()
+    assert tokens[1] < tokens[0] < tokens[2]  # Obadiah < Jonah < Ruth
+    text = tiny_lm[1].decode(corpus.train.input_ids[0][1:40])
+    assert not text.lstrip()[0].isdigit()  # verse numbers are stripped
+
+
+def test_unknown_book_lists_the_books(tiny_lm):
+    with pytest.raises(ValueError, match=r"unknown book\(s\) \['Hezekiah'\].*Genesis"):
+        bora_pyro.load_corpus("bible-books", tiny_lm[1], books=("Hezekiah",))
+
+
+def test_unknown_corpus_names_the_forms(tiny_lm):
+    with pytest.raises(ValueError, match="unknown corpus 'wikipedia'.*csv:PATH"):
+        bora_pyro.load_corpus("wikipedia", tiny_lm[1])
+
+
+def test_missing_columns_are_named(tmp_path, tiny_lm):
+    path = tmp_path / "c.csv"
+    pd.DataFrame({"speaker": ["a"], "text": ["hi"]}).to_csv(path, index=False)
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['task'\]; columns present: \['speaker', 'text'\]"):
+        bora_pyro.load_corpus(f"csv:{path}", tiny_lm[1])
+    corpus_rows = synthetic_rows({"a": 3}).rename(columns={"task": "speaker"})
+    corpus_rows.to_csv(path, index=False)
+    assert bora_pyro.load_corpus(f"csv:{path}", tiny_lm[1], task_column="speaker").tasks == ("a",)
+
+
+def test_empty_texts_are_dropped_with_a_count(tmp_path, tiny_lm, caplog):
+    rows = synthetic_rows({"a": 5, "b": 3})
+    rows.loc[0, "text"] = "   "
+    rows.loc[1, "text"] = None
+    path = tmp_path / "c.jsonl"
+    rows.to_json(path, orient="records", lines=True)
+    with caplog.at_level("WARNING"):
+        corpus = bora_pyro.load_corpus(f"jsonl:{path}", tiny_lm[1])
+    assert "dropped 2 empty or whitespace-only text(s)" in caplog.text
+    assert len(corpus.train) + len(corpus.valid) + len(corpus.test) == 6
+
+
+def test_task_with_too_few_documents_is_named(make_corpus):
+    with pytest.raises(ValueError, match=r"too few documents.*\{'tiny': 2\}"):
+        make_corpus({"big": 10, "tiny": 2})
+
+
+def test_missing_file_is_named(tiny_lm):
+    with pytest.raises(FileNotFoundError, match="csv corpus file not found: 'nope.csv'"):
+        bora_pyro.load_corpus("csv:nope.csv", tiny_lm[1])
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("max_tokens", 2, "max_tokens must be >= 4"),
+    ("valid_fraction", 0.7, "valid_fraction must be in"),
+    ("max_train_docs", 0, "max_train_docs must be >= 1"),
+    ("task_prompt", "no placeholder", "task_prompt must contain"),
+])
+def test_bad_corpus_options(make_corpus, option, value, message):
+    with pytest.raises(ValueError, match=message):
+        make_corpus(**{option: value})

@@ -1,0 +1,118 @@
+"""The multi-task LoRA layer: mixed batches, parity with PEFT, target discovery, freezing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM
+
+from bora_pyro.base_models import tiny_random_llama
+from bora_pyro.lora import MultiTaskLoRA
+
+peft = pytest.importorskip("peft")
+
+
+def random_factors(lora: MultiTaskLoRA, num_tasks: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Non-zero A and B for every task (a fresh LoRA has B = 0 and would hide mistakes)."""
+    g = torch.Generator().manual_seed(seed)
+    return {name: 0.3 * torch.randn((num_tasks, *shape), generator=g) for name, shape in lora.shapes().items()}
+
+
+def logits(lora: MultiTaskLoRA, factors, input_ids, task_index=None) -> torch.Tensor:
+    with torch.no_grad(), lora.activate(factors, task_index):
+        return lora.lm(input_ids=input_ids).logits
+
+
+def test_mixed_batch_equals_per_task_forward():
+    lm, _ = tiny_random_llama()
+    lora = MultiTaskLoRA(lm, rank=4, alpha=8)
+    factors = random_factors(lora, num_tasks=3)
+    input_ids = torch.randint(0, 200, (6, 10))
+    task_index = torch.tensor([2, 0, 1, 1, 0, 2])
+    mixed = logits(lora, factors, input_ids, task_index)
+    for d in range(3):
+        rows = (task_index == d).nonzero().flatten()
+        alone = {k: v[d : d + 1] for k, v in factors.items()}  # a single adapter, no gather
+        separate = logits(lora, alone, input_ids[rows])
+        torch.testing.assert_close(mixed[rows], separate, atol=1e-5, rtol=0)
+    # the adapters make a difference: tasks do not all give the same output
+    assert not torch.allclose(mixed[1], logits(lora, {k: v[2:3] for k, v in factors.items()}, input_ids[1:2])[0])
+
+
+def test_zero_b_and_no_factors_give_the_base_model():
+    lm, _ = tiny_random_llama()
+    input_ids = torch.randint(0, 200, (2, 7))
+    with torch.no_grad():
+        base = lm(input_ids=input_ids).logits.clone()
+    lora = MultiTaskLoRA(lm, rank=2, alpha=4)
+    start = {k: v.expand(3, *v.shape) for k, v in lora.init_factors(torch.Generator().manual_seed(0)).items()}
+    torch.testing.assert_close(logits(lora, start, input_ids, torch.tensor([0, 2])), base, atol=1e-6, rtol=0)
+    torch.testing.assert_close(logits(lora, None, input_ids), base, atol=0, rtol=0)
+
+
+def _peft_logits(lm, targets, factors, rank, alpha, input_ids, fan_in_fan_out=False):
+    """PEFT's LoRA on a copy of the base model, with our task-0 factors copied in."""
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0,
+                             fan_in_fan_out=fan_in_fan_out, init_lora_weights=False)
+    model = peft.get_peft_model(lm, config)
+    with torch.no_grad():
+        for path, module in model.named_modules():
+            if isinstance(module, peft.tuners.lora.LoraLayer):
+                short = path.split("base_model.model.", 1)[1]
+                for prefix in ("model.decoder.", "model.", "transformer."):
+                    if short.startswith(prefix):
+                        short = short[len(prefix):]
+                        break
+                module.lora_A["default"].weight.copy_(factors[f"{short}.A"][0])
+                module.lora_B["default"].weight.copy_(factors[f"{short}.B"][0])
+        return model(input_ids=input_ids).logits
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])
+def test_one_task_equals_peft_lora(family):
+    if family == "llama":
+        build = lambda: tiny_random_llama()[0]  # noqa: E731
+    elif family == "opt":
+        cfg = OPTConfig(vocab_size=100, hidden_size=16, num_hidden_layers=2, ffn_dim=32, num_attention_heads=2,
+                        max_position_embeddings=64, word_embed_proj_dim=16)
+        build = lambda: (torch.manual_seed(1), OPTForCausalLM(cfg).eval())[1]  # noqa: E731
+    else:
+        cfg = GPT2Config(vocab_size=100, n_embd=16, n_layer=2, n_head=2, n_positions=64)
+        build = lambda: (torch.manual_seed(1), GPT2LMHeadModel(cfg).eval())[1]  # noqa: E731
+    ours_lm, peft_lm = build(), build()
+    lora = MultiTaskLoRA(ours_lm, rank=3, alpha=6)
+    expected_targets = {"llama": ("q_proj", "v_proj"), "opt": ("q_proj", "v_proj"), "gpt2": ("c_attn",)}[family]
+    assert lora.targets == expected_targets
+    factors = random_factors(lora, num_tasks=1, seed=3)
+    input_ids = torch.randint(0, 100, (2, 9))
+    ours = logits(lora, factors, input_ids)
+    theirs = _peft_logits(peft_lm, lora.targets, factors, 3, 6, input_ids, fan_in_fan_out=family == "gpt2")
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+def test_base_weights_frozen_and_only_targets_wrapped():
+    lm, _ = tiny_random_llama()
+    lora = MultiTaskLoRA(lm, rank=2, alpha=2, targets=["q_proj"])
+    assert all(not p.requires_grad for p in lm.parameters())
+    assert sorted(lora.layers) == ["layers.0.self_attn.q_proj", "layers.1.self_attn.q_proj"]
+    assert lora.shapes()["layers.0.self_attn.q_proj.A"] == (2, 32)
+
+
+def test_unknown_target_lists_what_exists():
+    lm, _ = tiny_random_llama()
+    with pytest.raises(ValueError, match=r"\['nope'\] not found.*q_proj"):
+        MultiTaskLoRA(lm, targets=["nope"])
+
+
+@pytest.mark.parametrize("rank", [0, -1, 2.5])
+def test_rank_must_be_positive_integer(rank):
+    lm, _ = tiny_random_llama()
+    with pytest.raises(ValueError, match="rank must be an integer >= 1"):
+        MultiTaskLoRA(lm, rank=rank)
+
+
+def test_wrapping_twice_is_refused():
+    lm, _ = tiny_random_llama()
+    MultiTaskLoRA(lm)
+    with pytest.raises(ValueError, match="already wrapped"):
+        MultiTaskLoRA(lm)

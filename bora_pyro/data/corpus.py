@@ -30,7 +30,7 @@ class CorpusConfig:
     valid_fraction: float = 0.1
     test_fraction: float = 0.1
     max_train_docs: int | None = None  # per task
-    max_eval_docs: int | None = 16  # per task, for each of valid and test (keeps evaluation fast)
+    max_eval_docs: int | None = 8  # per task, for each of valid and test (keeps CPU evaluation fast)
     task_prompt: str | None = None  # e.g. "{task}: " (masked context before every document)
     task_column: str = "task"
     text_column: str = "text"

@@ -88,7 +88,8 @@ def fit(bora: BoRA, corpus: Corpus, inference: str | None = None, **options) -> 
         first = next(batches).to(device)
         with poutine.trace(param_only=True) as capture:
             elbo.differentiable_loss(bora.model, bora.guide, first)
-        params = sorted({site["value"].unconstrained() for site in capture.trace.nodes.values()}, key=id)
+        # in trace order (deterministic), each once
+        params = list({id(p): p for p in (s["value"].unconstrained() for s in capture.trace.nodes.values())}.values())
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay) if params else None
         best_ll, best_state, bad_evals = -float("inf"), _snapshot(), 0
         bar = tqdm(range(1, config.steps + 1), desc=f"fit tau={bora.tau:g}", disable=not config.progress)

@@ -1,0 +1,85 @@
+"""The SVI loop: determinism, early stopping and best-state restore, VI guides, learning-rate rules."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from pyro.infer.autoguide import AutoDelta, AutoNormal
+
+import bora_pyro
+from bora_pyro.base_models import tiny_random_llama
+from bora_pyro.inference import TrainConfig
+
+
+def fitted(corpus, **options):
+    bora = bora_pyro.BoRA(tiny_random_llama()[0], corpus.tasks, rank=2, alpha=4, tau=options.pop("tau", 10.0),
+                          inference=options.pop("inference", "map"))
+    result = bora_pyro.fit(bora, corpus, progress=False, **options)
+    return bora, result
+
+
+def test_fit_is_deterministic_on_cpu(make_corpus):
+    corpus = make_corpus()
+    first, _ = fitted(corpus, steps=6, batch_size=4, eval_every=3)
+    second, _ = fitted(corpus, steps=6, batch_size=4, eval_every=3)
+    for name, value in first.task_factors().items():
+        assert torch.equal(value, second.task_factors()[name])
+    third, _ = fitted(corpus, steps=6, batch_size=4, eval_every=3, seed=1)
+    assert any(not torch.equal(v, third.task_factors()[n]) for n, v in first.task_factors().items())
+
+
+def test_best_validated_state_is_restored(make_corpus):
+    corpus = make_corpus()
+    # a learning rate far too high makes validation worse after the first evaluation
+    bora, result = fitted(corpus, steps=12, batch_size=4, eval_every=3, lr=3.0, clip_norm=None)
+    best = min(result.evals, key=lambda e: e["valid_ppl"])
+    assert result.best_step == best["step"]
+    report = bora_pyro.evaluate(bora, corpus.valid)
+    assert report.token_weighted == pytest.approx(best["valid_ppl"], rel=1e-5)
+
+
+def test_patience_stops_early(make_corpus):
+    corpus = make_corpus()
+    _, result = fitted(corpus, steps=60, batch_size=4, eval_every=2, lr=3.0, clip_norm=None, patience=2)
+    assert result.stopped_early and result.steps_run < 60
+    assert len(result.evals) >= 3
+
+
+def test_vi_uses_an_autonormal_guide_and_improves_on_the_base(make_corpus):
+    corpus = make_corpus()
+    bora, result = fitted(corpus, steps=15, batch_size=8, eval_every=5, lr=1e-2, inference="vi")
+    assert isinstance(bora.guide, AutoNormal)
+    base = bora_pyro.evaluate(bora, corpus.test, base_model=True)
+    assert bora_pyro.evaluate(bora, corpus.test).token_weighted < base.token_weighted
+    bora.use_inference("map")
+    assert isinstance(bora.guide, AutoDelta)
+
+
+def test_learning_rate_rules():
+    config = TrainConfig(lr=1e-3, lr_tau_scaling=True, lr_tau_reference=100.0)
+    assert config.learning_rate(1000.0) == pytest.approx(1e-2)
+    assert config.learning_rate(0.0) == config.learning_rate(math.inf) == 1e-3
+    assert TrainConfig(lr=1e-3).learning_rate(1000.0) == 1e-3
+    cosine = TrainConfig(steps=10, lr_schedule="cosine")
+    assert cosine.lr_factor(1) == 1.0 and cosine.lr_factor(6) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("steps", 0, "steps must be an integer >= 1, got 0"),
+    ("lr", -1.0, "lr must be a finite number > 0"),
+    ("clip_norm", 0.0, "clip_norm must be > 0 or None"),
+    ("lr_schedule", "linear", "lr_schedule must be one of"),
+    ("patience", 0, "patience must be >= 1 or None"),
+])
+def test_bad_training_options(option, value, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**{option: value})
+
+
+def test_corpus_and_model_tasks_must_match(make_corpus, tiny_lm):
+    corpus = make_corpus()
+    bora = bora_pyro.BoRA(tiny_lm[0], ["other", "tasks", "here"], rank=2)
+    with pytest.raises(ValueError, match="differ from the model's tasks"):
+        bora_pyro.fit(bora, corpus, steps=1, progress=False)

@@ -33,6 +33,11 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def json_roundtrip(value: Any) -> Any:
+    """``value`` as it reads back from our JSON files (tuples become lists, inf becomes "inf")."""
+    return json.loads(json.dumps(_jsonable(value)))
+
+
 def write_json(path: Path, value: Any) -> None:
     path.write_text(json.dumps(_jsonable(value), indent=2, sort_keys=False) + "\n")
 

@@ -1,6 +1,7 @@
 """The ``bora-pyro`` command line.
 
     bora-pyro train    --model M --data C [--tau T|0|inf] [--inference map|vi] [--steps N] --out RUN
+    bora-pyro sweep    --model M --data C --taus 0,1,10,100,1000,inf --out DIR
     bora-pyro evaluate RUN [--split test]
 """
 
@@ -16,6 +17,7 @@ from .inference.config import TrainConfig
 from .models.guides import INFERENCE
 from .models.prior import PARAMETERIZATIONS
 from .runs import AdapterConfig, RunSpec, load_run, train_run
+from .sweep import best_tau, parse_taus, run_sweep
 
 
 def _csv_list(text: str) -> tuple[str, ...]:
@@ -26,15 +28,12 @@ def _optional_int(text: str) -> int | None:
     return None if text.lower() in ("none", "all") else int(text)
 
 
-def _add_train(sub: argparse._SubParsersAction) -> None:
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by ``train`` and ``sweep`` (everything but tau and the output)."""
     d_corpus, d_adapter, d_train = CorpusConfig(), AdapterConfig(), TrainConfig()
-    p = sub.add_parser("train", help="fit BoRA on a multi-task corpus and write a run folder",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="smollm2-135m",
                    help="smollm2-135m (embedded), tiny-random-llama (tests), or a HF id / local path")
     p.add_argument("--data", default="bible-books", help=f"corpus: {', '.join(CORPUS_FORMS)}")
-    p.add_argument("--out", required=True, help="run folder to create")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--seed", type=int, default=0, help="seed of the data split, LoRA init and batch order")
     g = p.add_argument_group("corpus")
@@ -50,11 +49,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--text-column", default=d_corpus.text_column, help="csv/jsonl/datasets: text column")
     g.add_argument("--translation", default=d_corpus.translation, help="bible-books: pythonbible version (wyc, kjv...)")
     g.add_argument("--books", type=_csv_list, default=None, help="bible-books: comma-separated titles, or 'all'")
-    g.add_argument("--num-tasks", type=int, default=None, help="keep the first N tasks")
+    g.add_argument("--num-tasks", type=int, default=None, help="keep the first N tasks (ton: speakers, default 25)")
+    g.add_argument("--ton-selection", choices=("paper", "reference"), default=d_corpus.ton_selection,
+                   help="ton: first speakers with > 100 speeches (paper) or 200 < n < 1000 in name order (reference)")
+    g.add_argument("--min-words", type=int, default=d_corpus.min_words, help="ton: drop shorter speeches")
     g = p.add_argument_group("adapter model")
     g.add_argument("--rank", type=int, default=d_adapter.rank)
     g.add_argument("--alpha", type=float, default=d_adapter.alpha)
-    g.add_argument("--tau", default="100", help="prior precision: a number >= 0, 0 = independent, inf = pooled")
     g.add_argument("--targets", type=_csv_list, default=None, help="module-name suffixes to adapt (default by model type)")
     g.add_argument("--parameterization", choices=PARAMETERIZATIONS, default=d_adapter.parameterization)
     g.add_argument("--inference", choices=INFERENCE, default=d_adapter.inference,
@@ -73,17 +74,42 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--patience", type=int, default=None, help="early stop after N validations without improvement")
     g.add_argument("--eval-batch-size", type=int, default=d_train.eval_batch_size)
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="fit BoRA on a multi-task corpus and write a run folder",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", required=True, help="run folder to create")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    p.add_argument("--tau", default="100", help="prior precision: a number >= 0, 0 = independent, inf = pooled")
+    _add_run_options(p)
     p.set_defaults(func=_train)
 
 
-def _spec_from_args(a: argparse.Namespace) -> RunSpec:
+def _add_sweep(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sweep", help="one run per tau on the same split; the paper's tables and figures",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", required=True, help="sweep folder (resumable: finished taus are not rerun)")
+    p.add_argument("--taus", default="0,1,10,100,1000,inf", help="comma-separated precisions (0 and inf allowed)")
+    _add_run_options(p)
+    p.set_defaults(func=_sweep)
+
+
+def _sweep(a: argparse.Namespace) -> None:
+    table = run_sweep(_spec_from_args(a, tau=0.0), parse_taus(a.taus), a.out)
+    shown = table[["tau", "mode", "lr", "best_step", "valid_ppl", "test_ppl", "test_macro_ppl"]]
+    print(shown.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+    print(f"best tau on validation: {best_tau(table):g}; tables, figures and summary.md in {a.out}")
+
+
+def _spec_from_args(a: argparse.Namespace, tau: str | float) -> RunSpec:
     corpus = CorpusConfig(
         max_tokens=a.max_tokens, seed=a.seed, valid_fraction=a.valid_fraction, test_fraction=a.test_fraction,
         max_train_docs=a.max_train_docs, max_eval_docs=a.max_eval_docs, task_prompt=a.task_prompt,
         task_column=a.task_column, text_column=a.text_column, translation=a.translation, books=a.books,
-        num_tasks=a.num_tasks,
+        num_tasks=a.num_tasks, ton_selection=a.ton_selection, min_words=a.min_words,
     )
-    adapter = AdapterConfig(rank=a.rank, alpha=a.alpha, tau=a.tau, targets=a.targets,
+    adapter = AdapterConfig(rank=a.rank, alpha=a.alpha, tau=tau, targets=a.targets,
                             parameterization=a.parameterization, inference=a.inference, init_seed=a.seed)
     train = TrainConfig(
         steps=a.steps, batch_size=a.batch_size, lr=a.lr, lr_schedule=a.lr_schedule, weight_decay=a.weight_decay,
@@ -95,7 +121,7 @@ def _spec_from_args(a: argparse.Namespace) -> RunSpec:
 
 
 def _train(a: argparse.Namespace) -> None:
-    metrics = train_run(_spec_from_args(a), a.out, overwrite=a.overwrite)
+    metrics = train_run(_spec_from_args(a, a.tau), a.out, overwrite=a.overwrite)
     print(f"wrote {a.out}")
     print(
         f"test perplexity: {metrics['test_ppl']:.2f} (task-macro {metrics['test_macro_ppl']:.2f}); "
@@ -130,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
+    _add_sweep(sub)
     _add_evaluate(sub)
     return parser
 

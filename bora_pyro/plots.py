@@ -23,6 +23,110 @@ def plot_training_curve(log: pd.DataFrame, path: Path, title: str = "") -> None:
         right.plot(evals["step"], evals["valid_ppl"], "o-", color="tab:red", label="validation perplexity")
         right.set_ylabel("validation perplexity (token-weighted)", color="tab:red")
     ax.set_title(title)
+    _save(fig, path)
+
+
+def _tau_positions(taus) -> tuple[dict[float, float], list[float], list[str]]:
+    """x positions on a log axis for taus including 0 and inf (placed a decade beyond the finite ones)."""
+    finite = sorted(t for t in taus if 0 < t < float("inf"))
+    low, high = (finite[0], finite[-1]) if finite else (1.0, 1.0)
+    pos = {t: (low / 10 if t == 0 else high * 10 if t == float("inf") else t) for t in taus}
+    ticks = sorted(pos.values())
+    names = {0.0: "0\n(indep.)", float("inf"): "∞\n(pooled)"}
+    labels = [names.get(t, f"{t:g}") for t in sorted(taus)]
+    return pos, ticks, labels
+
+
+def _tau_axis(ax, taus) -> dict[float, float]:
+    pos, ticks, labels = _tau_positions(taus)
+    ax.set_xscale("log")
+    ax.set_xticks(ticks)
+    ax.set_xticklabels(labels)
+    ax.minorticks_off()
+    ax.set_xlabel("prior precision τ")
+    return pos
+
+
+def plot_sweep_figures(out: Path, table: pd.DataFrame, per_task: pd.DataFrame, curves: pd.DataFrame,
+                       best: float, improvements: dict) -> None:
+    """The paper's Figures 1-5 for a tau sweep, plus validation curves, as PNG files in ``out``."""
+    sizes = per_task.drop_duplicates("task").set_index("task")["n_train_tokens"].sort_values(ascending=False)
+
+    fig, ax = plt.subplots(figsize=(8, 4))  # Figure 1: training size per task
+    ax.bar(range(len(sizes)), sizes.values, color="tab:gray")
+    ax.set_xticks(range(len(sizes)))
+    ax.set_xticklabels(sizes.index, rotation=60, ha="right")
+    ax.set_yscale("log")
+    ax.set_ylabel("training tokens (log scale)")
+    ax.set_title("Figure 1: training data per task")
+    _save(fig, out / "figure1.png")
+
+    fig, ax = plt.subplots(figsize=(8, 5))  # Figure 2: perplexity vs tau
+    pos = _tau_axis(ax, table.tau)
+    for task, rows in per_task.groupby("task"):
+        ax.plot([pos[t] for t in rows.tau], rows.test_ppl, color="tab:gray", lw=0.8, alpha=0.6)
+    ax.plot([pos[t] for t in table.tau], table.test_ppl, "o-", color="tab:blue", lw=2.5, label="overall (token-weighted)")
+    ax.plot([pos[t] for t in table.tau], table.test_macro_ppl, "s--", color="tab:orange", lw=2, label="task-macro")
+    ax.plot([], [], color="tab:gray", lw=0.8, label="individual tasks")
+    ax.axvline(pos[best], color="tab:green", ls=":", label=f"best τ on validation ({best:g})")
+    ax.set_yscale("log")
+    ax.set_ylabel("test perplexity (log scale)")
+    ax.set_title("Figure 2: test perplexity against τ")
+    ax.legend()
+    _save(fig, out / "figure2.png")
+
+    fig, ax = plt.subplots(figsize=(7, 5))  # Figure 3: relative improvement vs task size
+    for (name, values), marker in zip(improvements.items(), ("o", "s")):
+        if values is not None:
+            ax.scatter(sizes.loc[values.index], 100 * values, marker=marker, label=f"τ={best:g} {name}")
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("training tokens of the task (log scale)")
+    ax.set_ylabel("relative improvement in test perplexity (%)")
+    ax.set_title("Figure 3: gain of the best τ by task size")
+    if any(v is not None for v in improvements.values()):
+        ax.legend()
+    _save(fig, out / "figure3.png")
+
+    fig, ax = plt.subplots(figsize=(7, 5))  # Figure 4: distance to Theta vs task size
+    hier = per_task[(per_task.tau > 0) & (per_task.tau < float("inf"))]
+    for tau, rows in hier.groupby("tau"):
+        ax.plot(rows.n_train_tokens, rows.distance_to_global, "o", label=f"τ={tau:g}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("training tokens of the task (log scale)")
+    ax.set_ylabel("‖θ_d − Θ‖₂ (log scale)")
+    ax.set_title("Figure 4: how far each task's adapter moves from Θ")
+    if not hier.empty:
+        ax.legend()
+    _save(fig, out / "figure4.png")
+
+    fig, ax = plt.subplots(figsize=(7, 5))  # Figure 5: task size vs perplexity at the best tau
+    rows = per_task[per_task.tau == best]
+    ax.scatter(rows.n_train_tokens, rows.test_ppl, label=f"τ={best:g}")
+    ax.scatter(rows.n_train_tokens, rows.base_test_ppl, marker="x", color="tab:gray", label="base model")
+    for r in rows.itertuples():
+        ax.annotate(r.task, (r.n_train_tokens, r.test_ppl), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("training tokens of the task (log scale)")
+    ax.set_ylabel("test perplexity (log scale)")
+    ax.set_title(f"Figure 5: task size and perplexity at the best τ ({best:g})")
+    ax.legend()
+    _save(fig, out / "figure5.png")
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))  # validation curves
+    for tau, rows in curves.groupby("tau"):
+        ax.plot(rows.step, rows.valid_ppl, "o-", ms=3, label=f"τ={tau:g}")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation perplexity (token-weighted, log)")
+    ax.set_title("Validation perplexity during training")
+    ax.legend()
+    _save(fig, out / "validation_curves.png")
+
+
+def _save(fig, path: Path) -> None:
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)

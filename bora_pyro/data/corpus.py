@@ -4,6 +4,7 @@ Corpus specs:
     ``bible-books``           embedded default: each book of a Bible translation is a task
     ``csv:PATH``, ``jsonl:PATH``  a table with a task column and a text column
     ``datasets:NAME_OR_PATH`` a Hugging Face ``datasets`` hub name or a saved dataset folder
+    ``ton:PATH``              Talk of Norway (ton.csv): one task per speaker, the paper's selection
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from .batching import Split
 from .bible import bible_books
 from .split import split_per_task
 from .tabular import documents_by_task, read_table
+from .talk_of_norway import TON_SELECTIONS, ton_documents
 from .tokenize import tokenize_split
 
-CORPUS_FORMS = ("bible-books", "csv:PATH", "jsonl:PATH", "datasets:NAME_OR_PATH")
+CORPUS_FORMS = ("bible-books", "ton:PATH", "csv:PATH", "jsonl:PATH", "datasets:NAME_OR_PATH")
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,9 @@ class CorpusConfig:
     text_column: str = "text"
     translation: str = "wyc"  # bible-books only
     books: tuple[str, ...] | None = None  # bible-books only; None = ten default books
-    num_tasks: int | None = None  # keep the first n tasks
+    num_tasks: int | None = None  # keep the first n tasks (ton: number of speakers, default 25)
+    ton_selection: str = "paper"  # ton only: "paper" or "reference" speaker selection
+    min_words: int = 10  # ton only: drop shorter speeches
 
     def __post_init__(self) -> None:
         if self.max_tokens < 4:
@@ -49,6 +53,8 @@ class CorpusConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {value}")
+        if self.ton_selection not in TON_SELECTIONS:
+            raise ValueError(f"ton_selection must be one of {TON_SELECTIONS}, got {self.ton_selection!r}")
         if self.task_prompt is not None and "{task}" not in self.task_prompt:
             raise ValueError(f"task_prompt must contain '{{task}}', got {self.task_prompt!r}")
 
@@ -88,6 +94,8 @@ def _documents(spec: str, tokenizer, config: CorpusConfig) -> dict[str, list[str
     if spec == "bible-books":
         return bible_books(tokenizer, config.max_tokens, config.translation, config.books)
     kind, sep, location = spec.partition(":")
+    if kind == "ton" and location:
+        return ton_documents(location, config.ton_selection, config.num_tasks or 25, config.min_words)
     if sep and kind in ("csv", "jsonl", "datasets") and location:
         return documents_by_task(read_table(kind, location), config.task_column, config.text_column, spec)
     raise ValueError(f"unknown corpus {spec!r}; expected one of {list(CORPUS_FORMS)}")

@@ -1,0 +1,162 @@
+"""Sweep the prior precision tau: one run per tau on the same split and seed, then the paper's tables.
+
+``DIR/runs/tau=<tau>/`` holds each run folder (written atomically, so a finished tau is one whose
+folder exists; it is not rerun). ``summarize_sweep`` writes ``tau_sweep.csv``, ``per_task.csv``,
+``figure1.png`` ... ``figure5.png``, ``validation_curves.png`` and ``summary.md``. The best tau is
+chosen on the validation split (token-weighted perplexity); numbers are reported on the test split.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import replace
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+
+from .artifacts import json_roundtrip, read_json, write_json
+from .models.prior import parse_tau
+from .plots import plot_sweep_figures
+from .runs import RunSpec, train_run
+
+log = logging.getLogger(__name__)
+
+SWEEP_FILE = "sweep.json"
+
+
+def tau_label(tau: float) -> str:
+    return f"{tau:g}"
+
+
+def parse_taus(text: str) -> list[float]:
+    """"0,1,10,inf" -> [0.0, 1.0, 10.0, inf]; sorted, duplicates refused."""
+    taus = [parse_tau(t.strip()) for t in text.split(",") if t.strip()]
+    if not taus:
+        raise ValueError(f"--taus needs at least one value, got {text!r}")
+    if len(set(taus)) != len(taus):
+        raise ValueError(f"--taus has duplicates: {text!r}")
+    return sorted(taus)
+
+
+def _spec_without_tau(spec: RunSpec) -> dict:
+    d = spec.to_dict()
+    d["adapter"] = {k: v for k, v in d["adapter"].items() if k != "tau"}
+    d.pop("device")
+    return d
+
+
+def run_sweep(spec: RunSpec, taus: Sequence[float], out: str | Path) -> pd.DataFrame:
+    """Train one run per tau (skipping finished ones) and summarise; returns the tau_sweep table."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = _spec_without_tau(spec)
+    if (out / SWEEP_FILE).exists():
+        previous = read_json(out / SWEEP_FILE)
+        if previous["spec"] != json_roundtrip(settings):
+            raise ValueError(f"{out} holds a sweep with different settings; use another --out (or delete it)")
+    write_json(out / SWEEP_FILE, {"spec": settings, "taus": sorted(set(taus) | set(_finished_taus(out)))})
+    for tau in taus:
+        folder = out / "runs" / f"tau={tau_label(tau)}"
+        if (folder / "metrics.json").exists():
+            log.warning("tau=%s already finished in %s: not rerun", tau_label(tau), folder)
+            continue
+        print(f"sweep: training tau={tau_label(tau)} -> {folder}", flush=True)
+        train_run(replace(spec, adapter=replace(spec.adapter, tau=tau)), folder, overwrite=True)
+    return summarize_sweep(out)
+
+
+def _finished_taus(out: Path) -> list[float]:
+    return [parse_tau(p.name.split("=", 1)[1]) for p in (out / "runs").glob("tau=*") if (p / "metrics.json").exists()]
+
+
+def collect(out: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Read every finished run: (tau table, per-task table, validation curves), sorted by tau."""
+    rows, tasks, curves = [], [], []
+    for tau in sorted(_finished_taus(out)):
+        folder = out / "runs" / f"tau={tau_label(tau)}"
+        m = read_json(folder / "metrics.json")
+        rows.append({
+            "tau": tau, "mode": m["mode"], "lr": m["lr"], "steps": m["steps"], "best_step": m["best_step"],
+            "wall_seconds": m["wall_seconds"], "train_seconds": m["train_seconds"],
+            "valid_ppl": m["valid_ppl"], "valid_macro_ppl": m["valid_macro_ppl"],
+            "test_ppl": m["test_ppl"], "test_macro_ppl": m["test_macro_ppl"], "base_test_ppl": m["base_test_ppl"],
+        })
+        tasks.append(pd.read_csv(folder / "per_task.csv").assign(tau=tau))
+        curves.append(pd.read_csv(folder / "train_log.csv").dropna(subset=["valid_ppl"]).assign(tau=tau))
+    if not rows:
+        raise ValueError(f"no finished runs under {out / 'runs'}")
+    per_task = pd.concat(tasks, ignore_index=True)
+    per_task = per_task[["tau"] + [c for c in per_task.columns if c != "tau"]]
+    return pd.DataFrame(rows), per_task, pd.concat(curves, ignore_index=True)[["tau", "step", "valid_ppl"]]
+
+
+def best_tau(table: pd.DataFrame) -> float:
+    """The tau with the lowest validation perplexity (token-weighted)."""
+    return float(table.loc[table.valid_ppl.idxmin(), "tau"])
+
+
+def relative_improvement(per_task: pd.DataFrame, tau: float, reference: float) -> pd.Series | None:
+    """Per task (ppl_reference - ppl_tau) / ppl_reference on test; None if the reference was not run."""
+    by_tau = per_task.pivot(index="task", columns="tau", values="test_ppl")
+    if reference not in by_tau.columns or tau not in by_tau.columns:
+        return None
+    return (by_tau[reference] - by_tau[tau]) / by_tau[reference]
+
+
+def _markdown(frame: pd.DataFrame) -> str:
+    header = "| " + " | ".join(map(str, frame.columns)) + " |"
+    rule = "|" + "---|" * len(frame.columns)
+    cell = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
+    return "\n".join([header, rule] + ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)])
+
+
+def summarize_sweep(out: str | Path) -> pd.DataFrame:
+    """Write the sweep's tables, figures and summary.md from the finished runs in ``out``."""
+    out = Path(out)
+    table, per_task, curves = collect(out)
+    table.to_csv(out / "tau_sweep.csv", index=False)
+    per_task.to_csv(out / "per_task.csv", index=False)
+    best = best_tau(table)
+    improvements = {
+        name: relative_improvement(per_task, best, ref) for name, ref in (("over tau=0", 0.0), ("over tau=inf", math.inf))
+    }
+    plot_sweep_figures(out, table, per_task, curves, best, improvements)
+    shown = table[["tau", "mode", "lr", "steps", "best_step", "valid_ppl", "test_ppl", "test_macro_ppl"]].copy()
+    shown["tau"] = shown["tau"].map(tau_label)
+    shown["lr"] = shown["lr"].map(lambda v: f"{v:.3g}")
+    pivot = per_task.pivot(index="task", columns="tau", values="test_ppl")
+    pivot.columns = [f"tau={tau_label(t)}" for t in pivot.columns]
+    sizes = per_task.drop_duplicates("task").set_index("task")["n_train_tokens"]
+    pivot = pivot.loc[sizes.sort_values(ascending=False).index]
+    pivot.insert(0, "train tokens", sizes.loc[pivot.index].astype(int).astype(str))
+    lines = [
+        "# tau sweep", "",
+        f"Best tau on validation: **{tau_label(best)}** (test perplexity {table.set_index('tau').loc[best, 'test_ppl']:.2f}, "
+        f"token-weighted). Base model test perplexity: {table.base_test_ppl.iloc[0]:.2f}.", "",
+        "## Overall (Table 1)", "", _markdown(shown), "",
+        "## Per task, test perplexity (Table A.1)", "", _markdown(pivot.reset_index()), "",
+    ]
+    for name, values in improvements.items():
+        if values is not None:
+            lines.append(f"Mean relative improvement of tau={tau_label(best)} {name}: {100 * values.mean():.1f}% "
+                         f"(tasks improved: {(values > 0).sum()} of {len(values)})")
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    return table
+
+
+def steps_to_converge(curve: pd.DataFrame, tolerance: float = 0.01) -> int:
+    """First validated step whose perplexity is within ``tolerance`` of the final validation perplexity.
+
+    ``curve`` has columns step and valid_ppl (one row per validation, in step order).
+    """
+    final = curve.valid_ppl.iloc[-1]
+    reached = curve[curve.valid_ppl <= (1 + tolerance) * final]
+    return int(reached.step.iloc[0])
+
+
+def load_sweep_spec(out: str | Path) -> RunSpec:
+    """The RunSpec (with tau = 0) of a sweep folder, to rerun the same settings with changes."""
+    settings = read_json(Path(out) / SWEEP_FILE)["spec"]
+    return RunSpec.from_dict({**settings, "device": "auto", "adapter": {**settings["adapter"], "tau": 0.0}})

@@ -60,6 +60,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--parameterization", choices=PARAMETERIZATIONS, default=d_adapter.parameterization)
     g.add_argument("--inference", choices=INFERENCE, default=d_adapter.inference,
                    help="map: AutoDelta (the paper's MAP); vi: AutoNormal")
+    g.add_argument("--tau-prior", default=d_adapter.tau_prior,
+                   help="hyperprior of --tau learn: lognormal:LOC,SCALE (of log tau) or gamma:SHAPE,RATE")
+    g.add_argument("--tau-groups", choices=("global", "module"), default=d_adapter.tau_groups,
+                   help="--tau learn: one tau, or one per module type (q_proj, v_proj...)")
     g = p.add_argument_group("training")
     g.add_argument("--steps", type=int, default=d_train.steps)
     g.add_argument("--batch-size", type=int, default=d_train.batch_size)
@@ -81,7 +85,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True, help="run folder to create")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
-    p.add_argument("--tau", default="100", help="prior precision: a number >= 0, 0 = independent, inf = pooled")
+    p.add_argument("--tau", default="100",
+                   help="prior precision: a number >= 0, 0 = independent, inf = pooled, learn = inferred (with --inference vi)")
     _add_run_options(p)
     p.set_defaults(func=_train)
 
@@ -110,7 +115,8 @@ def _spec_from_args(a: argparse.Namespace, tau: str | float) -> RunSpec:
         num_tasks=a.num_tasks, ton_selection=a.ton_selection, min_words=a.min_words,
     )
     adapter = AdapterConfig(rank=a.rank, alpha=a.alpha, tau=tau, targets=a.targets,
-                            parameterization=a.parameterization, inference=a.inference, init_seed=a.seed)
+                            parameterization=a.parameterization, inference=a.inference, init_seed=a.seed,
+                            tau_prior=a.tau_prior, tau_groups=a.tau_groups)
     train = TrainConfig(
         steps=a.steps, batch_size=a.batch_size, lr=a.lr, lr_schedule=a.lr_schedule, weight_decay=a.weight_decay,
         clip_norm=a.clip_norm or None, lr_tau_scaling=a.lr_tau_scaling, lr_tau_reference=a.lr_tau_reference,

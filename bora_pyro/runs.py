@@ -27,6 +27,7 @@ from .inference.svi import FitResult, fit
 from .models.bora import BoRA
 from .models.guides import INFERENCE
 from .models.prior import PARAMETERIZATIONS, parse_tau
+from .models.tau_prior import TauPrior
 from .plots import plot_training_curve
 
 log = logging.getLogger(__name__)
@@ -38,11 +39,13 @@ class AdapterConfig:
 
     rank: int = 8
     alpha: float = 16.0
-    tau: float = 100.0
+    tau: float | str = 100.0  # or "learn" (with inference="vi")
     targets: tuple[str, ...] | None = None
     parameterization: str = "noncentered"
     inference: str = "map"
     init_seed: int = 0
+    tau_prior: str = "lognormal:4.6,2"  # hyperprior of a learned tau (see models/tau_prior.py)
+    tau_groups: str = "global"  # learned tau: "global" or one per "module" type
 
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or self.rank < 1:
@@ -56,11 +59,16 @@ class AdapterConfig:
             raise ValueError(f"inference must be one of {INFERENCE}, got {self.inference!r}")
         if self.targets is not None:
             object.__setattr__(self, "targets", tuple(self.targets))
+        self.hyperprior()  # validates the spec
+
+    def hyperprior(self) -> TauPrior:
+        return TauPrior.parse(self.tau_prior, self.tau_groups)
 
     def build(self, lm, tasks) -> BoRA:
         return BoRA(
             lm, tasks, rank=self.rank, alpha=self.alpha, tau=self.tau, targets=self.targets,
             parameterization=self.parameterization, inference=self.inference, seed=self.init_seed,
+            tau_prior=self.hyperprior(),
         )
 
 
@@ -161,6 +169,7 @@ def train_run(spec: RunSpec, out: str | Path, overwrite: bool = False) -> dict:
         "eval_tokens_per_second": reports["test"].tokens_per_second,
         "num_tasks": len(corpus.tasks),
         "lora_parameters_per_task": bora.lora.num_parameters(),
+        "tau_posterior_q05_q50_q95": bora.tau_quantiles(),
         "device": str(device),
     }
     with atomic_folder(out, overwrite=overwrite) as tmp:
@@ -173,7 +182,7 @@ def train_run(spec: RunSpec, out: str | Path, overwrite: bool = False) -> dict:
                        "tau": bora.tau})
         train_log = _train_log(result)
         train_log.to_csv(tmp / "train_log.csv", index=False)
-        plot_training_curve(train_log, tmp / "training_curve.png", f"{spec.model} on {spec.data}, tau={bora.tau:g}")
+        plot_training_curve(train_log, tmp / "training_curve.png", f"{spec.model} on {spec.data}, tau={bora.tau}")
         metrics["wall_seconds"] = time.perf_counter() - started
         write_json(tmp / "metrics.json", metrics)
     return metrics

@@ -17,7 +17,7 @@ from typing import Sequence
 import pandas as pd
 
 from .artifacts import json_roundtrip, read_json, write_json
-from .models.prior import parse_tau
+from .models.prior import LEARN, parse_tau
 from .plots import plot_sweep_figures
 from .runs import RunSpec, train_run
 
@@ -33,6 +33,8 @@ def tau_label(tau: float) -> str:
 def parse_taus(text: str) -> list[float]:
     """"0,1,10,inf" -> [0.0, 1.0, 10.0, inf]; sorted, duplicates refused."""
     taus = [parse_tau(t.strip()) for t in text.split(",") if t.strip()]
+    if LEARN in taus:
+        raise ValueError("a sweep takes fixed taus; for a learned tau run: bora-pyro train --tau learn --inference vi")
     if not taus:
         raise ValueError(f"--taus needs at least one value, got {text!r}")
     if len(set(taus)) != len(taus):

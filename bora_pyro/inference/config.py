@@ -52,9 +52,9 @@ class TrainConfig:
         if self.patience is not None and self.patience < 1:
             raise ValueError(f"patience must be >= 1 or None, got {self.patience!r}")
 
-    def learning_rate(self, tau: float) -> float:
-        """The learning rate used at precision ``tau`` (see ``lr_tau_scaling``)."""
-        if self.lr_tau_scaling and 0 < tau < math.inf:
+    def learning_rate(self, tau: float | str) -> float:
+        """The learning rate used at precision ``tau`` (see ``lr_tau_scaling``; a learned tau keeps ``lr``)."""
+        if self.lr_tau_scaling and isinstance(tau, float) and 0 < tau < math.inf:
             return self.lr * tau / self.lr_tau_reference
         return self.lr
 

@@ -92,7 +92,7 @@ def fit(bora: BoRA, corpus: Corpus, inference: str | None = None, **options) -> 
         params = list({id(p): p for p in (s["value"].unconstrained() for s in capture.trace.nodes.values())}.values())
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay) if params else None
         best_ll, best_state, bad_evals = -float("inf"), _snapshot(), 0
-        bar = tqdm(range(1, config.steps + 1), desc=f"fit tau={bora.tau:g}", disable=not config.progress)
+        bar = tqdm(range(1, config.steps + 1), desc=f"fit tau={bora.tau}", disable=not config.progress)
         batch = first
         for step in bar:
             if step > 1:

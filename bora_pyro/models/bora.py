@@ -22,6 +22,7 @@ from .guides import make_guide
 from ..lora import Factors, MultiTaskLoRA
 from .likelihood import lm_log_likelihood
 from .prior import INDEPENDENT, HierarchicalPrior, parse_tau
+from .tau_prior import TAU_SITE, TauPrior
 
 LogLikelihood = Callable[[Factors, Batch], torch.Tensor]  # (task factors, batch) -> [batch]
 
@@ -51,12 +52,13 @@ class BoRA:
         tasks: Sequence[str],
         rank: int = 8,
         alpha: float = 16.0,
-        tau: float = 100.0,
+        tau: float | str = 100.0,
         targets: Sequence[str] | None = None,
         parameterization: str = "noncentered",
         inference: str = "map",
         log_likelihood: LogLikelihood | None = None,
         seed: int = 0,
+        tau_prior: TauPrior | None = None,
     ) -> None:
         tasks = tuple(str(t) for t in tasks)
         if len(set(tasks)) != len(tasks):
@@ -64,16 +66,18 @@ class BoRA:
             raise ValueError(f"task names must be unique, duplicated: {dupes}")
         self.tasks = tasks
         self.lora = MultiTaskLoRA(lm, rank=rank, alpha=alpha, targets=targets)
-        self.prior = HierarchicalPrior(self.lora.shapes(), len(tasks), parse_tau(tau), parameterization)
+        self.prior = HierarchicalPrior(self.lora.shapes(), len(tasks), parse_tau(tau), parameterization,
+                                       tau_prior or TauPrior())
         self.init = self.lora.init_factors(torch.Generator().manual_seed(seed))
         self.log_likelihood: LogLikelihood = log_likelihood or (lambda f, b: lm_log_likelihood(self.lora, f, b))
         self._store = {"params": {}, "constraints": {}}
         self._scope_active = False
         self.inference = inference
-        self.guide = make_guide(inference, self.model, self.prior.initial_values(self.init))
+        self.guide = self._make_guide(inference)
 
     @property
-    def tau(self) -> float:
+    def tau(self) -> float | str:
+        """The fixed precision, or "learn"."""
         return self.prior.tau
 
     @property
@@ -86,12 +90,20 @@ class BoRA:
 
     def use_inference(self, inference: str) -> None:
         """Replace the guide (and forget its fitted values) by a fresh "map" or "vi" guide."""
+        self.guide = self._make_guide(inference)
         self.inference = inference
-        self.guide = make_guide(inference, self.model, self.prior.initial_values(self.init))
         with self.param_scope():
             store = pyro.get_param_store()
             for name in [n for n in store.keys() if not n.startswith("global.")]:
                 del store[name]
+
+    def _make_guide(self, inference: str):
+        if self.prior.learned and inference == "map":
+            raise ValueError(
+                "tau='learn' needs inference='vi' (CLI: --inference vi): the MAP of a hierarchical precision is "
+                "degenerate, the posterior density grows without bound as every task collapses onto Theta and tau -> inf"
+            )
+        return make_guide(inference, self.model, self.prior.initial_values(self.init))
 
     @contextlib.contextmanager
     def param_scope(self) -> Iterator[None]:
@@ -131,6 +143,15 @@ class BoRA:
             values = self.guide.median() if started else self.prior.initial_values(self.init)
             factors = poutine.condition(self.sample_task_factors, data=values)()
         return {k: v.detach().expand(len(self.tasks), *v.shape[1:]).clone() for k, v in factors.items()}
+
+    @torch.no_grad()
+    def tau_quantiles(self, quantiles: Sequence[float] = (0.05, 0.5, 0.95)) -> dict[str, list[float]] | None:
+        """Posterior quantiles of each learned tau under the guide ({group: [q...]}); None if tau is fixed."""
+        if not self.prior.learned or getattr(self.guide, "prototype_trace", None) is None:
+            return None
+        with self.param_scope():
+            values = self.guide.quantiles(list(quantiles))[TAU_SITE]  # [quantiles, groups]
+        return {group: [float(v) for v in values[:, g]] for g, group in enumerate(self.prior.tau_groups())}
 
     @torch.no_grad()
     def global_factors(self) -> dict[str, torch.Tensor] | None:

@@ -3,6 +3,7 @@
     theta_d ~ Normal(Theta, tau^(-1/2))  elementwise, independent over tasks d   (0 < tau < inf)
     tau = 0    "independent": flat prior on every theta_d, Theta unused
     tau = inf  "pooled":      no task sites; every task uses Theta
+    tau = "learn"             tau is a latent site ``tau`` under a hyperprior (see tau_prior.py)
 
 Theta (one tensor per factor, ``global.<layer>.A|B``) is a ``pyro.param`` (flat prior).
 Task factors are ``pyro.sample`` sites ``task.<layer>.A|B`` of shape [D, ...] inside
@@ -21,12 +22,18 @@ import torch
 from pyro.distributions import constraints
 from pyro.infer.reparam import LocScaleReparam
 
+from .tau_prior import TAU_SITE, TauPrior
+
 INDEPENDENT, HIERARCHICAL, POOLED = "independent", "hierarchical", "pooled"
 PARAMETERIZATIONS = ("centered", "noncentered")
+LEARN = "learn"
+Tau = float | str  # a precision >= 0 (inf allowed) or LEARN
 
 
-def prior_mode(tau: float) -> str:
-    """'independent' for tau = 0, 'pooled' for tau = inf, 'hierarchical' otherwise."""
+def prior_mode(tau: Tau) -> str:
+    """'independent' for tau = 0, 'pooled' for tau = inf, 'hierarchical' otherwise (learned included)."""
+    if tau == LEARN:
+        return HIERARCHICAL
     if tau == 0:
         return INDEPENDENT
     if math.isinf(tau):
@@ -34,14 +41,16 @@ def prior_mode(tau: float) -> str:
     return HIERARCHICAL
 
 
-def parse_tau(value: str | float) -> float:
-    """Parse a precision: a number >= 0, or 'inf'. Raises with the bad value named."""
+def parse_tau(value: str | float) -> Tau:
+    """Parse a precision: a number >= 0, 'inf', or 'learn'. Raises with the bad value named."""
+    if isinstance(value, str) and value.strip().lower() == LEARN:
+        return LEARN
     try:
         tau = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"tau must be a number >= 0 or 'inf', got {value!r}") from None
+        raise ValueError(f"tau must be a number >= 0, 'inf' or 'learn', got {value!r}") from None
     if math.isnan(tau) or tau < 0:
-        raise ValueError(f"tau must be a number >= 0 or 'inf', got {value!r}")
+        raise ValueError(f"tau must be a number >= 0, 'inf' or 'learn', got {value!r}")
     return tau
 
 
@@ -63,8 +72,9 @@ class HierarchicalPrior:
 
     shapes: Mapping[str, tuple[int, ...]]
     num_tasks: int
-    tau: float
+    tau: Tau
     parameterization: str = "noncentered"
+    tau_prior: TauPrior = TauPrior()  # used only when tau == "learn"
 
     def __post_init__(self) -> None:
         parse_tau(self.tau)
@@ -76,6 +86,14 @@ class HierarchicalPrior:
     @property
     def mode(self) -> str:
         return prior_mode(self.tau)
+
+    @property
+    def learned(self) -> bool:
+        return self.tau == LEARN
+
+    def tau_groups(self) -> list[str]:
+        """Names of the learned precisions (one, or one per module type)."""
+        return self.tau_prior.group_names(list(self.shapes))
 
     def global_factors(self, init: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Theta: one ``pyro.param`` per factor. Shapes: name -> [*shape]."""
@@ -95,6 +113,10 @@ class HierarchicalPrior:
         if self.mode == POOLED:
             return {name: theta.unsqueeze(0) for name, theta in self.global_factors(init).items()}
         theta = self.global_factors(init) if self.mode == HIERARCHICAL else {}
+        if self.learned:
+            device = next(iter(init.values())).device
+            tau = self.tau_prior.sample(len(self.tau_groups()), device)  # [groups]
+            group = self.tau_prior.group_index(list(self.shapes))
         out = {}
         with pyro.plate("tasks", self.num_tasks, dim=-1):
             for name, shape in self.shapes.items():
@@ -102,7 +124,8 @@ class HierarchicalPrior:
                     prior = dist.ImproperUniform(constraints.real, (self.num_tasks,), torch.Size(shape))
                 else:
                     loc = theta[name].expand(self.num_tasks, *shape)
-                    scale = torch.full_like(loc, self.tau**-0.5)
+                    scale = (tau[group[name]] if self.learned else torch.tensor(self.tau, device=loc.device)) ** -0.5
+                    scale = scale.expand(loc.shape)
                     prior = dist.Normal(loc, scale).to_event(len(shape))
                 out[name] = pyro.sample(task_site(name), prior)
         return out
@@ -114,4 +137,8 @@ class HierarchicalPrior:
     def initial_values(self, init: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Guide start: every task at Theta's start (so z = 0 in the non-centred form, where the
         reparameteriser derives the decentred start from the task site's start)."""
-        return {task_site(name): value.expand(self.num_tasks, *value.shape).clone() for name, value in init.items()}
+        values = {task_site(name): value.expand(self.num_tasks, *value.shape).clone() for name, value in init.items()}
+        if self.learned:
+            device = next(iter(init.values())).device
+            values[TAU_SITE] = torch.full((len(self.tau_groups()),), self.tau_prior.median(), device=device)
+        return values

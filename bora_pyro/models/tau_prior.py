@@ -1,0 +1,80 @@
+"""Hyperprior on the precision tau, for ``tau="learn"`` (variational inference only).
+
+The MAP of a hierarchical precision is degenerate: the joint density grows without bound as every
+theta_d collapses onto Theta and tau -> inf. A learned tau therefore needs a guide that keeps
+uncertainty (AutoNormal), never AutoDelta alone.
+
+Spec strings: ``lognormal:LOC,SCALE`` (log tau ~ Normal(LOC, SCALE); default ``lognormal:4.6,2``,
+a median of 100 with 95% of the mass between 2 and 5000) or ``gamma:SHAPE,RATE``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import pyro
+import pyro.distributions as dist
+import torch
+
+TAU_PRIORS = ("lognormal", "gamma")
+TAU_GROUPS = ("global", "module")  # one tau for all factors, or one per module type (q_proj, v_proj...)
+TAU_SITE = "tau"
+
+
+def module_type(factor_name: str) -> str:
+    """"layers.3.self_attn.q_proj.A" -> "q_proj"."""
+    return factor_name.rsplit(".", 2)[-2]
+
+
+@dataclass(frozen=True)
+class TauPrior:
+    """A LogNormal or Gamma hyperprior on tau, shared by all factors or one per module type."""
+
+    kind: str = "lognormal"
+    a: float = 4.6  # lognormal: loc of log tau; gamma: shape
+    b: float = 2.0  # lognormal: scale of log tau; gamma: rate
+    groups: str = "global"
+
+    def __post_init__(self) -> None:
+        if self.kind not in TAU_PRIORS:
+            raise ValueError(f"tau prior must be one of {TAU_PRIORS}, got {self.kind!r}")
+        if self.groups not in TAU_GROUPS:
+            raise ValueError(f"tau groups must be one of {TAU_GROUPS}, got {self.groups!r}")
+        if not self.b > 0 or (self.kind == "gamma" and not self.a > 0):
+            raise ValueError(f"{self.kind} tau prior needs positive parameters, got ({self.a}, {self.b})")
+
+    @classmethod
+    def parse(cls, text: str, groups: str = "global") -> "TauPrior":
+        """Parse ``"lognormal:4.6,2"`` / ``"gamma:2,0.02"``."""
+        kind, _, params = text.partition(":")
+        try:
+            a, b = (float(v) for v in params.split(","))
+        except ValueError:
+            raise ValueError(f"tau prior must look like 'lognormal:LOC,SCALE' or 'gamma:SHAPE,RATE', got {text!r}") from None
+        return cls(kind.strip().lower(), a, b, groups)
+
+    def group_names(self, factor_names: Sequence[str]) -> list[str]:
+        if self.groups == "global":
+            return ["all"]
+        return list(dict.fromkeys(module_type(n) for n in factor_names))
+
+    def group_index(self, factor_names: Sequence[str]) -> dict[str, int]:
+        """Factor name -> index of its tau."""
+        names = self.group_names(factor_names)
+        return {n: 0 if self.groups == "global" else names.index(module_type(n)) for n in factor_names}
+
+    def distribution(self, num_groups: int, device: torch.device) -> dist.Distribution:
+        a = torch.full((num_groups,), self.a, device=device)
+        b = torch.full((num_groups,), self.b, device=device)
+        base = dist.LogNormal(a, b) if self.kind == "lognormal" else dist.Gamma(a, b)
+        return base.to_event(1)
+
+    def sample(self, num_groups: int, device: torch.device) -> torch.Tensor:
+        """The ``tau`` site (outside every plate). Shape: [groups]."""
+        return pyro.sample(TAU_SITE, self.distribution(num_groups, device))
+
+    def median(self) -> float:
+        """A central start value for tau (the median for LogNormal, the mean for Gamma)."""
+        return math.exp(self.a) if self.kind == "lognormal" else self.a / self.b

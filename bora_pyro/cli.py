@@ -3,6 +3,7 @@
     bora-pyro train    --model M --data C [--tau T|0|inf] [--inference map|vi] [--steps N] --out RUN
     bora-pyro sweep    --model M --data C --taus 0,1,10,100,1000,inf --out DIR
     bora-pyro evaluate RUN [--split test]
+    bora-pyro diagnose RUN [RUN ...]
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from .data.corpus import CORPUS_FORMS, CorpusConfig
 from .inference.config import TrainConfig
@@ -78,6 +80,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--patience", type=int, default=None, help="early stop after N validations without improvement")
     g.add_argument("--eval-batch-size", type=int, default=d_train.eval_batch_size)
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--posterior-samples", type=int, default=RunSpec().posterior_samples,
+                   help="guide draws for posterior-predictive perplexity and ArviZ posterior.nc (0 = skip)")
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -123,7 +127,8 @@ def _spec_from_args(a: argparse.Namespace, tau: str | float) -> RunSpec:
         eval_every=a.eval_every, patience=a.patience, eval_batch_size=a.eval_batch_size, seed=a.seed,
         progress=not a.no_progress,
     )
-    return RunSpec(model=a.model, data=a.data, device=a.device, corpus=corpus, adapter=adapter, train=train)
+    return RunSpec(model=a.model, data=a.data, device=a.device, corpus=corpus, adapter=adapter, train=train,
+                   posterior_samples=a.posterior_samples)
 
 
 def _train(a: argparse.Namespace) -> None:
@@ -157,6 +162,36 @@ def _evaluate(a: argparse.Namespace) -> None:
     print(f"{a.split}: token-weighted perplexity {report.token_weighted:.2f}, task-macro {report.task_macro:.2f}")
 
 
+def _add_diagnose(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("diagnose", help="ArviZ summary and plots of runs; az.compare when given several")
+    p.add_argument("runs", nargs="+", help="run folders holding posterior.nc")
+    p.add_argument("--out", default=None, help="where to write compare.csv (default: the first run folder)")
+    p.set_defaults(func=_diagnose)
+
+
+def _diagnose(a: argparse.Namespace) -> None:
+    from . import diagnostics  # ArviZ is slow to import: only for this command
+
+    runs = {}
+    for path in a.runs:
+        name = Path(path).name
+        if name in runs:
+            name = str(path)
+        runs[name] = diagnostics.load(path)
+        print(f"== {path}")
+        print(diagnostics.summary(runs[name]).to_string(float_format=lambda x: f"{x:.4g}"))
+        written = diagnostics.plot(runs[name], Path(path))
+        print("plots: " + ", ".join(str(w) for w in written))
+    if len(runs) > 1:
+        table = diagnostics.compare(runs)
+        out = Path(a.out or a.runs[0])
+        out.mkdir(parents=True, exist_ok=True)
+        table.to_csv(out / "compare.csv")
+        print("== az.compare (PSIS-LOO on held-out test documents; higher elpd_loo is better)")
+        print(table.to_string(float_format=lambda x: f"{x:.4g}"))
+        print(f"wrote {out / 'compare.csv'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bora-pyro", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -164,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_sweep(sub)
     _add_evaluate(sub)
+    _add_diagnose(sub)
     return parser
 
 

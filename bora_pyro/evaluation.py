@@ -15,7 +15,7 @@ from .lora import Factors
 
 if TYPE_CHECKING:
     from .models.bora import BoRA
-from .models.likelihood import lm_log_likelihood, scored_tokens
+from .models.likelihood import lm_log_likelihood
 
 
 @dataclass(frozen=True)
@@ -65,21 +65,33 @@ class PerplexityReport:
 
 
 @torch.inference_mode()
+def document_log_likelihoods(
+    log_likelihood: Callable[[Batch], torch.Tensor], split: Split, device: torch.device, batch_size: int = 16
+) -> torch.Tensor:
+    """log L of every document of ``split`` (in document order), scored once in length-bucketed
+    batches with ``log_likelihood(batch) -> [batch]``. Shapes: -> [docs] (float64, CPU)."""
+    out = torch.zeros(len(split), dtype=torch.float64)
+    for batch in split.eval_batches(batch_size):
+        out[batch.doc_index] = log_likelihood(batch.to(device)).double().cpu()
+    return out
+
+
+def report_from_documents(split: Split, doc_loglik: torch.Tensor, seconds: float) -> PerplexityReport:
+    """Sum per-document log-likelihoods ([docs]) and scored tokens by task."""
+    num_tasks = len(split.tasks)
+    task = torch.as_tensor(split.task_index, dtype=torch.long)
+    loglik = torch.zeros(num_tasks, dtype=torch.float64).index_add_(0, task, doc_loglik)
+    tokens = torch.as_tensor(split.tokens_per_task())
+    return PerplexityReport(split.name, split.tasks, loglik.numpy(), tokens.numpy(), split.docs_per_task(), seconds)
+
+
 def evaluate_log_likelihood(
     log_likelihood: Callable[[Batch], torch.Tensor], split: Split, device: torch.device, batch_size: int = 16
 ) -> PerplexityReport:
     """Score every document of ``split`` once with ``log_likelihood(batch) -> [batch]``."""
-    num_tasks = len(split.tasks)
-    loglik, tokens = torch.zeros(num_tasks, dtype=torch.float64), torch.zeros(num_tasks, dtype=torch.long)
     start = time.perf_counter()
-    for batch in split.eval_batches(batch_size):
-        batch = batch.to(device)
-        ll = log_likelihood(batch).double().cpu()
-        task = batch.task_index.cpu()
-        loglik.index_add_(0, task, ll)
-        tokens.index_add_(0, task, scored_tokens(batch.labels).cpu())
-    seconds = time.perf_counter() - start
-    return PerplexityReport(split.name, split.tasks, loglik.numpy(), tokens.numpy(), split.docs_per_task(), seconds)
+    doc_loglik = document_log_likelihoods(log_likelihood, split, device, batch_size)
+    return report_from_documents(split, doc_loglik, time.perf_counter() - start)
 
 
 def evaluate(

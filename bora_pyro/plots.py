@@ -130,3 +130,43 @@ def _save(fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_tau_posterior(samples: dict[str, "np.ndarray"], path: Path) -> Path:
+    """Histogram of posterior draws of each learned tau (log scale)."""
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for group, values in samples.items():
+        ax.hist(np.log10(values), bins=20, alpha=0.6, label=f"τ ({group}): median {np.median(values):.3g}")
+    ax.set_xlabel("log10 τ")
+    ax.set_ylabel("posterior draws")
+    ax.set_title("Posterior of the prior precision τ")
+    ax.legend()
+    _save(fig, path)
+    return path
+
+
+def plot_distance_forest(frame: pd.DataFrame, path: Path) -> Path:
+    """Per task: posterior mean and 90% interval of ‖θ_d − Θ‖, tasks ordered by training size."""
+    frame = frame.sort_values("train_tokens")
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(frame) + 1.5))
+    y = range(len(frame))
+    ax.hlines(y, frame["low"], frame["high"], color="tab:blue")
+    ax.plot(frame["mean"], y, "o", color="tab:blue")
+    ax.set_yticks(list(y))
+    ax.set_yticklabels([f"{t} ({n:,} tok)" for t, n in zip(frame.task, frame.train_tokens)])
+    ax.set_xlabel("‖θ_d − Θ‖₂ (posterior mean, 90% interval)")
+    ax.set_title("Shrinkage by task size (smallest task at the bottom)")
+    _save(fig, path)
+    return path
+
+
+def plot_elbo_trace(steps, values, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, values, lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("−ELBO per training token (minibatch estimate)")
+    ax.set_title("ELBO trace")
+    _save(fig, path)
+    return path

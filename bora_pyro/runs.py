@@ -29,6 +29,8 @@ from .models.guides import INFERENCE
 from .models.prior import PARAMETERIZATIONS, parse_tau
 from .models.tau_prior import TauPrior
 from .plots import plot_training_curve
+from .predictive import calibration, posterior_draws, posterior_predictive
+from .diagnostics import POSTERIOR_FILE, to_inference_data
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +84,16 @@ class RunSpec:
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    posterior_samples: int = 8  # guide draws for posterior-predictive perplexity and ArviZ (0 = skip)
+
+    def __post_init__(self) -> None:
+        if self.posterior_samples < 0:
+            raise ValueError(f"posterior_samples must be >= 0, got {self.posterior_samples}")
 
     def to_dict(self) -> dict:
         return {"model": self.model, "data": self.data, "device": self.device, "corpus": self.corpus.to_dict(),
-                "adapter": asdict(self.adapter), "train": self.train.to_dict()}
+                "adapter": asdict(self.adapter), "train": self.train.to_dict(),
+                "posterior_samples": self.posterior_samples}
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunSpec":
@@ -93,7 +101,7 @@ class RunSpec:
         if corpus.get("books") is not None:
             corpus["books"] = tuple(corpus["books"])
         return cls(d["model"], d["data"], d.get("device", "auto"), CorpusConfig(**corpus),
-                   AdapterConfig(**d["adapter"]), TrainConfig(**d["train"]))
+                   AdapterConfig(**d["adapter"]), TrainConfig(**d["train"]), d.get("posterior_samples", 8))
 
 
 @dataclass
@@ -111,7 +119,8 @@ class LoadedRun:
         return evaluate(self.bora, self.corpus.split(split), size, factors=self.task_factors)
 
 
-def _per_task_frame(corpus: Corpus, reports: dict[str, PerplexityReport], distance) -> pd.DataFrame:
+def _per_task_frame(corpus: Corpus, reports: dict[str, PerplexityReport], distance,
+                    calibration: pd.DataFrame) -> pd.DataFrame:
     frame = pd.DataFrame({
         "task": corpus.tasks,
         "n_train_docs": corpus.train.docs_per_task(),
@@ -120,7 +129,11 @@ def _per_task_frame(corpus: Corpus, reports: dict[str, PerplexityReport], distan
         "valid_ppl": reports["valid"].per_task,
         "base_test_ppl": reports["base_test"].per_task,
         "distance_to_global": distance.cpu().numpy() if distance is not None else float("nan"),
+        "test_ece": calibration.ece.to_numpy(),
+        "test_brier": calibration.brier.to_numpy(),
     })
+    if "posterior_predictive_test" in reports:
+        frame["posterior_predictive_test_ppl"] = reports["posterior_predictive_test"].per_task
     return frame
 
 
@@ -149,6 +162,14 @@ def train_run(spec: RunSpec, out: str | Path, overwrite: bool = False) -> dict:
         "valid": evaluate(bora, corpus.valid, spec.train.eval_batch_size),
         "base_test": base_test,
     }
+    calib_per_task, calib = calibration(bora, corpus.test, bora.task_factors(), batch_size=spec.train.eval_batch_size)
+    idata = None
+    if spec.posterior_samples > 0:
+        draws = posterior_draws(bora, corpus.test, spec.posterior_samples, seed=spec.train.seed)
+        reports["posterior_predictive_test"], doc_loglik = posterior_predictive(
+            bora, corpus.test, draws, spec.train.eval_batch_size)
+        idata = to_inference_data(bora, draws, doc_loglik, corpus.test, corpus.train.tokens_per_task(),
+                                  pd.DataFrame(result.losses))
     metrics = {
         "test_ppl": reports["test"].token_weighted,
         "test_macro_ppl": reports["test"].task_macro,
@@ -156,6 +177,9 @@ def train_run(spec: RunSpec, out: str | Path, overwrite: bool = False) -> dict:
         "valid_macro_ppl": reports["valid"].task_macro,
         "base_test_ppl": base_test.token_weighted,
         "base_test_macro_ppl": base_test.task_macro,
+        **({"posterior_predictive_test_ppl": reports["posterior_predictive_test"].token_weighted,
+            "posterior_predictive_test_macro_ppl": reports["posterior_predictive_test"].task_macro}
+           if "posterior_predictive_test" in reports else {}),
         "tau": spec.adapter.tau,
         "mode": bora.mode,
         "lr": result.lr,
@@ -170,13 +194,19 @@ def train_run(spec: RunSpec, out: str | Path, overwrite: bool = False) -> dict:
         "num_tasks": len(corpus.tasks),
         "lora_parameters_per_task": bora.lora.num_parameters(),
         "tau_posterior_q05_q50_q95": bora.tau_quantiles(),
+        "test_ece": calib["ece"],
+        "test_brier": calib["brier"],
+        "posterior_samples": spec.posterior_samples,
         "device": str(device),
     }
     with atomic_folder(out, overwrite=overwrite) as tmp:
         config = {"format": RUN_FORMAT, "bora_pyro_version": __version__, "torch_version": torch.__version__,
                   "python": platform.python_version(), "tasks": list(corpus.tasks), **spec.to_dict()}
         write_json(tmp / "config.json", config)
-        _per_task_frame(corpus, reports, bora.distance_to_global()).to_csv(tmp / "per_task.csv", index=False)
+        _per_task_frame(corpus, reports, bora.distance_to_global(), calib_per_task).to_csv(
+            tmp / "per_task.csv", index=False)
+        if idata is not None:
+            idata.to_netcdf(str(tmp / POSTERIOR_FILE))
         save_adapters(tmp / ADAPTERS_FILE, corpus.tasks, bora.task_factors(), bora.global_factors(),
                       {"rank": bora.lora.rank, "alpha": bora.lora.alpha, "targets": list(bora.lora.targets),
                        "tau": bora.tau})

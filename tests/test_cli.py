@@ -59,7 +59,7 @@ def test_pooled_and_independent_runs(tmp_path, corpus_csv):
 @pytest.mark.parametrize("args, message", [
     (["--model", "no-such-model"], "cannot load model 'no-such-model'"),
     (["--data", "nonsense"], "unknown corpus 'nonsense'"),
-    (["--tau", "-3"], "tau must be a number >= 0 or 'inf', got '-3'"),
+    (["--tau", "-3"], "tau must be a number >= 0, 'inf' or 'learn', got '-3'"),
     (["--rank", "0"], "rank must be an integer >= 1, got 0"),
     (["--steps", "0"], "steps must be an integer >= 1, got 0"),
 ])

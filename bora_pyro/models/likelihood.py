@@ -27,12 +27,16 @@ def scored_tokens(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != IGNORE_INDEX).sum(-1)
 
 
-def lm_log_likelihood(lora: MultiTaskLoRA, factors: Factors | None, batch: Batch) -> torch.Tensor:
-    """log L(doc | theta_task(doc)) for every document of the batch, in ONE forward pass.
+def lm_logits(lora: MultiTaskLoRA, factors: Factors | None, batch: Batch) -> torch.Tensor:
+    """Next-token logits of every example under its own task's factors, in ONE forward pass.
 
     ``factors`` are stacked per-task LoRA factors ([D, r, in] / [D, out, r], D = 1 for pooled);
-    ``None`` scores the bare base model. Shapes: -> [batch].
+    ``None`` runs the bare base model. Shapes: -> [batch, tokens, vocab].
     """
     with lora.activate(factors, batch.task_index):
-        logits = lora.lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    return token_log_probs(logits, batch.labels).sum(-1)
+        return lora.lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+
+
+def lm_log_likelihood(lora: MultiTaskLoRA, factors: Factors | None, batch: Batch) -> torch.Tensor:
+    """log L(doc | theta_task(doc)) for every document of the batch. Shapes: -> [batch]."""
+    return token_log_probs(lm_logits(lora, factors, batch), batch.labels).sum(-1)

@@ -1,0 +1,108 @@
+"""Posterior draws, posterior-predictive perplexity and calibration of next-token probabilities.
+
+Posterior predictive of a document: p(doc | data) ~= mean_s p(doc | theta_s) over S guide draws,
+computed as a log-mean-exp of per-draw document log-likelihoods. With an AutoDelta guide every
+draw is the MAP, so it equals the plug-in perplexity.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import pandas as pd
+import pyro
+import torch
+from pyro import poutine
+
+from .data.batching import IGNORE_INDEX, Split
+from .evaluation import PerplexityReport, document_log_likelihoods, report_from_documents
+from .lora import Factors
+from .models.bora import BoRA
+from .models.likelihood import lm_logits
+from .models.tau_prior import TAU_SITE
+
+
+@dataclass(frozen=True)
+class PosteriorDraw:
+    """One joint draw from the guide: every task's factors and (if learned) tau."""
+
+    factors: dict[str, torch.Tensor]  # name -> [D, *shape]
+    tau: torch.Tensor | None  # [groups]
+
+
+@torch.no_grad()
+def posterior_draws(bora: BoRA, split: Split, num_samples: int, seed: int = 0) -> list[PosteriorDraw]:
+    """``num_samples`` joint draws from the fitted guide (seeded); a MAP guide gives its one point repeated."""
+    if bora.inference == "map":
+        return [PosteriorDraw(bora.task_factors(), None)] * num_samples
+    batch = split.collate([0]).to(bora.device)
+    draws = []
+    with bora.param_scope():
+        pyro.set_rng_seed(seed)
+        for _ in range(num_samples):
+            guide_trace = poutine.trace(bora.guide).get_trace(batch)
+            values = {n: s["value"] for n, s in guide_trace.nodes.items() if s["type"] == "sample"}
+            factors = poutine.condition(bora.sample_task_factors, data=values)()
+            stacked = {k: v.detach().expand(len(bora.tasks), *v.shape[1:]).clone() for k, v in factors.items()}
+            tau = values.get(TAU_SITE)
+            draws.append(PosteriorDraw(stacked, None if tau is None else tau.detach().clone()))
+    return draws
+
+
+def posterior_predictive(
+    bora: BoRA, split: Split, draws: list[PosteriorDraw], batch_size: int = 16
+) -> tuple[PerplexityReport, torch.Tensor]:
+    """Posterior-predictive perplexity and the per-draw document log-likelihoods.
+
+    Shapes: returns (report, doc_loglik [draws, docs]).
+    """
+    start = time.perf_counter()
+    scored: dict[int, torch.Tensor] = {}  # a repeated draw (MAP) is scored once
+    for d in draws:
+        if id(d) not in scored:
+            fn = lambda b, f=d.factors: bora.log_likelihood(f, b)  # noqa: E731
+            scored[id(d)] = document_log_likelihoods(fn, split, bora.device, batch_size)
+    per_draw = torch.stack([scored[id(d)] for d in draws])  # [S, docs]
+    mixture = torch.logsumexp(per_draw, dim=0) - math.log(len(draws))  # [docs]
+    return report_from_documents(split, mixture, time.perf_counter() - start), per_draw
+
+
+@torch.inference_mode()
+def calibration(
+    bora: BoRA, split: Split, factors: Factors, bins: int = 15, batch_size: int = 16
+) -> tuple[pd.DataFrame, dict[str, float]]:
+    """Expected calibration error of the top-1 next-token probability (``bins`` equal-width bins) and
+    the Brier score (mean over tokens of sum_v (p_v - 1[v = next])^2), plug-in ``factors``.
+
+    Returns: (per-task table with columns task, ece, brier; overall {"ece", "brier"} over all tokens).
+    """
+    num_tasks = len(split.tasks)
+    count = torch.zeros(num_tasks, bins, dtype=torch.float64)
+    confidence = torch.zeros_like(count)
+    correct = torch.zeros_like(count)
+    brier = torch.zeros(num_tasks, dtype=torch.float64)
+    tokens = torch.zeros(num_tasks, dtype=torch.float64)
+    for batch in split.eval_batches(batch_size):
+        batch = batch.to(bora.device)
+        probs = lm_logits(bora.lora, factors, batch)[:, :-1].float().softmax(-1)  # [batch, tokens-1, vocab]
+        target = batch.labels[:, 1:]
+        scored = target != IGNORE_INDEX
+        p, top = probs.max(-1)
+        p_true = probs.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        brier_tok = (probs**2).sum(-1) - 2 * p_true + 1  # [batch, tokens-1]
+        task = batch.task_index.unsqueeze(1).expand_as(target)[scored].cpu()
+        b = (p[scored] * bins).long().clamp_max(bins - 1).cpu()
+        flat = task * bins + b
+        count.view(-1).index_add_(0, flat, torch.ones_like(flat, dtype=torch.float64))
+        confidence.view(-1).index_add_(0, flat, p[scored].double().cpu())
+        correct.view(-1).index_add_(0, flat, (top == target)[scored].double().cpu())
+        brier.index_add_(0, task, brier_tok[scored].double().cpu())
+        tokens.index_add_(0, task, torch.ones_like(task, dtype=torch.float64))
+    ece = ((confidence - correct).abs().sum(-1) / tokens.clamp_min(1)).numpy()
+    per_task = pd.DataFrame({"task": split.tasks, "ece": ece, "brier": (brier / tokens.clamp_min(1)).numpy()})
+    total = tokens.sum().clamp_min(1)
+    overall = {"ece": float((confidence.sum(0) - correct.sum(0)).abs().sum() / total),
+               "brier": float(brier.sum() / total)}
+    return per_task, overall

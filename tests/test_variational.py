@@ -1,0 +1,111 @@
+"""Variational BoRA: learned tau, posterior predictive, calibration, ArviZ conversion and `diagnose`."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import arviz as az
+import pandas as pd
+import pytest
+import torch
+
+import bora_pyro
+from bora_pyro.cli import main
+from bora_pyro.models.tau_prior import TauPrior
+from bora_pyro.predictive import calibration, posterior_draws, posterior_predictive
+
+from .conftest import synthetic_rows
+
+
+def test_learned_tau_needs_vi(tiny_lm):
+    with pytest.raises(ValueError, match="tau='learn' needs inference='vi'.*degenerate"):
+        bora_pyro.BoRA(tiny_lm[0], ["a", "b"], tau="learn", inference="map")
+
+
+def test_learned_tau_is_a_site_outside_the_task_plate(make_corpus, tiny_lm):
+    corpus = make_corpus()
+    bora = bora_pyro.BoRA(tiny_lm[0], corpus.tasks, rank=2, tau="learn", inference="vi",
+                          tau_prior=TauPrior("gamma", 2.0, 0.02, groups="module"))
+    bora_pyro.fit(bora, corpus, steps=3, batch_size=4, eval_every=3, progress=False)
+    from pyro import poutine
+
+    with bora.param_scope():
+        trace = poutine.trace(bora.model).get_trace(corpus.train.collate([0, 1]))
+    site = trace.nodes["tau"]
+    assert site["cond_indep_stack"] == () and site["value"].shape == (2,)  # q_proj, v_proj
+    assert bora.prior.tau_groups() == ["q_proj", "v_proj"]
+    q = bora.tau_quantiles()
+    assert set(q) == {"q_proj", "v_proj"} and all(lo < mid < hi for lo, mid, hi in q.values())
+
+
+@pytest.mark.parametrize("text, message", [("cauchy:1,2", "tau prior must be one of"),
+                                           ("lognormal:1", "must look like"), ("gamma:-1,2", "positive parameters")])
+def test_bad_tau_prior(text, message):
+    with pytest.raises(ValueError, match=message):
+        TauPrior.parse(text)
+
+
+def test_posterior_predictive_of_a_map_fit_is_the_plug_in(make_corpus, tiny_lm):
+    corpus = make_corpus()
+    bora = bora_pyro.BoRA(tiny_lm[0], corpus.tasks, rank=2, tau=10.0)
+    bora_pyro.fit(bora, corpus, steps=4, batch_size=4, eval_every=4, progress=False)
+    report, per_draw = posterior_predictive(bora, corpus.test, posterior_draws(bora, corpus.test, 3))
+    assert per_draw.shape == (3, len(corpus.test))
+    assert report.token_weighted == pytest.approx(bora_pyro.evaluate(bora, corpus.test).token_weighted, rel=1e-6)
+
+
+def test_posterior_predictive_mixes_distinct_vi_draws(make_corpus, tiny_lm):
+    corpus = make_corpus()
+    bora = bora_pyro.BoRA(tiny_lm[0], corpus.tasks, rank=2, tau=10.0, inference="vi")
+    bora_pyro.fit(bora, corpus, steps=4, batch_size=4, eval_every=4, progress=False)
+    draws = posterior_draws(bora, corpus.test, 4, seed=1)
+    report, per_draw = posterior_predictive(bora, corpus.test, draws)
+    assert not torch.allclose(per_draw[0], per_draw[1])  # draws differ
+    mixture = torch.logsumexp(per_draw, 0) - math.log(4)
+    assert (mixture >= per_draw.mean(0) - 1e-9).all()  # Jensen: log-mean-exp >= mean of logs
+    assert report.loglik.sum() == pytest.approx(mixture.sum().item(), rel=1e-9)
+
+
+def test_calibration_of_a_uniform_predictor(make_corpus, tiny_lm):
+    corpus = make_corpus()
+    bora = bora_pyro.BoRA(tiny_lm[0], corpus.tasks, rank=2)
+    for p in bora.lora.lm.lm_head.parameters():
+        p.data.zero_()  # every next token has probability 1 / vocab
+    per_task, overall = calibration(bora, corpus.test, bora.task_factors())
+    vocab = bora.lora.lm.config.vocab_size
+    assert overall["brier"] == pytest.approx(1 - 1 / vocab, rel=1e-5)  # sum p^2 - 2 p_true + 1
+    assert per_task.ece.max() == pytest.approx(1 / vocab, abs=1e-3)  # confident 1/V, right ~never
+    assert list(per_task.task) == list(corpus.tasks)
+
+
+def test_runs_get_posterior_nc_and_diagnose_compares_three(tmp_path, capsys):
+    data = tmp_path / "corpus.csv"
+    synthetic_rows({"a": 10, "b": 6, "c": 4}).to_csv(data, index=False)
+    common = ["train", "--model", "tiny-random-llama", "--data", f"csv:{data}", "--steps", "4", "--eval-every", "2",
+              "--no-progress", "--posterior-samples", "4"]
+    runs = {"tau10": ["--tau", "10"], "vi10": ["--tau", "10", "--inference", "vi"],
+            "learned": ["--tau", "learn", "--inference", "vi"]}
+    for name, extra in runs.items():
+        assert main(common + extra + ["--out", str(tmp_path / name)]) == 0
+    idata = az.from_netcdf(tmp_path / "learned" / "posterior.nc")
+    assert {"posterior", "log_likelihood", "constant_data", "elbo"} <= set(idata.groups())
+    assert idata.posterior.distance.dims == ("chain", "draw", "task")
+    assert list(idata.posterior.task.values) == ["a", "b", "c"]
+    assert idata.log_likelihood.docs.shape[:2] == (1, 4)
+    assert "tau" in idata.posterior and "tau" not in az.from_netcdf(tmp_path / "vi10" / "posterior.nc").posterior
+    metrics = json.loads((tmp_path / "learned" / "metrics.json").read_text())
+    assert metrics["posterior_predictive_test_ppl"] > 0 and 0 <= metrics["test_ece"] <= 1
+    capsys.readouterr()
+    assert main(["diagnose", *(str(tmp_path / n) for n in runs), "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "az.compare" in out and "elpd_loo" in out
+    table = pd.read_csv(tmp_path / "compare.csv", index_col=0)
+    assert set(table.index) == set(runs) and sorted(table["rank"]) == [0, 1, 2]
+    for name in ("tau_posterior.png", "distance_forest.png", "elbo_trace.png"):
+        assert (tmp_path / "learned" / name).is_file()
+
+
+def test_diagnose_without_posterior_is_a_clear_error(tmp_path, capsys):
+    assert main(["diagnose", str(tmp_path)]) == 2
+    assert "posterior.nc not found" in capsys.readouterr().err

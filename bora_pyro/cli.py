@@ -3,6 +3,7 @@
     bora-pyro train    --model M --data C [--tau T|0|inf] [--inference map|vi] [--steps N] --out RUN
     bora-pyro sweep    --model M --data C --taus 0,1,10,100,1000,inf --out DIR
     bora-pyro evaluate RUN [--split test]
+    bora-pyro export   RUN --format peft --out DIR
     bora-pyro diagnose RUN [RUN ...]
 """
 
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 
 from .data.corpus import CORPUS_FORMS, CorpusConfig
+from .export import export_peft
 from .inference.config import TrainConfig
 from .models.guides import INFERENCE
 from .models.prior import PARAMETERIZATIONS
@@ -162,6 +164,23 @@ def _evaluate(a: argparse.Namespace) -> None:
     print(f"{a.split}: token-weighted perplexity {report.token_weighted:.2f}, task-macro {report.task_macro:.2f}")
 
 
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write every task's adapter (and Theta as 'global') in PEFT's LoRA format")
+    p.add_argument("run", help="run folder written by 'bora-pyro train'")
+    p.add_argument("--format", choices=("peft",), default="peft")
+    p.add_argument("--out", required=True, help="folder to create: one PEFT adapter folder per task")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_export)
+
+
+def _export(a: argparse.Namespace) -> None:
+    run = load_run(a.run, device="cpu")
+    folders = export_peft(run.bora.lora, run.bora.tasks, run.task_factors, run.global_factors, run.spec.model,
+                          a.out, overwrite=a.overwrite)
+    print(f"wrote {len(folders)} PEFT adapters to {a.out} (task -> folder map in tasks.json); load one with "
+          f"peft.PeftModel.from_pretrained(base_model, '{Path(a.out) / next(iter(folders.values()))}')")
+
+
 def _add_diagnose(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("diagnose", help="ArviZ summary and plots of runs; az.compare when given several")
     p.add_argument("runs", nargs="+", help="run folders holding posterior.nc")
@@ -199,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_sweep(sub)
     _add_evaluate(sub)
+    _add_export(sub)
     _add_diagnose(sub)
     return parser
 

@@ -112,7 +112,8 @@ class LoadedRun:
     spec: RunSpec
     corpus: Corpus
     bora: BoRA
-    task_factors: dict[str, torch.Tensor]
+    task_factors: dict[str, torch.Tensor]  # name -> [D, ...]
+    global_factors: dict[str, torch.Tensor] | None  # Theta (None for independent runs)
 
     def evaluate(self, split: str = "test", batch_size: int | None = None) -> PerplexityReport:
         size = batch_size or self.spec.train.eval_batch_size
@@ -234,7 +235,7 @@ def load_run(path: str | Path, device: str | None = None) -> LoadedRun:
         spec = replace(spec, device=device)
     lm, tokenizer = load_base_model(spec.model, device=resolve_device(spec.device))
     corpus = load_corpus(spec.data, tokenizer, **spec.corpus.to_dict())
-    tasks, factors, _, _ = load_adapters(path / ADAPTERS_FILE)
+    tasks, factors, theta, _ = load_adapters(path / ADAPTERS_FILE)
     if tuple(tasks) != corpus.tasks:
         raise ValueError(f"{path}: adapter tasks {tasks} do not match the rebuilt corpus tasks {list(corpus.tasks)}")
     bora = spec.adapter.build(lm, corpus.tasks)
@@ -243,4 +244,5 @@ def load_run(path: str | Path, device: str | None = None) -> LoadedRun:
         if name not in factors or tuple(factors[name].shape[1:]) != shape:
             raise ValueError(f"{path}: adapter tensor {name!r} is missing or has the wrong shape (expected [D, *{shape}])")
     factors = {k: v.to(bora.device) for k, v in factors.items()}
-    return LoadedRun(path, spec, corpus, bora, factors)
+    theta = None if theta is None else {k: v.to(bora.device) for k, v in theta.items()}
+    return LoadedRun(path, spec, corpus, bora, factors, theta)

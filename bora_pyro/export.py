@@ -1,0 +1,79 @@
+"""Export a run's adapters in PEFT's on-disk LoRA format: one folder per task, plus ``global`` (Theta).
+
+Each folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` and loads with
+``peft.PeftModel.from_pretrained(base_model, folder)``. Task names become filesystem-safe folder
+names; ``tasks.json`` maps every task name to its folder.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+from safetensors.torch import save_file
+
+from .artifacts import atomic_folder, write_json
+from .lora import MultiTaskLoRA
+
+GLOBAL = "global"
+
+
+def safe_names(tasks: Sequence[str]) -> dict[str, str]:
+    """Task name -> a unique folder name of letters, digits, '-', '_' and '.' ("global" is reserved)."""
+    out: dict[str, str] = {}
+    used = {GLOBAL}
+    for task in tasks:
+        base = re.sub(r"[^A-Za-z0-9._-]+", "_", task).strip("._") or "task"
+        name, k = base, 1
+        while name.lower() in used:
+            k += 1
+            name = f"{base}_{k}"
+        used.add(name.lower())
+        out[task] = name
+    return out
+
+
+def peft_state_dict(lora: MultiTaskLoRA, factors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One adapter's factors (name -> [r, in] / [out, r]) under PEFT's key names."""
+    state = {}
+    for layer in lora.adapted:
+        state[f"base_model.model.{layer.path}.lora_A.weight"] = factors[f"{layer.name}.A"].detach().cpu().contiguous()
+        state[f"base_model.model.{layer.path}.lora_B.weight"] = factors[f"{layer.name}.B"].detach().cpu().contiguous()
+    return state
+
+
+def peft_config(lora: MultiTaskLoRA, base_model: str) -> dict:
+    fan_in_fan_out = any(layer.fan_in_fan_out for layer in lora.layers.values())
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+        "r": lora.rank, "lora_alpha": lora.alpha, "lora_dropout": 0.0, "bias": "none",
+        "target_modules": sorted(lora.targets), "fan_in_fan_out": fan_in_fan_out, "inference_mode": True,
+        "init_lora_weights": True, "modules_to_save": None,
+    }
+
+
+def export_peft(
+    lora: MultiTaskLoRA, tasks: Sequence[str], task_factors: Mapping[str, torch.Tensor],
+    global_factors: Mapping[str, torch.Tensor] | None, base_model: str, out: str | Path, overwrite: bool = False,
+) -> dict[str, str]:
+    """Write one PEFT adapter folder per task (and ``global`` when Theta exists); returns the name map.
+
+    Shapes: task_factors name -> [D, ...] stacked; global_factors name -> [...].
+    """
+    names = safe_names(tasks)
+    config = peft_config(lora, base_model)
+    with atomic_folder(Path(out), overwrite=overwrite) as tmp:
+        adapters = {task: {k: v[d] for k, v in task_factors.items()} for d, task in enumerate(tasks)}
+        folders = dict(names)
+        if global_factors is not None:
+            adapters[GLOBAL] = dict(global_factors)
+            folders[GLOBAL] = GLOBAL
+        for task, factors in adapters.items():
+            folder = tmp / folders[task]
+            folder.mkdir()
+            write_json(folder / "adapter_config.json", config)
+            save_file(peft_state_dict(lora, factors), str(folder / "adapter_model.safetensors"))
+        write_json(tmp / "tasks.json", folders)
+    return folders

@@ -1,0 +1,47 @@
+"""PEFT export: every task's adapter loads with peft.PeftModel and reproduces bora_pyro's logits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bora_pyro.base_models import tiny_random_llama
+from bora_pyro.cli import main
+from bora_pyro.export import safe_names
+from bora_pyro.runs import load_run
+
+from .conftest import synthetic_rows
+
+peft = pytest.importorskip("peft")
+
+
+def test_exported_adapters_give_the_same_logits_in_peft(tmp_path):
+    data = tmp_path / "corpus.csv"
+    synthetic_rows({"North/Sør": 10, "east": 6, "west": 4}).to_csv(data, index=False)
+    run, out = tmp_path / "run", tmp_path / "peft"
+    assert main(["train", "--model", "tiny-random-llama", "--data", f"csv:{data}", "--steps", "6", "--eval-every", "3",
+                 "--lr", "0.05", "--no-progress", "--posterior-samples", "0", "--out", str(run)]) == 0
+    assert main(["export", str(run), "--format", "peft", "--out", str(out)]) == 0
+    folders = json.loads((out / "tasks.json").read_text())
+    assert folders == {"North/Sør": "North_S_r", "east": "east", "west": "west", "global": "global"}
+    loaded = load_run(run, device="cpu")
+    input_ids = torch.randint(0, 250, (2, 12))
+    for d, task in enumerate(loaded.bora.tasks):
+        factors = {k: v[d : d + 1] for k, v in loaded.task_factors.items()}
+        with torch.no_grad(), loaded.bora.lora.activate(factors):
+            ours = loaded.bora.lora.lm(input_ids=input_ids).logits
+        model = peft.PeftModel.from_pretrained(tiny_random_llama()[0], out / folders[task]).eval()
+        with torch.no_grad():
+            theirs = model(input_ids=input_ids).logits
+        torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+    base = tiny_random_llama()[0]
+    with torch.no_grad():
+        assert not torch.allclose(base(input_ids=input_ids).logits, theirs, atol=1e-4)  # the adapter matters
+
+
+def test_safe_names_are_unique_and_never_global():
+    names = safe_names(["a b", "a_b", "global", "../x", ""])
+    assert len(set(names.values())) == 5
+    assert "global" not in names.values() and all("/" not in n and not n.startswith(".") for n in names.values())

@@ -4,6 +4,7 @@
     bora-pyro sweep    --model M --data C --taus 0,1,10,100,1000,inf --out DIR
     bora-pyro evaluate RUN [--split test]
     bora-pyro export   RUN --format peft --out DIR
+    bora-pyro generate RUN --task NAME --prompt TEXT
     bora-pyro diagnose RUN [RUN ...]
 """
 
@@ -181,6 +182,27 @@ def _export(a: argparse.Namespace) -> None:
           f"peft.PeftModel.from_pretrained(base_model, '{Path(a.out) / next(iter(folders.values()))}')")
 
 
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="continue a prompt with one task's adapter ('global' = Theta)")
+    p.add_argument("run", help="run folder written by 'bora-pyro train'")
+    p.add_argument("--task", required=True, help="task name, or 'global'")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=50)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="override the run's device")
+    p.set_defaults(func=_generate)
+
+
+def _generate(a: argparse.Namespace) -> None:
+    run = load_run(a.run, device=a.device)
+    text = run.generate([a.prompt], [a.task], max_new_tokens=a.max_new_tokens, do_sample=not a.greedy,
+                        temperature=a.temperature, top_p=a.top_p, seed=a.seed)[0]
+    print(a.prompt + text)
+
+
 def _add_diagnose(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("diagnose", help="ArviZ summary and plots of runs; az.compare when given several")
     p.add_argument("runs", nargs="+", help="run folders holding posterior.nc")
@@ -219,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sweep(sub)
     _add_evaluate(sub)
     _add_export(sub)
+    _add_generate(sub)
     _add_diagnose(sub)
     return parser
 

@@ -22,6 +22,7 @@ from .artifacts import (
 from .base_models import load_base_model, resolve_device
 from .data.corpus import Corpus, CorpusConfig, load_corpus
 from .evaluation import PerplexityReport, evaluate
+from .generation import generate
 from .inference.config import TrainConfig
 from .inference.svi import FitResult, fit
 from .models.bora import BoRA
@@ -112,8 +113,14 @@ class LoadedRun:
     spec: RunSpec
     corpus: Corpus
     bora: BoRA
+    tokenizer: object
     task_factors: dict[str, torch.Tensor]  # name -> [D, ...]
     global_factors: dict[str, torch.Tensor] | None  # Theta (None for independent runs)
+
+    def generate(self, prompts: list[str], tasks: list[str], **options) -> list[str]:
+        """Continue each prompt under its task's adapter ("global" = Theta); see :func:`generation.generate`."""
+        return generate(self.bora.lora, self.tokenizer, self.bora.tasks, self.task_factors, self.global_factors,
+                        prompts, tasks, **options)
 
     def evaluate(self, split: str = "test", batch_size: int | None = None) -> PerplexityReport:
         size = batch_size or self.spec.train.eval_batch_size
@@ -245,4 +252,4 @@ def load_run(path: str | Path, device: str | None = None) -> LoadedRun:
             raise ValueError(f"{path}: adapter tensor {name!r} is missing or has the wrong shape (expected [D, *{shape}])")
     factors = {k: v.to(bora.device) for k, v in factors.items()}
     theta = None if theta is None else {k: v.to(bora.device) for k, v in theta.items()}
-    return LoadedRun(path, spec, corpus, bora, factors, theta)
+    return LoadedRun(path, spec, corpus, bora, tokenizer, factors, theta)

@@ -7,7 +7,7 @@ under three policies, all with the settings of an existing sweep:
   (centred, lr ~ tau)      the paper's rule, lr = lr0 * tau / lr_tau_reference
 
     .venv/bin/python experiments/convergence.py --sweep experiments/results/sweep_smollm2 \
-        --taus 10,100,1000 --out experiments/results/convergence
+        --taus 100,1000 --out experiments/results/convergence
 
 Writes convergence.csv, convergence.md and convergence.png in --out (each policy's runs in a
 resumable sweep folder under it).

@@ -6,6 +6,7 @@ from .evaluation import PerplexityReport, evaluate
 from .inference import FitResult, TrainConfig, fit
 from .lora import MultiTaskLoRA, MultiTaskLoRALinear
 from .models import BoRA
+from .runs import load_run
 
 __version__ = "0.1.0"
 
@@ -24,4 +25,5 @@ __all__ = [
     "fit",
     "load_base_model",
     "load_corpus",
+    "load_run",
 ]

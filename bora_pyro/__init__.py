@@ -1,5 +1,7 @@
 """bora_pyro: Bayesian hierarchical multi-task LoRA (BoRA) for Hugging Face causal LMs, in Pyro."""
 
+__version__ = "0.1.0"  # before the imports: runs.py records it in every run folder
+
 from .base_models import load_base_model
 from .data import Batch, Corpus, CorpusConfig, Split, load_corpus
 from .evaluation import PerplexityReport, evaluate
@@ -8,7 +10,6 @@ from .lora import MultiTaskLoRA, MultiTaskLoRALinear
 from .models import BoRA
 from .runs import load_run
 
-__version__ = "0.1.0"
 
 __all__ = [
     "BoRA",

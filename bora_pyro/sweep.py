@@ -54,9 +54,8 @@ def run_sweep(spec: RunSpec, taus: Sequence[float], out: str | Path) -> pd.DataF
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     settings = _spec_without_tau(spec)
-    if (out / SWEEP_FILE).exists():
-        previous = read_json(out / SWEEP_FILE)
-        if previous["spec"] != json_roundtrip(settings):
+    if (out / SWEEP_FILE).exists():  # compared after filling defaults, so older sweep files still match
+        if json_roundtrip(_spec_without_tau(load_sweep_spec(out))) != json_roundtrip(settings):
             raise ValueError(f"{out} holds a sweep with different settings; use another --out (or delete it)")
     write_json(out / SWEEP_FILE, {"spec": settings, "taus": sorted(set(taus) | set(_finished_taus(out)))})
     for tau in taus:

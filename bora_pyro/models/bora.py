@@ -118,12 +118,9 @@ class BoRA:
         finally:
             self._scope_active = False
 
-    def _sample_task_factors(self) -> dict[str, torch.Tensor]:
-        return self.prior.sample(self.init)
-
     def sample_task_factors(self) -> dict[str, torch.Tensor]:
         """Prior part of the model. Shapes: name -> [D, *shape] ([1, *shape] when pooled)."""
-        return poutine.reparam(self._sample_task_factors, config=self.prior.reparam_config())()
+        return poutine.reparam(self.prior.sample, config=self.prior.reparam_config())(self.init)
 
     def model(self, batch: Batch) -> None:
         """The Pyro model: task-factor sites under the prior, then the scaled log-likelihood factor."""

@@ -21,7 +21,7 @@ from .export import export_peft
 from .inference.config import TrainConfig
 from .models.guides import INFERENCE
 from .models.prior import PARAMETERIZATIONS
-from .runs import AdapterConfig, RunSpec, load_run, train_run
+from .runs import AdapterConfig, RunSpec, load_run, resume_spec, train_run
 from .sweep import best_tau, parse_taus, run_sweep
 
 
@@ -83,6 +83,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--patience", type=int, default=None, help="early stop after N validations without improvement")
     g.add_argument("--eval-batch-size", type=int, default=d_train.eval_batch_size)
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--checkpoint-every", type=int, default=None,
+                   help="save a resumable checkpoint every N steps (in RUN.checkpoint/)")
     g.add_argument("--posterior-samples", type=int, default=RunSpec().posterior_samples,
                    help="guide draws for posterior-predictive perplexity and ArviZ posterior.nc (0 = skip)")
 
@@ -90,8 +92,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="fit BoRA on a multi-task corpus and write a run folder",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", required=True, help="run folder to create")
+    p.add_argument("--out", help="run folder to create")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    p.add_argument("--resume", metavar="RUN", default=None,
+                   help="continue an interrupted run from its last checkpoint (other options are ignored)")
     p.add_argument("--tau", default="100",
                    help="prior precision: a number >= 0, 0 = independent, inf = pooled, learn = inferred (with --inference vi)")
     _add_run_options(p)
@@ -128,14 +132,20 @@ def _spec_from_args(a: argparse.Namespace, tau: str | float) -> RunSpec:
         steps=a.steps, batch_size=a.batch_size, lr=a.lr, lr_schedule=a.lr_schedule, weight_decay=a.weight_decay,
         clip_norm=a.clip_norm or None, lr_tau_scaling=a.lr_tau_scaling, lr_tau_reference=a.lr_tau_reference,
         eval_every=a.eval_every, patience=a.patience, eval_batch_size=a.eval_batch_size, seed=a.seed,
-        progress=not a.no_progress,
+        progress=not a.no_progress, checkpoint_every=a.checkpoint_every,
     )
     return RunSpec(model=a.model, data=a.data, device=a.device, corpus=corpus, adapter=adapter, train=train,
                    posterior_samples=a.posterior_samples)
 
 
 def _train(a: argparse.Namespace) -> None:
-    metrics = train_run(_spec_from_args(a, a.tau), a.out, overwrite=a.overwrite)
+    if a.resume:
+        a.out = a.resume
+        metrics = train_run(resume_spec(a.resume), a.resume)
+    elif not a.out:
+        raise ValueError("train needs --out RUN (or --resume RUN)")
+    else:
+        metrics = train_run(_spec_from_args(a, a.tau), a.out, overwrite=a.overwrite)
     print(f"wrote {a.out}")
     print(
         f"test perplexity: {metrics['test_ppl']:.2f} (task-macro {metrics['test_macro_ppl']:.2f}); "

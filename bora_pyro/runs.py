@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -151,8 +152,27 @@ def _train_log(result: FitResult) -> pd.DataFrame:
     return losses.merge(evals, on="step", how="left")
 
 
+def checkpoint_folder(run: str | Path) -> Path:
+    """Where a run keeps its checkpoints while it trains: ``<RUN>.checkpoint`` next to it."""
+    run = Path(run)
+    return run.parent / f"{run.name}.checkpoint"
+
+
+def resume_spec(run: str | Path) -> RunSpec:
+    """The settings of an interrupted run, saved beside its checkpoint."""
+    folder = checkpoint_folder(run)
+    if not (folder / "spec.json").is_file():
+        raise FileNotFoundError(f"nothing to resume for {str(run)!r}: {folder / 'spec.json'} not found "
+                                "(train with --checkpoint-every N to make runs resumable)")
+    return RunSpec.from_dict(read_json(folder / "spec.json"))
+
+
 def train_run(spec: RunSpec, out: str | Path, overwrite: bool = False) -> dict:
-    """Train one BoRA run and write its run folder; returns the metrics written to metrics.json."""
+    """Train one BoRA run and write its run folder; returns the metrics written to metrics.json.
+
+    With ``spec.train.checkpoint_every`` set, checkpoints go to :func:`checkpoint_folder` and an
+    existing checkpoint there is resumed from; the folder is removed once the run folder is written.
+    """
     started = time.perf_counter()
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -164,7 +184,11 @@ def train_run(spec: RunSpec, out: str | Path, overwrite: bool = False) -> dict:
     log.info("%d tasks, %d train docs; %d LoRA parameters per task", len(corpus.tasks), len(corpus.train),
              bora.lora.num_parameters())
     base_test = evaluate(bora, corpus.test, spec.train.eval_batch_size, base_model=True)
-    result = fit(bora, corpus, **spec.train.to_dict())
+    checkpoint = checkpoint_folder(out) if spec.train.checkpoint_every else None
+    if checkpoint is not None:
+        checkpoint.mkdir(parents=True, exist_ok=True)
+        write_json(checkpoint / "spec.json", spec.to_dict())
+    result = fit(bora, corpus, checkpoint=checkpoint, **spec.train.to_dict())
     reports = {
         "test": evaluate(bora, corpus.test, spec.train.eval_batch_size),
         "valid": evaluate(bora, corpus.valid, spec.train.eval_batch_size),
@@ -223,6 +247,8 @@ def train_run(spec: RunSpec, out: str | Path, overwrite: bool = False) -> dict:
         plot_training_curve(train_log, tmp / "training_curve.png", f"{spec.model} on {spec.data}, tau={bora.tau}")
         metrics["wall_seconds"] = time.perf_counter() - started
         write_json(tmp / "metrics.json", metrics)
+    if checkpoint is not None:
+        shutil.rmtree(checkpoint, ignore_errors=True)
     return metrics
 
 

@@ -32,6 +32,7 @@ class TrainConfig:
     num_particles: int = 1
     seed: int = 0
     progress: bool = True
+    checkpoint_every: int | None = None  # steps between checkpoints (needs a checkpoint folder)
 
     def __post_init__(self) -> None:
         positive_ints = ("steps", "batch_size", "eval_every", "eval_batch_size", "num_particles")
@@ -49,6 +50,8 @@ class TrainConfig:
             raise ValueError(f"clip_norm must be > 0 or None, got {self.clip_norm!r}")
         if not (self.lr_tau_reference > 0 and math.isfinite(self.lr_tau_reference)):
             raise ValueError(f"lr_tau_reference must be a finite number > 0, got {self.lr_tau_reference!r}")
+        if self.checkpoint_every is not None and self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1 or None, got {self.checkpoint_every!r}")
         if self.patience is not None and self.patience < 1:
             raise ValueError(f"patience must be >= 1 or None, got {self.patience!r}")
 

@@ -3,14 +3,16 @@
 The loss is Pyro's ``Trace_ELBO`` on ``(bora.model, bora.guide)``; with an AutoDelta guide it is
 the negative log-posterior (up to a constant), whose minimiser is the paper's MAP estimate. The
 parameters (Theta and the guide's) are optimised with ``torch.optim.AdamW`` and global gradient
-norm clipping.
+norm clipping. With ``checkpoint`` set, the loop state is saved every ``checkpoint_every`` steps and
+a later call with the same folder resumes from it, ending exactly where an uninterrupted run would.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 
 import pyro
 import torch
@@ -22,6 +24,7 @@ from ..data.corpus import Corpus
 from ..evaluation import evaluate
 from ..models.bora import BoRA
 from ..models.likelihood import scored_tokens
+from .checkpoint import LoopState, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -33,14 +36,36 @@ class FitResult:
 
     config: TrainConfig
     lr: float
-    losses: list[dict] = field(default_factory=list)  # {"step", "loss_per_token"}
-    evals: list[dict] = field(default_factory=list)  # {"step", "valid_ppl", "valid_macro_ppl", "valid_loglik_per_token"}
-    best_step: int = 0
-    steps_run: int = 0
+    state: LoopState
     stopped_early: bool = False
-    train_seconds: float = 0.0
-    eval_seconds: float = 0.0
-    train_tokens: int = 0
+
+    @property
+    def losses(self) -> list[dict]:  # {"step", "loss_per_token"}
+        return self.state.losses
+
+    @property
+    def evals(self) -> list[dict]:  # {"step", "valid_ppl", "valid_macro_ppl", "valid_loglik_per_token"}
+        return self.state.evals
+
+    @property
+    def best_step(self) -> int:
+        return self.state.best_step
+
+    @property
+    def steps_run(self) -> int:
+        return self.state.step
+
+    @property
+    def train_seconds(self) -> float:
+        return self.state.train_seconds
+
+    @property
+    def eval_seconds(self) -> float:
+        return self.state.eval_seconds
+
+    @property
+    def train_tokens(self) -> int:
+        return self.state.train_tokens
 
     @property
     def tokens_per_second(self) -> float:
@@ -64,11 +89,20 @@ def _restore(snapshot: dict[str, torch.Tensor]) -> None:
         store._params[name].copy_(value)
 
 
-def fit(bora: BoRA, corpus: Corpus, inference: str | None = None, **options) -> FitResult:
+def _fingerprint(bora: BoRA, corpus: Corpus, config: TrainConfig) -> dict:
+    """What a checkpoint must match to be resumed (JSON-comparable)."""
+    keep = {k: v for k, v in config.to_dict().items() if k not in ("progress", "checkpoint_every")}
+    return {"tasks": list(bora.tasks), "train_docs": len(corpus.train), "tau": str(bora.tau),
+            "inference": bora.inference, "shapes": {k: list(v) for k, v in bora.lora.shapes().items()}, "train": keep}
+
+
+def fit(bora: BoRA, corpus: Corpus, inference: str | None = None, checkpoint: str | Path | None = None,
+        **options) -> FitResult:
     """Fit ``bora`` to ``corpus.train``, validating on ``corpus.valid``; the best state is kept.
 
     Args:
         inference: "map" or "vi"; replaces the guide if it differs from ``bora.inference``.
+        checkpoint: folder for periodic checkpoints (``checkpoint_every``); resumed from if it holds one.
         **options: fields of :class:`TrainConfig` (``steps``, ``batch_size``, ``lr``...).
     """
     config = TrainConfig(**options)
@@ -78,31 +112,35 @@ def fit(bora: BoRA, corpus: Corpus, inference: str | None = None, **options) -> 
         bora.use_inference(inference)
     pyro.set_rng_seed(config.seed)
     lr = config.learning_rate(bora.tau)
-    result = FitResult(config=config, lr=lr)
     elbo = Trace_ELBO(num_particles=config.num_particles, vectorize_particles=False)
     total_tokens = int(corpus.train.tokens_per_task().sum())
-    batches = corpus.train.train_batches(config.batch_size, seed=config.seed)
     device = bora.device
+    checkpoint = Path(checkpoint) if checkpoint is not None else None
+    fingerprint = _fingerprint(bora, corpus, config)
 
     with bora.param_scope():
-        first = next(batches).to(device)
-        with poutine.trace(param_only=True) as capture:
-            elbo.differentiable_loss(bora.model, bora.guide, first)
+        with poutine.trace(param_only=True) as capture:  # creates Theta and the guide's parameters
+            elbo.differentiable_loss(bora.model, bora.guide, corpus.train.collate([0]).to(device))
         # in trace order (deterministic), each once
         params = list({id(p): p for p in (s["value"].unconstrained() for s in capture.trace.nodes.values())}.values())
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay) if params else None
-        best_ll, best_state, bad_evals = -float("inf"), _snapshot(), 0
-        bar = tqdm(range(1, config.steps + 1), desc=f"fit tau={bora.tau}", disable=not config.progress)
-        batch = first
+        state, best_state = LoopState(), _snapshot()
+        if checkpoint is not None and (checkpoint / "state.json").exists():
+            state, best_state = load_checkpoint(checkpoint, optimizer, fingerprint)
+            log.warning("resuming from %s at step %d", checkpoint, state.step)
+        result = FitResult(config=config, lr=lr, state=state)
+        batches = corpus.train.train_batches(config.batch_size, seed=config.seed, start_step=state.step)
+        bar = tqdm(range(state.step + 1, config.steps + 1), desc=f"fit tau={bora.tau}", disable=not config.progress,
+                   initial=state.step, total=config.steps)
         for step in bar:
-            if step > 1:
-                batch = next(batches).to(device)
+            batch = next(batches).to(device)
             start = time.perf_counter()
             loss = elbo.differentiable_loss(bora.model, bora.guide, batch)
             if not torch.isfinite(loss):
+                where = f"; the last good checkpoint is in {checkpoint}" if checkpoint is not None else ""
                 raise FloatingPointError(
                     f"non-finite loss {loss.item()} at step {step}; lower the learning rate (lr={lr:g}) "
-                    "or enable clipping (clip_norm)"
+                    f"or enable clipping (clip_norm){where}"
                 )
             if optimizer is not None:
                 for group in optimizer.param_groups:
@@ -112,30 +150,31 @@ def fit(bora: BoRA, corpus: Corpus, inference: str | None = None, **options) -> 
                 if config.clip_norm is not None:
                     torch.nn.utils.clip_grad_norm_(params, config.clip_norm)
                 optimizer.step()
-            result.train_seconds += time.perf_counter() - start
-            result.train_tokens += int(scored_tokens(batch.labels).sum())
-            result.steps_run = step
-            result.losses.append({"step": step, "loss_per_token": loss.item() / total_tokens})
+            state.train_seconds += time.perf_counter() - start
+            state.train_tokens += int(scored_tokens(batch.labels).sum())
+            state.step = step
+            state.losses.append({"step": step, "loss_per_token": loss.item() / total_tokens})
             postfix = {"loss/tok": f"{loss.item() / total_tokens:.3f}"}
             if step % config.eval_every == 0 or step == config.steps:
                 report = evaluate(bora, corpus.valid, config.eval_batch_size)
-                result.eval_seconds += report.seconds
+                state.eval_seconds += report.seconds
                 ll = report.loglik_per_token
-                result.evals.append(
+                state.evals.append(
                     {"step": step, "valid_ppl": report.token_weighted, "valid_macro_ppl": report.task_macro,
                      "valid_loglik_per_token": ll}
                 )
-                if ll > best_ll:
-                    best_ll, best_state, result.best_step, bad_evals = ll, _snapshot(), step, 0
+                if ll > state.best_ll:
+                    state.best_ll, best_state, state.best_step, state.bad_evals = ll, _snapshot(), step, 0
                 else:
-                    bad_evals += 1
+                    state.bad_evals += 1
                 postfix["valid_ppl"] = f"{report.token_weighted:.2f}"
-                if config.patience is not None and bad_evals >= config.patience:
-                    result.stopped_early = True
-                    bar.set_postfix(postfix)
-                    log.info("early stop at step %d: no better validation for %d evaluations", step, bad_evals)
-                    break
             bar.set_postfix(postfix)
+            if checkpoint is not None and config.checkpoint_every and step % config.checkpoint_every == 0:
+                save_checkpoint(checkpoint, optimizer, state, best_state, fingerprint)
+            if config.patience is not None and state.bad_evals >= config.patience:
+                result.stopped_early = True
+                log.info("early stop at step %d: no better validation for %d evaluations", step, state.bad_evals)
+                break
         bar.close()
         _restore(best_state)
     return result

@@ -3,7 +3,7 @@
     bora-pyro train    --model M --data C [--tau T|0|inf] [--inference map|vi] [--steps N] --out RUN
     bora-pyro sweep    --model M --data C --taus 0,1,10,100,1000,inf --out DIR
     bora-pyro evaluate RUN [--split test]
-    bora-pyro export   RUN --format peft --out DIR
+    bora-pyro export   RUN --format peft|merged [--task NAME] --out DIR
     bora-pyro generate RUN --task NAME --prompt TEXT
     bora-pyro diagnose RUN [RUN ...]
 """
@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 
 from .data.corpus import CORPUS_FORMS, CorpusConfig
-from .export import export_peft
+from .export import export_merged, export_peft
+from .generation import task_indices
 from .inference.config import TrainConfig
 from .models.guides import INFERENCE
 from .models.prior import PARAMETERIZATIONS
@@ -178,14 +179,24 @@ def _evaluate(a: argparse.Namespace) -> None:
 def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write every task's adapter (and Theta as 'global') in PEFT's LoRA format")
     p.add_argument("run", help="run folder written by 'bora-pyro train'")
-    p.add_argument("--format", choices=("peft",), default="peft")
-    p.add_argument("--out", required=True, help="folder to create: one PEFT adapter folder per task")
+    p.add_argument("--format", choices=("peft", "merged"), default="peft",
+                   help="peft: one adapter folder per task; merged: a full model with --task merged in")
+    p.add_argument("--task", default=None, help="--format merged: the task to merge ('global' = Theta)")
+    p.add_argument("--out", required=True, help="folder to create")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_export)
 
 
 def _export(a: argparse.Namespace) -> None:
     run = load_run(a.run, device="cpu")
+    if a.format == "merged":
+        if a.task is None:
+            raise ValueError("--format merged needs --task NAME (or --task global)")
+        (d,) = task_indices(run.bora.tasks, [a.task], run.global_factors is not None)
+        factors = run.global_factors if d == len(run.bora.tasks) else {k: v[d] for k, v in run.task_factors.items()}
+        export_merged(run.bora.lora, run.tokenizer, factors, a.out, overwrite=a.overwrite)
+        print(f"wrote {a.out}: {run.spec.model} with the adapter of task {a.task!r} merged in")
+        return
     folders = export_peft(run.bora.lora, run.bora.tasks, run.task_factors, run.global_factors, run.spec.model,
                           a.out, overwrite=a.overwrite)
     print(f"wrote {len(folders)} PEFT adapters to {a.out} (task -> folder map in tasks.json); load one with "

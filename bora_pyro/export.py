@@ -77,3 +77,32 @@ def export_peft(
             save_file(peft_state_dict(lora, factors), str(folder / "adapter_model.safetensors"))
         write_json(tmp / "tasks.json", folders)
     return folders
+
+
+@torch.no_grad()
+def merge_into_base(lora: MultiTaskLoRA, factors: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+    """Fold one adapter (name -> [r, in] / [out, r]) into the base weights and unwrap the layers.
+
+    Returns the plain Hugging Face model (``lora`` is unusable afterwards). NaN/inf factors are refused.
+    """
+    for name, value in factors.items():
+        if not torch.isfinite(value).all():
+            raise ValueError(f"cannot merge: factor {name!r} has non-finite values")
+    for layer in lora.adapted:
+        wrapped = lora.layers[layer.name]
+        delta = wrapped.scaling * (factors[f"{layer.name}.B"] @ factors[f"{layer.name}.A"])  # [out, in]
+        weight = wrapped.base_layer.weight
+        weight += (delta.T if wrapped.fan_in_fan_out else delta).to(weight.dtype)
+        parent, _, child = layer.path.rpartition(".")
+        setattr(lora.lm.get_submodule(parent) if parent else lora.lm, child, wrapped.base_layer)
+    lora.layers.clear()
+    return lora.lm
+
+
+def export_merged(lora: MultiTaskLoRA, tokenizer, factors: Mapping[str, torch.Tensor], out: str | Path,
+                  overwrite: bool = False) -> None:
+    """Write a full Hugging Face model (safetensors) with one adapter merged in, plus the tokenizer."""
+    model = merge_into_base(lora, factors)
+    with atomic_folder(Path(out), overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)

@@ -45,3 +45,22 @@ def test_safe_names_are_unique_and_never_global():
     names = safe_names(["a b", "a_b", "global", "../x", ""])
     assert len(set(names.values())) == 5
     assert "global" not in names.values() and all("/" not in n and not n.startswith(".") for n in names.values())
+
+
+def test_merged_export_equals_the_task_adapter(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    data = tmp_path / "corpus.csv"
+    synthetic_rows({"a": 8, "b": 5}).to_csv(data, index=False)
+    run = tmp_path / "run"
+    assert main(["train", "--model", "tiny-random-llama", "--data", f"csv:{data}", "--steps", "6", "--lr", "0.05",
+                 "--eval-every", "6", "--no-progress", "--posterior-samples", "0", "--out", str(run)]) == 0
+    assert main(["export", str(run), "--format", "merged", "--task", "b", "--out", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    loaded = load_run(run, device="cpu")
+    input_ids = torch.randint(0, 250, (2, 10))
+    with torch.no_grad(), loaded.bora.lora.activate({k: v[1:2] for k, v in loaded.task_factors.items()}):
+        ours = loaded.bora.lora.lm(input_ids=input_ids).logits
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=input_ids).logits, ours, atol=1e-5, rtol=0)
+    assert main(["export", str(run), "--format", "merged", "--out", str(tmp_path / "m2")]) == 2

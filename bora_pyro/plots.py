@@ -127,6 +127,13 @@ def plot_sweep_figures(out: Path, table: pd.DataFrame, per_task: pd.DataFrame, c
 
 
 def _save(fig, path: Path) -> None:
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda v, _: f"{v:g}")  # 120 rather than 1.2 x 10^2 on log axes
+    for ax in fig.axes:
+        if ax.get_yscale() == "log":
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(plain)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -2,6 +2,7 @@
 
     bora-pyro train    --model M --data C [--tau T|0|inf] [--inference map|vi] [--steps N] --out RUN
     bora-pyro sweep    --model M --data C --taus 0,1,10,100,1000,inf --out DIR
+    bora-pyro adapt    RUN --data C --out RUN2
     bora-pyro evaluate RUN [--split test]
     bora-pyro export   RUN --format peft|merged [--task NAME] --out DIR
     bora-pyro generate RUN --task NAME --prompt TEXT
@@ -22,7 +23,7 @@ from .generation import task_indices
 from .inference.config import TrainConfig
 from .models.guides import INFERENCE
 from .models.prior import PARAMETERIZATIONS
-from .runs import AdapterConfig, RunSpec, load_run, resume_spec, train_run
+from .runs import AdapterConfig, RunSpec, adapt_run, load_run, resume_spec, train_run
 from .sweep import best_tau, parse_taus, run_sweep
 
 
@@ -156,6 +157,34 @@ def _train(a: argparse.Namespace) -> None:
           f"({metrics['train_tokens_per_second']:.0f} tokens/s), {metrics['wall_seconds']:.0f} s in all")
 
 
+def _add_adapt(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("adapt", help="fit adapters for new tasks under a run's prior N(Theta, 1/tau), Theta fixed",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("run", help="source run folder (fixed finite tau)")
+    p.add_argument("--data", required=True, help=f"the new tasks: {', '.join(CORPUS_FORMS)}")
+    p.add_argument("--out", required=True, help="run folder to create for the new tasks")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--books", type=_csv_list, default=None, help="bible-books: comma-separated titles")
+    p.add_argument("--task-column", default=None)
+    p.add_argument("--text-column", default=None)
+    p.add_argument("--steps", type=int, default=None, help="default: the source run's")
+    p.add_argument("--lr", type=float, default=None, help="default: the source run's")
+    p.add_argument("--eval-every", type=int, default=None, help="default: the source run's")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_adapt)
+
+
+def _adapt(a: argparse.Namespace) -> None:
+    corpus = {k: v for k, v in {"books": a.books, "task_column": a.task_column, "text_column": a.text_column}.items()
+              if v is not None}
+    train = {k: v for k, v in {"steps": a.steps, "lr": a.lr, "eval_every": a.eval_every}.items() if v is not None}
+    if a.no_progress:
+        train["progress"] = False
+    metrics = adapt_run(a.run, a.data, a.out, a.overwrite, corpus, train)
+    print(f"wrote {a.out}")
+    print(f"test perplexity of the new tasks: {metrics['test_ppl']:.2f}; base model: {metrics['base_test_ppl']:.2f}")
+
+
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="per-task and overall perplexity of a run on a split")
     p.add_argument("run", help="run folder written by 'bora-pyro train'")
@@ -260,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_sweep(sub)
+    _add_adapt(sub)
     _add_evaluate(sub)
     _add_export(sub)
     _add_generate(sub)

@@ -174,13 +174,48 @@ def train_run(spec: RunSpec, out: str | Path, overwrite: bool = False) -> dict:
     existing checkpoint there is resumed from; the folder is removed once the run folder is written.
     """
     started = time.perf_counter()
+    out = _check_out(out, overwrite)
+    lm, tokenizer = load_base_model(spec.model, device=resolve_device(spec.device))
+    corpus = load_corpus(spec.data, tokenizer, **spec.corpus.to_dict())
+    return _fit_and_save(spec, spec.adapter.build(lm, corpus.tasks), corpus, out, overwrite, started)
+
+
+def adapt_run(source: str | Path, data: str, out: str | Path, overwrite: bool = False,
+              corpus_options: dict | None = None, train_options: dict | None = None) -> dict:
+    """Fit adapters for NEW tasks under a fitted prior N(Theta, 1/tau), Theta held fixed.
+
+    The base model, LoRA shape, tau and all unspecified settings come from the ``source`` run;
+    ``data`` (and ``corpus_options`` / ``train_options``) describe the new tasks and their training.
+    """
+    started = time.perf_counter()
+    out = _check_out(out, overwrite)
+    source = Path(source)
+    base = _read_spec(source)
+    tau = base.adapter.tau
+    _, _, theta, _ = load_adapters(source / ADAPTERS_FILE)
+    if not isinstance(tau, float) or not 0 < tau < float("inf") or theta is None:
+        raise ValueError(f"adapt needs a source run with a fixed, finite tau > 0 and a Theta; {source} has "
+                         f"tau={tau} ({'no Theta' if theta is None else 'Theta present'})")
+    spec = replace(base, data=data, corpus=replace(base.corpus, **(corpus_options or {})),
+                   train=replace(base.train, **(train_options or {})), adapter=replace(base.adapter, inference="map"))
+    lm, tokenizer = load_base_model(spec.model, device=resolve_device(spec.device))
+    corpus = load_corpus(spec.data, tokenizer, **spec.corpus.to_dict())
+    bora = BoRA(lm, corpus.tasks, rank=spec.adapter.rank, alpha=spec.adapter.alpha, tau=tau,
+                targets=spec.adapter.targets, parameterization=spec.adapter.parameterization, init=theta)
+    return _fit_and_save(spec, bora, corpus, out, overwrite, started, freeze_global=True,
+                         extra_config={"adapted_from": str(source)})
+
+
+def _check_out(out: str | Path, overwrite: bool) -> Path:
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"run folder {str(out)!r} exists and is not empty; choose another --out or pass --overwrite")
-    device = resolve_device(spec.device)
-    lm, tokenizer = load_base_model(spec.model, device=device)
-    corpus = load_corpus(spec.data, tokenizer, **spec.corpus.to_dict())
-    bora = spec.adapter.build(lm, corpus.tasks)
+    return out
+
+
+def _fit_and_save(spec: RunSpec, bora: BoRA, corpus: Corpus, out: Path, overwrite: bool, started: float,
+                  freeze_global: bool = False, extra_config: dict | None = None) -> dict:
+    """Fit, evaluate and write the run folder (shared by :func:`train_run` and :func:`adapt_run`)."""
     log.info("%d tasks, %d train docs; %d LoRA parameters per task", len(corpus.tasks), len(corpus.train),
              bora.lora.num_parameters())
     base_test = evaluate(bora, corpus.test, spec.train.eval_batch_size, base_model=True)
@@ -188,7 +223,7 @@ def train_run(spec: RunSpec, out: str | Path, overwrite: bool = False) -> dict:
     if checkpoint is not None:
         checkpoint.mkdir(parents=True, exist_ok=True)
         write_json(checkpoint / "spec.json", spec.to_dict())
-    result = fit(bora, corpus, checkpoint=checkpoint, **spec.train.to_dict())
+    result = fit(bora, corpus, checkpoint=checkpoint, freeze_global=freeze_global, **spec.train.to_dict())
     reports = {
         "test": evaluate(bora, corpus.test, spec.train.eval_batch_size),
         "valid": evaluate(bora, corpus.valid, spec.train.eval_batch_size),
@@ -229,11 +264,12 @@ def train_run(spec: RunSpec, out: str | Path, overwrite: bool = False) -> dict:
         "test_ece": calib["ece"],
         "test_brier": calib["brier"],
         "posterior_samples": spec.posterior_samples,
-        "device": str(device),
+        "device": str(bora.device),
     }
     with atomic_folder(out, overwrite=overwrite) as tmp:
         config = {"format": RUN_FORMAT, "bora_pyro_version": __version__, "torch_version": torch.__version__,
-                  "python": platform.python_version(), "tasks": list(corpus.tasks), **spec.to_dict()}
+                  "python": platform.python_version(), "tasks": list(corpus.tasks), **spec.to_dict(),
+                  **(extra_config or {})}
         write_json(tmp / "config.json", config)
         _per_task_frame(corpus, reports, bora.distance_to_global(), calib_per_task).to_csv(
             tmp / "per_task.csv", index=False)
@@ -252,9 +288,8 @@ def train_run(spec: RunSpec, out: str | Path, overwrite: bool = False) -> dict:
     return metrics
 
 
-def load_run(path: str | Path, device: str | None = None) -> LoadedRun:
-    """Rebuild a run from its folder: same base model, same corpus split, the saved adapters."""
-    path = Path(path)
+def _read_spec(path: Path) -> RunSpec:
+    """A run folder's settings, refusing folders of an incompatible run format."""
     if not path.is_dir():
         raise FileNotFoundError(f"run folder {str(path)!r} does not exist")
     config = read_json(path / "config.json")
@@ -263,7 +298,13 @@ def load_run(path: str | Path, device: str | None = None) -> LoadedRun:
             f"{path} was written by bora_pyro {config.get('bora_pyro_version', '?')} in run format "
             f"{config.get('format')!r}; this version ({__version__}) reads format {RUN_FORMAT}"
         )
-    spec = RunSpec.from_dict(config)
+    return RunSpec.from_dict(config)
+
+
+def load_run(path: str | Path, device: str | None = None) -> LoadedRun:
+    """Rebuild a run from its folder: same base model, same corpus split, the saved adapters."""
+    path = Path(path)
+    spec = _read_spec(path)
     if device is not None:
         spec = replace(spec, device=device)
     lm, tokenizer = load_base_model(spec.model, device=resolve_device(spec.device))

@@ -97,12 +97,13 @@ def _fingerprint(bora: BoRA, corpus: Corpus, config: TrainConfig) -> dict:
 
 
 def fit(bora: BoRA, corpus: Corpus, inference: str | None = None, checkpoint: str | Path | None = None,
-        **options) -> FitResult:
+        freeze_global: bool = False, **options) -> FitResult:
     """Fit ``bora`` to ``corpus.train``, validating on ``corpus.valid``; the best state is kept.
 
     Args:
         inference: "map" or "vi"; replaces the guide if it differs from ``bora.inference``.
         checkpoint: folder for periodic checkpoints (``checkpoint_every``); resumed from if it holds one.
+        freeze_global: keep Theta at its start (adapting new tasks under a fitted prior).
         **options: fields of :class:`TrainConfig` (``steps``, ``batch_size``, ``lr``...).
     """
     config = TrainConfig(**options)
@@ -122,7 +123,9 @@ def fit(bora: BoRA, corpus: Corpus, inference: str | None = None, checkpoint: st
         with poutine.trace(param_only=True) as capture:  # creates Theta and the guide's parameters
             elbo.differentiable_loss(bora.model, bora.guide, corpus.train.collate([0]).to(device))
         # in trace order (deterministic), each once
-        params = list({id(p): p for p in (s["value"].unconstrained() for s in capture.trace.nodes.values())}.values())
+        trained = [s["value"].unconstrained() for name, s in capture.trace.nodes.items()
+                   if not (freeze_global and name.startswith("global."))]
+        params = list({id(p): p for p in trained}.values())
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay) if params else None
         state, best_state = LoopState(), _snapshot()
         if checkpoint is not None and (checkpoint / "state.json").exists():

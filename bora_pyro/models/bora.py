@@ -10,7 +10,7 @@ minibatch log-likelihood as ``pyro.factor("loglik", ...)`` inside
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import pyro
 import torch
@@ -41,6 +41,8 @@ class BoRA:
         inference: "map" (AutoDelta guide, the paper's estimate) or "vi" (AutoNormal).
         log_likelihood: optional replacement of the LM likelihood, ``fn(task_factors, batch) -> [batch]``.
         seed: seed of the LoRA initialisation.
+        init: Theta's start (and every task's), e.g. a fitted Theta to adapt new tasks to; default the
+            standard LoRA start (A Kaiming-uniform from ``seed``, B zero).
 
     The model's parameters (Theta and the guide's) live in this object's own Pyro param-store
     scope: run ``bora.model`` / ``bora.guide`` inside ``with bora.param_scope():`` to use them.
@@ -59,6 +61,7 @@ class BoRA:
         log_likelihood: LogLikelihood | None = None,
         seed: int = 0,
         tau_prior: TauPrior | None = None,
+        init: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         tasks = tuple(str(t) for t in tasks)
         if len(set(tasks)) != len(tasks):
@@ -69,6 +72,10 @@ class BoRA:
         self.prior = HierarchicalPrior(self.lora.shapes(), len(tasks), parse_tau(tau), parameterization,
                                        tau_prior or TauPrior())
         self.init = self.lora.init_factors(torch.Generator().manual_seed(seed))
+        if init is not None:
+            if set(init) != set(self.init) or any(tuple(init[k].shape) != tuple(v.shape) for k, v in self.init.items()):
+                raise ValueError("init must give every factor of the adapted layers with its per-task shape")
+            self.init = {k: init[k].to(v) for k, v in self.init.items()}
         self.log_likelihood: LogLikelihood = log_likelihood or (lambda f, b: lm_log_likelihood(self.lora, f, b))
         self._store = {"params": {}, "constraints": {}}
         self._scope_active = False

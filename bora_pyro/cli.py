@@ -42,6 +42,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="smollm2-135m (embedded), tiny-random-llama (tests), or a HF id / local path")
     p.add_argument("--data", default="bible-books", help=f"corpus: {', '.join(CORPUS_FORMS)}")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a hub model's own Python code to run (off by default; only for models you trust)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data split, LoRA init and batch order")
     g = p.add_argument_group("corpus")
     g.add_argument("--max-tokens", type=int, default=d_corpus.max_tokens, help="tokens per document (truncation)")
@@ -137,7 +139,7 @@ def _spec_from_args(a: argparse.Namespace, tau: str | float) -> RunSpec:
         progress=not a.no_progress, checkpoint_every=a.checkpoint_every,
     )
     return RunSpec(model=a.model, data=a.data, device=a.device, corpus=corpus, adapter=adapter, train=train,
-                   posterior_samples=a.posterior_samples)
+                   posterior_samples=a.posterior_samples, trust_remote_code=a.trust_remote_code)
 
 
 def _train(a: argparse.Namespace) -> None:

@@ -87,15 +87,20 @@ class RunSpec:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     posterior_samples: int = 8  # guide draws for posterior-predictive perplexity and ArviZ (0 = skip)
+    trust_remote_code: bool = False  # let a hub model run its own Python code (only for models you trust)
 
     def __post_init__(self) -> None:
         if self.posterior_samples < 0:
             raise ValueError(f"posterior_samples must be >= 0, got {self.posterior_samples}")
 
+    def load_model(self):
+        """The base LM and tokenizer of this run, on its device."""
+        return load_base_model(self.model, device=resolve_device(self.device), trust_remote_code=self.trust_remote_code)
+
     def to_dict(self) -> dict:
         return {"model": self.model, "data": self.data, "device": self.device, "corpus": self.corpus.to_dict(),
                 "adapter": asdict(self.adapter), "train": self.train.to_dict(),
-                "posterior_samples": self.posterior_samples}
+                "posterior_samples": self.posterior_samples, "trust_remote_code": self.trust_remote_code}
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunSpec":
@@ -103,7 +108,8 @@ class RunSpec:
         if corpus.get("books") is not None:
             corpus["books"] = tuple(corpus["books"])
         return cls(d["model"], d["data"], d.get("device", "auto"), CorpusConfig(**corpus),
-                   AdapterConfig(**d["adapter"]), TrainConfig(**d["train"]), d.get("posterior_samples", 8))
+                   AdapterConfig(**d["adapter"]), TrainConfig(**d["train"]), d.get("posterior_samples", 8),
+                   d.get("trust_remote_code", False))
 
 
 @dataclass
@@ -175,7 +181,7 @@ def train_run(spec: RunSpec, out: str | Path, overwrite: bool = False) -> dict:
     """
     started = time.perf_counter()
     out = _check_out(out, overwrite)
-    lm, tokenizer = load_base_model(spec.model, device=resolve_device(spec.device))
+    lm, tokenizer = spec.load_model()
     corpus = load_corpus(spec.data, tokenizer, **spec.corpus.to_dict())
     return _fit_and_save(spec, spec.adapter.build(lm, corpus.tasks), corpus, out, overwrite, started)
 
@@ -198,7 +204,7 @@ def adapt_run(source: str | Path, data: str, out: str | Path, overwrite: bool = 
                          f"tau={tau} ({'no Theta' if theta is None else 'Theta present'})")
     spec = replace(base, data=data, corpus=replace(base.corpus, **(corpus_options or {})),
                    train=replace(base.train, **(train_options or {})), adapter=replace(base.adapter, inference="map"))
-    lm, tokenizer = load_base_model(spec.model, device=resolve_device(spec.device))
+    lm, tokenizer = spec.load_model()
     corpus = load_corpus(spec.data, tokenizer, **spec.corpus.to_dict())
     bora = BoRA(lm, corpus.tasks, rank=spec.adapter.rank, alpha=spec.adapter.alpha, tau=tau,
                 targets=spec.adapter.targets, parameterization=spec.adapter.parameterization, init=theta)
@@ -307,7 +313,7 @@ def load_run(path: str | Path, device: str | None = None) -> LoadedRun:
     spec = _read_spec(path)
     if device is not None:
         spec = replace(spec, device=device)
-    lm, tokenizer = load_base_model(spec.model, device=resolve_device(spec.device))
+    lm, tokenizer = spec.load_model()
     corpus = load_corpus(spec.data, tokenizer, **spec.corpus.to_dict())
     tasks, factors, theta, _ = load_adapters(path / ADAPTERS_FILE)
     if tuple(tasks) != corpus.tasks:

@@ -44,10 +44,8 @@ def posterior_draws(bora: BoRA, split: Split, num_samples: int, seed: int = 0) -
         for _ in range(num_samples):
             guide_trace = poutine.trace(bora.guide).get_trace(batch)
             values = {n: s["value"] for n, s in guide_trace.nodes.items() if s["type"] == "sample"}
-            factors = poutine.condition(bora.sample_task_factors, data=values)()
-            stacked = {k: v.detach().expand(len(bora.tasks), *v.shape[1:]).clone() for k, v in factors.items()}
             tau = values.get(TAU_SITE)
-            draws.append(PosteriorDraw(stacked, None if tau is None else tau.detach().clone()))
+            draws.append(PosteriorDraw(bora.task_factors(values), None if tau is None else tau.detach().clone()))
     return draws
 
 

@@ -137,14 +137,16 @@ class BoRA:
             pyro.factor("loglik", loglik)
 
     @torch.no_grad()
-    def task_factors(self) -> dict[str, torch.Tensor]:
-        """Point estimate of every task's factors (the guide's median), stacked [D, *shape].
+    def task_factors(self, values: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Every task's factors, stacked [D, *shape]: at the latent ``values`` (e.g. one guide draw), by
+        default the point estimate (the guide's median; the start before any fitting).
 
         Pooled runs return Theta repeated for every task, so shapes are the same in all modes.
         """
         with self.param_scope():
-            started = getattr(self.guide, "prototype_trace", None) is not None
-            values = self.guide.median() if started else self.prior.initial_values(self.init)
+            if values is None:
+                started = getattr(self.guide, "prototype_trace", None) is not None
+                values = self.guide.median() if started else self.prior.initial_values(self.init)
             factors = poutine.condition(self.sample_task_factors, data=values)()
         return {k: v.detach().expand(len(self.tasks), *v.shape[1:]).clone() for k, v in factors.items()}
 

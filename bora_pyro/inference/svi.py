@@ -20,6 +20,7 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO
 from tqdm.auto import tqdm
 
+from ..data.batching import Batch
 from ..data.corpus import Corpus
 from ..evaluation import evaluate
 from ..models.bora import BoRA
@@ -89,6 +90,17 @@ def _restore(snapshot: dict[str, torch.Tensor]) -> None:
         store._params[name].copy_(value)
 
 
+def trainable_parameters(bora: BoRA, elbo: Trace_ELBO, batch: Batch, freeze_global: bool = False) -> list[torch.Tensor]:
+    """Create Theta and the guide's parameters (one loss evaluation) and return their unconstrained
+    tensors in trace order (deterministic), each once; Theta left out if ``freeze_global``."""
+    with bora.param_scope():
+        with poutine.trace(param_only=True) as capture:
+            elbo.differentiable_loss(bora.model, bora.guide, batch)
+        trained = [s["value"].unconstrained() for name, s in capture.trace.nodes.items()
+                   if not (freeze_global and name.startswith("global."))]
+    return list({id(p): p for p in trained}.values())
+
+
 def _fingerprint(bora: BoRA, corpus: Corpus, config: TrainConfig) -> dict:
     """What a checkpoint must match to be resumed (JSON-comparable)."""
     keep = {k: v for k, v in config.to_dict().items() if k not in ("progress", "checkpoint_every")}
@@ -120,12 +132,7 @@ def fit(bora: BoRA, corpus: Corpus, inference: str | None = None, checkpoint: st
     fingerprint = _fingerprint(bora, corpus, config)
 
     with bora.param_scope():
-        with poutine.trace(param_only=True) as capture:  # creates Theta and the guide's parameters
-            elbo.differentiable_loss(bora.model, bora.guide, corpus.train.collate([0]).to(device))
-        # in trace order (deterministic), each once
-        trained = [s["value"].unconstrained() for name, s in capture.trace.nodes.items()
-                   if not (freeze_global and name.startswith("global."))]
-        params = list({id(p): p for p in trained}.values())
+        params = trainable_parameters(bora, elbo, corpus.train.collate([0]).to(device), freeze_global)
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay) if params else None
         state, best_state = LoopState(), _snapshot()
         if checkpoint is not None and (checkpoint / "state.json").exists():

@@ -230,12 +230,7 @@ def _fit_and_save(spec: RunSpec, bora: BoRA, corpus: Corpus, out: Path, overwrit
         checkpoint.mkdir(parents=True, exist_ok=True)
         write_json(checkpoint / "spec.json", spec.to_dict())
     result = fit(bora, corpus, checkpoint=checkpoint, freeze_global=freeze_global, **spec.train.to_dict())
-    reports = {
-        "test": evaluate(bora, corpus.test, spec.train.eval_batch_size),
-        "valid": evaluate(bora, corpus.valid, spec.train.eval_batch_size),
-        "base_test": base_test,
-    }
-    calib_per_task, calib = calibration(bora, corpus.test, bora.task_factors(), batch_size=spec.train.eval_batch_size)
+    reports = {"valid": evaluate(bora, corpus.valid, spec.train.eval_batch_size), "base_test": base_test}
     idata = None
     if spec.posterior_samples > 0:
         draws = posterior_draws(bora, corpus.test, spec.posterior_samples, seed=spec.train.seed)
@@ -243,6 +238,11 @@ def _fit_and_save(spec: RunSpec, bora: BoRA, corpus: Corpus, out: Path, overwrit
             bora, corpus.test, draws, spec.train.eval_batch_size)
         idata = to_inference_data(bora, draws, doc_loglik, corpus.test, corpus.train.tokens_per_task(),
                                   pd.DataFrame(result.losses))
+    if bora.inference == "map" and "posterior_predictive_test" in reports:
+        reports["test"] = reports["posterior_predictive_test"]  # every MAP draw is the plug-in point: scored once
+    else:
+        reports["test"] = evaluate(bora, corpus.test, spec.train.eval_batch_size)
+    calib_per_task, calib = calibration(bora, corpus.test, bora.task_factors(), batch_size=spec.train.eval_batch_size)
     metrics = {
         "test_ppl": reports["test"].token_weighted,
         "test_macro_ppl": reports["test"].task_macro,

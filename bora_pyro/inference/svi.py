@@ -72,11 +72,6 @@ class FitResult:
     def tokens_per_second(self) -> float:
         return self.train_tokens / self.train_seconds if self.train_seconds > 0 else float("nan")
 
-    @property
-    def best_valid_ppl(self) -> float:
-        best = [e for e in self.evals if e["step"] == self.best_step]
-        return best[0]["valid_ppl"] if best else float("nan")
-
 
 def _snapshot() -> dict[str, torch.Tensor]:
     store = pyro.get_param_store()

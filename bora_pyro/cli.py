@@ -73,10 +73,14 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="hyperprior of --tau learn: lognormal:LOC,SCALE (of log tau) or gamma:SHAPE,RATE")
     g.add_argument("--tau-groups", choices=("global", "module"), default=d_adapter.tau_groups,
                    help="--tau learn: one tau, or one per module type (q_proj, v_proj...)")
+    g.add_argument("--global-prior", default=d_adapter.global_prior,
+                   help="Theta: flat (a parameter, empirical Bayes) or normal:SCALE (a latent site, inferred)")
     g = p.add_argument_group("training")
     g.add_argument("--steps", type=int, default=d_train.steps)
     g.add_argument("--batch-size", type=int, default=d_train.batch_size)
     g.add_argument("--lr", type=float, default=d_train.lr)
+    g.add_argument("--guide-lr", type=float, default=d_train.guide_lr,
+                   help="--inference vi: learning rate of the guide's scales and of a learned tau")
     g.add_argument("--lr-schedule", choices=("constant", "cosine"), default=d_train.lr_schedule)
     g.add_argument("--weight-decay", type=float, default=d_train.weight_decay)
     g.add_argument("--clip-norm", type=float, default=d_train.clip_norm, help="global gradient-norm clip (0 = off)")
@@ -131,9 +135,10 @@ def _spec_from_args(a: argparse.Namespace, tau: str | float) -> RunSpec:
     )
     adapter = AdapterConfig(rank=a.rank, alpha=a.alpha, tau=tau, targets=a.targets,
                             parameterization=a.parameterization, inference=a.inference, init_seed=a.seed,
-                            tau_prior=a.tau_prior, tau_groups=a.tau_groups)
+                            tau_prior=a.tau_prior, tau_groups=a.tau_groups,
+                            global_prior=a.global_prior)
     train = TrainConfig(
-        steps=a.steps, batch_size=a.batch_size, lr=a.lr, lr_schedule=a.lr_schedule, weight_decay=a.weight_decay,
+        steps=a.steps, batch_size=a.batch_size, lr=a.lr, guide_lr=a.guide_lr, lr_schedule=a.lr_schedule, weight_decay=a.weight_decay,
         clip_norm=a.clip_norm or None, lr_tau_scaling=a.lr_tau_scaling, lr_tau_reference=a.lr_tau_reference,
         eval_every=a.eval_every, patience=a.patience, eval_batch_size=a.eval_batch_size, seed=a.seed,
         progress=not a.no_progress, checkpoint_every=a.checkpoint_every,

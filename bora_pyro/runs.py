@@ -28,7 +28,7 @@ from .inference.config import TrainConfig
 from .inference.svi import FitResult, fit
 from .models.bora import BoRA
 from .models.guides import INFERENCE
-from .models.prior import PARAMETERIZATIONS, parse_tau
+from .models.prior import PARAMETERIZATIONS, parse_global_prior, parse_tau
 from .models.tau_prior import TauPrior
 from .plots import plot_training_curve
 from .predictive import calibration, posterior_draws, posterior_predictive
@@ -50,6 +50,7 @@ class AdapterConfig:
     init_seed: int = 0
     tau_prior: str = "lognormal:4.6,2"  # hyperprior of a learned tau (see models/tau_prior.py)
     tau_groups: str = "global"  # learned tau: "global" or one per "module" type
+    global_prior: str = "flat"  # Theta a parameter, or "normal:SCALE": Theta latent (see models/prior.py)
 
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or self.rank < 1:
@@ -64,6 +65,7 @@ class AdapterConfig:
         if self.targets is not None:
             object.__setattr__(self, "targets", tuple(self.targets))
         self.hyperprior()  # validates the spec
+        parse_global_prior(self.global_prior)
 
     def hyperprior(self) -> TauPrior:
         return TauPrior.parse(self.tau_prior, self.tau_groups)
@@ -72,7 +74,7 @@ class AdapterConfig:
         return BoRA(
             lm, tasks, rank=self.rank, alpha=self.alpha, tau=self.tau, targets=self.targets,
             parameterization=self.parameterization, inference=self.inference, seed=self.init_seed,
-            tau_prior=self.hyperprior(),
+            tau_prior=self.hyperprior(), global_scale=parse_global_prior(self.global_prior),
         )
 
 
@@ -154,7 +156,8 @@ def _per_task_frame(corpus: Corpus, reports: dict[str, PerplexityReport], distan
 
 def _train_log(result: FitResult) -> pd.DataFrame:
     losses = pd.DataFrame(result.losses)
-    evals = pd.DataFrame(result.evals, columns=["step", "valid_ppl", "valid_macro_ppl", "valid_loglik_per_token"])
+    evals = pd.DataFrame(result.evals, columns=["step", "valid_ppl", "valid_macro_ppl", "valid_loglik_per_token"]
+                         if not result.evals else None)  # learned-tau runs add tau_median.<group> columns
     return losses.merge(evals, on="step", how="left")
 
 

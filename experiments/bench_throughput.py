@@ -41,10 +41,10 @@ def batch_for(tokenizer, num_tasks: int, batch_size: int, tokens: int, device):
 
 def step_fn(config: str, args):
     """Build the model for ``config`` and return a closure running one training step."""
-    from pyro.infer import Trace_ELBO
+    import pyro
 
     import bora_pyro
-    from bora_pyro.inference.svi import trainable_parameters
+    from bora_pyro.inference.svi import objective, trainable_parameters
     from bora_pyro.models.likelihood import token_log_probs
 
     device = bora_pyro.base_models.resolve_device(args.device)
@@ -92,14 +92,14 @@ def step_fn(config: str, args):
             opt.step()
         return step
 
-    elbo = Trace_ELBO()
-    params = trainable_parameters(bora, elbo, batch)
+    loss = objective(bora)  # what bora_pyro.fit minimises (with Pyro's validation off after the first step)
+    params = list(trainable_parameters(bora, loss, batch).values())
     opt = torch.optim.AdamW(params, lr=1e-3)
 
     def step():
         with bora.param_scope():
             opt.zero_grad(set_to_none=True)
-            elbo.differentiable_loss(bora.model, bora.guide, batch).backward()
+            loss(bora, batch).backward()
             opt.step()
     return step
 

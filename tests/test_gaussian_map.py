@@ -44,7 +44,7 @@ def test_map_recovers_the_closed_form_hierarchical_normal_estimate(parameterizat
 
 def test_vi_recovers_the_exact_gaussian_posterior():
     bora, corpus, data = gaussian_bora(parameterization="centered", inference="vi")
-    bora_pyro.fit(bora, corpus, steps=1200, batch_size=sum(DOCS), lr=0.03, lr_schedule="cosine", clip_norm=None,
+    bora_pyro.fit(bora, corpus, steps=1200, batch_size=sum(DOCS), lr=0.03, guide_lr=0.03, lr_schedule="cosine", clip_norm=None,
                   eval_every=1200, num_particles=2, progress=False)
     _, mean, sd = data.closed_form(NAME, TAU)
     with bora.param_scope():

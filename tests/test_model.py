@@ -160,3 +160,36 @@ def test_bad_tau_is_refused(tiny_lm, tau):
 def test_duplicate_task_names_are_refused(tiny_lm):
     with pytest.raises(ValueError, match=r"duplicated: \['a'\]"):
         bora_pyro.BoRA(tiny_lm[0], ["a", "b", "a"])
+
+
+@pytest.mark.parametrize("parameterization", ["centered", "noncentered"])
+def test_map_loss_equals_the_trace_elbo_of_the_autodelta_guide(make_corpus, tiny_lm, parameterization):
+    from pyro.infer import Trace_ELBO
+
+    from bora_pyro.inference.svi import map_loss
+
+    corpus = make_corpus()
+    bora = bora_pyro.BoRA(tiny_lm[0], corpus.tasks, rank=2, alpha=4, tau=7.0, parameterization=parameterization)
+    bora_pyro.fit(bora, corpus, steps=3, batch_size=4, eval_every=3, progress=False, lr=0.05)  # move off the start
+    batch = corpus.train.collate([0, 3, 7])
+    with bora.param_scope():
+        expected = Trace_ELBO().differentiable_loss(bora.model, bora.guide, batch)
+        torch.testing.assert_close(map_loss(bora, batch), expected, rtol=1e-6, atol=1e-3)
+
+
+def test_stacked_normal_is_the_elementwise_normal_density():
+    import pyro.distributions as dist
+
+    from bora_pyro.models.stacked_normal import StackedNormal
+
+    g = torch.Generator().manual_seed(0)
+    x, loc, scale = torch.randn(4, 3, 5, generator=g), torch.randn(3, 5, generator=g), torch.tensor(0.7)
+    expected = dist.Normal(loc, scale).to_event(2).log_prob(x)  # [4]
+    torch.testing.assert_close(StackedNormal(loc, scale, (3, 5), (4,)).log_prob(x), expected)
+    torch.testing.assert_close(StackedNormal(None, scale, (3, 5), (4,)).log_prob(x),
+                               dist.Normal(0.0, scale).expand((3, 5)).to_event(2).log_prob(x))
+    draws = StackedNormal(loc, scale, (3, 5), (4,)).sample((2000,))
+    assert draws.shape == (2000, 4, 3, 5)
+    torch.testing.assert_close(draws.mean((0, 1)), loc, atol=0.05, rtol=0)
+    with pytest.raises(ValueError, match="0-dim scale"):
+        StackedNormal(loc, torch.ones(3), (3, 5))

@@ -7,6 +7,7 @@ import math
 
 import arviz as az
 import pandas as pd
+import pyro
 import pytest
 import torch
 
@@ -37,6 +38,63 @@ def test_learned_tau_is_a_site_outside_the_task_plate(make_corpus, tiny_lm):
     assert bora.prior.tau_groups() == ["q_proj", "v_proj"]
     q = bora.tau_quantiles()
     assert set(q) == {"q_proj", "v_proj"} and all(lo < mid < hi for lo, mid, hi in q.values())
+
+
+def test_latent_global_is_a_site_outside_the_task_plate_and_its_median_is_theta(make_corpus, tiny_lm):
+    corpus = make_corpus()
+    bora = bora_pyro.BoRA(tiny_lm[0], corpus.tasks, rank=2, tau="learn", inference="vi", global_scale=3.0)
+    bora_pyro.fit(bora, corpus, steps=3, batch_size=4, eval_every=3, progress=False)
+    from pyro import poutine
+
+    with bora.param_scope():
+        trace = poutine.trace(bora.model).get_trace(corpus.train.collate([0, 1]))
+        median = bora.guide.median()
+        assert not [n for n in pyro.get_param_store().keys() if n.startswith("global.")]  # no Theta parameter
+    names = [n for n in trace.nodes if n.startswith("global.")]
+    assert names and len(names) == len(bora.lora.shapes())
+    for name in names:
+        site = trace.nodes[name]
+        assert site["type"] == "sample" and site["cond_indep_stack"] == ()
+        assert site["fn"].base_dist.scale.unique().tolist() == [3.0]
+        assert torch.equal(bora.global_factors()[name.removeprefix("global.")], median[name])
+
+
+def test_guide_lr_moves_only_the_uncertainty_parameters(make_corpus, tiny_lm):
+    corpus = make_corpus()
+    bora = bora_pyro.BoRA(tiny_lm[0], corpus.tasks, rank=2, tau="learn", inference="vi", parameterization="centered")
+    bora_pyro.fit(bora, corpus, steps=1, batch_size=4, eval_every=1, progress=False, lr=1e-9, guide_lr=0.1,
+                  clip_norm=None)
+    with bora.param_scope():
+        store = pyro.get_param_store()
+        start = bora.prior.initial_values(bora.init)
+        locs = {n: store[n] for n in store.keys() if ".locs." in n}
+        scales = {n: store[n] for n in store.keys() if ".scales." in n}
+    moved = lambda a, b: not torch.allclose(a, b, atol=1e-6)  # noqa: E731
+    assert moved(locs["AutoNormal.locs.tau"], torch.tensor([math.log(TauPrior().median())]))
+    assert all(moved(v, torch.full_like(v, 1e-3)) for v in scales.values())
+    assert not any(moved(v, start[n.removeprefix("AutoNormal.locs.")]) for n, v in locs.items()
+                   if n.startswith("AutoNormal.locs.task"))
+
+
+def test_exact_tau_posterior_concentrates_on_the_simulated_precision():
+    from bora_pyro.models.gaussian import GaussianObservations
+
+    shapes = {"w": (40, 50)}  # 2000 elements, 30 tasks, precise observations
+    data = GaussianObservations.simulate(shapes, [50] * 30, tau=25.0, sigma=0.1, generator=torch.Generator().manual_seed(0))
+    grid = torch.linspace(0.0, 8.0, 2001)
+    for theta in ("empirical-bayes", "integrated"):
+        post = data.tau_posterior(TauPrior("lognormal", 2.0, 3.0), grid, theta)
+        assert post.sum().item() == pytest.approx(1.0)
+        mean_tau = float((post * grid.double().exp()).sum())
+        assert mean_tau == pytest.approx(data.empirical_tau(), rel=0.08)
+
+
+@pytest.mark.parametrize("text", ["normal", "normal:-1", "normal:x", "cauchy:1", "flat:2"])
+def test_bad_global_prior(text):
+    from bora_pyro.models.prior import parse_global_prior
+
+    with pytest.raises(ValueError, match="global prior must be 'flat' or 'normal:SCALE'"):
+        parse_global_prior(text)
 
 
 @pytest.mark.parametrize("text, message", [("cauchy:1,2", "tau prior must be one of"),

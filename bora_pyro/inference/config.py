@@ -21,6 +21,7 @@ class TrainConfig:
     steps: int = 100
     batch_size: int = 8
     lr: float = 1e-3
+    guide_lr: float = 1e-2  # VI only: the guide's scales and the learned tau's guide (see models.guides)
     lr_schedule: str = "constant"  # or "cosine": decays to 0 at the last step
     weight_decay: float = 0.0
     clip_norm: float | None = 1.0
@@ -40,8 +41,10 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+        for name in ("lr", "guide_lr"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.weight_decay < 0:

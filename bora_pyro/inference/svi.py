@@ -13,17 +13,20 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pyro
 import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO
+from pyro.infer.util import is_validation_enabled
 from tqdm.auto import tqdm
 
 from ..data.batching import Batch
 from ..data.corpus import Corpus
 from ..evaluation import evaluate
 from ..models.bora import BoRA
+from ..models.guides import is_uncertainty_parameter
 from ..models.likelihood import scored_tokens
 from .checkpoint import LoopState, load_checkpoint, save_checkpoint
 from .config import TrainConfig
@@ -85,15 +88,46 @@ def _restore(snapshot: dict[str, torch.Tensor]) -> None:
         store._params[name].copy_(value)
 
 
-def trainable_parameters(bora: BoRA, elbo: Trace_ELBO, batch: Batch, freeze_global: bool = False) -> list[torch.Tensor]:
+Loss = Callable[[BoRA, Batch], torch.Tensor]
+
+
+def map_loss(bora: BoRA, batch: Batch) -> torch.Tensor:
+    """The negative log joint density at the AutoDelta guide's point (scaled minibatch estimate).
+
+    Equal to ``Trace_ELBO().differentiable_loss`` for a Delta guide (whose log-density is 0), without
+    scoring the guide's point masses over every element: the guide's trace is replayed in the model.
+    """
+    guide_trace = poutine.trace(bora.guide).get_trace(batch)
+    model_trace = poutine.trace(poutine.replay(bora.model, trace=guide_trace)).get_trace(batch)
+    return -model_trace.log_prob_sum()
+
+
+def objective(bora: BoRA, num_particles: int = 1) -> Loss:
+    """The training loss of ``bora``'s guide: :func:`map_loss` for MAP, ``Trace_ELBO`` for VI."""
+    if bora.inference == "map":
+        return map_loss
+    elbo = Trace_ELBO(num_particles=num_particles, vectorize_particles=False)
+    return lambda model, batch: elbo.differentiable_loss(model.model, model.guide, batch)
+
+
+def trainable_parameters(bora: BoRA, loss: Loss, batch: Batch,
+                         freeze_global: bool = False) -> dict[str, torch.Tensor]:
     """Create Theta and the guide's parameters (one loss evaluation) and return their unconstrained
-    tensors in trace order (deterministic), each once; Theta left out if ``freeze_global``."""
+    tensors by name in trace order (deterministic); Theta left out if ``freeze_global``."""
     with bora.param_scope():
         with poutine.trace(param_only=True) as capture:
-            elbo.differentiable_loss(bora.model, bora.guide, batch)
-        trained = [s["value"].unconstrained() for name, s in capture.trace.nodes.items()
-                   if not (freeze_global and name.startswith("global."))]
-    return list({id(p): p for p in trained}.values())
+            loss(bora, batch)
+        return {name: site["value"].unconstrained() for name, site in capture.trace.nodes.items()
+                if not (freeze_global and name.startswith("global."))}
+
+
+def _optimizer(params: dict[str, torch.Tensor], lr: float, config: TrainConfig) -> torch.optim.Optimizer | None:
+    """AdamW with two groups: the LoRA weights at ``lr``, the guide's uncertainty parameters at
+    ``config.guide_lr``. Each group remembers its base rate in ``base_lr`` for the schedule."""
+    groups = [{"params": [p for n, p in params.items() if is_uncertainty_parameter(n) == fast], "base_lr": rate}
+              for fast, rate in ((False, lr), (True, config.guide_lr))]
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=config.weight_decay) if groups else None
 
 
 def _fingerprint(bora: BoRA, corpus: Corpus, config: TrainConfig) -> dict:
@@ -120,27 +154,30 @@ def fit(bora: BoRA, corpus: Corpus, inference: str | None = None, checkpoint: st
         bora.use_inference(inference)
     pyro.set_rng_seed(config.seed)
     lr = config.learning_rate(bora.tau)
-    elbo = Trace_ELBO(num_particles=config.num_particles, vectorize_particles=False)
+    loss_fn = objective(bora, config.num_particles)
     total_tokens = int(corpus.train.tokens_per_task().sum())
     device = bora.device
     checkpoint = Path(checkpoint) if checkpoint is not None else None
     fingerprint = _fingerprint(bora, corpus, config)
 
     with bora.param_scope():
-        params = trainable_parameters(bora, elbo, corpus.train.collate([0]).to(device), freeze_global)
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay) if params else None
+        named = trainable_parameters(bora, loss_fn, corpus.train.collate([0]).to(device), freeze_global)
+        params = list(named.values())
+        optimizer = _optimizer(named, lr, config)
         state, best_state = LoopState(), _snapshot()
         if checkpoint is not None and (checkpoint / "state.json").exists():
             state, best_state = load_checkpoint(checkpoint, optimizer, fingerprint)
             log.warning("resuming from %s at step %d", checkpoint, state.step)
         result = FitResult(config=config, lr=lr, state=state)
         batches = corpus.train.train_batches(config.batch_size, seed=config.seed, start_step=state.step)
+        validate, first_step = is_validation_enabled(), state.step + 1
         bar = tqdm(range(state.step + 1, config.steps + 1), desc=f"fit tau={bora.tau}", disable=not config.progress,
                    initial=state.step, total=config.steps)
         for step in bar:
             batch = next(batches).to(device)
             start = time.perf_counter()
-            loss = elbo.differentiable_loss(bora.model, bora.guide, batch)
+            with pyro.validation_enabled(validate and step == first_step):  # Pyro's checks once, not every step
+                loss = loss_fn(bora, batch)
             if not torch.isfinite(loss):
                 where = f"; the last good checkpoint is in {checkpoint}" if checkpoint is not None else ""
                 raise FloatingPointError(
@@ -149,7 +186,7 @@ def fit(bora: BoRA, corpus: Corpus, inference: str | None = None, checkpoint: st
                 )
             if optimizer is not None:
                 for group in optimizer.param_groups:
-                    group["lr"] = lr * config.lr_factor(step)
+                    group["lr"] = group["base_lr"] * config.lr_factor(step)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if config.clip_norm is not None:
@@ -164,10 +201,11 @@ def fit(bora: BoRA, corpus: Corpus, inference: str | None = None, checkpoint: st
                 report = evaluate(bora, corpus.valid, config.eval_batch_size)
                 state.eval_seconds += report.seconds
                 ll = report.loglik_per_token
-                state.evals.append(
-                    {"step": step, "valid_ppl": report.token_weighted, "valid_macro_ppl": report.task_macro,
-                     "valid_loglik_per_token": ll}
-                )
+                row = {"step": step, "valid_ppl": report.token_weighted, "valid_macro_ppl": report.task_macro,
+                       "valid_loglik_per_token": ll}
+                for group, (median,) in (bora.tau_quantiles((0.5,)) or {}).items():
+                    row[f"tau_median.{group}"] = median
+                state.evals.append(row)
                 if ll > state.best_ll:
                     state.best_ll, best_state, state.best_step, state.bad_evals = ll, _snapshot(), step, 0
                 else:

@@ -36,13 +36,15 @@ class BoRA:
         rank, alpha: LoRA rank r and scaling numerator (the update is scaled by alpha / r).
         tau: prior precision; 0 = independent tasks, ``float("inf")`` = one pooled adapter.
         targets: module-name suffixes to adapt (default by model type, e.g. q_proj, v_proj).
-        parameterization: "noncentered" (theta_d = Theta + tau^-1/2 z_d, Pyro's LocScaleReparam)
+        parameterization: "noncentered" (theta_d = Theta + tau^-1/2 z_d with z_d ~ N(0, I) the latent site)
             or "centered" (theta_d sampled directly around Theta).
         inference: "map" (AutoDelta guide, the paper's estimate) or "vi" (AutoNormal).
         log_likelihood: optional replacement of the LM likelihood, ``fn(task_factors, batch) -> [batch]``.
         seed: seed of the LoRA initialisation.
         init: Theta's start (and every task's), e.g. a fitted Theta to adapt new tasks to; default the
             standard LoRA start (A Kaiming-uniform from ``seed``, B zero).
+        global_scale: None (default): Theta is a parameter (flat prior, empirical Bayes); a number:
+            Theta is a latent site under Normal(0, global_scale), inferred by the guide with the rest.
 
     The model's parameters (Theta and the guide's) live in this object's own Pyro param-store
     scope: run ``bora.model`` / ``bora.guide`` inside ``with bora.param_scope():`` to use them.
@@ -62,6 +64,7 @@ class BoRA:
         seed: int = 0,
         tau_prior: TauPrior | None = None,
         init: Mapping[str, torch.Tensor] | None = None,
+        global_scale: float | None = None,
     ) -> None:
         tasks = tuple(str(t) for t in tasks)
         if len(set(tasks)) != len(tasks):
@@ -70,7 +73,7 @@ class BoRA:
         self.tasks = tasks
         self.lora = MultiTaskLoRA(lm, rank=rank, alpha=alpha, targets=targets)
         self.prior = HierarchicalPrior(self.lora.shapes(), len(tasks), parse_tau(tau), parameterization,
-                                       tau_prior or TauPrior())
+                                       tau_prior or TauPrior(), global_scale)
         self.init = self.lora.init_factors(torch.Generator().manual_seed(seed))
         if init is not None:
             if set(init) != set(self.init) or any(tuple(init[k].shape) != tuple(v.shape) for k, v in self.init.items()):
@@ -127,7 +130,7 @@ class BoRA:
 
     def sample_task_factors(self) -> dict[str, torch.Tensor]:
         """Prior part of the model. Shapes: name -> [D, *shape] ([1, *shape] when pooled)."""
-        return poutine.reparam(self.prior.sample, config=self.prior.reparam_config())(self.init)
+        return self.prior.sample(self.init)
 
     def model(self, batch: Batch) -> None:
         """The Pyro model: task-factor sites under the prior, then the scaled log-likelihood factor."""
@@ -144,11 +147,13 @@ class BoRA:
         Pooled runs return Theta repeated for every task, so shapes are the same in all modes.
         """
         with self.param_scope():
-            if values is None:
-                started = getattr(self.guide, "prototype_trace", None) is not None
-                values = self.guide.median() if started else self.prior.initial_values(self.init)
-            factors = poutine.condition(self.sample_task_factors, data=values)()
+            factors = poutine.condition(self.sample_task_factors, data=self._point_values() if values is None else values)()
         return {k: v.detach().expand(len(self.tasks), *v.shape[1:]).clone() for k, v in factors.items()}
+
+    def _point_values(self) -> dict[str, torch.Tensor]:
+        """The latent sites at the guide's median (their start before any fitting)."""
+        started = getattr(self.guide, "prototype_trace", None) is not None
+        return self.guide.median() if started else self.prior.initial_values(self.init)
 
     @torch.no_grad()
     def tau_quantiles(self, quantiles: Sequence[float] = (0.05, 0.5, 0.95)) -> dict[str, list[float]] | None:
@@ -161,11 +166,13 @@ class BoRA:
 
     @torch.no_grad()
     def global_factors(self) -> dict[str, torch.Tensor] | None:
-        """Theta (None in the independent mode, where it does not exist). Shapes: name -> [*shape]."""
+        """Theta (None in the independent mode, where it does not exist; the guide's median if latent).
+        Shapes: name -> [*shape]."""
         if self.mode == INDEPENDENT:
             return None
         with self.param_scope():
-            return {name: value.detach().clone() for name, value in self.prior.global_factors(self.init).items()}
+            theta = poutine.condition(self.prior.global_factors, data=self._point_values())(self.init)
+            return {name: value.detach().clone() for name, value in theta.items()}
 
     @torch.no_grad()
     def distance_to_global(self) -> torch.Tensor | None:

@@ -14,6 +14,7 @@ import torch
 
 from ..data.batching import Batch, Split
 from ..data.corpus import Corpus
+from .tau_prior import TauPrior
 
 
 def observation_corpus(docs_per_task: Sequence[int]) -> Corpus:
@@ -58,6 +59,49 @@ class GaussianObservations:
             resid = y[batch.doc_index] - factors[name][batch.task_index]
             total = total + (-0.5 * resid**2 / self.sigma**2).flatten(1).sum(-1)
         return total
+
+    def _task_mean_gram(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Observations per task n [D], the Gram matrix of the task means summed over all factor
+        elements G[d, e] = sum_j ybar_dj ybar_ej [D, D], and the number of elements J."""
+        num_tasks = int(self.task_index.max()) + 1
+        n = torch.bincount(self.task_index, minlength=num_tasks).double()
+        ybar = torch.cat([torch.stack([y[self.task_index == d].mean(0).flatten() for d in range(num_tasks)])
+                          for y in self.y.values()], dim=1).double()  # [D, J]
+        return n, ybar @ ybar.T, ybar.shape[1]
+
+    def tau_posterior(self, tau_prior: TauPrior, log_tau: torch.Tensor, theta: str = "empirical-bayes",
+                      em_steps: int = 200) -> torch.Tensor:
+        """Exact posterior of one shared tau on a grid of log tau (normalised weights, [grid]).
+
+        theta_d is integrated out analytically: the task mean of element j is
+        ybar_dj ~ N(Theta_j, v_d) with v_d = 1/tau + sigma^2/n_d. Theta is either
+        ``"empirical-bayes"``: a point estimate maximising p(y | Theta) = ∫ p(y | Theta, tau) p(tau) dtau
+        (found by EM on the grid) -- what BoRA fits when Theta is a ``pyro.param``, and so the exact
+        answer its VI guide approximates; or ``"integrated"``: integrated out under a flat prior.
+        Everything is computed from the Gram matrix of the task means, since Theta is always a
+        combination sum_d a_d ybar_d of them.
+        """
+        n, gram, elements = self._task_mean_gram()
+        tau = log_tau.double().exp()  # [K]
+        var = 1.0 / tau[:, None] + self.sigma**2 / n[None, :]  # [K, D]
+        weights = 1.0 / var
+        prior = tau_prior.distribution(1, torch.device("cpu")).log_prob(tau[:, None].float()).double() + log_tau
+        post = torch.softmax(prior, 0)
+
+        def log_likelihood(coef: torch.Tensor) -> torch.Tensor:  # coef [K, D]: Theta = coef @ ybar per grid point
+            cross = coef @ gram  # [K, D]: Theta . ybar_d
+            quad = (weights * (gram.diagonal()[None] - 2 * cross + (cross * coef).sum(1, keepdim=True))).sum(1)
+            return -0.5 * quad - 0.5 * elements * var.log().sum(1)  # [K]
+
+        if theta == "integrated":  # precision-weighted mean at each tau, plus the Gaussian integral over Theta
+            coef = weights / weights.sum(1, keepdim=True)
+            return torch.softmax(prior + log_likelihood(coef) - 0.5 * elements * weights.sum(1).log(), 0)
+        if theta != "empirical-bayes":
+            raise ValueError(f"theta must be 'empirical-bayes' or 'integrated', got {theta!r}")
+        for _ in range(em_steps):  # EM: Theta = sum_k p_k sum_d w_dk ybar_d / sum_k p_k sum_d w_dk
+            coef = (post[:, None] * weights).sum(0)
+            post = torch.softmax(prior + log_likelihood((coef / coef.sum()).expand_as(weights)), 0)
+        return post
 
     def closed_form(self, name: str, tau: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Theta (empirical Bayes / MAP), the posterior means of theta_d, and their posterior sds.

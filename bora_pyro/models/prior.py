@@ -5,9 +5,14 @@
     tau = inf  "pooled":      no task sites; every task uses Theta
     tau = "learn"             tau is a latent site ``tau`` under a hyperprior (see tau_prior.py)
 
-Theta (one tensor per factor, ``global.<layer>.A|B``) is a ``pyro.param`` (flat prior).
+Theta (one tensor per factor, ``global.<layer>.A|B``) is a ``pyro.param`` (flat prior; the fit is
+empirical Bayes for Theta), or, with ``global_scale`` set, a latent site under Normal(0, global_scale)
+outside the task plate, so that its uncertainty is integrated over (what a learned tau needs to be
+calibrated: see experiments/tau_recovery.py).
 Task factors are ``pyro.sample`` sites ``task.<layer>.A|B`` of shape [D, ...] inside
-``pyro.plate("tasks", D)``.
+``pyro.plate("tasks", D)``; in the non-centred form the latent sites are the standardised
+deviations ``task.<layer>.A|B_decentered`` (z_d ~ N(0, I)) and ``task.<layer>.A|B`` is deterministic.
+Densities use :class:`StackedNormal` (cheap over millions of elements).
 """
 
 from __future__ import annotations
@@ -20,8 +25,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
-from pyro.infer.reparam import LocScaleReparam
-
+from .stacked_normal import StackedNormal
 from .tau_prior import TAU_SITE, TauPrior
 
 INDEPENDENT, HIERARCHICAL, POOLED = "independent", "hierarchical", "pooled"
@@ -54,6 +58,20 @@ def parse_tau(value: str | float) -> Tau:
     return tau
 
 
+def parse_global_prior(text: str) -> float | None:
+    """``"flat"`` -> None (Theta a parameter); ``"normal:SCALE"`` -> SCALE (Theta latent). Raises with the bad value."""
+    kind, _, scale = text.strip().lower().partition(":")
+    if kind == "flat" and not scale:
+        return None
+    try:
+        value = float(scale) if kind == "normal" else float("nan")
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < math.inf:
+        raise ValueError(f"global prior must be 'flat' or 'normal:SCALE' with SCALE > 0, got {text!r}")
+    return value
+
+
 def task_site(name: str) -> str:
     return f"task.{name}"
 
@@ -75,6 +93,7 @@ class HierarchicalPrior:
     tau: Tau
     parameterization: str = "noncentered"
     tau_prior: TauPrior = TauPrior()  # used only when tau == "learn"
+    global_scale: float | None = None  # None: Theta is a parameter; else Theta ~ Normal(0, global_scale)
 
     def __post_init__(self) -> None:
         parse_tau(self.tau)
@@ -82,6 +101,13 @@ class HierarchicalPrior:
             raise ValueError(f"need at least one task, got num_tasks={self.num_tasks}")
         if self.parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {self.parameterization!r}")
+        if self.global_scale is not None and not (0 < self.global_scale < math.inf):
+            raise ValueError(f"global_scale must be a finite number > 0 or None, got {self.global_scale!r}")
+
+    @property
+    def latent_global(self) -> bool:
+        """Theta is a latent site (not in the independent mode, where it does not exist)."""
+        return self.global_scale is not None and self.mode != INDEPENDENT
 
     @property
     def mode(self) -> str:
@@ -96,38 +122,42 @@ class HierarchicalPrior:
         return self.tau_prior.group_names(list(self.shapes))
 
     def global_factors(self, init: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Theta: one ``pyro.param`` per factor. Shapes: name -> [*shape]."""
-        return {name: pyro.param(global_param(name), lambda name=name: init[name].clone()) for name in self.shapes}
-
-    def reparam_config(self) -> dict[str, LocScaleReparam]:
-        """Pyro reparam config of the non-centred form: theta_d = Theta + tau^(-1/2) z_d."""
-        if not self.noncentered:
-            return {}
-        return {task_site(name): LocScaleReparam(centered=0.0) for name in self.shapes}
+        """Theta: one ``pyro.param`` per factor, or one latent site each (``global_scale``).
+        Shapes: name -> [*shape]."""
+        if not self.latent_global:
+            return {name: pyro.param(global_param(name), lambda name=name: init[name].clone()) for name in self.shapes}
+        return {name: pyro.sample(global_param(name), dist.Normal(torch.zeros_like(init[name]), self.global_scale)
+                                  .to_event(init[name].dim())) for name in self.shapes}
 
     def sample(self, init: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Sample (or, under a guide, look up) the task factors. Shapes: name -> [D or 1, *shape].
 
-        Must run under ``poutine.reparam(config=self.reparam_config())`` for the non-centred form.
+        Non-centred: z_d ~ N(0, I) is the latent site ``task.<name>_decentered`` and
+        theta_d = Theta + tau^(-1/2) z_d is recorded as the deterministic site ``task.<name>``.
         """
         if self.mode == POOLED:
             return {name: theta.unsqueeze(0) for name, theta in self.global_factors(init).items()}
         theta = self.global_factors(init) if self.mode == HIERARCHICAL else {}
+        device = next(iter(init.values())).device
         if self.learned:
-            device = next(iter(init.values())).device
-            tau = self.tau_prior.sample(len(self.tau_groups()), device)  # [groups]
+            scales = self.tau_prior.sample(len(self.tau_groups()), device) ** -0.5  # [groups]
             group = self.tau_prior.group_index(list(self.shapes))
+        elif self.mode == HIERARCHICAL:
+            fixed_scale = torch.tensor(self.tau**-0.5, device=device)
         out = {}
         with pyro.plate("tasks", self.num_tasks, dim=-1):
             for name, shape in self.shapes.items():
+                site = task_site(name)
                 if self.mode == INDEPENDENT:
-                    prior = dist.ImproperUniform(constraints.real, (self.num_tasks,), torch.Size(shape))
+                    out[name] = pyro.sample(site, dist.ImproperUniform(constraints.real, (self.num_tasks,), shape))
+                    continue
+                scale = scales[group[name]] if self.learned else fixed_scale  # []
+                if self.noncentered:
+                    z = pyro.sample(f"{site}_decentered", StackedNormal(None, torch.ones((), device=device), shape,
+                                                                         (self.num_tasks,)))
+                    out[name] = pyro.deterministic(site, theta[name] + scale * z, event_dim=len(shape))
                 else:
-                    loc = theta[name].expand(self.num_tasks, *shape)
-                    scale = (tau[group[name]] if self.learned else torch.tensor(self.tau, device=loc.device)) ** -0.5
-                    scale = scale.expand(loc.shape)
-                    prior = dist.Normal(loc, scale).to_event(len(shape))
-                out[name] = pyro.sample(task_site(name), prior)
+                    out[name] = pyro.sample(site, StackedNormal(theta[name], scale, shape, (self.num_tasks,)))
         return out
 
     @property
@@ -135,9 +165,14 @@ class HierarchicalPrior:
         return self.mode == HIERARCHICAL and self.parameterization == "noncentered"
 
     def initial_values(self, init: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Guide start: every task at Theta's start (so z = 0 in the non-centred form, where the
-        reparameteriser derives the decentred start from the task site's start)."""
-        values = {task_site(name): value.expand(self.num_tasks, *value.shape).clone() for name, value in init.items()}
+        """Guide start: Theta (if latent) and every task at Theta's start (z = 0 in the non-centred form)."""
+        if self.noncentered:  # z = 0
+            values = {f"{task_site(name)}_decentered": torch.zeros(self.num_tasks, *value.shape, device=value.device)
+                      for name, value in init.items()}
+        else:
+            values = {task_site(name): value.expand(self.num_tasks, *value.shape).clone() for name, value in init.items()}
+        if self.latent_global:
+            values.update({global_param(name): value.clone() for name, value in init.items()})
         if self.learned:
             device = next(iter(init.values())).device
             values[TAU_SITE] = torch.full((len(self.tau_groups()),), self.tau_prior.median(), device=device)

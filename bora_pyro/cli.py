@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from .data.corpus import CORPUS_FORMS, CorpusConfig
+from .distributed import World, init_distributed
 from .export import export_merged, export_peft
 from .generation import task_indices
 from .inference.config import TrainConfig
@@ -75,6 +76,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="--tau learn: one tau, or one per module type (q_proj, v_proj...)")
     g.add_argument("--global-prior", default=d_adapter.global_prior,
                    help="Theta: flat (a parameter, empirical Bayes) or normal:SCALE (a latent site, inferred)")
+    g.add_argument("--init-peft", default=None, metavar="DIR",
+                   help="start Theta and every task from this PEFT LoRA adapter (same rank and target modules)")
     g = p.add_argument_group("training")
     g.add_argument("--steps", type=int, default=d_train.steps)
     g.add_argument("--batch-size", type=int, default=d_train.batch_size)
@@ -90,6 +93,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-every", type=int, default=d_train.eval_every, help="validate every N steps")
     g.add_argument("--patience", type=int, default=None, help="early stop after N validations without improvement")
     g.add_argument("--eval-batch-size", type=int, default=d_train.eval_batch_size)
+    g.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute decoder layers in the backward pass: less memory for long sequences, ~1 more forward")
+    g.add_argument("--bf16", action="store_true", help="bfloat16 autocast of the base LM (for GPUs)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--checkpoint-every", type=int, default=None,
                    help="save a resumable checkpoint every N steps (in RUN.checkpoint/)")
@@ -107,6 +113,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tau", default="100",
                    help="prior precision: a number >= 0, 0 = independent, inf = pooled, learn = inferred (with --inference vi)")
     _add_run_options(p)
+    p.add_argument("--distributed", action="store_true",
+                   help="data-parallel over the processes of `torchrun --nproc_per_node N` / `accelerate launch` "
+                        "(gloo on CPU, nccl on GPU); --batch-size is the global batch")
     p.set_defaults(func=_train)
 
 
@@ -136,18 +145,21 @@ def _spec_from_args(a: argparse.Namespace, tau: str | float) -> RunSpec:
     adapter = AdapterConfig(rank=a.rank, alpha=a.alpha, tau=tau, targets=a.targets,
                             parameterization=a.parameterization, inference=a.inference, init_seed=a.seed,
                             tau_prior=a.tau_prior, tau_groups=a.tau_groups,
-                            global_prior=a.global_prior)
+                            global_prior=a.global_prior, init_peft=a.init_peft)
     train = TrainConfig(
         steps=a.steps, batch_size=a.batch_size, lr=a.lr, guide_lr=a.guide_lr, lr_schedule=a.lr_schedule, weight_decay=a.weight_decay,
         clip_norm=a.clip_norm or None, lr_tau_scaling=a.lr_tau_scaling, lr_tau_reference=a.lr_tau_reference,
         eval_every=a.eval_every, patience=a.patience, eval_batch_size=a.eval_batch_size, seed=a.seed,
         progress=not a.no_progress, checkpoint_every=a.checkpoint_every,
+        gradient_checkpointing=a.gradient_checkpointing, bf16=a.bf16,
     )
     return RunSpec(model=a.model, data=a.data, device=a.device, corpus=corpus, adapter=adapter, train=train,
                    posterior_samples=a.posterior_samples, trust_remote_code=a.trust_remote_code)
 
 
 def _train(a: argparse.Namespace) -> None:
+    if a.distributed:
+        init_distributed()
     if a.resume:
         a.out = a.resume
         metrics = train_run(resume_spec(a.resume), a.resume)
@@ -155,6 +167,8 @@ def _train(a: argparse.Namespace) -> None:
         raise ValueError("train needs --out RUN (or --resume RUN)")
     else:
         metrics = train_run(_spec_from_args(a, a.tau), a.out, overwrite=a.overwrite)
+    if not World.current().is_main:
+        return
     print(f"wrote {a.out}")
     print(
         f"test perplexity: {metrics['test_ppl']:.2f} (task-macro {metrics['test_macro_ppl']:.2f}); "
@@ -174,6 +188,10 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--books", type=_csv_list, default=None, help="bible-books: comma-separated titles")
     p.add_argument("--task-column", default=None)
     p.add_argument("--text-column", default=None)
+    p.add_argument("--max-train-docs", type=_optional_int, default=None,
+                   help="cap on training documents per new task (default: the source run's)")
+    p.add_argument("--max-eval-docs", type=_optional_int, default=None,
+                   help="cap on validation and test documents per new task (default: the source run's)")
     p.add_argument("--steps", type=int, default=None, help="default: the source run's")
     p.add_argument("--lr", type=float, default=None, help="default: the source run's")
     p.add_argument("--eval-every", type=int, default=None, help="default: the source run's")
@@ -182,7 +200,8 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
 
 
 def _adapt(a: argparse.Namespace) -> None:
-    corpus = {k: v for k, v in {"books": a.books, "task_column": a.task_column, "text_column": a.text_column}.items()
+    corpus = {k: v for k, v in {"books": a.books, "task_column": a.task_column, "text_column": a.text_column,
+                                "max_train_docs": a.max_train_docs, "max_eval_docs": a.max_eval_docs}.items()
               if v is not None}
     train = {k: v for k, v in {"steps": a.steps, "lr": a.lr, "eval_every": a.eval_every}.items() if v is not None}
     if a.no_progress:

@@ -11,6 +11,7 @@ import pandas as pd
 import torch
 
 from .data.batching import Batch, Split
+from .distributed import World
 from .lora import Factors
 
 if TYPE_CHECKING:
@@ -69,11 +70,16 @@ def document_log_likelihoods(
     log_likelihood: Callable[[Batch], torch.Tensor], split: Split, device: torch.device, batch_size: int = 16
 ) -> torch.Tensor:
     """log L of every document of ``split`` (in document order), scored once in length-bucketed
-    batches with ``log_likelihood(batch) -> [batch]``. Shapes: -> [docs] (float64, CPU)."""
-    out = torch.zeros(len(split), dtype=torch.float64)
-    for batch in split.eval_batches(batch_size):
-        out[batch.doc_index] = log_likelihood(batch.to(device)).double().cpu()
-    return out
+    batches with ``log_likelihood(batch) -> [batch]``. Shapes: -> [docs] (float64, CPU).
+
+    Under data-parallel training every rank scores its share of the batches and the results are
+    summed over ranks (every rank must call this)."""
+    world = World.current()
+    out = torch.zeros(len(split), dtype=torch.float64, device=device if world.active else "cpu")
+    for i, batch in enumerate(split.eval_batches(batch_size)):
+        if i % world.size == world.rank:
+            out[batch.doc_index.to(out.device)] = log_likelihood(batch.to(device)).double().to(out.device)
+    return world.sum(out).cpu()
 
 
 def report_from_documents(split: Split, doc_loglik: torch.Tensor, seconds: float) -> PerplexityReport:

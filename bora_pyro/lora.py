@@ -19,6 +19,7 @@ from typing import Iterator, Mapping
 
 import torch
 from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 # Default target modules by Hugging Face ``model_type`` (LoRA paper / PEFT convention: q and v).
 DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
@@ -159,7 +160,29 @@ class MultiTaskLoRA:
             p.requires_grad_(False)
         self.layers: dict[str, MultiTaskLoRALinear] = {}
         self.adapted: list[AdaptedLayer] = []
+        self.gradient_checkpointing = False
+        self.bf16 = False
         self._wrap()
+
+    def configure(self, gradient_checkpointing: bool = False, bf16: bool = False) -> None:
+        """Compute options. ``gradient_checkpointing``: keep only each decoder layer's input and
+        recompute the layer in the backward pass (less activation memory, one more forward; for
+        long sequences). ``bf16``: run the LM under bfloat16 autocast (meant for GPUs; the LoRA
+        factors, optimizer and log-probabilities stay float32)."""
+        if gradient_checkpointing and not getattr(self.lm, "supports_gradient_checkpointing", False):
+            raise ValueError(f"{type(self.lm).__name__} does not support gradient checkpointing")
+        if gradient_checkpointing:
+            self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif self.gradient_checkpointing:
+            self.lm.gradient_checkpointing_disable()
+        for module in self.lm.modules():  # HF checkpoints a layer only in training mode: flag the layers alone,
+            if isinstance(module, GradientCheckpointingLayer):  # so that dropout etc. inside them stay in eval mode
+                module.training = gradient_checkpointing
+        self.gradient_checkpointing, self.bf16 = gradient_checkpointing, bf16
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bfloat16 autocast when configured (see :meth:`configure`), else nothing."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     def _wrap(self) -> None:
         matches = [
@@ -222,8 +245,9 @@ class MultiTaskLoRA:
                 layer._task_index = task_index
             yield
         finally:
-            for layer in self.layers.values():
-                layer._A = layer._B = layer._task_index = None
+            if not self.gradient_checkpointing:  # the backward pass re-runs the layers and needs the factors
+                for layer in self.layers.values():
+                    layer._A = layer._B = layer._task_index = None
 
     def init_factors(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Standard LoRA start for one adapter: A Kaiming-uniform (as PEFT/nn.Linear), B zero.

@@ -30,7 +30,9 @@ from .models.bora import BoRA
 from .models.guides import INFERENCE
 from .models.prior import PARAMETERIZATIONS, parse_global_prior, parse_tau
 from .models.tau_prior import TauPrior
+from .peft_import import import_peft
 from .plots import plot_training_curve
+from .distributed import World
 from .predictive import calibration, posterior_draws, posterior_predictive
 from .diagnostics import POSTERIOR_FILE, to_inference_data
 
@@ -51,6 +53,7 @@ class AdapterConfig:
     tau_prior: str = "lognormal:4.6,2"  # hyperprior of a learned tau (see models/tau_prior.py)
     tau_groups: str = "global"  # learned tau: "global" or one per "module" type
     global_prior: str = "flat"  # Theta a parameter, or "normal:SCALE": Theta latent (see models/prior.py)
+    init_peft: str | None = None  # a PEFT LoRA adapter folder: the start of Theta and every task
 
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or self.rank < 1:
@@ -186,7 +189,10 @@ def train_run(spec: RunSpec, out: str | Path, overwrite: bool = False) -> dict:
     out = _check_out(out, overwrite)
     lm, tokenizer = spec.load_model()
     corpus = load_corpus(spec.data, tokenizer, **spec.corpus.to_dict())
-    return _fit_and_save(spec, spec.adapter.build(lm, corpus.tasks), corpus, out, overwrite, started)
+    bora = spec.adapter.build(lm, corpus.tasks)
+    if spec.adapter.init_peft is not None:
+        bora.start_from(import_peft(bora.lora, spec.adapter.init_peft))
+    return _fit_and_save(spec, bora, corpus, out, overwrite, started)
 
 
 def adapt_run(source: str | Path, data: str, out: str | Path, overwrite: bool = False,
@@ -228,8 +234,9 @@ def _fit_and_save(spec: RunSpec, bora: BoRA, corpus: Corpus, out: Path, overwrit
     log.info("%d tasks, %d train docs; %d LoRA parameters per task", len(corpus.tasks), len(corpus.train),
              bora.lora.num_parameters())
     base_test = evaluate(bora, corpus.test, spec.train.eval_batch_size, base_model=True)
+    world = World.current()
     checkpoint = checkpoint_folder(out) if spec.train.checkpoint_every else None
-    if checkpoint is not None:
+    if checkpoint is not None and world.is_main:
         checkpoint.mkdir(parents=True, exist_ok=True)
         write_json(checkpoint / "spec.json", spec.to_dict())
     result = fit(bora, corpus, checkpoint=checkpoint, freeze_global=freeze_global, **spec.train.to_dict())
@@ -274,7 +281,10 @@ def _fit_and_save(spec: RunSpec, bora: BoRA, corpus: Corpus, out: Path, overwrit
         "test_brier": calib["brier"],
         "posterior_samples": spec.posterior_samples,
         "device": str(bora.device),
+        "processes": world.size,
     }
+    if not world.is_main:  # data-parallel: rank 0 alone writes the run folder
+        return metrics
     with atomic_folder(out, overwrite=overwrite) as tmp:
         config = {"format": RUN_FORMAT, "bora_pyro_version": __version__, "torch_version": torch.__version__,
                   "python": platform.python_version(), "tasks": list(corpus.tasks), **spec.to_dict(),

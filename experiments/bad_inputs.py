@@ -48,9 +48,13 @@ def main_table() -> None:
     data = ["--data", f"csv:{good}"]
     (tmp / "exists").mkdir()
     (tmp / "exists" / "keep.txt").write_text("x")
-    assert main(train + data + ["--out", str(tmp / "ok")]) == 0
     old = tmp / "old"
-    main(train + data + ["--out", str(old)])
+    with contextlib.redirect_stdout(io.StringIO()):  # the two good runs' own output is not part of the table
+        assert main(train + data + ["--out", str(tmp / "ok")]) == 0
+        main(train + data + ["--out", str(old)])
+    (tmp / "dora").mkdir()
+    (tmp / "dora" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16,
+                                                                  "use_dora": True}))
     config = json.loads((old / "config.json").read_text())
     (old / "config.json").write_text(json.dumps({**config, "format": 0, "bora_pyro_version": "0.0.1"}))
     cases = [
@@ -73,6 +77,10 @@ def main_table() -> None:
         ("run folder from an incompatible version", ["evaluate", str(old)]),
         ("unknown task at generation", ["generate", str(tmp / "ok"), "--task", "zz", "--prompt", "hi"]),
         ("resume without a checkpoint", ["train", "--resume", str(tmp / "nothing")]),
+        ("PEFT adapter to start from is DoRA", train + data + ["--init-peft", str(tmp / "dora"), "--out", str(tmp / "r")]),
+        ("PEFT adapter folder missing", train + data + ["--init-peft", str(tmp / "nowhere"), "--out", str(tmp / "r")]),
+        ("--distributed without torchrun", train + data + ["--distributed", "--out", str(tmp / "r")]),
+        ("--global-prior malformed", train + data + ["--global-prior", "normal:-1", "--out", str(tmp / "r")]),
     ]
     print("| bad input | exit code | what the user sees |")
     print("|---|---|---|")

@@ -83,3 +83,43 @@ def test_corpus_and_model_tasks_must_match(make_corpus, tiny_lm):
     bora = bora_pyro.BoRA(tiny_lm[0], ["other", "tasks", "here"], rank=2)
     with pytest.raises(ValueError, match="differ from the model's tasks"):
         bora_pyro.fit(bora, corpus, steps=1, progress=False)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(make_corpus, tiny_lm):
+    from bora_pyro.inference.svi import objective, trainable_parameters
+
+    corpus = make_corpus()
+    bora = bora_pyro.BoRA(tiny_lm[0], corpus.tasks, rank=2, tau=10.0)
+    bora_pyro.fit(bora, corpus, steps=2, batch_size=4, eval_every=2, progress=False, lr=0.05)  # B != 0
+    batch = corpus.train.collate([0, 4, 9, 13])
+    loss_fn = objective(bora)
+    results, calls = [], []
+    layer = next(iter(bora.lora.layers.values()))
+    layer.register_forward_hook(lambda *_: calls.append(1))
+    for checkpointing in (False, True):
+        bora.lora.configure(gradient_checkpointing=checkpointing)
+        calls.clear()
+        with bora.param_scope():
+            params = trainable_parameters(bora, loss_fn, batch)
+            for p in params.values():
+                p.grad = None
+            loss = loss_fn(bora, batch)
+            loss.backward()
+            results.append((loss.detach(), {k: p.grad.clone() for k, p in params.items()}))
+        # trainable_parameters and the loss each run the layer once; checkpointing re-runs it in backward
+        assert len(calls) == (3 if checkpointing else 2)
+    (loss0, grads0), (loss1, grads1) = results
+    torch.testing.assert_close(loss1, loss0)
+    for name in grads0:
+        torch.testing.assert_close(grads1[name], grads0[name], atol=1e-6, rtol=1e-5)
+    assert any(g.abs().max() > 0 for n, g in grads0.items() if n.endswith(".B_decentered"))
+
+
+def test_bf16_autocast_trains_close_to_float32(make_corpus, tiny_lm):
+    corpus = make_corpus()
+    losses = {}
+    for bf16 in (False, True):
+        bora = bora_pyro.BoRA(bora_pyro.base_models.tiny_random_llama()[0], corpus.tasks, rank=2, tau=10.0)
+        result = bora_pyro.fit(bora, corpus, steps=3, batch_size=4, eval_every=3, progress=False, bf16=bf16)
+        losses[bf16] = result.losses[-1]["loss_per_token"]
+    assert losses[True] == pytest.approx(losses[False], rel=0.02)

@@ -193,3 +193,19 @@ def test_stacked_normal_is_the_elementwise_normal_density():
     torch.testing.assert_close(draws.mean((0, 1)), loc, atol=0.05, rtol=0)
     with pytest.raises(ValueError, match="0-dim scale"):
         StackedNormal(loc, torch.ones(3), (3, 5))
+
+
+def test_closed_form_kl_to_the_task_prior_matches_torch():
+    import pyro.distributions as dist
+    from torch.distributions import kl_divergence
+
+    from bora_pyro.models.stacked_normal import StackedNormal
+
+    g = torch.Generator().manual_seed(0)
+    loc, scale = torch.randn(4, 3, 5, generator=g), torch.rand(4, 3, 5, generator=g) + 0.1
+    q = dist.Normal(loc, scale).to_event(2)
+    prior_loc, prior_scale = torch.randn(3, 5, generator=g), torch.tensor(0.3)
+    for p_ours, p_torch in [(StackedNormal(prior_loc, prior_scale, (3, 5), (4,)), dist.Normal(prior_loc, prior_scale)),
+                            (StackedNormal(None, prior_scale, (3, 5), (4,)), dist.Normal(0.0, prior_scale))]:
+        expected = kl_divergence(q, p_torch.expand((4, 3, 5)).to_event(2))
+        torch.testing.assert_close(kl_divergence(q, p_ours), expected)

@@ -70,10 +70,10 @@ def test_guide_lr_moves_only_the_uncertainty_parameters(make_corpus, tiny_lm):
         locs = {n: store[n] for n in store.keys() if ".locs." in n}
         scales = {n: store[n] for n in store.keys() if ".scales." in n}
     moved = lambda a, b: not torch.allclose(a, b, atol=1e-6)  # noqa: E731
-    assert moved(locs["AutoNormal.locs.tau"], torch.tensor([math.log(TauPrior().median())]))
+    assert moved(locs["MeanFieldNormal.locs.tau"], torch.tensor([math.log(TauPrior().median())]))
     assert all(moved(v, torch.full_like(v, 1e-3)) for v in scales.values())
-    assert not any(moved(v, start[n.removeprefix("AutoNormal.locs.")]) for n, v in locs.items()
-                   if n.startswith("AutoNormal.locs.task"))
+    assert not any(moved(v, start[n.removeprefix("MeanFieldNormal.locs.")]) for n, v in locs.items()
+                   if n.startswith("MeanFieldNormal.locs.task"))
 
 
 def test_exact_tau_posterior_concentrates_on_the_simulated_precision():

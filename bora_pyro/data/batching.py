@@ -89,8 +89,8 @@ class Split:
         tasks = torch.as_tensor([self.task_index[i] for i in indices], dtype=torch.long)
         return Batch(input_ids, mask, labels, tasks, index, len(self))
 
-    def train_batches(self, batch_size: int, seed: int = 0, start_step: int = 0) -> Iterator[Batch]:
-        """Endless mixed-task batches drawn uniformly over documents, reshuffled every epoch.
+    def train_batch_indices(self, batch_size: int, seed: int = 0, start_step: int = 0) -> Iterator[list[int]]:
+        """Endless mixed-task batches of document indices drawn uniformly, reshuffled every epoch.
 
         Deterministic given ``seed``; ``start_step`` skips that many batches (for resuming).
         """
@@ -104,8 +104,12 @@ class Split:
                 order += rng.permutation(len(self)).tolist()
             chosen, order = order[:batch_size], order[batch_size:]
             if step >= start_step:
-                yield self.collate(chosen)
+                yield chosen
             step += 1
+
+    def train_batches(self, batch_size: int, seed: int = 0, start_step: int = 0) -> Iterator[Batch]:
+        """:meth:`train_batch_indices`, collated."""
+        return (self.collate(chosen) for chosen in self.train_batch_indices(batch_size, seed, start_step))
 
     def eval_batches(self, batch_size: int) -> Iterator[Batch]:
         """All documents once, in batches of similar length (length bucketing cuts padding)."""

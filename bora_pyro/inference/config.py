@@ -34,6 +34,8 @@ class TrainConfig:
     seed: int = 0
     progress: bool = True
     checkpoint_every: int | None = None  # steps between checkpoints (needs a checkpoint folder)
+    gradient_checkpointing: bool = False  # recompute decoder layers in the backward pass (long sequences)
+    bf16: bool = False  # bfloat16 autocast of the LM (GPU)
 
     def __post_init__(self) -> None:
         positive_ints = ("steps", "batch_size", "eval_every", "eval_batch_size", "num_particles")

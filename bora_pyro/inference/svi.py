@@ -1,15 +1,17 @@
 """The SVI loop: minibatch ELBO (MAP with AutoDelta, VI with AutoNormal), AdamW, validation, early stop.
 
-The loss is Pyro's ``Trace_ELBO`` on ``(bora.model, bora.guide)``; with an AutoDelta guide it is
-the negative log-posterior (up to a constant), whose minimiser is the paper's MAP estimate. The
-parameters (Theta and the guide's) are optimised with ``torch.optim.AdamW`` and global gradient
-norm clipping. With ``checkpoint`` set, the loop state is saved every ``checkpoint_every`` steps and
+The loss (:func:`objective`) is the negative ELBO of ``(bora.model, bora.guide)``: with an AutoDelta
+guide, the negative log-posterior at the guide's point (up to a constant), whose minimiser is the
+paper's MAP estimate; with AutoNormal, Pyro's ``TraceMeanField_ELBO``. The parameters (Theta and the
+guide's) are optimised with ``torch.optim.AdamW`` and global gradient norm clipping; under
+``torchrun`` the ranks' gradients are averaged first (see :mod:`bora_pyro.distributed`). With ``checkpoint`` set, the loop state is saved every ``checkpoint_every`` steps and
 a later call with the same folder resumes from it, ending exactly where an uninterrupted run would.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +20,13 @@ from typing import Callable
 import pyro
 import torch
 from pyro import poutine
-from pyro.infer import Trace_ELBO
+from pyro.infer import TraceMeanField_ELBO
 from pyro.infer.util import is_validation_enabled
 from tqdm.auto import tqdm
 
 from ..data.batching import Batch
 from ..data.corpus import Corpus
+from ..distributed import World
 from ..evaluation import evaluate
 from ..models.bora import BoRA
 from ..models.guides import is_uncertainty_parameter
@@ -103,10 +106,12 @@ def map_loss(bora: BoRA, batch: Batch) -> torch.Tensor:
 
 
 def objective(bora: BoRA, num_particles: int = 1) -> Loss:
-    """The training loss of ``bora``'s guide: :func:`map_loss` for MAP, ``Trace_ELBO`` for VI."""
+    """The training loss of ``bora``'s guide: :func:`map_loss` for MAP; for VI the negative ELBO with
+    the task sites' KL to their prior in closed form (``TraceMeanField_ELBO``; AutoNormal is mean-field)
+    and Monte Carlo for the rest (the likelihood, a learned tau)."""
     if bora.inference == "map":
         return map_loss
-    elbo = Trace_ELBO(num_particles=num_particles, vectorize_particles=False)
+    elbo = TraceMeanField_ELBO(num_particles=num_particles, vectorize_particles=False)
     return lambda model, batch: elbo.differentiable_loss(model.model, model.guide, batch)
 
 
@@ -148,10 +153,13 @@ def fit(bora: BoRA, corpus: Corpus, inference: str | None = None, checkpoint: st
         **options: fields of :class:`TrainConfig` (``steps``, ``batch_size``, ``lr``...).
     """
     config = TrainConfig(**options)
+    world = World.current()
+    world.check_batch_size(config.batch_size)
     if corpus.tasks != bora.tasks:
         raise ValueError(f"corpus tasks {list(corpus.tasks)} differ from the model's tasks {list(bora.tasks)}")
     if inference is not None and inference != bora.inference:
         bora.use_inference(inference)
+    bora.lora.configure(gradient_checkpointing=config.gradient_checkpointing, bf16=config.bf16)
     pyro.set_rng_seed(config.seed)
     lr = config.learning_rate(bora.tau)
     loss_fn = objective(bora, config.num_particles)
@@ -169,19 +177,22 @@ def fit(bora: BoRA, corpus: Corpus, inference: str | None = None, checkpoint: st
             state, best_state = load_checkpoint(checkpoint, optimizer, fingerprint)
             log.warning("resuming from %s at step %d", checkpoint, state.step)
         result = FitResult(config=config, lr=lr, state=state)
-        batches = corpus.train.train_batches(config.batch_size, seed=config.seed, start_step=state.step)
+        batches = corpus.train.train_batch_indices(config.batch_size, seed=config.seed, start_step=state.step)
         validate, first_step = is_validation_enabled(), state.step + 1
-        bar = tqdm(range(state.step + 1, config.steps + 1), desc=f"fit tau={bora.tau}", disable=not config.progress,
+        bar = tqdm(range(state.step + 1, config.steps + 1), desc=f"fit tau={bora.tau}", disable=not (config.progress and world.is_main),
                    initial=state.step, total=config.steps)
         for step in bar:
-            batch = next(batches).to(device)
+            batch = corpus.train.collate(world.shard(next(batches))).to(device)  # this rank's share
             start = time.perf_counter()
             with pyro.validation_enabled(validate and step == first_step):  # Pyro's checks once, not every step
                 loss = loss_fn(bora, batch)
-            if not torch.isfinite(loss):
+            # the global loss (mean over ranks) and scored tokens (sum), for logging and the finiteness check
+            loss_value, tokens = world.sum(torch.stack([loss.detach() / world.size,
+                                                        scored_tokens(batch.labels).sum().to(loss)])).tolist()
+            if not math.isfinite(loss_value):
                 where = f"; the last good checkpoint is in {checkpoint}" if checkpoint is not None else ""
                 raise FloatingPointError(
-                    f"non-finite loss {loss.item()} at step {step}; lower the learning rate (lr={lr:g}) "
+                    f"non-finite loss {loss_value} at step {step}; lower the learning rate (lr={lr:g}) "
                     f"or enable clipping (clip_norm){where}"
                 )
             if optimizer is not None:
@@ -189,14 +200,15 @@ def fit(bora: BoRA, corpus: Corpus, inference: str | None = None, checkpoint: st
                     group["lr"] = group["base_lr"] * config.lr_factor(step)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                world.average_gradients(params)
                 if config.clip_norm is not None:
                     torch.nn.utils.clip_grad_norm_(params, config.clip_norm)
                 optimizer.step()
             state.train_seconds += time.perf_counter() - start
-            state.train_tokens += int(scored_tokens(batch.labels).sum())
+            state.train_tokens += int(tokens)
             state.step = step
-            state.losses.append({"step": step, "loss_per_token": loss.item() / total_tokens})
-            postfix = {"loss/tok": f"{loss.item() / total_tokens:.3f}"}
+            state.losses.append({"step": step, "loss_per_token": loss_value / total_tokens})
+            postfix = {"loss/tok": f"{loss_value / total_tokens:.3f}"}
             if step % config.eval_every == 0 or step == config.steps:
                 report = evaluate(bora, corpus.valid, config.eval_batch_size)
                 state.eval_seconds += report.seconds
@@ -212,7 +224,7 @@ def fit(bora: BoRA, corpus: Corpus, inference: str | None = None, checkpoint: st
                     state.bad_evals += 1
                 postfix["valid_ppl"] = f"{report.token_weighted:.2f}"
             bar.set_postfix(postfix)
-            if checkpoint is not None and config.checkpoint_every and step % config.checkpoint_every == 0:
+            if checkpoint is not None and config.checkpoint_every and step % config.checkpoint_every == 0 and world.is_main:
                 save_checkpoint(checkpoint, optimizer, state, best_state, fingerprint)
             if config.patience is not None and state.bad_evals >= config.patience:
                 result.stopped_early = True

@@ -75,15 +75,23 @@ class BoRA:
         self.prior = HierarchicalPrior(self.lora.shapes(), len(tasks), parse_tau(tau), parameterization,
                                        tau_prior or TauPrior(), global_scale)
         self.init = self.lora.init_factors(torch.Generator().manual_seed(seed))
-        if init is not None:
-            if set(init) != set(self.init) or any(tuple(init[k].shape) != tuple(v.shape) for k, v in self.init.items()):
-                raise ValueError("init must give every factor of the adapted layers with its per-task shape")
-            self.init = {k: init[k].to(v) for k, v in self.init.items()}
         self.log_likelihood: LogLikelihood = log_likelihood or (lambda f, b: lm_log_likelihood(self.lora, f, b))
         self._store = {"params": {}, "constraints": {}}
         self._scope_active = False
         self.inference = inference
         self.guide = self._make_guide(inference)
+        if init is not None:
+            self.start_from(init)
+
+    def start_from(self, init: Mapping[str, torch.Tensor]) -> None:
+        """Make ``init`` (name -> [*shape], every factor) the start of Theta and of every task, e.g. a
+        fitted Theta or an imported PEFT adapter. Forgets anything fitted so far."""
+        if set(init) != set(self.init) or any(tuple(init[k].shape) != tuple(v.shape) for k, v in self.init.items()):
+            raise ValueError("init must give every factor of the adapted layers with its per-task shape")
+        self.init = {k: init[k].detach().to(v).clone() for k, v in self.init.items()}
+        with self.param_scope():
+            pyro.get_param_store().clear()
+        self.guide = self._make_guide(self.inference)
 
     @property
     def tau(self) -> float | str:

@@ -33,7 +33,7 @@ def lm_logits(lora: MultiTaskLoRA, factors: Factors | None, batch: Batch) -> tor
     ``factors`` are stacked per-task LoRA factors ([D, r, in] / [D, out, r], D = 1 for pooled);
     ``None`` runs the bare base model. Shapes: -> [batch, tokens, vocab].
     """
-    with lora.activate(factors, batch.task_index):
+    with lora.activate(factors, batch.task_index), lora.autocast():
         return lora.lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
 
 

@@ -45,7 +45,8 @@ def to_inference_data(
             sq = sum(((draw.factors[n] - theta[n]) ** 2).flatten(1).sum(1) for n in theta)
             distance.append(sq.sqrt().cpu().numpy())
     posterior = {"norm": np.stack(norm)[None]}  # [chain=1, draw, task]
-    dims = {"norm": ["task"], "distance": ["task"], "tau": ["tau_group"], "docs": ["doc"], "train_tokens": ["task"]}
+    dims = {"norm": ["task"], "distance": ["task"], "tau": ["tau_group"], "docs": ["doc"], "train_tokens": ["task"],
+            "distance_of_mean": ["task"]}
     coords = {"task": list(bora.tasks), "doc": np.arange(len(split)), "tau_group": bora.prior.tau_groups()}
     if distance:
         posterior["distance"] = np.stack(distance)[None]
@@ -55,7 +56,8 @@ def to_inference_data(
         posterior=posterior,
         log_likelihood={"docs": doc_loglik.numpy()[None]},
         constant_data={"train_tokens": np.asarray(train_tokens),
-                       "doc_task": np.asarray(split.task_index)},
+                       "doc_task": np.asarray(split.task_index),
+                       **({} if theta is None else {"distance_of_mean": bora.distance_to_global().cpu().numpy()})},
         coords=coords,
         dims={**dims, "doc_task": ["doc"]},
     )
@@ -111,6 +113,8 @@ def plot(idata: az.InferenceData, out: Path) -> list[Path]:
             "high": interval.sel(hdi="higher").values,
             "train_tokens": idata.constant_data.train_tokens.values,
         })
+        if "distance_of_mean" in idata.constant_data:
+            frame["distance_of_mean"] = idata.constant_data.distance_of_mean.values
         written.append(plots.plot_distance_forest(frame, out / "distance_forest.png"))
     if "elbo" in idata.groups():
         trace = idata.elbo.loss_per_token

@@ -150,6 +150,9 @@ def test_runs_get_posterior_nc_and_diagnose_compares_three(tmp_path, capsys):
     assert {"posterior", "log_likelihood", "constant_data", "elbo"} <= set(idata.groups())
     assert idata.posterior.distance.dims == ("chain", "draw", "task")
     assert list(idata.posterior.task.values) == ["a", "b", "c"]
+    assert idata.constant_data.distance_of_mean.dims == ("task",)
+    per_task = pd.read_csv(tmp_path / "learned" / "per_task.csv")
+    assert idata.constant_data.distance_of_mean.values == pytest.approx(per_task.distance_to_global.values, rel=1e-5)
     assert idata.log_likelihood.docs.shape[:2] == (1, 4)
     assert "tau" in idata.posterior and "tau" not in az.from_netcdf(tmp_path / "vi10" / "posterior.nc").posterior
     metrics = json.loads((tmp_path / "learned" / "metrics.json").read_text())

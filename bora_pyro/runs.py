@@ -24,6 +24,7 @@ from .base_models import load_base_model, resolve_device
 from .data.corpus import Corpus, CorpusConfig, load_corpus
 from .evaluation import PerplexityReport, evaluate
 from .generation import generate
+from .distributed import World
 from .inference.config import TrainConfig
 from .inference.svi import FitResult, fit
 from .models.bora import BoRA
@@ -32,7 +33,6 @@ from .models.prior import PARAMETERIZATIONS, parse_global_prior, parse_tau
 from .models.tau_prior import TauPrior
 from .peft_import import import_peft
 from .plots import plot_training_curve
-from .distributed import World
 from .predictive import calibration, posterior_draws, posterior_predictive
 from .diagnostics import POSTERIOR_FILE, to_inference_data
 

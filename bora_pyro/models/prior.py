@@ -25,6 +25,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
+
 from .stacked_normal import StackedNormal
 from .tau_prior import TAU_SITE, TauPrior
 

@@ -21,7 +21,7 @@ a, b = (pd.read_csv(out / k / "per_task.csv").set_index("task") for k in ("adapt
 table = pd.DataFrame({"train docs": a.n_train_docs, "base test ppl": a.base_test_ppl,
                       "alone (tau=0) test ppl": b.test_ppl, "adapted test ppl": a.test_ppl})
 lines = ["| book | train docs | base | trained alone | adapted under the sweep's prior |", "|---|---|---|---|---|"]
-lines += [f"| {t} | {r['train docs']} | {r['base test ppl']:.1f} | {r['alone (tau=0) test ppl']:.1f} | "
+lines += [f"| {t} | {int(r['train docs'])} | {r['base test ppl']:.1f} | {r['alone (tau=0) test ppl']:.1f} | "
           f"**{r['adapted test ppl']:.1f}** |" for t, r in table.iterrows()]
 (out / "adapt_heldout.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))

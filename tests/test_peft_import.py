@@ -18,10 +18,10 @@ from .conftest import synthetic_rows
 peft = pytest.importorskip("peft")
 
 
-def saved_peft_adapter(folder, r=4, alpha=8.0, use_rslora=False):
+def saved_peft_adapter(folder, r=4, alpha=8.0, use_rslora=False, targets=("q_proj", "v_proj")):
     """A PEFT LoRA adapter on tiny-random-llama with non-zero B (so it changes the logits)."""
     torch.manual_seed(1)
-    config = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+    config = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0,
                              use_rslora=use_rslora)
     model = peft.get_peft_model(tiny_random_llama()[0], config)
     with torch.no_grad():
@@ -71,11 +71,8 @@ def test_train_with_init_peft_records_it_and_starts_there(tmp_path):
     ({"target_modules": ["q_proj"]}, "targets other modules"),
 ])
 def test_bad_peft_adapters_are_refused(tmp_path, change, message):
-    r = change.get("r", 4)
-    targets = change.get("target_modules", ["q_proj", "v_proj"])
-    torch.manual_seed(0)
-    model = peft.get_peft_model(tiny_random_llama()[0], peft.LoraConfig(r=r, lora_alpha=8, target_modules=targets))
-    model.save_pretrained(tmp_path / "adapter")
+    saved_peft_adapter(tmp_path / "adapter", r=change.get("r", 4),
+                       targets=change.get("target_modules", ["q_proj", "v_proj"]))
     config_file = tmp_path / "adapter" / "adapter_config.json"
     config = json.loads(config_file.read_text())
     config.update({k: v for k, v in change.items() if k not in ("r", "target_modules")})

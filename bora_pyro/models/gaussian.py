@@ -60,14 +60,18 @@ class GaussianObservations:
             total = total + (-0.5 * resid**2 / self.sigma**2).flatten(1).sum(-1)
         return total
 
+    def _task_means(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Observations per task and task means of ``y``. Shapes: y [docs, *shape] -> [D], [D, *shape]."""
+        num_tasks = int(self.task_index.max()) + 1
+        n = torch.bincount(self.task_index, minlength=num_tasks)
+        return n, torch.stack([y[self.task_index == d].mean(0) for d in range(num_tasks)])
+
     def _task_mean_gram(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Observations per task n [D], the Gram matrix of the task means summed over all factor
         elements G[d, e] = sum_j ybar_dj ybar_ej [D, D], and the number of elements J."""
-        num_tasks = int(self.task_index.max()) + 1
-        n = torch.bincount(self.task_index, minlength=num_tasks).double()
-        ybar = torch.cat([torch.stack([y[self.task_index == d].mean(0).flatten() for d in range(num_tasks)])
-                          for y in self.y.values()], dim=1).double()  # [D, J]
-        return n, ybar @ ybar.T, ybar.shape[1]
+        means = [self._task_means(y) for y in self.y.values()]
+        ybar = torch.cat([m.flatten(1) for _, m in means], dim=1).double()  # [D, J]
+        return means[0][0].double(), ybar @ ybar.T, ybar.shape[1]
 
     def tau_posterior(self, tau_prior: TauPrior, log_tau: torch.Tensor, theta: str = "empirical-bayes",
                       em_steps: int = 200) -> torch.Tensor:
@@ -108,10 +112,9 @@ class GaussianObservations:
 
         Shapes: -> [*shape], [D, *shape], [D, 1, ...] (broadcastable).
         """
-        y, task = self.y[name], self.task_index
-        num_tasks = int(task.max()) + 1
-        n = torch.bincount(task, minlength=num_tasks).float().view(-1, *([1] * (y.dim() - 1)))
-        ybar = torch.stack([y[task == d].mean(0) for d in range(num_tasks)])
+        y = self.y[name]
+        n, ybar = self._task_means(y)
+        n = n.float().view(-1, *([1] * (y.dim() - 1)))
         w = 1.0 / (self.sigma**2 / n + 1.0 / tau)
         theta_global = (w * ybar).sum(0) / w.sum(0)
         precision = n / self.sigma**2 + tau

@@ -78,6 +78,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="Theta: flat (a parameter, empirical Bayes) or normal:SCALE (a latent site, inferred)")
     g.add_argument("--init-peft", default=None, metavar="DIR",
                    help="start Theta and every task from this PEFT LoRA adapter (same rank and target modules)")
+    g.add_argument("--task-subsampling", action=argparse.BooleanOptionalAction, default=d_adapter.task_subsampling,
+                   help="a step samples, scores and updates only the tasks of its batch, their prior terms weighted "
+                        "to an unbiased estimate (cost independent of the number of tasks); --no-task-subsampling: "
+                        "every task's prior term at every step")
     g = p.add_argument_group("training")
     g.add_argument("--steps", type=int, default=d_train.steps)
     g.add_argument("--batch-size", type=int, default=d_train.batch_size)
@@ -145,7 +149,7 @@ def _spec_from_args(a: argparse.Namespace, tau: str | float) -> RunSpec:
     adapter = AdapterConfig(rank=a.rank, alpha=a.alpha, tau=tau, targets=a.targets,
                             parameterization=a.parameterization, inference=a.inference, init_seed=a.seed,
                             tau_prior=a.tau_prior, tau_groups=a.tau_groups,
-                            global_prior=a.global_prior, init_peft=a.init_peft)
+                            global_prior=a.global_prior, init_peft=a.init_peft, task_subsampling=a.task_subsampling)
     train = TrainConfig(
         steps=a.steps, batch_size=a.batch_size, lr=a.lr, guide_lr=a.guide_lr, lr_schedule=a.lr_schedule, weight_decay=a.weight_decay,
         clip_norm=a.clip_norm or None, lr_tau_scaling=a.lr_tau_scaling, lr_tau_reference=a.lr_tau_reference,

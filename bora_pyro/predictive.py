@@ -33,16 +33,15 @@ class PosteriorDraw:
 
 
 @torch.no_grad()
-def posterior_draws(bora: BoRA, split: Split, num_samples: int, seed: int = 0) -> list[PosteriorDraw]:
+def posterior_draws(bora: BoRA, num_samples: int, seed: int = 0) -> list[PosteriorDraw]:
     """``num_samples`` joint draws from the fitted guide (seeded); a MAP guide gives its one point repeated."""
     if bora.inference == "map":
         return [PosteriorDraw(bora.task_factors(), None)] * num_samples
-    batch = split.collate([0]).to(bora.device)
     draws = []
     with bora.param_scope():
         pyro.set_rng_seed(seed)
         for _ in range(num_samples):
-            guide_trace = poutine.trace(bora.guide).get_trace(batch)
+            guide_trace = poutine.trace(bora.guide).get_trace(None)  # every task
             values = {n: s["value"] for n, s in guide_trace.nodes.items() if s["type"] == "sample"}
             tau = values.get(TAU_SITE)
             draws.append(PosteriorDraw(bora.task_factors(values), None if tau is None else tau.detach().clone()))

@@ -54,6 +54,7 @@ class AdapterConfig:
     tau_groups: str = "global"  # learned tau: "global" or one per "module" type
     global_prior: str = "flat"  # Theta a parameter, or "normal:SCALE": Theta latent (see models/prior.py)
     init_peft: str | None = None  # a PEFT LoRA adapter folder: the start of Theta and every task
+    task_subsampling: bool = True  # a step touches only its batch's tasks (see models/task_subsample.py)
 
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or self.rank < 1:
@@ -78,6 +79,7 @@ class AdapterConfig:
             lm, tasks, rank=self.rank, alpha=self.alpha, tau=self.tau, targets=self.targets,
             parameterization=self.parameterization, inference=self.inference, seed=self.init_seed,
             tau_prior=self.hyperprior(), global_scale=parse_global_prior(self.global_prior),
+            task_subsampling=self.task_subsampling,
         )
 
 
@@ -243,7 +245,7 @@ def _fit_and_save(spec: RunSpec, bora: BoRA, corpus: Corpus, out: Path, overwrit
     reports = {"valid": evaluate(bora, corpus.valid, spec.train.eval_batch_size), "base_test": base_test}
     idata = None
     if spec.posterior_samples > 0:
-        draws = posterior_draws(bora, corpus.test, spec.posterior_samples, seed=spec.train.seed)
+        draws = posterior_draws(bora, spec.posterior_samples, seed=spec.train.seed)
         reports["posterior_predictive_test"], doc_loglik = posterior_predictive(
             bora, corpus.test, draws, spec.train.eval_batch_size)
         idata = to_inference_data(bora, draws, doc_loglik, corpus.test, corpus.train.tokens_per_task(),

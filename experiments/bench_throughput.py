@@ -1,7 +1,7 @@
 """Training-step time and peak memory of multi-task LoRA, as ratios measured in one run.
 
 Configurations (same batches: same tokens, rank, alpha and target modules):
-  a  bora_pyro MAP step (SVI + AutoDelta), mixed-task batch, D = 25
+  a  bora_pyro MAP step (SVI + AutoDelta, as ``fit``: task subsampling, TaskSparseAdamW, clipping), D = 25
   b  plain single-adapter PEFT LoRA step (the floor)
   c  the reference approach: PEFT with D = 25 adapters, one forward per task present (set_adapter)
   d  bora_pyro with D in {1, 10, 100, 1000}
@@ -36,7 +36,9 @@ def batch_for(tokenizer, num_tasks: int, batch_size: int, tokens: int, device):
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(10, min(len(tokenizer), 5000), (batch_size, tokens), generator=g)
     task = torch.arange(batch_size) % num_tasks
-    return Batch(ids, torch.ones_like(ids), ids.clone(), task, torch.arange(batch_size), 100 * batch_size).to(device)
+    docs_per_task = torch.full((num_tasks,), max(1, 100 * batch_size // num_tasks))  # a corpus of ~100 batches
+    return Batch(ids, torch.ones_like(ids), ids.clone(), task, torch.arange(batch_size), int(docs_per_task.sum()),
+                 docs_per_task).to(device)
 
 
 def step_fn(config: str, args):
@@ -44,7 +46,10 @@ def step_fn(config: str, args):
     import pyro
 
     import bora_pyro
-    from bora_pyro.inference.svi import objective, trainable_parameters
+    from bora_pyro.distributed import World
+    from bora_pyro.inference import TrainConfig
+    from bora_pyro.inference.svi import make_optimizer, objective, trainable_parameters, update
+    from bora_pyro.inference.task_sparse_adamw import TaskSparseAdamW
     from bora_pyro.models.likelihood import token_log_probs
 
     device = bora_pyro.base_models.resolve_device(args.device)
@@ -78,29 +83,33 @@ def step_fn(config: str, args):
         return step
 
     bora = bora_pyro.BoRA(lm, [f"t{d}" for d in range(num_tasks)], rank=args.rank, alpha=args.alpha, tau=100.0)
-    if config == "e":  # the same objective in plain PyTorch: non-centred z, Theta, Gaussian prior on z
+    present, local = torch.unique(batch.task_index, return_inverse=True)
+    if config == "e":  # the same objective in plain PyTorch: non-centred z of the present tasks, Theta, weighted prior
         theta = {k: v.clone().requires_grad_() for k, v in bora.init.items()}
         z = {k: torch.zeros(num_tasks, *v.shape, device=device, requires_grad=True) for k, v in bora.init.items()}
-        opt = torch.optim.AdamW(list(theta.values()) + list(z.values()), lr=1e-3)
+        opt = TaskSparseAdamW(list(theta.values()) + list(z.values()), lr=1e-3, task_params=z.values())
+        weight = batch.num_docs / len(batch) * torch.bincount(local) / batch.docs_per_task[present]  # [P]
 
         def step():
             opt.zero_grad(set_to_none=True)
-            factors = {k: theta[k] + z[k] / 10.0 for k in theta}
-            loglik = bora.log_likelihood(factors, batch).sum() * batch.num_docs / len(batch)
-            prior = sum(-0.5 * (v**2).sum() for v in z.values())
+            z_present = {k: v.index_select(0, present) for k, v in z.items()}
+            factors = {k: theta[k] + z_present[k] / 10.0 for k in theta}
+            loglik = bora.log_likelihood(factors, batch.replace(task_index=local)).sum() * batch.num_docs / len(batch)
+            prior = sum((weight * -0.5 * v.flatten(1).square().sum(1)).sum() for v in z_present.values())
             (-(loglik + prior)).backward()
-            opt.step()
+            opt.clip_grad_norm_(1.0, present)
+            opt.step(present)
         return step
 
     loss = objective(bora)  # what bora_pyro.fit minimises (with Pyro's validation off after the first step)
-    params = list(trainable_parameters(bora, loss, batch).values())
-    opt = torch.optim.AdamW(params, lr=1e-3)
+    with bora.param_scope():
+        named = trainable_parameters(bora, loss, batch)
+    opt = make_optimizer(named, 1e-3, TrainConfig())
+    rows = bora.updated_tasks(batch.task_index)
 
     def step():
         with bora.param_scope():
-            opt.zero_grad(set_to_none=True)
-            loss(bora, batch).backward()
-            opt.step()
+            update(loss(bora, batch), opt, list(named.values()), rows, 1.0, World())
     return step
 
 

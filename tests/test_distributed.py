@@ -23,8 +23,11 @@ def train_args(data, out, *extra):
             "--eval-every", "3", "--lr", "0.02", "--posterior-samples", "2", "--no-progress", "--out", str(out), *extra]
 
 
-@pytest.mark.parametrize("extra", [("--tau", "10"), ("--tau", "learn", "--inference", "vi")], ids=["map", "vi"])
-def test_two_gloo_processes_equal_one_process(tmp_path, extra):
+# VI: the shards' float sums of Theta's near-zero gradients differ in rounding; Adam's first steps
+# (|g| ~ eps) amplify that to ~1e-5 (with task subsampling; 1e-7 without), hence 2e-4 after 6 steps.
+@pytest.mark.parametrize("extra,atol", [(("--tau", "10"), 1e-5), (("--tau", "learn", "--inference", "vi"), 2e-4)],
+                         ids=["map", "vi"])
+def test_two_gloo_processes_equal_one_process(tmp_path, extra, atol):
     data = tmp_path / "corpus.csv"
     synthetic_rows({"a": 12, "b": 8, "c": 5}).to_csv(data, index=False)
     assert main(train_args(data, tmp_path / "single", *extra)) == 0
@@ -38,7 +41,7 @@ def test_two_gloo_processes_equal_one_process(tmp_path, extra):
     single, ddp = (load_file(str(tmp_path / k / "adapters.safetensors")) for k in ("single", "ddp"))
     assert single.keys() == ddp.keys()
     for name in single:
-        torch.testing.assert_close(ddp[name], single[name], atol=1e-5, rtol=0)
+        torch.testing.assert_close(ddp[name], single[name], atol=atol, rtol=0)
     m1, m2 = (json.loads((tmp_path / k / "metrics.json").read_text()) for k in ("single", "ddp"))
     assert m2["processes"] == 2 and m2["train_tokens"] == m1["train_tokens"]
     assert m2["valid_ppl"] == pytest.approx(m1["valid_ppl"], rel=1e-5)

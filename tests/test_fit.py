@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
+import pyro
 import pytest
 import torch
 from pyro.infer.autoguide import AutoDelta, AutoNormal
@@ -11,6 +13,7 @@ from pyro.infer.autoguide import AutoDelta, AutoNormal
 import bora_pyro
 from bora_pyro.base_models import tiny_random_llama
 from bora_pyro.inference import TrainConfig
+from bora_pyro.models.guides import is_task_parameter
 
 
 def fitted(corpus, **options):
@@ -123,3 +126,31 @@ def test_bf16_autocast_trains_close_to_float32(make_corpus, tiny_lm):
         result = bora_pyro.fit(bora, corpus, steps=3, batch_size=4, eval_every=3, progress=False, bf16=bf16)
         losses[bf16] = result.losses[-1]["loss_per_token"]
     assert losses[True] == pytest.approx(losses[False], rel=0.02)
+
+
+@pytest.mark.parametrize("inference", ["map", "vi"])
+def test_a_step_updates_only_the_tasks_of_its_batch(make_corpus, tiny_lm, inference):
+    """Task subsampling: the task parameters of tasks absent from every batch stay at their start,
+    while Theta and the present tasks move; without it every task moves (its prior term pulls it)."""
+    corpus = make_corpus()
+    absent = corpus.tasks.index("gamma")
+    keep = [i for i, t in enumerate(corpus.train.task_index) if t != absent]
+    train = corpus.train
+    only_two = dataclasses.replace(corpus, train=dataclasses.replace(
+        train, input_ids=tuple(train.input_ids[i] for i in keep), labels=tuple(train.labels[i] for i in keep),
+        task_index=tuple(train.task_index[i] for i in keep)))
+    for subsampling in (True, False):
+        bora = bora_pyro.BoRA(tiny_random_llama()[0], corpus.tasks, rank=2, tau=10.0, inference=inference,
+                              task_subsampling=subsampling)
+        bora_pyro.fit(bora, corpus, steps=1, batch_size=len(corpus.train), eval_every=1, progress=False, lr=0.05)  # all move
+        with bora.param_scope():
+            before = {n: v.detach().clone() for n, v in pyro.get_param_store().items()}
+        bora_pyro.fit(bora, only_two, steps=3, batch_size=4, eval_every=3, progress=False, lr=0.05)
+        with bora.param_scope():
+            after = {n: v.detach().clone() for n, v in pyro.get_param_store().items()}
+        task_params = [n for n in after if is_task_parameter(n)]
+        assert task_params and all(after[n].shape[0] == 3 for n in task_params)
+        moved_absent = [n for n in task_params if not torch.equal(after[n][absent], before[n][absent])]
+        assert (moved_absent == []) == subsampling
+        assert any(not torch.equal(after[n][:absent], before[n][:absent]) for n in task_params)
+        assert any(not torch.equal(after[n], before[n]) for n in after if n.startswith("global."))

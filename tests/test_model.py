@@ -40,9 +40,11 @@ def test_sites_and_plates(make_corpus, tiny_lm, parameterization):
     suffix = "_decentered" if parameterization == "noncentered" else ""
     expected = {f"task.{name}{suffix}" for name in bora.lora.shapes()}
     assert set(samples) == expected
+    present = sorted(set(batch.task_index.tolist()))
+    assert len(present) < len(corpus.tasks)  # the batch misses a task: only the present ones are sampled
     for name, site in samples.items():
         assert [f.name for f in site["cond_indep_stack"]] == ["tasks"]
-        assert site["value"].shape[0] == len(corpus.tasks)
+        assert site["value"].shape[0] == len(present)
     params = {n: s for n, s in trace.nodes.items() if s["type"] == "param"}
     assert {f"global.{n}" for n in bora.lora.shapes()} <= set(params)
     for site in params.values():
@@ -67,7 +69,8 @@ def test_loglik_factor_is_scaled_by_num_docs_over_batch(make_corpus, tiny_lm):
 def test_prior_log_density_is_the_gaussian_sum(make_corpus, tiny_lm, parameterization):
     corpus = make_corpus()
     tau = 7.0
-    bora = bora_pyro.BoRA(tiny_lm[0], corpus.tasks, rank=2, alpha=4, tau=tau, parameterization=parameterization)
+    bora = bora_pyro.BoRA(tiny_lm[0], corpus.tasks, rank=2, alpha=4, tau=tau, parameterization=parameterization,
+                          task_subsampling=False)
     g = torch.Generator().manual_seed(1)
     theta = {n: torch.randn((3, *s), generator=g) for n, s in bora.lora.shapes().items()}
     batch = corpus.train.collate([0])
@@ -88,6 +91,38 @@ def test_prior_log_density_is_the_gaussian_sum(make_corpus, tiny_lm, parameteriz
         # z ~ N(0, 1): the density of z differs from that of theta by the constant Jacobian log sqrt(tau) per element
         closed_form = closed_form - 0.5 * math.log(tau) * sum(v.numel() for v in theta.values())
     torch.testing.assert_close(prior, closed_form, atol=1e-2, rtol=1e-6)
+
+
+def prior_log_density(bora, batch, values) -> torch.Tensor:
+    """The (scaled) log-density of the task sites of ``bora.model(batch)`` at the given task values."""
+    with bora.param_scope():
+        trace = trace_model(bora, batch, values)
+    return sum(s["log_prob_sum"] for n, s in trace.nodes.items() if n.startswith("task.") and s["type"] == "sample")
+
+
+@pytest.mark.parametrize("parameterization", ["centered", "noncentered"])
+def test_task_subsampled_prior_is_an_unbiased_estimate_of_the_full_prior(make_corpus, tiny_lm, parameterization):
+    """Averaged over all batches of one document, the weighted prior terms of the present tasks equal
+    the full prior of all tasks (weights (N / B) c_d / n_d)."""
+    corpus = make_corpus()
+    bora = bora_pyro.BoRA(tiny_lm[0], corpus.tasks, rank=2, alpha=4, tau=7.0, parameterization=parameterization)
+    suffix = "_decentered" if parameterization == "noncentered" else ""
+    g = torch.Generator().manual_seed(2)
+    full = {f"task.{n}{suffix}": torch.randn((3, *s), generator=g) for n, s in bora.lora.shapes().items()}
+    docs = range(len(corpus.train))
+
+    def estimate(indices):
+        batch = corpus.train.collate(indices)
+        present = torch.unique(batch.task_index)
+        return prior_log_density(bora, batch, {n: v[present] for n, v in full.items()})
+
+    mean = sum(estimate([i]) for i in docs) / len(corpus.train)
+    bora.task_subsampling = False
+    exact = prior_log_density(bora, corpus.train.collate([0]), full)
+    assert exact < -1  # the task sites were found and scored
+    torch.testing.assert_close(mean, exact, rtol=1e-5, atol=1e-3)
+    bora.task_subsampling = True
+    torch.testing.assert_close(estimate(list(docs)), exact, rtol=1e-5, atol=1e-3)  # a full batch is exact
 
 
 def test_pooled_mode_has_no_task_sites_and_shares_one_adapter(make_corpus, tiny_lm):

@@ -108,7 +108,7 @@ def test_posterior_predictive_of_a_map_fit_is_the_plug_in(make_corpus, tiny_lm):
     corpus = make_corpus()
     bora = bora_pyro.BoRA(tiny_lm[0], corpus.tasks, rank=2, tau=10.0)
     bora_pyro.fit(bora, corpus, steps=4, batch_size=4, eval_every=4, progress=False)
-    report, per_draw = posterior_predictive(bora, corpus.test, posterior_draws(bora, corpus.test, 3))
+    report, per_draw = posterior_predictive(bora, corpus.test, posterior_draws(bora, 3))
     assert per_draw.shape == (3, len(corpus.test))
     assert report.token_weighted == pytest.approx(bora_pyro.evaluate(bora, corpus.test).token_weighted, rel=1e-6)
 
@@ -117,7 +117,7 @@ def test_posterior_predictive_mixes_distinct_vi_draws(make_corpus, tiny_lm):
     corpus = make_corpus()
     bora = bora_pyro.BoRA(tiny_lm[0], corpus.tasks, rank=2, tau=10.0, inference="vi")
     bora_pyro.fit(bora, corpus, steps=4, batch_size=4, eval_every=4, progress=False)
-    draws = posterior_draws(bora, corpus.test, 4, seed=1)
+    draws = posterior_draws(bora, 4, seed=1)
     report, per_draw = posterior_predictive(bora, corpus.test, draws)
     assert not torch.allclose(per_draw[0], per_draw[1])  # draws differ
     mixture = torch.logsumexp(per_draw, 0) - math.log(4)

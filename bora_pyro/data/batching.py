@@ -7,7 +7,9 @@ in one forward pass.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -24,6 +26,11 @@ class Batch:
         input_ids, attention_mask, labels: [batch, tokens] (labels == -100 where not scored);
         task_index, doc_index: [batch]. ``num_docs`` is the number of documents of the split the
         batch was drawn from: the Pyro model scales the batch log-likelihood by num_docs / batch.
+        docs_per_task: [tasks], the split's documents of each task (weights of the task-sparse prior
+        estimate, see ``models.task_subsample``); None for a hand-made batch.
+        step_task_index: [step batch], the task of every example of the whole step when this batch is one
+        rank's shard of it (every rank then samples and weights the step's task sites alike); None: the
+        batch is the whole step.
     """
 
     input_ids: torch.Tensor
@@ -32,13 +39,16 @@ class Batch:
     task_index: torch.Tensor
     doc_index: torch.Tensor
     num_docs: int
+    docs_per_task: torch.Tensor | None = None
+    step_task_index: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> "Batch":
-        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-        return Batch(
-            move(self.input_ids), move(self.attention_mask), move(self.labels),
-            move(self.task_index), move(self.doc_index), self.num_docs,
-        )
+        moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return Batch(**{k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in moved.items()})
+
+    def replace(self, **fields) -> "Batch":
+        """The same batch with some fields replaced."""
+        return dataclasses.replace(self, **fields)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -64,7 +74,11 @@ class Split:
 
     def docs_per_task(self) -> np.ndarray:
         """Number of documents of each task. Shape: [tasks]."""
-        return np.bincount(np.asarray(self.task_index, dtype=np.int64), minlength=len(self.tasks))
+        return self._docs_per_task.numpy().copy()
+
+    @cached_property
+    def _docs_per_task(self) -> torch.Tensor:  # [tasks]
+        return torch.bincount(torch.as_tensor(self.task_index, dtype=torch.long), minlength=len(self.tasks))
 
     def tokens_per_task(self) -> np.ndarray:
         """Number of scored tokens of each task. Shape: [tasks]."""
@@ -87,7 +101,7 @@ class Split:
             mask[row, :length] = 1
         index = torch.as_tensor(list(indices), dtype=torch.long)
         tasks = torch.as_tensor([self.task_index[i] for i in indices], dtype=torch.long)
-        return Batch(input_ids, mask, labels, tasks, index, len(self))
+        return Batch(input_ids, mask, labels, tasks, index, len(self), self._docs_per_task)
 
     def train_batch_indices(self, batch_size: int, seed: int = 0, start_step: int = 0) -> Iterator[list[int]]:
         """Endless mixed-task batches of document indices drawn uniformly, reshuffled every epoch.

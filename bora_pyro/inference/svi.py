@@ -3,7 +3,8 @@
 The loss (:func:`objective`) is the negative ELBO of ``(bora.model, bora.guide)``: with an AutoDelta
 guide, the negative log-posterior at the guide's point (up to a constant), whose minimiser is the
 paper's MAP estimate; with AutoNormal, Pyro's ``TraceMeanField_ELBO``. The parameters (Theta and the
-guide's) are optimised with ``torch.optim.AdamW`` and global gradient norm clipping; under
+guide's) are optimised with AdamW (only the batch's tasks, see :mod:`.task_sparse_adamw`) and global
+gradient norm clipping; under
 ``torchrun`` the ranks' gradients are averaged first (see :mod:`bora_pyro.distributed`). With ``checkpoint`` set, the loop state is saved every ``checkpoint_every`` steps and
 a later call with the same folder resumes from it, ending exactly where an uninterrupted run would.
 """
@@ -29,10 +30,11 @@ from ..data.corpus import Corpus
 from ..distributed import World
 from ..evaluation import evaluate
 from ..models.bora import BoRA
-from ..models.guides import is_uncertainty_parameter
+from ..models.guides import is_task_parameter, is_uncertainty_parameter
 from ..models.likelihood import scored_tokens
 from .checkpoint import LoopState, load_checkpoint, save_checkpoint
 from .config import TrainConfig
+from .task_sparse_adamw import TaskSparseAdamW
 
 log = logging.getLogger(__name__)
 
@@ -126,13 +128,27 @@ def trainable_parameters(bora: BoRA, loss: Loss, batch: Batch,
                 if not (freeze_global and name.startswith("global."))}
 
 
-def _optimizer(params: dict[str, torch.Tensor], lr: float, config: TrainConfig) -> torch.optim.Optimizer | None:
-    """AdamW with two groups: the LoRA weights at ``lr``, the guide's uncertainty parameters at
-    ``config.guide_lr``. Each group remembers its base rate in ``base_lr`` for the schedule."""
+def make_optimizer(params: dict[str, torch.Tensor], lr: float, config: TrainConfig) -> TaskSparseAdamW | None:
+    """AdamW (:class:`TaskSparseAdamW`: the task parameters stepped only on the batch's tasks) with two
+    groups: the LoRA weights at ``lr``, the guide's uncertainty parameters at ``config.guide_lr``. Each
+    group remembers its base rate in ``base_lr`` for the schedule."""
     groups = [{"params": [p for n, p in params.items() if is_uncertainty_parameter(n) == fast], "base_lr": rate}
               for fast, rate in ((False, lr), (True, config.guide_lr))]
     groups = [g for g in groups if g["params"]]
-    return torch.optim.AdamW(groups, lr=lr, weight_decay=config.weight_decay) if groups else None
+    task_params = [p for n, p in params.items() if is_task_parameter(n)]
+    return TaskSparseAdamW(groups, lr=lr, weight_decay=config.weight_decay, task_params=task_params) if groups else None
+
+
+def update(loss: torch.Tensor, optimizer: TaskSparseAdamW, params: list[torch.Tensor], rows: torch.Tensor | None,
+           clip_norm: float | None, world: World) -> None:
+    """One optimisation step on ``loss``: gradients (averaged over ranks), clipping, AdamW on ``rows``
+    of the task parameters (the batch's tasks, see :meth:`BoRA.updated_tasks`; None: all)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    world.average_gradients(params)
+    if clip_norm is not None:
+        optimizer.clip_grad_norm_(clip_norm, rows)
+    optimizer.step(rows)
 
 
 def _fingerprint(bora: BoRA, corpus: Corpus, config: TrainConfig) -> dict:
@@ -171,7 +187,7 @@ def fit(bora: BoRA, corpus: Corpus, inference: str | None = None, checkpoint: st
     with bora.param_scope():
         named = trainable_parameters(bora, loss_fn, corpus.train.collate([0]).to(device), freeze_global)
         params = list(named.values())
-        optimizer = _optimizer(named, lr, config)
+        optimizer = make_optimizer(named, lr, config)
         state, best_state = LoopState(), _snapshot()
         if checkpoint is not None and (checkpoint / "state.json").exists():
             state, best_state = load_checkpoint(checkpoint, optimizer, fingerprint)
@@ -182,7 +198,10 @@ def fit(bora: BoRA, corpus: Corpus, inference: str | None = None, checkpoint: st
         bar = tqdm(range(state.step + 1, config.steps + 1), desc=f"fit tau={bora.tau}", disable=not (config.progress and world.is_main),
                    initial=state.step, total=config.steps)
         for step in bar:
-            batch = corpus.train.collate(world.shard(next(batches))).to(device)  # this rank's share
+            indices = next(batches)
+            step_tasks = torch.as_tensor([corpus.train.task_index[i] for i in indices], device=device)  # [step batch]
+            rows = bora.updated_tasks(step_tasks)
+            batch = corpus.train.collate(world.shard(indices)).to(device).replace(step_task_index=step_tasks)  # this rank's share
             start = time.perf_counter()
             with pyro.validation_enabled(validate and step == first_step):  # Pyro's checks once, not every step
                 loss = loss_fn(bora, batch)
@@ -198,12 +217,7 @@ def fit(bora: BoRA, corpus: Corpus, inference: str | None = None, checkpoint: st
             if optimizer is not None:
                 for group in optimizer.param_groups:
                     group["lr"] = group["base_lr"] * config.lr_factor(step)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                world.average_gradients(params)
-                if config.clip_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(params, config.clip_norm)
-                optimizer.step()
+                update(loss, optimizer, params, rows, config.clip_norm, world)
             state.train_seconds += time.perf_counter() - start
             state.train_tokens += int(tokens)
             state.step = step

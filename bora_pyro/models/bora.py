@@ -21,7 +21,8 @@ from ..data.batching import Batch
 from .guides import make_guide
 from ..lora import Factors, MultiTaskLoRA
 from .likelihood import lm_log_likelihood
-from .prior import INDEPENDENT, HierarchicalPrior, parse_tau
+from .prior import INDEPENDENT, POOLED, HierarchicalPrior, parse_tau
+from .task_subsample import TASK_PLATE, TaskSubsample
 from .tau_prior import TAU_SITE, TauPrior
 
 LogLikelihood = Callable[[Factors, Batch], torch.Tensor]  # (task factors, batch) -> [batch]
@@ -45,6 +46,10 @@ class BoRA:
             standard LoRA start (A Kaiming-uniform from ``seed``, B zero).
         global_scale: None (default): Theta is a parameter (flat prior, empirical Bayes); a number:
             Theta is a latent site under Normal(0, global_scale), inferred by the guide with the rest.
+        task_subsampling: True (default): a step looks up, evaluates and updates only the tasks present
+            in its batch, their prior terms weighted to an unbiased estimate of the full prior
+            (see ``models.task_subsample``; a step costs the same for any number of tasks); False: every
+            task's prior term at every step.
 
     The model's parameters (Theta and the guide's) live in this object's own Pyro param-store
     scope: run ``bora.model`` / ``bora.guide`` inside ``with bora.param_scope():`` to use them.
@@ -65,6 +70,7 @@ class BoRA:
         tau_prior: TauPrior | None = None,
         init: Mapping[str, torch.Tensor] | None = None,
         global_scale: float | None = None,
+        task_subsampling: bool = True,
     ) -> None:
         tasks = tuple(str(t) for t in tasks)
         if len(set(tasks)) != len(tasks):
@@ -75,6 +81,7 @@ class BoRA:
         self.prior = HierarchicalPrior(self.lora.shapes(), len(tasks), parse_tau(tau), parameterization,
                                        tau_prior or TauPrior(), global_scale)
         self.init = self.lora.init_factors(torch.Generator().manual_seed(seed))
+        self.task_subsampling = task_subsampling
         self.log_likelihood: LogLikelihood = log_likelihood or (lambda f, b: lm_log_likelihood(self.lora, f, b))
         self._store = {"params": {}, "constraints": {}}
         self._scope_active = False
@@ -121,7 +128,7 @@ class BoRA:
                 "tau='learn' needs inference='vi' (CLI: --inference vi): the MAP of a hierarchical precision is "
                 "degenerate, the posterior density grows without bound as every task collapses onto Theta and tau -> inf"
             )
-        return make_guide(inference, self.model, self.prior.initial_values(self.init))
+        return make_guide(inference, self.model, self.prior.initial_values(self.init), self._task_plates)
 
     @contextlib.contextmanager
     def param_scope(self) -> Iterator[None]:
@@ -140,9 +147,34 @@ class BoRA:
         """Prior part of the model. Shapes: name -> [D, *shape] ([1, *shape] when pooled)."""
         return self.prior.sample(self.init)
 
+    def task_subsample(self, batch: Batch) -> TaskSubsample | None:
+        """The tasks of ``batch`` whose sites a step samples (None: all tasks, or no task sites when pooled)."""
+        if not self.task_subsampling or self.mode == POOLED:
+            return None
+        return TaskSubsample.of(batch, len(self.tasks))
+
+    def updated_tasks(self, task_index: torch.Tensor) -> torch.Tensor | None:
+        """The tasks whose parameters a step on examples of these tasks changes ([P] ascending ids), or
+        None for all. Shapes: task_index [batch] (the whole step's batch, all ranks)."""
+        if not self.task_subsampling or self.mode == POOLED:
+            return None
+        return torch.unique(task_index, sorted=True)
+
+    def _task_plates(self, batch: Batch | None = None) -> list[pyro.plate]:
+        """The guide's task plate for ``batch``: the model's; every task when ``batch`` is None (a joint
+        draw of all tasks from a fitted guide: ``guide(None)``; AutoDelta.median() calls ``guide()``)."""
+        if self.mode == POOLED:
+            return []
+        subsample = None if batch is None else self.task_subsample(batch)
+        return [pyro.plate(TASK_PLATE, len(self.tasks), dim=-1) if subsample is None else subsample.plate()]
+
     def model(self, batch: Batch) -> None:
-        """The Pyro model: task-factor sites under the prior, then the scaled log-likelihood factor."""
-        factors = self.sample_task_factors()
+        """The Pyro model: task-factor sites under the prior (the batch's tasks, see ``task_subsampling``),
+        then the scaled log-likelihood factor."""
+        subsample = self.task_subsample(batch)
+        factors = self.prior.sample(self.init, subsample)  # name -> [D or P, *shape]
+        if subsample is not None:
+            batch = batch.replace(task_index=subsample.local)  # each example's position among the present tasks
         loglik = self.log_likelihood(factors, batch)  # [batch]
         with pyro.plate("docs", batch.num_docs, subsample=batch.doc_index):
             pyro.factor("loglik", loglik)

@@ -9,7 +9,8 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.distributions.transforms import biject_to
-from pyro.infer.autoguide import AutoDelta, AutoGuide, AutoNormal, init_to_value
+from pyro import poutine
+from pyro.infer.autoguide import AutoDelta, AutoGuide, AutoNormal
 from pyro.distributions import constraints
 
 INFERENCE = ("map", "vi")
@@ -23,6 +24,15 @@ def is_uncertainty_parameter(param_name: str) -> bool:
     by ~0.001 per step, so within a few hundred steps the guide would stay at its starting width."""
     parts = param_name.split(".")
     return len(parts) >= 3 and parts[0] in GUIDE_PREFIXES and (parts[1] == "scales" or parts[2:] == ["tau"])
+
+
+def is_task_parameter(param_name: str) -> bool:
+    """True for the guide parameters of task sites ([D, ...], indexed by the task plate): AutoDelta's
+    ``AutoDelta.task.*`` and AutoNormal's ``MeanFieldNormal.locs|scales.task.*``."""
+    parts = param_name.split(".")
+    if len(parts) < 3 or parts[0] not in GUIDE_PREFIXES:
+        return False
+    return parts[1] == "task" or (parts[1] in ("locs", "scales") and parts[2] == "task")
 
 
 class MeanFieldNormal(AutoNormal):
@@ -60,16 +70,32 @@ def _is_real(support: constraints.Constraint) -> bool:
 
 
 def make_guide(
-    kind: str, model: Callable, initial_values: Mapping[str, torch.Tensor], init_scale: float = 1e-3
+    kind: str, model: Callable, initial_values: Mapping[str, torch.Tensor],
+    create_plates: Callable[..., pyro.plate | list[pyro.plate]], init_scale: float = 1e-3,
 ) -> AutoGuide:
     """``"map"``: AutoDelta (posterior mode); ``"vi"``: :class:`MeanFieldNormal` (AutoNormal's mean-field Gaussian).
 
     Every latent site starts at ``initial_values`` (LoRA start, each task at Theta); AutoNormal's
-    scales start at ``init_scale``.
+    scales start at ``init_scale``. ``create_plates(*model_args)`` gives the model's task plate for
+    those arguments (the tasks present in the batch), by which the guide's parameters are indexed.
     """
-    init = init_to_value(values=dict(initial_values))
-    if kind == "map":
-        return AutoDelta(model, init_loc_fn=init)
-    if kind == "vi":
-        return MeanFieldNormal(model, init_loc_fn=init, init_scale=init_scale)
-    raise ValueError(f"inference must be one of {INFERENCE}, got {kind!r}")
+    if kind not in INFERENCE:
+        raise ValueError(f"inference must be one of {INFERENCE}, got {kind!r}")
+    options = {"init_loc_fn": _init_to_values(initial_values), "create_plates": create_plates}
+    return AutoDelta(model, **options) if kind == "map" else MeanFieldNormal(model, init_scale=init_scale, **options)
+
+
+def _init_to_values(values: Mapping[str, torch.Tensor]) -> Callable[[dict], torch.Tensor]:
+    """Start each site at ``values[name]``. A site of a task subsample (P of the D tasks, see
+    ``task_subsample.py``) takes the first P rows: every task starts at the same value, which the
+    guide's parameters then repeat to all D tasks."""
+    def init(site: dict) -> torch.Tensor:
+        value = values[site["name"]]
+        shape = site["fn"].shape()
+        if value.shape == shape:
+            return value
+        if value.shape[1:] != shape[1:] or not bool((value == value[:1]).all()):
+            raise ValueError(f"site {site['name']!r}: cannot start a task subsample of shape {tuple(shape)} "
+                             f"from per-task values of shape {tuple(value.shape)}")
+        return value[: shape[0]]
+    return init

@@ -27,6 +27,7 @@ import torch
 from pyro.distributions import constraints
 
 from .stacked_normal import StackedNormal
+from .task_subsample import TASK_PLATE, TaskSubsample
 from .tau_prior import TAU_SITE, TauPrior
 
 INDEPENDENT, HIERARCHICAL, POOLED = "independent", "hierarchical", "pooled"
@@ -130,8 +131,9 @@ class HierarchicalPrior:
         return {name: pyro.sample(global_param(name), dist.Normal(torch.zeros_like(init[name]), self.global_scale)
                                   .to_event(init[name].dim())) for name in self.shapes}
 
-    def sample(self, init: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Sample (or, under a guide, look up) the task factors. Shapes: name -> [D or 1, *shape].
+    def sample(self, init: Mapping[str, torch.Tensor], subsample: TaskSubsample | None = None) -> dict[str, torch.Tensor]:
+        """Sample (or, under a guide, look up) the task factors. Shapes: name -> [D or 1, *shape], or
+        [P, *shape] for the ``subsample`` of P present tasks (their prior terms weighted, see task_subsample.py).
 
         Non-centred: z_d ~ N(0, I) is the latent site ``task.<name>_decentered`` and
         theta_d = Theta + tau^(-1/2) z_d is recorded as the deterministic site ``task.<name>``.
@@ -145,20 +147,21 @@ class HierarchicalPrior:
             group = self.tau_prior.group_index(list(self.shapes))
         elif self.mode == HIERARCHICAL:
             fixed_scale = torch.tensor(self.tau**-0.5, device=device)
+        plate = pyro.plate(TASK_PLATE, self.num_tasks, dim=-1) if subsample is None else subsample.plate()
+        present = (self.num_tasks,) if subsample is None else (subsample.index.numel(),)
         out = {}
-        with pyro.plate("tasks", self.num_tasks, dim=-1):
+        with plate:
             for name, shape in self.shapes.items():
                 site = task_site(name)
                 if self.mode == INDEPENDENT:
-                    out[name] = pyro.sample(site, dist.ImproperUniform(constraints.real, (self.num_tasks,), shape))
+                    out[name] = pyro.sample(site, dist.ImproperUniform(constraints.real, present, shape))
                     continue
                 scale = scales[group[name]] if self.learned else fixed_scale  # []
                 if self.noncentered:
-                    z = pyro.sample(f"{site}_decentered", StackedNormal(None, torch.ones((), device=device), shape,
-                                                                         (self.num_tasks,)))
+                    z = pyro.sample(f"{site}_decentered", StackedNormal(None, torch.ones((), device=device), shape, present))
                     out[name] = pyro.deterministic(site, theta[name] + scale * z, event_dim=len(shape))
                 else:
-                    out[name] = pyro.sample(site, StackedNormal(theta[name], scale, shape, (self.num_tasks,)))
+                    out[name] = pyro.sample(site, StackedNormal(theta[name], scale, shape, present))
         return out
 
     @property

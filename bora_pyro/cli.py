@@ -22,6 +22,7 @@ from .distributed import World, init_distributed
 from .export import export_merged, export_peft
 from .generation import task_indices
 from .inference.config import TrainConfig
+from .models.gates import QUANT_MODES, RANK_MODES
 from .models.guides import INFERENCE
 from .models.prior import PARAMETERIZATIONS
 from .runs import AdapterConfig, RunSpec, adapt_run, load_run, resume_spec, train_run
@@ -82,12 +83,23 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="a step samples, scores and updates only the tasks of its batch, their prior terms weighted "
                         "to an unbiased estimate (cost independent of the number of tasks); --no-task-subsampling: "
                         "every task's prior term at every step")
+    g.add_argument("--rank-gates", nargs="?", const="shared", choices=RANK_MODES, default=None,
+                   help="B-LoRA: learn each block's rank with nested hard-concrete gates, shared by the tasks "
+                        "(default when given) or per-task")
+    g.add_argument("--quant-gates", nargs="?", const="weights", choices=QUANT_MODES, default=None,
+                   help="B-LoRA: learn each block's precision (2-32 bits) of the LoRA factors (default when given) "
+                        "and optionally of the layer's input activations")
+    g.add_argument("--rank-lambda", type=float, default=d_adapter.rank_lambda,
+                   help="penalty per expected open rank gate (B-LoRA's lambda; log prior of a gate, default 1)")
+    g.add_argument("--quant-lambda", type=float, default=d_adapter.quant_lambda,
+                   help="penalty per expected open precision gate (default 1)")
     g = p.add_argument_group("training")
     g.add_argument("--steps", type=int, default=d_train.steps)
     g.add_argument("--batch-size", type=int, default=d_train.batch_size)
     g.add_argument("--lr", type=float, default=d_train.lr)
     g.add_argument("--guide-lr", type=float, default=d_train.guide_lr,
-                   help="--inference vi: learning rate of the guide's scales and of a learned tau")
+                   help="learning rate of the guide's scales and a learned tau (--inference vi) and of the "
+                        "B-LoRA gates' log-alphas")
     g.add_argument("--lr-schedule", choices=("constant", "cosine"), default=d_train.lr_schedule)
     g.add_argument("--weight-decay", type=float, default=d_train.weight_decay)
     g.add_argument("--clip-norm", type=float, default=d_train.clip_norm, help="global gradient-norm clip (0 = off)")
@@ -149,7 +161,9 @@ def _spec_from_args(a: argparse.Namespace, tau: str | float) -> RunSpec:
     adapter = AdapterConfig(rank=a.rank, alpha=a.alpha, tau=tau, targets=a.targets,
                             parameterization=a.parameterization, inference=a.inference, init_seed=a.seed,
                             tau_prior=a.tau_prior, tau_groups=a.tau_groups,
-                            global_prior=a.global_prior, init_peft=a.init_peft, task_subsampling=a.task_subsampling)
+                            global_prior=a.global_prior, init_peft=a.init_peft, task_subsampling=a.task_subsampling,
+                            rank_gates=a.rank_gates, quant_gates=a.quant_gates, rank_lambda=a.rank_lambda,
+                            quant_lambda=a.quant_lambda)
     train = TrainConfig(
         steps=a.steps, batch_size=a.batch_size, lr=a.lr, guide_lr=a.guide_lr, lr_schedule=a.lr_schedule, weight_decay=a.weight_decay,
         clip_norm=a.clip_norm or None, lr_tau_scaling=a.lr_tau_scaling, lr_tau_reference=a.lr_tau_reference,

@@ -15,11 +15,14 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Iterator, Mapping
+from typing import TYPE_CHECKING, Iterator, Mapping
 
 import torch
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
+
+if TYPE_CHECKING:
+    from .models.gates import LayerGates
 
 # Default target modules by Hugging Face ``model_type`` (LoRA paper / PEFT convention: q and v).
 DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
@@ -73,22 +76,32 @@ class MultiTaskLoRALinear(nn.Module):
         self._A: torch.Tensor | None = None  # [D, r, in] while a context is active
         self._B: torch.Tensor | None = None  # [D, out, r]
         self._task_index: torch.Tensor | None = None  # [batch]
+        self._gates: LayerGates | None = None  # B-LoRA rank / precision gates while a context is active
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         if self._A is None:
             return y
-        A, B = self._A, self._B
+        A, B, gates = self._A, self._B, self._gates
         x = x.to(A.dtype)
-        if A.shape[0] == 1:  # one adapter for every example
-            delta = (x @ A[0].transpose(0, 1)) @ B[0].transpose(0, 1)
-        else:
-            idx = self._task_index
+        if gates is not None:  # B-LoRA: factors and input at their gated precision
+            A, B, x = gates.quantize_factor(A), gates.quantize_factor(B), gates.quantize_input(x)
+        rank_gates = None if gates is None else gates.rank  # [G, r]
+        idx = self._task_index
+        if A.shape[0] > 1 or (rank_gates is not None and rank_gates.shape[0] > 1):
             assert idx is not None and idx.shape[0] == x.shape[0], (
                 f"task_index must give one task per example: got {None if idx is None else tuple(idx.shape)}"
                 f" for a batch of {x.shape[0]}"
             )
+        if A.shape[0] == 1:  # one adapter for every example
+            h = x @ A[0].transpose(0, 1)  # [batch, tokens, r]
+        else:
             h = torch.bmm(x, A[idx].transpose(1, 2))  # [batch, tokens, r]
+        if rank_gates is not None:  # switch rank components: B diag(g) A
+            h = h * (rank_gates[0] if rank_gates.shape[0] == 1 else rank_gates[idx][:, None, :])
+        if B.shape[0] == 1:
+            delta = h @ B[0].transpose(0, 1)
+        else:
             delta = torch.bmm(h, B[idx].transpose(1, 2))  # [batch, tokens, out]
         return y + self.scaling * delta.to(y.dtype)
 
@@ -224,12 +237,14 @@ class MultiTaskLoRA:
         return next(self.lm.parameters()).device
 
     @contextlib.contextmanager
-    def activate(self, factors: Factors | None, task_index: torch.Tensor | None = None) -> Iterator[None]:
-        """Run the LM with the given stacked factors; ``None`` runs the bare base model.
+    def activate(self, factors: Factors | None, task_index: torch.Tensor | None = None,
+                 gates: Mapping[str, "LayerGates"] | None = None) -> Iterator[None]:
+        """Run the LM with the given stacked factors; ``None`` runs the bare base model. ``gates``
+        (by layer name, see ``models.gates``) switch rank components and set the precision.
 
         Shapes:
             factors["<layer>.A"]: [D, r, in], factors["<layer>.B"]: [D, out, r];
-            task_index: [batch] (may be None when D == 1).
+            task_index: [batch] (may be None when D == 1 and the gates are shared).
         """
         if factors is not None:
             expected = set(self.shapes())
@@ -243,11 +258,12 @@ class MultiTaskLoRA:
                 else:
                     layer._A, layer._B = factors[f"{name}.A"], factors[f"{name}.B"]
                 layer._task_index = task_index
+                layer._gates = None if gates is None or factors is None else gates[name]
             yield
         finally:
             if not self.gradient_checkpointing:  # the backward pass re-runs the layers and needs the factors
                 for layer in self.layers.values():
-                    layer._A = layer._B = layer._task_index = None
+                    layer._A = layer._B = layer._task_index = layer._gates = None
 
     def init_factors(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Standard LoRA start for one adapter: A Kaiming-uniform (as PEFT/nn.Linear), B zero.

@@ -186,3 +186,26 @@ def plot_elbo_trace(steps, values, path: Path) -> Path:
     ax.set_title("ELBO trace")
     _save(fig, path)
     return path
+
+
+def plot_gates(report: pd.DataFrame, path: Path, title: str = "") -> Path:
+    """B-LoRA gates per transformer block and module type (cf. B-LoRA's Figure 2): learned effective
+    rank (left; mean over tasks for per-task gates) and weight bit-width (right)."""
+    modules = sorted(report["module"].unique())
+    width = 0.8 / len(modules)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for k, module in enumerate(modules):
+        rows = report[report["module"] == module].sort_values("block")
+        x = rows["block"] + (k - (len(modules) - 1) / 2) * width
+        axes[0].bar(x, rows["rank"], width=width, label=module)
+        axes[1].bar(x, rows["weight_bits"], width=width, label=module)
+    axes[0].set_ylabel("effective rank")
+    axes[1].set_ylabel("weight bits")
+    axes[1].set_yscale("log", base=2)
+    for ax in axes:
+        ax.set_xlabel("transformer block")
+        ax.legend()
+    axes[0].set_title(title)
+    axes[1].set_title(f"relative BOPs {report['bops'].sum() / report['full_bops'].sum():.3f}")
+    _save(fig, path)
+    return path

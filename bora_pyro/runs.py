@@ -28,11 +28,12 @@ from .distributed import World
 from .inference.config import TrainConfig
 from .inference.svi import FitResult, fit
 from .models.bora import BoRA
+from .models.gates import GateConfig, relative_bops
 from .models.guides import INFERENCE
 from .models.prior import PARAMETERIZATIONS, parse_global_prior, parse_tau
 from .models.tau_prior import TauPrior
 from .peft_import import import_peft
-from .plots import plot_training_curve
+from .plots import plot_gates, plot_training_curve
 from .predictive import calibration, posterior_draws, posterior_predictive
 from .diagnostics import POSTERIOR_FILE, to_inference_data
 
@@ -55,6 +56,10 @@ class AdapterConfig:
     global_prior: str = "flat"  # Theta a parameter, or "normal:SCALE": Theta latent (see models/prior.py)
     init_peft: str | None = None  # a PEFT LoRA adapter folder: the start of Theta and every task
     task_subsampling: bool = True  # a step touches only its batch's tasks (see models/task_subsample.py)
+    rank_gates: str | None = None  # B-LoRA rank gates: "shared" or "per-task" (see models/gates.py)
+    quant_gates: str | None = None  # B-LoRA precision gates: "weights" or "weights+activations"
+    rank_lambda: float = 1.0  # penalty per expected open rank gate (B-LoRA's default)
+    quant_lambda: float = 1.0  # penalty per expected open precision gate
 
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or self.rank < 1:
@@ -70,6 +75,11 @@ class AdapterConfig:
             object.__setattr__(self, "targets", tuple(self.targets))
         self.hyperprior()  # validates the spec
         parse_global_prior(self.global_prior)
+        self.gate_config()
+
+    def gate_config(self) -> GateConfig:
+        return GateConfig(rank=self.rank_gates, quant=self.quant_gates, rank_lambda=self.rank_lambda,
+                          quant_lambda=self.quant_lambda)
 
     def hyperprior(self) -> TauPrior:
         return TauPrior.parse(self.tau_prior, self.tau_groups)
@@ -79,7 +89,7 @@ class AdapterConfig:
             lm, tasks, rank=self.rank, alpha=self.alpha, tau=self.tau, targets=self.targets,
             parameterization=self.parameterization, inference=self.inference, seed=self.init_seed,
             tau_prior=self.hyperprior(), global_scale=parse_global_prior(self.global_prior),
-            task_subsampling=self.task_subsampling,
+            task_subsampling=self.task_subsampling, gates=self.gate_config(),
         )
 
 
@@ -254,7 +264,9 @@ def _fit_and_save(spec: RunSpec, bora: BoRA, corpus: Corpus, out: Path, overwrit
         reports["test"] = reports["posterior_predictive_test"]  # every MAP draw is the plug-in point: scored once
     else:
         reports["test"] = evaluate(bora, corpus.test, spec.train.eval_batch_size)
-    calib_per_task, calib = calibration(bora, corpus.test, bora.task_factors(), batch_size=spec.train.eval_batch_size)
+    factors = bora.export_factors()  # with B-LoRA gates folded in
+    calib_per_task, calib = calibration(bora, corpus.test, factors, batch_size=spec.train.eval_batch_size)
+    gates = None if bora.gates is None else bora.gates.report(bora.gate_values())
     metrics = {
         "test_ppl": reports["test"].token_weighted,
         "test_macro_ppl": reports["test"].task_macro,
@@ -284,6 +296,7 @@ def _fit_and_save(spec: RunSpec, bora: BoRA, corpus: Corpus, out: Path, overwrit
         "posterior_samples": spec.posterior_samples,
         "device": str(bora.device),
         "processes": world.size,
+        **({} if gates is None else gate_metrics(gates)),
     }
     if not world.is_main:  # data-parallel: rank 0 alone writes the run folder
         return metrics
@@ -296,7 +309,10 @@ def _fit_and_save(spec: RunSpec, bora: BoRA, corpus: Corpus, out: Path, overwrit
             tmp / "per_task.csv", index=False)
         if idata is not None:
             idata.to_netcdf(str(tmp / POSTERIOR_FILE))
-        save_adapters(tmp / ADAPTERS_FILE, corpus.tasks, bora.task_factors(), bora.global_factors(),
+        if gates is not None:
+            gates.to_csv(tmp / "gates.csv", index=False)
+            plot_gates(gates, tmp / "gates.png", f"{spec.model} on {spec.data}: B-LoRA gates")
+        save_adapters(tmp / ADAPTERS_FILE, corpus.tasks, factors, bora.global_factors(),
                       {"rank": bora.lora.rank, "alpha": bora.lora.alpha, "targets": list(bora.lora.targets),
                        "tau": bora.tau})
         train_log = _train_log(result)
@@ -307,6 +323,15 @@ def _fit_and_save(spec: RunSpec, bora: BoRA, corpus: Corpus, out: Path, overwrit
     if checkpoint is not None:
         shutil.rmtree(checkpoint, ignore_errors=True)
     return metrics
+
+
+def gate_metrics(report: pd.DataFrame) -> dict:
+    """Summary of a gate report: mean effective rank, rank by module type, bit-widths, relative BOPs."""
+    return {"gates_mean_rank": float(report["rank"].mean()),
+            "gates_rank_by_module": report.groupby("module")["rank"].mean().to_dict(),
+            "gates_weight_bits": report["weight_bits"].value_counts().sort_index().to_dict(),
+            "gates_activation_bits": report["activation_bits"].value_counts().sort_index().to_dict(),
+            "relative_bops": relative_bops(report)}
 
 
 def _read_spec(path: Path) -> RunSpec:
@@ -333,7 +358,7 @@ def load_run(path: str | Path, device: str | None = None) -> LoadedRun:
     tasks, factors, theta, _ = load_adapters(path / ADAPTERS_FILE)
     if tuple(tasks) != corpus.tasks:
         raise ValueError(f"{path}: adapter tasks {tasks} do not match the rebuilt corpus tasks {list(corpus.tasks)}")
-    bora = spec.adapter.build(lm, corpus.tasks)
+    bora = replace(spec.adapter, rank_gates=None, quant_gates=None).build(lm, corpus.tasks)  # gates are folded in the saved adapters
     expected = bora.lora.shapes()
     for name, shape in expected.items():
         if name not in factors or tuple(factors[name].shape[1:]) != shape:

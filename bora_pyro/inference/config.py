@@ -21,7 +21,7 @@ class TrainConfig:
     steps: int = 100
     batch_size: int = 8
     lr: float = 1e-3
-    guide_lr: float = 1e-2  # VI only: the guide's scales and the learned tau's guide (see models.guides)
+    guide_lr: float = 1e-2  # the guide's scales, a learned tau's guide, B-LoRA gates (see models.guides)
     lr_schedule: str = "constant"  # or "cosine": decays to 0 at the last step
     weight_decay: float = 0.0
     clip_norm: float | None = 1.0

@@ -18,6 +18,7 @@ from pyro import poutine
 from torch import nn
 
 from ..data.batching import Batch
+from .gates import GateConfig, Gates, LayerGates
 from .guides import make_guide
 from ..lora import Factors, MultiTaskLoRA
 from .likelihood import lm_log_likelihood
@@ -71,6 +72,7 @@ class BoRA:
         init: Mapping[str, torch.Tensor] | None = None,
         global_scale: float | None = None,
         task_subsampling: bool = True,
+        gates: GateConfig | None = None,
     ) -> None:
         tasks = tuple(str(t) for t in tasks)
         if len(set(tasks)) != len(tasks):
@@ -82,7 +84,11 @@ class BoRA:
                                        tau_prior or TauPrior(), global_scale)
         self.init = self.lora.init_factors(torch.Generator().manual_seed(seed))
         self.task_subsampling = task_subsampling
-        self.log_likelihood: LogLikelihood = log_likelihood or (lambda f, b: lm_log_likelihood(self.lora, f, b))
+        gates = gates or GateConfig()
+        if gates.enabled and log_likelihood is not None:
+            raise ValueError("gates act on the language model's LoRA layers: they cannot be combined with a custom log_likelihood")
+        self.gates = Gates(gates, self.lora.adapted, rank, len(tasks)) if gates.enabled else None
+        self.log_likelihood: LogLikelihood = log_likelihood or self._lm_log_likelihood
         self._store = {"params": {}, "constraints": {}}
         self._scope_active = False
         self.inference = inference
@@ -168,6 +174,28 @@ class BoRA:
         subsample = None if batch is None else self.task_subsample(batch)
         return [pyro.plate(TASK_PLATE, len(self.tasks), dim=-1) if subsample is None else subsample.plate()]
 
+    def _lm_log_likelihood(self, factors: Factors, batch: Batch,
+                           gates: Mapping[str, LayerGates] | None = None) -> torch.Tensor:
+        """The LM likelihood [batch]; with gates, at the given gate values (default: the 0/1 inference gates)."""
+        if gates is None and self.gates is not None:
+            with self.param_scope():
+                gates = self.gates.inference(self.device)
+        return lm_log_likelihood(self.lora, factors, batch, gates)
+
+    def gate_values(self) -> dict[str, LayerGates] | None:
+        """The 0/1 inference gates by layer (None without gates)."""
+        if self.gates is None:
+            return None
+        with self.param_scope():
+            return self.gates.inference(self.device)
+
+    def export_factors(self) -> dict[str, torch.Tensor]:
+        """:meth:`task_factors` with the inference gates folded in (closed rank columns of B zeroed, A and B
+        at their learned precision): what a plain LoRA layer needs to compute the gated adapter."""
+        factors = self.task_factors()
+        gates = self.gate_values()
+        return factors if gates is None else self.gates.fold(factors, gates)
+
     def model(self, batch: Batch) -> None:
         """The Pyro model: task-factor sites under the prior (the batch's tasks, see ``task_subsampling``),
         then the scaled log-likelihood factor."""
@@ -175,7 +203,10 @@ class BoRA:
         factors = self.prior.sample(self.init, subsample)  # name -> [D or P, *shape]
         if subsample is not None:
             batch = batch.replace(task_index=subsample.local)  # each example's position among the present tasks
-        loglik = self.log_likelihood(factors, batch)  # [batch]
+        if self.gates is not None:  # relaxed gate draws and their penalty
+            loglik = self._lm_log_likelihood(factors, batch, self.gates.sample(self.device, subsample))
+        else:
+            loglik = self.log_likelihood(factors, batch)  # [batch]
         with pyro.plate("docs", batch.num_docs, subsample=batch.doc_index):
             pyro.factor("loglik", loglik)
 

@@ -18,18 +18,24 @@ GUIDE_PREFIXES = ("AutoDelta", "MeanFieldNormal")  # the guides' parameter-name 
 
 
 def is_uncertainty_parameter(param_name: str) -> bool:
-    """True for the guide parameters that carry uncertainty or hyperparameters rather than LoRA
-    weights: AutoNormal's scales and both parameters of the ``tau`` site's guide. They get their
-    own learning rate (``TrainConfig.guide_lr``): at the LoRA learning rate (1e-3) a log-scale moves
-    by ~0.001 per step, so within a few hundred steps the guide would stay at its starting width."""
+    """True for the parameters that carry uncertainty, hyperparameters or gates rather than LoRA
+    weights: AutoNormal's scales, both parameters of the ``tau`` site's guide and the B-LoRA gates'
+    log-alphas (``gates.*``). They get their own learning rate (``TrainConfig.guide_lr``): at the LoRA
+    learning rate (1e-3) a log-scale moves by ~0.001 per step, so within a few hundred steps the guide
+    would stay at its starting width (and a gate at its start)."""
     parts = param_name.split(".")
+    if parts[0] == "gates":
+        return True
     return len(parts) >= 3 and parts[0] in GUIDE_PREFIXES and (parts[1] == "scales" or parts[2:] == ["tau"])
 
 
 def is_task_parameter(param_name: str) -> bool:
-    """True for the guide parameters of task sites ([D, ...], indexed by the task plate): AutoDelta's
-    ``AutoDelta.task.*`` and AutoNormal's ``MeanFieldNormal.locs|scales.task.*``."""
+    """True for the parameters with one row per task ([D, ...], indexed by the task plate): AutoDelta's
+    ``AutoDelta.task.*``, AutoNormal's ``MeanFieldNormal.locs|scales.task.*`` and per-task rank gates
+    ``gates.<layer>.task_rank``."""
     parts = param_name.split(".")
+    if parts[0] == "gates":
+        return parts[-1] == "task_rank"
     if len(parts) < 3 or parts[0] not in GUIDE_PREFIXES:
         return False
     return parts[1] == "task" or (parts[1] in ("locs", "scales") and parts[2] == "task")
@@ -87,15 +93,15 @@ def make_guide(
 
 def _init_to_values(values: Mapping[str, torch.Tensor]) -> Callable[[dict], torch.Tensor]:
     """Start each site at ``values[name]``. A site of a task subsample (P of the D tasks, see
-    ``task_subsample.py``) takes the first P rows: every task starts at the same value, which the
-    guide's parameters then repeat to all D tasks."""
+    ``task_subsample.py``) needs a value shared by every task (an expanded view, as
+    ``HierarchicalPrior.initial_values`` gives), whose first P rows the guide repeats to all D tasks."""
     def init(site: dict) -> torch.Tensor:
         value = values[site["name"]]
         shape = site["fn"].shape()
         if value.shape == shape:
-            return value
-        if value.shape[1:] != shape[1:] or not bool((value == value[:1]).all()):
+            return value.clone()
+        if value.shape[1:] != shape[1:] or value.stride(0) != 0:
             raise ValueError(f"site {site['name']!r}: cannot start a task subsample of shape {tuple(shape)} "
-                             f"from per-task values of shape {tuple(value.shape)}")
-        return value[: shape[0]]
+                             f"from per-task values of shape {tuple(value.shape)} (they must be shared by every task)")
+        return value[: shape[0]].clone()
     return init

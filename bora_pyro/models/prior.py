@@ -169,12 +169,13 @@ class HierarchicalPrior:
         return self.mode == HIERARCHICAL and self.parameterization == "noncentered"
 
     def initial_values(self, init: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Guide start: Theta (if latent) and every task at Theta's start (z = 0 in the non-centred form)."""
+        """Guide start: Theta (if latent) and every task at Theta's start (z = 0 in the non-centred form).
+        Task values are expanded views [D, *shape] of one tensor (no memory per task)."""
         if self.noncentered:  # z = 0
-            values = {f"{task_site(name)}_decentered": torch.zeros(self.num_tasks, *value.shape, device=value.device)
+            values = {f"{task_site(name)}_decentered": value.new_zeros(()).expand(self.num_tasks, *value.shape)
                       for name, value in init.items()}
         else:
-            values = {task_site(name): value.expand(self.num_tasks, *value.shape).clone() for name, value in init.items()}
+            values = {task_site(name): value.expand(self.num_tasks, *value.shape) for name, value in init.items()}
         if self.latent_global:
             values.update({global_param(name): value.clone() for name, value in init.items()})
         if self.learned:

@@ -8,6 +8,7 @@ from .evaluation import PerplexityReport, evaluate
 from .inference import FitResult, TrainConfig, fit
 from .lora import MultiTaskLoRA, MultiTaskLoRALinear
 from .models import BoRA
+from .models.gates import GateConfig
 from .runs import load_run
 
 
@@ -17,6 +18,7 @@ __all__ = [
     "Corpus",
     "CorpusConfig",
     "FitResult",
+    "GateConfig",
     "MultiTaskLoRA",
     "MultiTaskLoRALinear",
     "PerplexityReport",

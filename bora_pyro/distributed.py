@@ -55,10 +55,12 @@ class World:
         return list(indices[self.rank * share:(self.rank + 1) * share])
 
     def average_gradients(self, params: Sequence[torch.Tensor]) -> None:
-        """Replace every gradient by its mean over ranks (one all_reduce over a flat buffer)."""
+        """Replace every gradient by its mean over ranks (one all_reduce over a flat buffer). Row-sparse
+        gradients of the task parameters hold the same rows on every rank (the step's tasks): their
+        values are averaged."""
         if not self.active:
             return
-        grads = [p.grad for p in params if p.grad is not None]
+        grads = [p.grad._values() if p.grad.is_sparse else p.grad for p in params if p.grad is not None]
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat)
         flat /= self.size

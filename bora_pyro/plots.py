@@ -200,11 +200,14 @@ def plot_gates(report: pd.DataFrame, path: Path, title: str = "") -> Path:
         axes[0].bar(x, rows["rank"], width=width, label=module)
         axes[1].bar(x, rows["weight_bits"], width=width, label=module)
     axes[0].set_ylabel("effective rank")
+    axes[0].set_ylim(0, report["rank"].max() * 1.3)  # room for the legend
     axes[1].set_ylabel("weight bits")
     axes[1].set_yscale("log", base=2)
+    axes[1].set_ylim(1, 128)
+    axes[1].set_yticks([2, 4, 8, 16, 32], labels=["2", "4", "8", "16", "32"])
     for ax in axes:
         ax.set_xlabel("transformer block")
-        ax.legend()
+        ax.legend(loc="upper right", ncol=len(modules))
     axes[0].set_title(title)
     axes[1].set_title(f"relative BOPs {report['bops'].sum() / report['full_bops'].sum():.3f}")
     _save(fig, path)

@@ -124,8 +124,9 @@ class RunSpec:
         corpus = dict(d["corpus"])
         if corpus.get("books") is not None:
             corpus["books"] = tuple(corpus["books"])
+        adapter = {"task_subsampling": False, **d["adapter"]}  # runs written before the option used every task's prior
         return cls(d["model"], d["data"], d.get("device", "auto"), CorpusConfig(**corpus),
-                   AdapterConfig(**d["adapter"]), TrainConfig(**d["train"]), d.get("posterior_samples", 8),
+                   AdapterConfig(**adapter), TrainConfig(**d["train"]), d.get("posterior_samples", 8),
                    d.get("trust_remote_code", False))
 
 
@@ -228,7 +229,8 @@ def adapt_run(source: str | Path, data: str, out: str | Path, overwrite: bool = 
     lm, tokenizer = spec.load_model()
     corpus = load_corpus(spec.data, tokenizer, **spec.corpus.to_dict())
     bora = BoRA(lm, corpus.tasks, rank=spec.adapter.rank, alpha=spec.adapter.alpha, tau=tau,
-                targets=spec.adapter.targets, parameterization=spec.adapter.parameterization, init=theta)
+                targets=spec.adapter.targets, parameterization=spec.adapter.parameterization, init=theta,
+                task_subsampling=spec.adapter.task_subsampling)
     return _fit_and_save(spec, bora, corpus, out, overwrite, started, freeze_global=True,
                          extra_config={"adapted_from": str(source)})
 

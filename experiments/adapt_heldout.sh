@@ -11,7 +11,8 @@ BOOKS=Mark,Hebrews,Proverbs
 .venv/bin/bora-pyro adapt "$SOURCE" --data bible-books --books "$BOOKS" --max-train-docs 10 --max-eval-docs 8 \
     --steps 40 --eval-every 10 --no-progress --overwrite --out "$OUT/adapted"
 .venv/bin/bora-pyro train --data bible-books --books "$BOOKS" --max-train-docs 10 --max-eval-docs 8 --tau 0 \
-    --steps 40 --eval-every 10 --max-tokens 64 --posterior-samples 0 --no-progress --overwrite --out "$OUT/alone"
+    --steps 40 --eval-every 10 --max-tokens 64 --posterior-samples 0 --no-progress --overwrite --no-task-subsampling \
+    --out "$OUT/alone"
 .venv/bin/python - "$OUT" <<'PY'
 import sys
 from pathlib import Path

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 MODEL=${1:-smollm2-135m}
 OUT=experiments/results/bench/distributed
 ARGS=(train --model "$MODEL" --steps 12 --batch-size 8 --eval-every 12 --max-eval-docs 2 --posterior-samples 0
-      --no-progress --overwrite)
+      --no-progress --overwrite --no-task-subsampling)  # as measured (before task subsampling)
 OMP_NUM_THREADS=2 .venv/bin/bora-pyro "${ARGS[@]}" --out "$OUT/one" > /dev/null
 OMP_NUM_THREADS=1 .venv/bin/python -m torch.distributed.run --standalone --nproc_per_node 2 -m bora_pyro.cli \
     "${ARGS[@]}" --distributed --out "$OUT/two" > /dev/null

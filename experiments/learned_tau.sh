@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=experiments/results/learned_tau
-COMMON=(--inference vi --guide-lr 0.05 --steps 80 --eval-every 10 --max-eval-docs 6 --no-progress --overwrite)
+COMMON=(--inference vi --guide-lr 0.05 --steps 80 --eval-every 10 --max-eval-docs 6 --no-progress --overwrite
+        --no-task-subsampling)  # as measured (before task subsampling became the default)
 .venv/bin/bora-pyro train --tau learn "${COMMON[@]}" --out "$OUT/runs/learn"
 .venv/bin/bora-pyro train --tau 10 "${COMMON[@]}" --out "$OUT/runs/tau=10"
 .venv/bin/bora-pyro train --tau 100 "${COMMON[@]}" --out "$OUT/runs/tau=100"

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SWEEP=experiments/results/sweep_smollm2
-.venv/bin/bora-pyro sweep --taus 0,1,10,100,1000,inf --steps 80 --eval-every 10 --max-eval-docs 6 \
+.venv/bin/bora-pyro sweep --taus 0,1,10,100,1000,inf --steps 80 --eval-every 10 --max-eval-docs 6 --no-task-subsampling \
     --no-progress --out "$SWEEP"
 .venv/bin/python experiments/convergence.py --sweep "$SWEEP" --taus 100,1000 \
     --out experiments/results/convergence

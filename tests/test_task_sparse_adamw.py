@@ -68,3 +68,25 @@ def test_clipping_on_rows_matches_torch_on_the_present_rows():
     torch.testing.assert_close(param.grad[rows], reference[0].grad)
     torch.testing.assert_close(shared.grad, reference[1].grad)
     torch.testing.assert_close(param.grad[[0, 2]], grad[[0, 2]])  # absent rows untouched
+
+
+def test_row_sparse_gradients_step_and_clip_like_dense_ones():
+    from bora_pyro.models.guides import gather_rows
+
+    start = torch.randn(5, 3, 2, generator=torch.Generator().manual_seed(4))
+    rows = torch.tensor([1, 4])
+    weights = torch.randn(2, 3, 2, generator=torch.Generator().manual_seed(5))
+    params, opts = [], []
+    for gather in (gather_rows, lambda full, index: full.index_select(0, index)):
+        p = start.clone().requires_grad_()
+        opt = TaskSparseAdamW([p], lr=0.1, task_params=[p])
+        (gather(p, rows) * weights).sum().backward()
+        params.append(p), opts.append(opt)
+    assert params[0].grad.is_sparse and not params[1].grad.is_sparse
+    torch.testing.assert_close(params[0].grad.to_dense(), params[1].grad)
+    norms = [opt.clip_grad_norm_(0.5, rows) for opt in opts]
+    torch.testing.assert_close(norms[0], norms[1])
+    for opt in opts:
+        opt.step(rows)
+    torch.testing.assert_close(params[0].detach(), params[1].detach())
+    assert torch.equal(params[0].detach()[[0, 2, 3]], start[[0, 2, 3]])

@@ -17,6 +17,18 @@ from typing import Iterable
 import torch
 
 
+def grad_rows(grad: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows ``rows`` ([P], ascending) of a dense or row-sparse (COO) gradient, dense. -> [P, ...]."""
+    if not grad.is_sparse:
+        return grad.index_select(0, rows)
+    grad = grad.coalesce()
+    out = grad.values().new_zeros((rows.numel(), *grad.shape[1:]))
+    where = torch.searchsorted(rows, grad.indices()[0])
+    if not torch.equal(rows[where.clamp(max=rows.numel() - 1)], grad.indices()[0]):
+        raise ValueError("a row-sparse gradient has rows outside the rows being stepped")
+    return out.index_copy_(0, where, grad.values())
+
+
 def _adamw_(x: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, t: torch.Tensor, lr: float,
             betas: tuple[float, float], eps: float, weight_decay: float) -> None:
     """One in-place AdamW update of ``x`` (PyTorch's rule). ``t`` (the step count, after increment)
@@ -30,10 +42,15 @@ def _adamw_(x: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, 
     x.addcdiv_(m / bias1, (v.sqrt() / bias2).add_(eps), value=-lr)
 
 
+def _dense(grad: torch.Tensor) -> torch.Tensor:
+    return grad.to_dense() if grad.is_sparse else grad
+
+
 class TaskSparseAdamW(torch.optim.Optimizer):
     """AdamW whose ``task_params`` (first dimension = task) are stepped only on given rows.
 
-    ``step(rows)``: rows [P] (task ids) or None for every row. State per parameter: ``exp_avg``,
+    ``step(rows)``: rows [P] (task ids) or None for every row. Gradients may be dense or row-sparse
+    (COO, from ``guides.gather_rows``; their rows must be among ``rows``). State per parameter: ``exp_avg``,
     ``exp_avg_sq`` and ``step`` ([D] per-row counts for task parameters, 0-dim otherwise), all
     tensors (checkpointed as safetensors).
     """
@@ -55,12 +72,12 @@ class TaskSparseAdamW(torch.optim.Optimizer):
         grads = [(p, self._rows_of(p, rows)) for group in self.param_groups for p in group["params"] if p.grad is not None]
         if not grads:
             return torch.zeros(())
-        norms = [torch.linalg.vector_norm(p.grad if r is None else p.grad.index_select(0, r)) for p, r in grads]
+        norms = [torch.linalg.vector_norm(_dense(p.grad) if r is None else grad_rows(p.grad, r)) for p, r in grads]
         total = torch.linalg.vector_norm(torch.stack(norms))
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
         for p, r in grads:
-            if r is None:
-                p.grad.mul_(coef)
+            if r is None or p.grad.is_sparse:
+                p.grad = p.grad * coef
             else:
                 p.grad.index_copy_(0, r, p.grad.index_select(0, r) * coef)
         return total
@@ -83,11 +100,11 @@ class TaskSparseAdamW(torch.optim.Optimizer):
                 if r is None:
                     state["step"] += 1
                     t = state["step"].reshape(-1, *([1] * (p.dim() - 1))) if task else state["step"]
-                    _adamw_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], t, **options)
+                    _adamw_(p, _dense(p.grad), state["exp_avg"], state["exp_avg_sq"], t, **options)
                     continue
                 state["step"].index_add_(0, r, torch.ones_like(r, dtype=torch.float32))
                 x, m, v = (s.index_select(0, r) for s in (p, state["exp_avg"], state["exp_avg_sq"]))
                 t = state["step"].index_select(0, r).reshape(-1, *([1] * (p.dim() - 1)))
-                _adamw_(x, p.grad.index_select(0, r), m, v, t, **options)
+                _adamw_(x, grad_rows(p.grad, r), m, v, t, **options)
                 for target, rows_value in ((p, x), (state["exp_avg"], m), (state["exp_avg_sq"], v)):
                     target.index_copy_(0, r, rows_value)

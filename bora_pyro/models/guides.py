@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from contextlib import ExitStack
 from typing import Callable, Mapping
 
@@ -13,8 +14,10 @@ from pyro import poutine
 from pyro.infer.autoguide import AutoDelta, AutoGuide, AutoNormal
 from pyro.distributions import constraints
 
+from .task_subsample import TaskPlate
+
 INFERENCE = ("map", "vi")
-GUIDE_PREFIXES = ("AutoDelta", "MeanFieldNormal")  # the guides' parameter-name prefixes
+GUIDE_PREFIXES = ("TaskDelta", "MeanFieldNormal")  # the guides' parameter-name prefixes
 
 
 def is_uncertainty_parameter(param_name: str) -> bool:
@@ -30,8 +33,8 @@ def is_uncertainty_parameter(param_name: str) -> bool:
 
 
 def is_task_parameter(param_name: str) -> bool:
-    """True for the parameters with one row per task ([D, ...], indexed by the task plate): AutoDelta's
-    ``AutoDelta.task.*``, AutoNormal's ``MeanFieldNormal.locs|scales.task.*`` and per-task rank gates
+    """True for the parameters with one row per task ([D, ...], indexed by the task plate): the MAP guide's
+    ``TaskDelta.task.*``, AutoNormal's ``MeanFieldNormal.locs|scales.task.*`` and per-task rank gates
     ``gates.<layer>.task_rank``."""
     parts = param_name.split(".")
     if parts[0] == "gates":
@@ -39,6 +42,51 @@ def is_task_parameter(param_name: str) -> bool:
     if len(parts) < 3 or parts[0] not in GUIDE_PREFIXES:
         return False
     return parts[1] == "task" or (parts[1] in ("locs", "scales") and parts[2] == "task")
+
+
+class _GatherRows(torch.autograd.Function):
+    """``full.index_select(0, index)`` whose gradient is row-sparse: a COO tensor holding the gathered
+    rows only. Pyro's own parameter subsampling (``index_select``) writes a dense [D, ...] gradient of
+    zeros every step, 1.8 GB for 1000 SmolLM2 tasks."""
+
+    @staticmethod
+    def forward(ctx, full: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.full_shape = full.shape
+        return full.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (index,) = ctx.saved_tensors  # ascending, unique
+        return torch.sparse_coo_tensor(index.unsqueeze(0), grad, ctx.full_shape, is_coalesced=True,
+                                       check_invariants=False), None
+
+
+def gather_rows(full: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``index`` ([P], ascending, unique) of ``full`` [D, ...] with a row-sparse gradient. -> [P, ...]."""
+    return _GatherRows.apply(full, index)
+
+
+class TaskDelta(AutoDelta):
+    """AutoDelta (the MAP guide) whose task-site parameters are gathered for the batch's tasks with a
+    row-sparse gradient (:func:`gather_rows`) rather than by Pyro's automatic plate subsampling,
+    so that a step's cost does not grow with the number of tasks."""
+
+    def forward(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        plates = self._create_plates(*args, **kwargs)
+        result = {}
+        for name, site in self.prototype_trace.iter_stochastic_nodes():
+            value = operator.attrgetter(name)(self)  # the whole parameter: read outside the plates
+            with ExitStack() as stack:
+                for frame in site["cond_indep_stack"]:
+                    if frame.vectorized:
+                        stack.enter_context(plates[frame.name])
+                        if isinstance(plates[frame.name], TaskPlate):
+                            value = gather_rows(value, plates[frame.name].index)
+                result[name] = pyro.sample(name, dist.Delta(value, event_dim=site["fn"].event_dim))
+        return result
 
 
 class MeanFieldNormal(AutoNormal):
@@ -88,7 +136,7 @@ def make_guide(
     if kind not in INFERENCE:
         raise ValueError(f"inference must be one of {INFERENCE}, got {kind!r}")
     options = {"init_loc_fn": _init_to_values(initial_values), "create_plates": create_plates}
-    return AutoDelta(model, **options) if kind == "map" else MeanFieldNormal(model, init_scale=init_scale, **options)
+    return TaskDelta(model, **options) if kind == "map" else MeanFieldNormal(model, init_scale=init_scale, **options)
 
 
 def _init_to_values(values: Mapping[str, torch.Tensor]) -> Callable[[dict], torch.Tensor]:

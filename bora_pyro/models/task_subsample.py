@@ -67,7 +67,7 @@ class TaskPlate(pyro.plate):
 
     def __init__(self, subsample: TaskSubsample) -> None:
         super().__init__(TASK_PLATE, subsample.num_tasks, subsample=subsample.index, dim=-1)
-        self.weight = subsample.weight  # [P]
+        self.index, self.weight = subsample.index, subsample.weight  # [P], [P]
 
     def _process_message(self, msg: dict) -> None:
         scale = msg["scale"]

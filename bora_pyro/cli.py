@@ -93,6 +93,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="penalty per expected open rank gate (B-LoRA's lambda; log prior of a gate, default 1)")
     g.add_argument("--quant-lambda", type=float, default=d_adapter.quant_lambda,
                    help="penalty per expected open precision gate (default 1)")
+    g.add_argument("--gate-init", type=float, default=d_adapter.gate_init,
+                   help="the gates' starting log-alpha: 3 = open with probability 0.99, relaxed below 1 a fifth "
+                        "of the time; higher = less training noise at the start")
     g = p.add_argument_group("training")
     g.add_argument("--steps", type=int, default=d_train.steps)
     g.add_argument("--batch-size", type=int, default=d_train.batch_size)
@@ -163,7 +166,7 @@ def _spec_from_args(a: argparse.Namespace, tau: str | float) -> RunSpec:
                             tau_prior=a.tau_prior, tau_groups=a.tau_groups,
                             global_prior=a.global_prior, init_peft=a.init_peft, task_subsampling=a.task_subsampling,
                             rank_gates=a.rank_gates, quant_gates=a.quant_gates, rank_lambda=a.rank_lambda,
-                            quant_lambda=a.quant_lambda)
+                            quant_lambda=a.quant_lambda, gate_init=a.gate_init)
     train = TrainConfig(
         steps=a.steps, batch_size=a.batch_size, lr=a.lr, guide_lr=a.guide_lr, lr_schedule=a.lr_schedule, weight_decay=a.weight_decay,
         clip_norm=a.clip_norm or None, lr_tau_scaling=a.lr_tau_scaling, lr_tau_reference=a.lr_tau_reference,

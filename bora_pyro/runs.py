@@ -60,6 +60,7 @@ class AdapterConfig:
     quant_gates: str | None = None  # B-LoRA precision gates: "weights" or "weights+activations"
     rank_lambda: float = 1.0  # penalty per expected open rank gate (B-LoRA's default)
     quant_lambda: float = 1.0  # penalty per expected open precision gate
+    gate_init: float = 3.0  # the gates' starting log-alpha (3: open with probability 0.99)
 
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or self.rank < 1:
@@ -79,7 +80,7 @@ class AdapterConfig:
 
     def gate_config(self) -> GateConfig:
         return GateConfig(rank=self.rank_gates, quant=self.quant_gates, rank_lambda=self.rank_lambda,
-                          quant_lambda=self.quant_lambda)
+                          quant_lambda=self.quant_lambda, init_log_alpha=self.gate_init)
 
     def hyperprior(self) -> TauPrior:
         return TauPrior.parse(self.tau_prior, self.tau_groups)

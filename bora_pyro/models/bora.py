@@ -155,16 +155,16 @@ class BoRA:
 
     def task_subsample(self, batch: Batch) -> TaskSubsample | None:
         """The tasks of ``batch`` whose sites a step samples (None: all tasks, or no task sites when pooled)."""
-        if not self.task_subsampling or self.mode == POOLED:
-            return None
-        return TaskSubsample.of(batch, len(self.tasks))
+        return TaskSubsample.of(batch, len(self.tasks)) if self._subsamples_tasks else None
 
     def updated_tasks(self, task_index: torch.Tensor) -> torch.Tensor | None:
         """The tasks whose parameters a step on examples of these tasks changes ([P] ascending ids), or
         None for all. Shapes: task_index [batch] (the whole step's batch, all ranks)."""
-        if not self.task_subsampling or self.mode == POOLED:
-            return None
-        return torch.unique(task_index, sorted=True)
+        return torch.unique(task_index, sorted=True) if self._subsamples_tasks else None
+
+    @property
+    def _subsamples_tasks(self) -> bool:
+        return self.task_subsampling and self.mode != POOLED
 
     def _task_plates(self, batch: Batch | None = None) -> list[pyro.plate]:
         """The guide's task plate for ``batch``: the model's; every task when ``batch`` is None (a joint
@@ -177,10 +177,7 @@ class BoRA:
     def _lm_log_likelihood(self, factors: Factors, batch: Batch,
                            gates: Mapping[str, LayerGates] | None = None) -> torch.Tensor:
         """The LM likelihood [batch]; with gates, at the given gate values (default: the 0/1 inference gates)."""
-        if gates is None and self.gates is not None:
-            with self.param_scope():
-                gates = self.gates.inference(self.device)
-        return lm_log_likelihood(self.lora, factors, batch, gates)
+        return lm_log_likelihood(self.lora, factors, batch, self.gate_values() if gates is None else gates)
 
     def gate_values(self) -> dict[str, LayerGates] | None:
         """The 0/1 inference gates by layer (None without gates)."""

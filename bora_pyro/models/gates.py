@@ -101,6 +101,8 @@ class GateConfig:
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not math.isfinite(self.init_log_alpha):
+            raise ValueError(f"init_log_alpha must be a finite number, got {self.init_log_alpha!r}")
 
     @property
     def enabled(self) -> bool:

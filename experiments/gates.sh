@@ -2,10 +2,10 @@
 # B-LoRA gates inside BoRA on the embedded default (the main job's settings: tau = 100, MAP, rank 8,
 # 100 steps): plain BoRA against learned rank gates (shared by the tasks) and learned rank + weight and
 # activation precision gates at B-LoRA's lambda = 1 (gates starting at log-alpha 3, and at 6: less early
-# noise), and rank + weight precision gates at lambda = 100, 1000
+# noise), and rank + weight precision gates at lambda = 100 (log-alpha 3 and 6) and 1000
 # (our likelihood sums over all training tokens, so one nat per gate is a much weaker prior than in
 # B-LoRA's mean-loss objective). The gates' log-alphas learn at --guide-lr 0.1 (at the default 0.01 a
-# gate moves by at most 1 in 100 steps and none could close). About an hour on a 2-core CPU.
+# gate moves by at most 1 in 100 steps and none could close). About 70 minutes on a 2-core CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=experiments/results/gates
@@ -19,6 +19,8 @@ for LAMBDA in 100 1000; do
   .venv/bin/bora-pyro train "${COMMON[@]}" --rank-gates --quant-gates weights --rank-lambda $LAMBDA --quant-lambda $LAMBDA \
       --out "$OUT/runs/rank+quant_lambda$LAMBDA"
 done
+.venv/bin/bora-pyro train "${COMMON[@]}" --rank-gates --quant-gates weights --rank-lambda 100 --quant-lambda 100 \
+    --gate-init 6 --out "$OUT/runs/rank+quant_lambda100_init6"
 .venv/bin/python - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path
@@ -29,7 +31,8 @@ from bora_pyro.plots import plot_gates
 
 out = Path(sys.argv[1])
 rows = []
-for name in ("plain", "rank", "rank+quant", "rank+quant_init6", "rank+quant_lambda100", "rank+quant_lambda1000"):
+for name in ("plain", "rank", "rank+quant", "rank+quant_init6", "rank+quant_lambda100", "rank+quant_lambda100_init6",
+             "rank+quant_lambda1000"):
     m = json.loads((out / "runs" / name / "metrics.json").read_text())
     rows.append(f"| {name} | {m['test_ppl']:.1f} | {m['test_macro_ppl']:.1f} | {m.get('gates_mean_rank', 8):.2f} | "
                 f"{m.get('gates_rank_by_module', '')} | {m.get('gates_weight_bits', {32: 'all'})} | "

@@ -50,6 +50,7 @@ def step_fn(config: str, args):
     from bora_pyro.inference import TrainConfig
     from bora_pyro.inference.svi import make_optimizer, objective, trainable_parameters, update
     from bora_pyro.inference.task_sparse_adamw import TaskSparseAdamW
+    from bora_pyro.models.task_subsample import TaskSubsample
     from bora_pyro.models.likelihood import token_log_probs
 
     device = bora_pyro.base_models.resolve_device(args.device)
@@ -83,12 +84,12 @@ def step_fn(config: str, args):
         return step
 
     bora = bora_pyro.BoRA(lm, [f"t{d}" for d in range(num_tasks)], rank=args.rank, alpha=args.alpha, tau=100.0)
-    present, local = torch.unique(batch.task_index, return_inverse=True)
     if config == "e":  # the same objective in plain PyTorch: non-centred z of the present tasks, Theta, weighted prior
         theta = {k: v.clone().requires_grad_() for k, v in bora.init.items()}
         z = {k: torch.zeros(num_tasks, *v.shape, device=device, requires_grad=True) for k, v in bora.init.items()}
         opt = TaskSparseAdamW(list(theta.values()) + list(z.values()), lr=1e-3, task_params=z.values())
-        weight = batch.num_docs / len(batch) * torch.bincount(local) / batch.docs_per_task[present]  # [P]
+        tasks = TaskSubsample.of(batch, num_tasks)
+        present, local, weight = tasks.index, tasks.local, tasks.weight  # [P], [batch], [P]
 
         def step():
             opt.zero_grad(set_to_none=True)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import operator
-from contextlib import ExitStack
-from typing import Callable, Mapping
+from contextlib import ExitStack, contextmanager
+from typing import Callable, Iterator, Mapping
 
 import pyro
 import pyro.distributions as dist
 import torch
 from pyro.distributions.transforms import biject_to
-from pyro import poutine
 from pyro.infer.autoguide import AutoDelta, AutoGuide, AutoNormal
 from pyro.distributions import constraints
 
@@ -44,6 +43,24 @@ def is_task_parameter(param_name: str) -> bool:
     return parts[1] == "task" or (parts[1] in ("locs", "scales") and parts[2] == "task")
 
 
+def _latent_sites(guide: AutoGuide, args: tuple, kwargs: dict) -> Iterator[tuple[str, dict, list[pyro.plate]]]:
+    """The guide's latent sites (its prototype set up on first use), each with the plates it is sampled
+    in (the guide's, from ``create_plates``, for this call's arguments)."""
+    if guide.prototype_trace is None:
+        guide._setup_prototype(*args, **kwargs)
+    plates = guide._create_plates(*args, **kwargs)
+    for name, site in guide.prototype_trace.iter_stochastic_nodes():
+        yield name, site, [plates[frame.name] for frame in site["cond_indep_stack"] if frame.vectorized]
+
+
+@contextmanager
+def _inside(plates: list[pyro.plate]) -> Iterator[None]:
+    with ExitStack() as stack:
+        for plate in plates:
+            stack.enter_context(plate)
+        yield
+
+
 class _GatherRows(torch.autograd.Function):
     """``full.index_select(0, index)`` whose gradient is row-sparse: a COO tensor holding the gathered
     rows only. Pyro's own parameter subsampling (``index_select``) writes a dense [D, ...] gradient of
@@ -73,18 +90,13 @@ class TaskDelta(AutoDelta):
     so that a step's cost does not grow with the number of tasks."""
 
     def forward(self, *args, **kwargs) -> dict[str, torch.Tensor]:
-        if self.prototype_trace is None:
-            self._setup_prototype(*args, **kwargs)
-        plates = self._create_plates(*args, **kwargs)
         result = {}
-        for name, site in self.prototype_trace.iter_stochastic_nodes():
+        for name, site, plates in _latent_sites(self, args, kwargs):
             value = operator.attrgetter(name)(self)  # the whole parameter: read outside the plates
-            with ExitStack() as stack:
-                for frame in site["cond_indep_stack"]:
-                    if frame.vectorized:
-                        stack.enter_context(plates[frame.name])
-                        if isinstance(plates[frame.name], TaskPlate):
-                            value = gather_rows(value, plates[frame.name].index)
+            for plate in plates:
+                if isinstance(plate, TaskPlate):
+                    value = gather_rows(value, plate.index)
+            with _inside(plates):
                 result[name] = pyro.sample(name, dist.Delta(value, event_dim=site["fn"].event_dim))
         return result
 
@@ -100,15 +112,9 @@ class MeanFieldNormal(AutoNormal):
     """
 
     def forward(self, *args, **kwargs) -> dict[str, torch.Tensor]:
-        if self.prototype_trace is None:
-            self._setup_prototype(*args, **kwargs)
-        plates = self._create_plates(*args, **kwargs)
         result = {}
-        for name, site in self.prototype_trace.iter_stochastic_nodes():
-            with ExitStack() as stack:
-                for frame in site["cond_indep_stack"]:
-                    if frame.vectorized:
-                        stack.enter_context(plates[frame.name])
+        for name, site, plates in _latent_sites(self, args, kwargs):
+            with _inside(plates):
                 loc, scale = self._get_loc_and_scale(name)
                 q = dist.Normal(loc, scale).to_event(self._event_dims[name])
                 if not _is_real(site["fn"].support):

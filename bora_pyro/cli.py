@@ -46,9 +46,15 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow a hub model's own Python code to run (off by default; only for models you trust)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data split, LoRA init and batch order")
+    p.add_argument("--seed", type=int, default=0, help="seed of the LoRA init, batch order and guide draws (and of "
+                   "the data split unless --split-seed is given)")
+    p.add_argument("--split-seed", type=int, default=None,
+                   help="seed of the train/valid/test split (default: --seed); fix it to score several training "
+                        "seeds on one test set")
     g = p.add_argument_group("corpus")
-    g.add_argument("--max-tokens", type=int, default=d_corpus.max_tokens, help="tokens per document (truncation)")
+    g.add_argument("--max-tokens", type=int, default=d_corpus.max_tokens, help="tokens per document")
+    g.add_argument("--long-documents", choices=("split", "truncate"), default=d_corpus.long_documents,
+                   help="documents longer than --max-tokens: split into consecutive chunks, or truncate")
     g.add_argument("--valid-fraction", type=float, default=d_corpus.valid_fraction)
     g.add_argument("--test-fraction", type=float, default=d_corpus.test_fraction)
     g.add_argument("--max-train-docs", type=_optional_int, default=d_corpus.max_train_docs,
@@ -156,7 +162,8 @@ def _sweep(a: argparse.Namespace) -> None:
 
 def _spec_from_args(a: argparse.Namespace, tau: str | float) -> RunSpec:
     corpus = CorpusConfig(
-        max_tokens=a.max_tokens, seed=a.seed, valid_fraction=a.valid_fraction, test_fraction=a.test_fraction,
+        max_tokens=a.max_tokens, long_documents=a.long_documents,
+        seed=a.seed if a.split_seed is None else a.split_seed, valid_fraction=a.valid_fraction, test_fraction=a.test_fraction,
         max_train_docs=a.max_train_docs, max_eval_docs=a.max_eval_docs, task_prompt=a.task_prompt,
         task_column=a.task_column, text_column=a.text_column, translation=a.translation, books=a.books,
         num_tasks=a.num_tasks, ton_selection=a.ton_selection, min_words=a.min_words,

@@ -49,7 +49,7 @@ def make_corpus(tmp_path, tiny_lm):
         docs_per_task = docs_per_task or {"alpha": 12, "beta": 8, "gamma": 5}
         path = tmp_path / "corpus.csv"
         synthetic_rows(docs_per_task).to_csv(path, index=False)
-        options.setdefault("max_tokens", 48)
+        options.setdefault("max_tokens", 96)
         return bora_pyro.load_corpus(f"csv:{path}", tokenizer=tiny_lm[1], **options)
 
     return build

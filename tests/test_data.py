@@ -48,9 +48,38 @@ def test_prompt_and_padding_are_not_scored(tiny_lm):
     assert (batch.labels[0, 4 + 3:] == IGNORE_INDEX).all() and (batch.attention_mask[0, 4 + 3:] == 0).all()
 
 
-def test_truncation_keeps_max_tokens(tiny_lm):
-    split = bora_pyro.data.tokenize.tokenize_split("t", ("x",), [(0, "a" * 100)], tiny_lm[1], max_tokens=10)
+def test_long_documents_are_split_into_chunks_that_keep_every_token(tiny_lm):
+    tokenizer = tiny_lm[1]
+    text = "".join(chr(ord("a") + i % 26) for i in range(45))
+    split = bora_pyro.data.tokenize.tokenize_split("t", ("x", "y"), [(1, text), (0, "short")], tokenizer,
+                                                   max_tokens=10, task_prompt="{task}:")
+    context = 1 + 2  # <bos> y :
+    assert len(split) == 1 + 7 and split.source_docs == 2 and split.long_docs == 1  # 45 + EOS over 7 chunks of 7
+    assert all(len(ids) <= 10 for ids in split.input_ids)
+    assert split.task_index == (1,) * 7 + (0,)
+    chunks = split.input_ids[:7]
+    assert all(ids[:context] == chunks[0][:context] for ids in chunks)  # every chunk starts with the context
+    body = [t for ids in chunks for t in ids[context:]]
+    assert tokenizer.decode(body[:-1]) == text and body[-1] == tokenizer.eos_token_id
+    assert all(tokenizer.eos_token_id not in ids for ids in chunks[:-1])
+    assert all(labels[:context] == (IGNORE_INDEX,) * context for labels in split.labels[:7])
+
+
+def test_truncation_keeps_max_tokens_when_asked(tiny_lm):
+    split = bora_pyro.data.tokenize.tokenize_split("t", ("x",), [(0, "a" * 100)], tiny_lm[1], max_tokens=10,
+                                                   long_documents="truncate")
+    assert len(split) == 1 and split.long_docs == 1
     assert len(split.input_ids[0]) == 10 and split.input_ids[0][-1] != tiny_lm[1].eos_token_id
+
+
+def test_the_corpus_says_how_many_documents_were_split_or_cut(make_corpus, caplog):
+    corpus = make_corpus({"a": 12, "b": 8}, max_tokens=20)  # 12 words of ~5 bytes: every text is longer
+    assert corpus.train.long_docs == corpus.train.source_docs == 16
+    assert len(corpus.train) > 16
+    assert "documents are longer than max_tokens=20 tokens: split into" in caplog.text
+    caplog.clear()
+    cut = make_corpus({"a": 12, "b": 8}, max_tokens=20, long_documents="truncate")
+    assert len(cut.train) == 16 and "cut at 20 tokens" in caplog.text
 
 
 def test_prompt_longer_than_max_tokens_is_an_error(tiny_lm):

@@ -59,7 +59,8 @@ def test_short_speeches_are_cleaned_before_counting(tmp_path, caplog):
 
 
 def test_ton_corpus_through_load_corpus(ton_csv, tiny_lm):
-    corpus = bora_pyro.load_corpus(f"ton:{ton_csv}", tiny_lm[1], num_tasks=2, max_tokens=32)
+    corpus = bora_pyro.load_corpus(f"ton:{ton_csv}", tiny_lm[1], num_tasks=2, max_tokens=32,
+                                   long_documents="truncate")  # one document per speech
     assert corpus.tasks == ("Dahl, Per", "Bergersen, Ola")
     assert corpus.train.docs_per_task().tolist() == [96, 120]
 

@@ -59,7 +59,10 @@ class Split:
     """The tokenised documents of one split of a multi-task corpus.
 
     ``input_ids[i]`` is document i's token ids; ``labels[i]`` the same with unscored positions
-    set to -100; ``task_index[i]`` its task (index into ``tasks``).
+    set to -100; ``task_index[i]`` its task (index into ``tasks``). A source document longer than the
+    token budget becomes several documents here (its chunks) or is cut: ``source_docs`` counts the
+    source documents, ``long_docs`` those that were longer than the budget, ``available_docs`` the
+    split's source documents before the per-task cap (``max_train_docs`` / ``max_eval_docs``).
     """
 
     name: str
@@ -68,6 +71,9 @@ class Split:
     labels: tuple[tuple[int, ...], ...]
     task_index: tuple[int, ...]
     pad_token_id: int
+    source_docs: int | None = None
+    long_docs: int = 0
+    available_docs: int | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)

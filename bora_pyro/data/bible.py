@@ -53,7 +53,7 @@ def pack_verses(verses: Sequence[str], tokenizer, max_tokens: int, reserved: int
     """Join consecutive verses into documents of at most ``max_tokens - reserved`` tokens.
 
     ``reserved`` leaves room for BOS/EOS. A verse longer than the budget is its own document
-    (and is truncated at tokenisation).
+    (split into chunks at tokenisation, see ``tokenize.py``).
     """
     budget = max_tokens - reserved
     lengths = [len(ids) for ids in tokenizer([" " + v for v in verses], add_special_tokens=False)["input_ids"]]

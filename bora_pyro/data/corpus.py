@@ -9,6 +9,8 @@ Corpus specs:
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -18,7 +20,9 @@ from .bible import bible_books
 from .split import split_per_task
 from .tabular import documents_by_task, read_table
 from .talk_of_norway import TON_SELECTIONS, ton_documents
-from .tokenize import tokenize_split
+from .tokenize import LONG_DOCUMENTS, tokenize_split
+
+log = logging.getLogger(__name__)
 
 CORPUS_FORMS = ("bible-books", "ton:PATH", "csv:PATH", "jsonl:PATH", "datasets:NAME_OR_PATH")
 
@@ -28,7 +32,8 @@ class CorpusConfig:
     """How a corpus is cut into documents and split. Validated on construction."""
 
     max_tokens: int = 64
-    seed: int = 0
+    long_documents: str = "split"  # documents over max_tokens: "split" into consecutive chunks, or "truncate"
+    seed: int = 0  # of the split (the CLI's --split-seed, by default --seed)
     valid_fraction: float = 0.1
     test_fraction: float = 0.1
     max_train_docs: int | None = None  # per task
@@ -53,6 +58,8 @@ class CorpusConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {value}")
+        if self.long_documents not in LONG_DOCUMENTS:
+            raise ValueError(f"long_documents must be one of {LONG_DOCUMENTS}, got {self.long_documents!r}")
         if self.ton_selection not in TON_SELECTIONS:
             raise ValueError(f"ton_selection must be one of {TON_SELECTIONS}, got {self.ton_selection!r}")
         if self.task_prompt is not None and "{task}" not in self.task_prompt:
@@ -113,14 +120,34 @@ def load_corpus(spec: str, tokenizer, **options) -> Corpus:
     docs = _documents(spec, tokenizer, config)
     if config.num_tasks is not None:
         docs = dict(list(docs.items())[: config.num_tasks])
-    splits = split_per_task(
+    splits, available = split_per_task(
         docs, config.valid_fraction, config.test_fraction, config.seed, config.max_train_docs, config.max_eval_docs
     )
     tasks = tuple(docs)
     tokenized = {
-        name: tokenize_split(name, tasks, rows, tokenizer, config.max_tokens, config.task_prompt)
+        name: dataclasses.replace(
+            tokenize_split(name, tasks, rows, tokenizer, config.max_tokens, config.task_prompt, config.long_documents),
+            available_docs=available[name])
         for name, rows in splits.items()
     }
     corpus = Corpus(spec, tasks, tokenized["train"], tokenized["valid"], tokenized["test"], config)
     assert np.all(corpus.train.docs_per_task() > 0), "every task must have training documents"
+    _report_long_documents(corpus)
     return corpus
+
+
+def _report_long_documents(corpus: Corpus) -> None:
+    """Say how many documents were longer than the token budget and what was done with them."""
+    long = {s: corpus.split(s) for s in ("train", "valid", "test") if corpus.split(s).long_docs}
+    if not long:
+        return
+    counts = ", ".join(f"{s.long_docs} of {s.source_docs} {name}" for name, s in long.items())
+    budget = corpus.config.max_tokens
+    if corpus.config.long_documents == "split":
+        chunks = sum(len(s) - s.source_docs + s.long_docs for s in long.values())
+        log.warning("%s: %s documents are longer than max_tokens=%d tokens: split into %d consecutive chunks "
+                    "(each a document of its task; --long-documents truncate cuts them instead)",
+                    corpus.name, counts, budget, chunks)
+    else:
+        log.warning("%s: %s documents are longer than max_tokens=%d tokens: cut at %d tokens "
+                    "(--long-documents split keeps their text as consecutive chunks)", corpus.name, counts, budget, budget)

@@ -18,14 +18,15 @@ def split_per_task(
     seed: int,
     max_train_docs: int | None = None,
     max_eval_docs: int | None = None,
-) -> dict[str, list[tuple[int, str]]]:
+) -> tuple[dict[str, list[tuple[int, str]]], dict[str, int]]:
     """Split every task's documents into train / valid / test.
 
     Each task gets at least one document in each split (so a task needs >= 3 documents).
     ``max_train_docs`` / ``max_eval_docs`` cap the documents per task kept in train and in each of
     valid and test (after the split, so held-out sets never leak into training).
 
-    Returns: {"train" | "valid" | "test": [(task_index, text), ...]}, task index in the mapping's order.
+    Returns: ({"train" | "valid" | "test": [(task_index, text), ...]}, task index in the mapping's order;
+    {split: number of documents before the caps}).
     """
     too_small = {task: len(docs) for task, docs in docs_by_task.items() if len(docs) < 3}
     if too_small:
@@ -34,6 +35,7 @@ def split_per_task(
             "drop them or lower max_tokens so the text makes more documents"
         )
     out: dict[str, list[tuple[int, str]]] = {name: [] for name in SPLITS}
+    available = dict.fromkeys(SPLITS, 0)
     for task_index, (task, docs) in enumerate(docs_by_task.items()):
         n = len(docs)
         # each task's split depends only on (seed, task name), not on which other tasks are present
@@ -49,5 +51,6 @@ def split_per_task(
         caps = {"train": max_train_docs, "valid": max_eval_docs, "test": max_eval_docs}
         for name, idx in parts.items():
             kept = idx if caps[name] is None else idx[: caps[name]]
+            available[name] += len(idx)
             out[name] += [(task_index, docs[i]) for i in sorted(kept)]
-    return out
+    return out, available

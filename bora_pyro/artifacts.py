@@ -1,21 +1,19 @@
-"""Run-folder files: JSON configs and metrics, safetensors adapters, atomic folder writes.
+"""Run-folder files: JSON configs and metrics, safetensors adapters, each written atomically.
 
 Nothing here uses pickle: tensors go to safetensors, everything else to JSON/CSV.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from .folders import atomic_write
 
 ADAPTERS_FILE = "adapters.safetensors"
 ADAPTERS_FORMAT = "bora_pyro.adapters/1"
@@ -39,7 +37,9 @@ def json_roundtrip(value: Any) -> Any:
 
 
 def write_json(path: Path, value: Any) -> None:
-    path.write_text(json.dumps(_jsonable(value), indent=2, sort_keys=False) + "\n")
+    """Write ``value`` as JSON, atomically (a reader sees the old file or the new one)."""
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(_jsonable(value), indent=2, sort_keys=False) + "\n")
 
 
 def read_json(path: Path) -> Any:
@@ -64,7 +64,8 @@ def save_adapters(
         tensors.update({f"global.{k}": v.detach().cpu().contiguous() for k, v in global_factors.items()})
     meta = {"format": ADAPTERS_FORMAT, "tasks": json.dumps(list(tasks))}
     meta.update({k: json.dumps(_jsonable(v)) for k, v in metadata.items()})
-    save_file(tensors, str(path), metadata=meta)
+    with atomic_write(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
 
 
 def load_adapters(path: Path) -> tuple[list[str], dict[str, torch.Tensor], dict[str, torch.Tensor] | None, dict]:
@@ -86,23 +87,3 @@ def load_adapters(path: Path) -> tuple[list[str], dict[str, torch.Tensor], dict[
     glob = {k[len("global."):]: v for k, v in tensors.items() if k.startswith("global.")} or None
     extra = {k: json.loads(v) for k, v in meta.items() if k not in ("format", "tasks")}
     return tasks, task, glob, extra
-
-
-@contextlib.contextmanager
-def atomic_folder(target: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder next to ``target``; it replaces ``target`` only if the block succeeds.
-
-    A failure leaves no half-written run: the temporary folder is removed and ``target`` untouched.
-    """
-    target = Path(target)
-    if target.exists() and any(target.iterdir()) and not overwrite:
-        raise FileExistsError(f"run folder {str(target)!r} exists and is not empty; choose another --out or pass --overwrite")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield tmp
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

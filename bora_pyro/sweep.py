@@ -17,9 +17,10 @@ from typing import Sequence
 import pandas as pd
 
 from .artifacts import json_roundtrip, read_json, write_json
+from .folders import MARKER, folder_lock, is_ours, mark, protected
 from .models.prior import LEARN, parse_tau
-from .plots import plot_sweep_figures
-from .runs import RunSpec, train_run
+from .run_folder import COMPLETE, TRAINED, read_status
+from .runs import RunSpec, checkpoint_folder, resume_run, train_run
 
 log = logging.getLogger(__name__)
 
@@ -49,27 +50,49 @@ def _spec_without_tau(spec: RunSpec) -> dict:
     return d
 
 
+def _status(folder: Path) -> str | None:
+    try:
+        return read_status(folder)["status"]
+    except (FileNotFoundError, ValueError):
+        return None
+
+
 def run_sweep(spec: RunSpec, taus: Sequence[float], out: str | Path) -> pd.DataFrame:
-    """Train one run per tau (skipping finished ones) and summarise; returns the tau_sweep table."""
+    """Train one run per tau (skipping finished ones, resuming or completing unfinished ones) and
+    summarise; returns the tau_sweep table."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    settings = _spec_without_tau(spec)
-    if (out / SWEEP_FILE).exists():  # compared after filling defaults, so older sweep files still match
-        if json_roundtrip(_spec_without_tau(load_sweep_spec(out))) != json_roundtrip(settings):
-            raise ValueError(f"{out} holds a sweep with different settings; use another --out (or delete it)")
-    write_json(out / SWEEP_FILE, {"spec": settings, "taus": sorted(set(taus) | set(_finished_taus(out)))})
-    for tau in taus:
-        folder = out / "runs" / f"tau={tau_label(tau)}"
-        if (folder / "metrics.json").exists():
-            log.warning("tau=%s already finished in %s: not rerun", tau_label(tau), folder)
-            continue
-        print(f"sweep: training tau={tau_label(tau)} -> {folder}", flush=True)
-        train_run(replace(spec, adapter=replace(spec.adapter, tau=tau)), folder, overwrite=True)
-    return summarize_sweep(out)
+    why = protected(out)
+    if why is not None:
+        raise FileExistsError(f"refusing to use {str(out)!r} as a sweep folder: it is {why}; choose a new folder")
+    if out.is_dir() and any(out.iterdir()) and not is_ours(out):
+        raise FileExistsError(f"{str(out)!r} exists, is not empty and is not a bora_pyro sweep folder (no {MARKER}); "
+                              "choose another --out")
+    with folder_lock(out):
+        out.mkdir(parents=True, exist_ok=True)
+        settings = _spec_without_tau(spec)
+        if (out / SWEEP_FILE).exists():  # compared after filling defaults, so older sweep files still match
+            if json_roundtrip(_spec_without_tau(load_sweep_spec(out, spec.trust_remote_code))) != json_roundtrip(settings):
+                raise ValueError(f"{out} holds a sweep with different settings; use another --out")
+        else:
+            mark(out, "sweep")
+        write_json(out / SWEEP_FILE, {"spec": settings, "taus": sorted(set(taus) | set(_finished_taus(out)))})
+        for tau in taus:
+            folder = out / "runs" / f"tau={tau_label(tau)}"
+            status = _status(folder)
+            if status == COMPLETE:
+                log.warning("tau=%s already finished in %s: not rerun", tau_label(tau), folder)
+                continue
+            if status == TRAINED or (checkpoint_folder(folder) / "spec.json").is_file():
+                print(f"sweep: continuing tau={tau_label(tau)} -> {folder}", flush=True)
+                resume_run(folder, spec.trust_remote_code)
+                continue
+            print(f"sweep: training tau={tau_label(tau)} -> {folder}", flush=True)
+            train_run(replace(spec, adapter=replace(spec.adapter, tau=tau)), folder, overwrite=True)
+        return summarize_sweep(out)
 
 
 def _finished_taus(out: Path) -> list[float]:
-    return [parse_tau(p.name.split("=", 1)[1]) for p in (out / "runs").glob("tau=*") if (p / "metrics.json").exists()]
+    return [parse_tau(p.name.split("=", 1)[1]) for p in (out / "runs").glob("tau=*") if _status(p) == COMPLETE]
 
 
 def collect(out: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -123,6 +146,8 @@ def summarize_sweep(out: str | Path) -> pd.DataFrame:
     improvements = {
         name: relative_improvement(per_task, best, ref) for name, ref in (("over tau=0", 0.0), ("over tau=inf", math.inf))
     }
+    from .plots import plot_sweep_figures  # matplotlib: imported when figures are drawn
+
     plot_sweep_figures(out, table, per_task, curves, best, improvements)
     shown = table[["tau", "mode", "lr", "steps", "best_step", "valid_ppl", "test_ppl", "test_macro_ppl"]].copy()
     shown["tau"] = shown["tau"].map(tau_label)
@@ -157,7 +182,9 @@ def steps_to_converge(curve: pd.DataFrame, tolerance: float = 0.01) -> int:
     return int(reached.step.iloc[0])
 
 
-def load_sweep_spec(out: str | Path) -> RunSpec:
-    """The RunSpec (with tau = 0) of a sweep folder, to rerun the same settings with changes."""
+def load_sweep_spec(out: str | Path, trust_remote_code: bool = False) -> RunSpec:
+    """The RunSpec (with tau = 0) of a sweep folder, to rerun the same settings with changes
+    (``trust_remote_code``: your permission, never taken from the file)."""
     settings = read_json(Path(out) / SWEEP_FILE)["spec"]
-    return RunSpec.from_dict({**settings, "device": "auto", "adapter": {**settings["adapter"], "tau": 0.0}})
+    return RunSpec.from_dict({**settings, "device": "auto", "adapter": {**settings["adapter"], "tau": 0.0}},
+                             trust_remote_code, str(Path(out) / SWEEP_FILE))

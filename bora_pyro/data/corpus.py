@@ -10,6 +10,8 @@ Corpus specs:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 from dataclasses import asdict, dataclass, field
 
@@ -84,6 +86,23 @@ class Corpus:
         if name not in ("train", "valid", "test"):
             raise ValueError(f"unknown split {name!r}; expected 'train', 'valid' or 'test'")
         return getattr(self, name)
+
+    def content_sha256(self) -> str:
+        """SHA-256 of the tokenised corpus: task names and every split's token ids, labels and tasks
+        (a resumed run must see the same data)."""
+        digest = hashlib.sha256(json.dumps(list(self.tasks)).encode())
+        for split in (self.train, self.valid, self.test):
+            digest.update(split.name.encode())
+            digest.update(np.asarray(split.task_index, dtype=np.int64).tobytes())
+            for ids, labels in zip(split.input_ids, split.labels):
+                digest.update(np.asarray(ids + labels, dtype=np.int64).tobytes())
+        return digest.hexdigest()
+
+    def documents(self) -> dict[str, dict[str, int]]:
+        """Per split: the source documents used (after the per-task caps), those available before the
+        caps, how many were longer than ``max_tokens``, and the documents after chunking."""
+        return {name: {"used": s.source_docs, "available": s.available_docs, "long": s.long_docs, "chunks": len(s)}
+                for name, s in ((n, self.split(n)) for n in ("train", "valid", "test"))}
 
     def summary(self) -> list[dict]:
         """One row per task: documents and scored tokens in each split."""

@@ -1,8 +1,11 @@
-"""Training checkpoints: parameters, optimizer state, RNG states, step and history; atomic, checksummed.
+"""Training checkpoints: parameters, optimizer state, RNG states, step and history; crash-safe, checksummed.
 
-A checkpoint is a folder with ``state.safetensors`` (every tensor) and ``state.json`` (everything
-else plus the SHA-256 of the tensor file). Both are written to temporary names and renamed, the JSON
-last, so a crash mid-write leaves the previous checkpoint readable. No pickle anywhere.
+A checkpoint folder holds one or two *slots* ``step-<STEP>-<ID>/``, each with ``state.safetensors``
+(every tensor) and ``state.json`` (everything else plus the SHA-256 of the tensor file). A save
+writes a new slot under a temporary name (``.tmp-*``), flushes it to disk, renames it into place
+and only then deletes the older slot: a kill at any moment leaves at least one complete slot (or,
+before the first save, none), and loading takes the newest complete slot and removes leftovers.
+No pickle anywhere.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +23,10 @@ import pyro
 import torch
 from safetensors.torch import load_file, save_file
 
-CHECKPOINT_FORMAT = "bora_pyro.checkpoint/1"
+from ..faults import crash_point
+from ..folders import fsync_path
+
+CHECKPOINT_FORMAT = "bora_pyro.checkpoint/2"
 
 
 @dataclass
@@ -38,7 +45,11 @@ class LoopState:
 
 
 def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _rng_state() -> tuple[dict, torch.Tensor]:
@@ -55,12 +66,34 @@ def _set_rng_state(json_state: dict, torch_state: torch.Tensor) -> None:
     torch.set_rng_state(torch_state)
 
 
+def _slots(folder: Path) -> list[tuple[int, Path]]:
+    """Complete slots (renamed into place), newest first."""
+    found = []
+    for path in folder.glob("step-*"):
+        try:
+            found.append((int(path.name.split("-")[1]), path))
+        except (IndexError, ValueError):
+            continue
+    return sorted(found, key=lambda item: (item[0], item[1].name), reverse=True)
+
+
+def _remove_temporaries(folder: Path) -> None:
+    for leftover in folder.glob(".tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def checkpoint_step(folder: Path) -> int | None:
+    """The step of the newest complete checkpoint in ``folder`` (None if there is none)."""
+    slots = _slots(Path(folder)) if Path(folder).is_dir() else []
+    return slots[0][0] if slots else None
+
+
 def save_checkpoint(folder: Path, optimizer: torch.optim.Optimizer | None, state: LoopState,
                     best: dict[str, torch.Tensor], fingerprint: dict) -> None:
-    """Write the active param store, ``optimizer`` and ``state`` to ``folder`` (atomically)."""
+    """Write the active param store, ``optimizer`` and ``state`` to a new slot of ``folder``, then drop older slots."""
     folder.mkdir(parents=True, exist_ok=True)
-    store = pyro.get_param_store()
-    tensors = {f"param/{n}": store._params[n].detach().cpu().contiguous() for n in store.keys()}
+    _remove_temporaries(folder)
+    tensors = {f"param/{n}": p.detach().cpu().contiguous() for n, p in pyro.get_param_store().named_parameters()}
     tensors.update({f"best/{n}": v.cpu().contiguous() for n, v in best.items()})
     rng_json, rng_torch = _rng_state()
     tensors["rng/torch"] = rng_torch
@@ -71,36 +104,63 @@ def save_checkpoint(folder: Path, optimizer: torch.optim.Optimizer | None, state
             for key, value in slots.items():
                 tensors[f"optim/{idx}/{key}"] = torch.as_tensor(value).cpu().contiguous()
         optim_json = {"param_groups": sd["param_groups"], "state_keys": {str(i): list(s) for i, s in sd["state"].items()}}
-    tmp_tensors = folder / "state.safetensors.tmp"
-    save_file(tensors, str(tmp_tensors))
-    os.replace(tmp_tensors, folder / "state.safetensors")
-    meta = {"format": CHECKPOINT_FORMAT, "sha256": _sha256(folder / "state.safetensors"), "fingerprint": fingerprint,
-            "constraints": {n: repr(c) for n, c in store._constraints.items()},
+    slot_name = f"step-{state.step:08d}-{os.urandom(4).hex()}"
+    tmp = folder / f".tmp-{slot_name}"
+    tmp.mkdir()
+    save_file(tensors, str(tmp / "state.safetensors"))
+    crash_point("checkpoint.tensors-written")
+    meta = {"format": CHECKPOINT_FORMAT, "sha256": _sha256(tmp / "state.safetensors"), "fingerprint": fingerprint,
             "loop": state.__dict__, "rng": rng_json, "optimizer": optim_json}
-    tmp_json = folder / "state.json.tmp"
-    tmp_json.write_text(json.dumps(meta))
-    os.replace(tmp_json, folder / "state.json")
+    (tmp / "state.json").write_text(json.dumps(meta))
+    for path in (tmp / "state.safetensors", tmp / "state.json", tmp):
+        fsync_path(path)
+    crash_point("checkpoint.slot-written")
+    os.rename(tmp, folder / slot_name)
+    fsync_path(folder)
+    crash_point("checkpoint.slot-renamed")
+    for _, old in _slots(folder)[1:]:
+        shutil.rmtree(old)
+
+
+def fingerprint_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the entries that differ between two nested dicts."""
+    out = []
+    for key in sorted(set(saved) | set(current), key=str):
+        a, b = saved.get(key, "<missing>"), current.get(key, "<missing>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += fingerprint_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}")
+    return out
 
 
 def load_checkpoint(folder: Path, optimizer: torch.optim.Optimizer | None, fingerprint: dict) -> tuple[LoopState, dict]:
-    """Restore the active param store (in place), ``optimizer`` and RNG states; returns (state, best)."""
+    """Restore the active param store (in place), ``optimizer`` and RNG states from the newest complete
+    slot of ``folder``; returns (state, best)."""
+    folder = Path(folder)
+    _remove_temporaries(folder)
+    slots = _slots(folder) if folder.is_dir() else []
+    if not slots:
+        raise FileNotFoundError(f"no checkpoint in {folder}")
+    slot = slots[0][1]
     try:
-        meta = json.loads((folder / "state.json").read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no checkpoint in {folder} (state.json missing)") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"checkpoint {folder} is corrupted: state.json is not valid JSON ({err})") from None
+        meta = json.loads((slot / "state.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError) as err:
+        raise ValueError(f"checkpoint {slot} is corrupted: state.json is missing or not valid JSON ({err})") from None
     if meta.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{folder} is not a bora_pyro checkpoint (format {meta.get('format')!r})")
-    if _sha256(folder / "state.safetensors") != meta["sha256"]:
-        raise ValueError(f"checkpoint {folder} is corrupted: state.safetensors does not match its checksum")
-    if meta["fingerprint"] != fingerprint:
-        raise ValueError(f"checkpoint {folder} belongs to a different run configuration; resume with the same settings")
-    tensors = load_file(str(folder / "state.safetensors"))
-    store = pyro.get_param_store()
+        raise ValueError(f"{slot} is not a checkpoint this version reads (format {meta.get('format')!r}, "
+                         f"expected {CHECKPOINT_FORMAT!r})")
+    if _sha256(slot / "state.safetensors") != meta["sha256"]:
+        raise ValueError(f"checkpoint {slot} is corrupted: state.safetensors does not match its checksum")
+    differing = fingerprint_differences(json.loads(json.dumps(meta["fingerprint"])), json.loads(json.dumps(fingerprint)))
+    if differing:
+        raise ValueError(f"checkpoint {folder} belongs to a different run: {', '.join(differing[:8])}"
+                         f"{' ...' if len(differing) > 8 else ''} differ{'s' if len(differing) == 1 else ''}; "
+                         "resume with the same settings, data and base model")
+    tensors = load_file(str(slot / "state.safetensors"))
     with torch.no_grad():
-        for name in store.keys():
-            store._params[name].copy_(tensors[f"param/{name}"])
+        for name, param in pyro.get_param_store().named_parameters():
+            param.copy_(tensors[f"param/{name}"])
     best = {k[len("best/"):]: v for k, v in tensors.items() if k.startswith("best/")}
     if optimizer is not None and meta["optimizer"] is not None:
         state = {int(i): {k: tensors[f"optim/{i}/{k}"] for k in keys} for i, keys in meta["optimizer"]["state_keys"].items()}

@@ -4,15 +4,18 @@ The loss (:func:`objective`) is the negative ELBO of ``(bora.model, bora.guide)`
 guide, the negative log-posterior at the guide's point (up to a constant), whose minimiser is the
 paper's MAP estimate; with AutoNormal, Pyro's ``TraceMeanField_ELBO``. The parameters (Theta and the
 guide's) are optimised with AdamW (only the batch's tasks, see :mod:`.task_sparse_adamw`) and global
-gradient norm clipping; under
-``torchrun`` the ranks' gradients are averaged first (see :mod:`bora_pyro.distributed`). With ``checkpoint`` set, the loop state is saved every ``checkpoint_every`` steps and
-a later call with the same folder resumes from it, ending exactly where an uninterrupted run would.
+gradient norm clipping; under ``torchrun`` the ranks' gradients are averaged first (see
+:mod:`bora_pyro.distributed`). :class:`TrainStep` is one step, :func:`fit` the loop around it (validation,
+best state, early stop, checkpoints, stopping on a signal or a non-finite value). With ``checkpoint`` set,
+the loop state is saved every ``checkpoint_every`` steps and ``fit(..., resume=True)`` continues from it,
+ending exactly where an uninterrupted fit would.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +25,7 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.infer import TraceMeanField_ELBO
+from pyro.poutine.messenger import Messenger
 from pyro.infer.util import is_validation_enabled
 from tqdm.auto import tqdm
 
@@ -32,8 +36,9 @@ from ..evaluation import evaluate
 from ..models.bora import BoRA
 from ..models.guides import is_task_parameter, is_uncertainty_parameter
 from ..models.likelihood import scored_tokens
-from .checkpoint import LoopState, load_checkpoint, save_checkpoint
+from .checkpoint import LoopState, checkpoint_step, load_checkpoint, save_checkpoint
 from .config import TrainConfig
+from .stopping import StopRequests
 from .task_sparse_adamw import TaskSparseAdamW
 
 log = logging.getLogger(__name__)
@@ -41,15 +46,23 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class FitResult:
-    """What a fit did: the loss curve, validations, the restored best step, timings."""
+    """What a fit did: the loss curve, validations, the restored best step, timings, and how it ended.
+
+    ``status``: "trained" (all steps, or an early stop), "interrupted" (SIGINT / SIGTERM: stopped after a
+    finished step) or "diverged" (a non-finite loss or gradient: stopped before applying it);
+    ``message`` says what happened in one line. The best validated state is restored in every case.
+    """
 
     config: TrainConfig
     lr: float
     state: LoopState
     stopped_early: bool = False
+    status: str = "trained"
+    message: str | None = None
+    signal: int | None = None  # the signal that interrupted the fit
 
     @property
-    def losses(self) -> list[dict]:  # {"step", "loss_per_token"}
+    def losses(self) -> list[dict]:  # {"step", "loss_per_token", "train_nll_per_token", "train_ppl", "prior_per_token"}
         return self.state.losses
 
     @property
@@ -82,15 +95,15 @@ class FitResult:
 
 
 def _snapshot() -> dict[str, torch.Tensor]:
-    store = pyro.get_param_store()
-    return {name: store._params[name].detach().clone() for name in store.keys()}
+    """Copies of the active param store's (unconstrained) parameters."""
+    return {name: p.detach().clone() for name, p in pyro.get_param_store().named_parameters()}
 
 
 @torch.no_grad()
 def _restore(snapshot: dict[str, torch.Tensor]) -> None:
-    store = pyro.get_param_store()
-    for name, value in snapshot.items():
-        store._params[name].copy_(value)
+    """Copy a :func:`_snapshot` back into the active param store's parameters (in place: the optimizer keeps them)."""
+    for name, p in pyro.get_param_store().named_parameters():
+        p.copy_(snapshot[name])
 
 
 Loss = Callable[[BoRA, Batch], torch.Tensor]
@@ -139,32 +152,127 @@ def make_optimizer(params: dict[str, torch.Tensor], lr: float, config: TrainConf
     return TaskSparseAdamW(groups, lr=lr, weight_decay=config.weight_decay, task_params=task_params) if groups else None
 
 
-def update(loss: torch.Tensor, optimizer: TaskSparseAdamW, params: list[torch.Tensor], rows: torch.Tensor | None,
-           clip_norm: float | None, world: World) -> None:
-    """One optimisation step on ``loss``: gradients (averaged over ranks), clipping, AdamW on ``rows``
-    of the task parameters (the batch's tasks, see :meth:`BoRA.updated_tasks`; None: all)."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    world.average_gradients(params)
-    if clip_norm is not None:
-        optimizer.clip_grad_norm_(clip_norm, rows)
-    optimizer.step(rows)
+class _DataTerm(Messenger):
+    """Records the model's unscaled ``loglik`` factor ([batch]) as it is sampled, so that a step can
+    report the data term of its loss apart from the prior (or KL) terms."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loglik: torch.Tensor | None = None
+
+    def _pyro_sample(self, msg: dict) -> None:
+        if msg["name"] == "loglik":
+            self.loglik = msg["fn"].log_factor
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """What one training step did (the same on every data-parallel rank).
+
+    ``loss_per_token``: the whole objective (negative log joint for MAP, negative ELBO for VI) per
+    training token; ``nll_per_token``: the batch's negative log-likelihood per scored token (its
+    perplexity is ``exp`` of it); ``prior_per_token``: the rest of the objective (the prior's, or KL,
+    and gate terms) per training token. ``problem`` is set when the loss or gradient was not finite:
+    the step was then NOT applied. ``stop``: a stop (signal) was requested on some rank.
+    """
+
+    loss_per_token: float
+    nll_per_token: float
+    prior_per_token: float
+    tokens: int
+    seconds: float
+    problem: str | None = None
+    stop: bool = False
+
+
+class TrainStep:
+    """One optimisation step of :func:`fit`: the loss of ``bora``'s guide on a batch, gradients averaged
+    over data-parallel ranks, finiteness checks, global-norm clipping, then AdamW on the batch's tasks.
+
+    Built once per fit (it creates Theta, the guide's parameters and the optimizer from
+    ``example_batch``); the throughput benchmark times this same object. ``total_tokens`` (the training
+    split's scored tokens) normalises the reported objective.
+    """
+
+    def __init__(self, bora: BoRA, config: TrainConfig, example_batch: Batch, total_tokens: int,
+                 freeze_global: bool = False) -> None:
+        self.bora, self.config, self.total_tokens = bora, config, max(int(total_tokens), 1)
+        self.world = World.current()
+        self.lr = config.learning_rate(bora.tau)
+        self.loss_fn = objective(bora, config.num_particles)
+        with bora.param_scope():
+            named = trainable_parameters(bora, self.loss_fn, example_batch, freeze_global)
+        self.params = list(named.values())
+        self.optimizer = make_optimizer(named, self.lr, config)
+
+    def __call__(self, batch: Batch, step: int, stop_requested: bool = False, validate: bool = False) -> StepOutcome:
+        """Run step ``step`` (1-based, for the schedule) on ``batch`` (this rank's share of the step's
+        batch, with ``step_task_index`` the whole step's tasks)."""
+        bora, world, config, optimizer = self.bora, self.world, self.config, self.optimizer
+        step_tasks = batch.task_index if batch.step_task_index is None else batch.step_task_index
+        rows = bora.updated_tasks(step_tasks)
+        start = time.perf_counter()
+        with bora.param_scope():
+            data = _DataTerm()
+            with pyro.validation_enabled(validate), data:
+                loss = self.loss_fn(bora, batch)
+            loglik = data.loglik.detach().sum() if data.loglik is not None else loss.new_zeros(())
+            scale = batch.num_docs / len(batch)  # the likelihood's minibatch scale in the objective
+            # sums over ranks: the objective and its data term (means over ranks), NLL, scored tokens, stop votes
+            totals = world.sum(torch.stack([loss.detach() / world.size, -scale * loglik / world.size, -loglik,
+                                            scored_tokens(batch.labels).sum().to(loss), loss.new_tensor(float(stop_requested))]))
+            loss_value, data_value, nll, tokens, stops = totals.tolist()
+            problem = None if math.isfinite(loss_value) else f"non-finite loss ({loss_value})"
+            if problem is None and optimizer is not None:
+                for group in optimizer.param_groups:
+                    group["lr"] = group["base_lr"] * config.lr_factor(step)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                world.average_gradients(self.params)
+                norm = optimizer.grad_norm(rows)
+                if not torch.isfinite(norm):
+                    problem = f"non-finite gradient norm ({norm.item()})"
+                else:
+                    if config.clip_norm is not None:
+                        optimizer.clip_grad_norm_(config.clip_norm, rows, total=norm)
+                    optimizer.step(rows)
+        return StepOutcome(loss_value / self.total_tokens, nll / max(tokens, 1), (loss_value - data_value) / self.total_tokens,
+                           int(tokens), time.perf_counter() - start, problem, stops > 0)
 
 
 def _fingerprint(bora: BoRA, corpus: Corpus, config: TrainConfig) -> dict:
-    """What a checkpoint must match to be resumed (JSON-comparable)."""
+    """What a checkpoint must match to be resumed when the caller gives none (JSON-comparable)."""
     keep = {k: v for k, v in config.to_dict().items() if k not in ("progress", "checkpoint_every")}
     return {"tasks": list(bora.tasks), "train_docs": len(corpus.train), "tau": str(bora.tau),
             "inference": bora.inference, "shapes": {k: list(v) for k, v in bora.lora.shapes().items()}, "train": keep}
 
 
+def _validate(bora: BoRA, corpus: Corpus, config: TrainConfig, state: LoopState, step: int) -> dict:
+    """Score the validation split, record it in ``state`` (best so far, patience); returns the row."""
+    report = evaluate(bora, corpus.valid, config.eval_batch_size)
+    state.eval_seconds += report.seconds
+    row = {"step": step, "valid_ppl": report.token_weighted, "valid_macro_ppl": report.task_macro,
+           "valid_loglik_per_token": report.loglik_per_token}
+    for group, (median,) in (bora.tau_quantiles((0.5,)) or {}).items():
+        row[f"tau_median.{group}"] = median
+    state.evals.append(row)
+    return row
+
+
 def fit(bora: BoRA, corpus: Corpus, inference: str | None = None, checkpoint: str | Path | None = None,
-        freeze_global: bool = False, **options) -> FitResult:
+        freeze_global: bool = False, resume: bool = False, fingerprint: dict | None = None, **options) -> FitResult:
     """Fit ``bora`` to ``corpus.train``, validating on ``corpus.valid``; the best state is kept.
+
+    Ctrl-C or SIGTERM stops the fit after the current step (status "interrupted"); a non-finite loss or
+    gradient stops it before that step is applied (status "diverged"). Either way the best validated
+    state is restored and the result says what happened (:class:`FitResult`).
 
     Args:
         inference: "map" or "vi"; replaces the guide if it differs from ``bora.inference``.
-        checkpoint: folder for periodic checkpoints (``checkpoint_every``); resumed from if it holds one.
+        checkpoint: folder for periodic checkpoints (``checkpoint_every``), and one when interrupted.
+        resume: continue from the newest checkpoint in ``checkpoint``; without it a folder that already
+            holds a checkpoint is an error (it belongs to an earlier fit).
+        fingerprint: what a resumed checkpoint must match (default: the tasks, data size and settings).
         freeze_global: keep Theta at its start (adapting new tasks under a fitted prior).
         **options: fields of :class:`TrainConfig` (``steps``, ``batch_size``, ``lr``...).
     """
@@ -173,77 +281,76 @@ def fit(bora: BoRA, corpus: Corpus, inference: str | None = None, checkpoint: st
     world.check_batch_size(config.batch_size)
     if corpus.tasks != bora.tasks:
         raise ValueError(f"corpus tasks {list(corpus.tasks)} differ from the model's tasks {list(bora.tasks)}")
+    checkpoint = Path(checkpoint) if checkpoint is not None else None
+    saved_step = checkpoint_step(checkpoint) if checkpoint is not None else None
+    if saved_step is not None and not resume:
+        raise ValueError(f"{checkpoint} already holds a checkpoint (step {saved_step}) of an earlier fit: "
+                         "resume it (resume=True) or remove it")
     if inference is not None and inference != bora.inference:
         bora.use_inference(inference)
     bora.lora.configure(gradient_checkpointing=config.gradient_checkpointing, bf16=config.bf16)
     pyro.set_rng_seed(config.seed)
-    lr = config.learning_rate(bora.tau)
-    loss_fn = objective(bora, config.num_particles)
-    total_tokens = int(corpus.train.tokens_per_task().sum())
     device = bora.device
-    checkpoint = Path(checkpoint) if checkpoint is not None else None
-    fingerprint = _fingerprint(bora, corpus, config)
+    fingerprint = fingerprint if fingerprint is not None else _fingerprint(bora, corpus, config)
+    train_step = TrainStep(bora, config, corpus.train.collate([0]).to(device),
+                           int(corpus.train.tokens_per_task().sum()), freeze_global)
 
     with bora.param_scope():
-        named = trainable_parameters(bora, loss_fn, corpus.train.collate([0]).to(device), freeze_global)
-        params = list(named.values())
-        optimizer = make_optimizer(named, lr, config)
         state, best_state = LoopState(), _snapshot()
-        if checkpoint is not None and (checkpoint / "state.json").exists():
-            state, best_state = load_checkpoint(checkpoint, optimizer, fingerprint)
+        if saved_step is not None:
+            state, best_state = load_checkpoint(checkpoint, train_step.optimizer, fingerprint)
             log.warning("resuming from %s at step %d", checkpoint, state.step)
-        result = FitResult(config=config, lr=lr, state=state)
+        result = FitResult(config=config, lr=train_step.lr, state=state)
         batches = corpus.train.train_batch_indices(config.batch_size, seed=config.seed, start_step=state.step)
         validate, first_step = is_validation_enabled(), state.step + 1
         bar = tqdm(range(state.step + 1, config.steps + 1), desc=f"fit tau={bora.tau}", disable=not (config.progress and world.is_main),
                    initial=state.step, total=config.steps)
-        for step in bar:
-            indices = next(batches)
-            step_tasks = torch.as_tensor([corpus.train.task_index[i] for i in indices], device=device)  # [step batch]
-            rows = bora.updated_tasks(step_tasks)
-            batch = corpus.train.collate(world.shard(indices)).to(device).replace(step_task_index=step_tasks)  # this rank's share
-            start = time.perf_counter()
-            with pyro.validation_enabled(validate and step == first_step):  # Pyro's checks once, not every step
-                loss = loss_fn(bora, batch)
-            # the global loss (mean over ranks) and scored tokens (sum), for logging and the finiteness check
-            loss_value, tokens = world.sum(torch.stack([loss.detach() / world.size,
-                                                        scored_tokens(batch.labels).sum().to(loss)])).tolist()
-            if not math.isfinite(loss_value):
-                where = f"; the last good checkpoint is in {checkpoint}" if checkpoint is not None else ""
-                raise FloatingPointError(
-                    f"non-finite loss {loss_value} at step {step}; lower the learning rate (lr={lr:g}) "
-                    f"or enable clipping (clip_norm){where}"
-                )
-            if optimizer is not None:
-                for group in optimizer.param_groups:
-                    group["lr"] = group["base_lr"] * config.lr_factor(step)
-                update(loss, optimizer, params, rows, config.clip_norm, world)
-            state.train_seconds += time.perf_counter() - start
-            state.train_tokens += int(tokens)
-            state.step = step
-            state.losses.append({"step": step, "loss_per_token": loss_value / total_tokens})
-            postfix = {"loss/tok": f"{loss_value / total_tokens:.3f}"}
-            if step % config.eval_every == 0 or step == config.steps:
-                report = evaluate(bora, corpus.valid, config.eval_batch_size)
-                state.eval_seconds += report.seconds
-                ll = report.loglik_per_token
-                row = {"step": step, "valid_ppl": report.token_weighted, "valid_macro_ppl": report.task_macro,
-                       "valid_loglik_per_token": ll}
-                for group, (median,) in (bora.tau_quantiles((0.5,)) or {}).items():
-                    row[f"tau_median.{group}"] = median
-                state.evals.append(row)
-                if ll > state.best_ll:
-                    state.best_ll, best_state, state.best_step, state.bad_evals = ll, _snapshot(), step, 0
-                else:
-                    state.bad_evals += 1
-                postfix["valid_ppl"] = f"{report.token_weighted:.2f}"
-            bar.set_postfix(postfix)
-            if checkpoint is not None and config.checkpoint_every and step % config.checkpoint_every == 0 and world.is_main:
-                save_checkpoint(checkpoint, optimizer, state, best_state, fingerprint)
-            if config.patience is not None and state.bad_evals >= config.patience:
-                result.stopped_early = True
-                log.info("early stop at step %d: no better validation for %d evaluations", step, state.bad_evals)
-                break
+
+        def save() -> None:
+            if checkpoint is not None and world.is_main:
+                save_checkpoint(checkpoint, train_step.optimizer, state, best_state, fingerprint)
+
+        with StopRequests() as stop:
+            for step in bar:
+                indices = next(batches)
+                step_tasks = torch.as_tensor([corpus.train.task_index[i] for i in indices], device=device)  # [step batch]
+                batch = corpus.train.collate(world.shard(indices)).to(device).replace(step_task_index=step_tasks)
+                out = train_step(batch, step, stop.requested, validate and step == first_step)  # Pyro's checks once
+                if out.problem is not None:
+                    result.status = "diverged"
+                    where = f"; the last good checkpoint (step {checkpoint_step(checkpoint)}) is in {checkpoint}" \
+                        if checkpoint is not None and checkpoint_step(checkpoint) is not None else ""
+                    result.message = (f"{out.problem} at step {step}, not applied; lower the learning rate (lr={train_step.lr:g})"
+                                      f" or clip gradients (--clip-norm){where}")
+                    break
+                state.train_seconds += out.seconds
+                state.train_tokens += out.tokens
+                state.step = step
+                state.losses.append({"step": step, "loss_per_token": out.loss_per_token,
+                                     "train_nll_per_token": out.nll_per_token, "train_ppl": math.exp(min(out.nll_per_token, 700)),
+                                     "prior_per_token": out.prior_per_token})
+                postfix = {"nll/tok": f"{out.nll_per_token:.3f}", "ppl": f"{math.exp(min(out.nll_per_token, 700)):.4g}",
+                           "prior/tok": f"{out.prior_per_token:.3g}"}
+                if step % config.eval_every == 0 or step == config.steps:
+                    row = _validate(bora, corpus, config, state, step)
+                    if row["valid_loglik_per_token"] > state.best_ll:
+                        state.best_ll, best_state, state.best_step, state.bad_evals = row["valid_loglik_per_token"], _snapshot(), step, 0
+                    else:
+                        state.bad_evals += 1
+                    postfix["valid_ppl"] = f"{row['valid_ppl']:.2f}"
+                bar.set_postfix(postfix)
+                if config.checkpoint_every and step % config.checkpoint_every == 0:
+                    save()
+                if out.stop:
+                    if not (config.checkpoint_every and step % config.checkpoint_every == 0):
+                        save()
+                    result.status, result.signal = "interrupted", stop.signal_number
+                    result.message = f"interrupted by {signal.Signals(stop.signal_number or signal.SIGTERM).name} after step {step}"
+                    break
+                if config.patience is not None and state.bad_evals >= config.patience:
+                    result.stopped_early = True
+                    log.info("early stop at step %d: no better validation for %d evaluations", step, state.bad_evals)
+                    break
         bar.close()
         _restore(best_state)
     return result

@@ -65,17 +65,25 @@ class TaskSparseAdamW(torch.optim.Optimizer):
     def _rows_of(self, p: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor | None:
         return rows if id(p) in self._task_params else None
 
+    def _grads(self, rows: torch.Tensor | None) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        return [(p, self._rows_of(p, rows)) for group in self.param_groups for p in group["params"] if p.grad is not None]
+
     @torch.no_grad()
-    def clip_grad_norm_(self, max_norm: float, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def grad_norm(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The global 2-norm of the gradients that :meth:`step` with these ``rows`` uses. -> []."""
+        norms = [torch.linalg.vector_norm(_dense(p.grad) if r is None else grad_rows(p.grad, r))
+                 for p, r in self._grads(rows)]
+        return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, rows: torch.Tensor | None = None,
+                        total: torch.Tensor | None = None) -> torch.Tensor:
         """Scale the gradients that :meth:`step` with these ``rows`` uses so that their global 2-norm is
-        at most ``max_norm`` (as ``torch.nn.utils.clip_grad_norm_``); returns the norm before clipping."""
-        grads = [(p, self._rows_of(p, rows)) for group in self.param_groups for p in group["params"] if p.grad is not None]
-        if not grads:
-            return torch.zeros(())
-        norms = [torch.linalg.vector_norm(_dense(p.grad) if r is None else grad_rows(p.grad, r)) for p, r in grads]
-        total = torch.linalg.vector_norm(torch.stack(norms))
+        at most ``max_norm`` (as ``torch.nn.utils.clip_grad_norm_``); returns the norm before clipping
+        (``total``: that norm, if already computed by :meth:`grad_norm`)."""
+        total = self.grad_norm(rows) if total is None else total
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        for p, r in grads:
+        for p, r in self._grads(rows):
             if r is None or p.grad.is_sparse:
                 p.grad = p.grad * coef
             else:

@@ -106,6 +106,28 @@ class BoRA:
             pyro.get_param_store().clear()
         self.guide = self._make_guide(self.inference)
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The fitted parameters (Theta, the guide's, the gates'), unconstrained, by Pyro parameter name;
+        copies on the CPU (what a run folder saves to complete or continue it later)."""
+        with self.param_scope():
+            return {name: p.detach().cpu().clone() for name, p in pyro.get_param_store().named_parameters()}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Mapping[str, torch.Tensor], example_batch: Batch) -> None:
+        """Set :meth:`state_dict` values: the guide and model are run once on ``example_batch`` to create
+        their parameters, whose values are then replaced. Raises naming missing or unexpected names."""
+        with self.param_scope():
+            pyro.get_param_store().clear()
+            with torch.enable_grad():
+                guide_trace = poutine.trace(self.guide).get_trace(example_batch)
+                poutine.replay(self.model, trace=guide_trace)(example_batch)
+            params = dict(pyro.get_param_store().named_parameters())
+            if set(params) != set(state):
+                missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+                raise ValueError(f"saved parameters do not match this model: missing {missing[:3]}, unexpected {extra[:3]}")
+            for name, param in params.items():
+                param.copy_(state[name])
+
     @property
     def tau(self) -> float | str:
         """The fixed precision, or "learn"."""

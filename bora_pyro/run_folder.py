@@ -1,0 +1,133 @@
+"""The run folder on disk: which files it holds, its status, and how each stage is written.
+
+A run is written in two stages, so that nothing fitted is lost when scoring fails (out of memory, a
+full disk, an interrupted process):
+
+1. as soon as the fit ends, the whole folder is written atomically (``folders.atomic_folder``):
+   ``config.json``, ``adapters.safetensors``, ``fit_state.safetensors`` (every fitted parameter, to
+   score or continue the run later), ``train_log.csv``, ``metrics.json`` (training part) and
+   ``status.json`` with the status ``trained`` (or ``interrupted`` / ``diverged`` when the fit
+   stopped early, holding the best validated state so far);
+2. scoring then adds ``per_task.csv``, ``posterior.nc``, ``training_curve.png``, the gate report and
+   the full ``metrics.json``, each file replaced atomically, and finally sets the status ``complete``
+   and removes ``fit_state.safetensors``. ``bora-pyro evaluate RUN`` finishes a ``trained`` run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .artifacts import ADAPTERS_FILE, RUN_FORMAT, read_json, save_adapters, write_json
+from .data.corpus import Corpus
+from .folders import atomic_folder, atomic_write
+from .inference.svi import FitResult
+from .models.bora import BoRA
+from .scoring import Scores
+
+CONFIG_FILE, METRICS_FILE, STATUS_FILE = "config.json", "metrics.json", "status.json"
+FIT_STATE_FILE, TRAIN_LOG_FILE, PER_TASK_FILE = "fit_state.safetensors", "train_log.csv", "per_task.csv"
+POSTERIOR_FILE, CURVE_FILE, GATES_FILE, GATES_FIGURE = "posterior.nc", "training_curve.png", "gates.csv", "gates.png"
+TRAINED, COMPLETE, INTERRUPTED, DIVERGED = "trained", "complete", "interrupted", "diverged"
+STATUSES = (TRAINED, COMPLETE, INTERRUPTED, DIVERGED)
+
+
+def read_status(path: Path) -> dict[str, Any]:
+    """``{"status": ..., "message": ..., ...}`` of a run folder; a folder written before statuses existed
+    is ``complete`` if it has its metrics."""
+    path = Path(path)
+    if (path / STATUS_FILE).is_file():
+        return read_json(path / STATUS_FILE)
+    if (path / METRICS_FILE).is_file():
+        return {"status": COMPLETE, "message": None}
+    if not (path / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{path / CONFIG_FILE} not found: is {path} a bora_pyro run folder?")
+    raise ValueError(f"{path} has neither {STATUS_FILE} nor {METRICS_FILE}: it is not a complete run folder")
+
+
+def train_log(result: FitResult) -> pd.DataFrame:
+    """One row per step: the objective, training NLL and prior terms; the validation columns where validated."""
+    losses = pd.DataFrame(result.losses)
+    if losses.empty:
+        losses = pd.DataFrame(columns=["step", "loss_per_token", "train_nll_per_token", "train_ppl", "prior_per_token"])
+    evals = pd.DataFrame(result.evals, columns=["step", "valid_ppl", "valid_macro_ppl", "valid_loglik_per_token"]
+                         if not result.evals else None)  # learned-tau runs add tau_median.<group> columns
+    return losses.merge(evals, on="step", how="left")
+
+
+def training_metrics(result: FitResult, bora: BoRA, corpus: Corpus, tau: Any, processes: int) -> dict[str, Any]:
+    """The part of metrics.json that the fit alone determines."""
+    return {
+        "tau": tau, "mode": bora.mode, "lr": result.lr, "steps": result.steps_run, "best_step": result.best_step,
+        "stopped_early": result.stopped_early, "train_seconds": result.train_seconds,
+        "eval_seconds_during_training": result.eval_seconds, "train_tokens": result.train_tokens,
+        "train_tokens_per_second": result.tokens_per_second, "num_tasks": len(corpus.tasks),
+        "lora_parameters_per_task": bora.lora.num_parameters(), "device": str(bora.device), "processes": processes,
+    }
+
+
+def run_config(spec_dict: dict, corpus: Corpus, base_model: dict, extra: dict | None = None) -> dict:
+    """config.json: the run spec (a valid ``--config``), the tasks, versions and the base model's identity."""
+    return {"format": RUN_FORMAT, "bora_pyro_version": __version__, "torch_version": torch.__version__,
+            "python": platform.python_version(), "tasks": list(corpus.tasks), **spec_dict,
+            "base_model": base_model, **(extra or {})}
+
+
+def write_fitted(out: Path, config: dict, bora: BoRA, corpus: Corpus, result: FitResult, metrics: dict,
+                 status: str, overwrite: bool) -> None:
+    """Stage 1: write the whole folder with the fitted state (atomically), status ``status``."""
+    with atomic_folder(out, "run", overwrite=overwrite) as tmp:
+        write_json(tmp / CONFIG_FILE, config)
+        save_adapters(tmp / ADAPTERS_FILE, corpus.tasks, bora.export_factors(), bora.global_factors(),
+                      {"rank": bora.lora.rank, "alpha": bora.lora.alpha, "targets": list(bora.lora.targets),
+                       "tau": bora.tau})
+        save_file(bora.state_dict(), str(tmp / FIT_STATE_FILE))
+        train_log(result).to_csv(tmp / TRAIN_LOG_FILE, index=False)
+        write_json(tmp / METRICS_FILE, metrics)
+        write_json(tmp / STATUS_FILE, {"status": status, "message": result.message, "step": result.steps_run,
+                                       "best_step": result.best_step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+
+def fit_state(path: Path) -> dict[str, torch.Tensor]:
+    """The fitted parameters saved by :func:`write_fitted` (present until the run is complete)."""
+    file = Path(path) / FIT_STATE_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found: the run's fitted state is needed to score it")
+    return load_file(str(file))
+
+
+def write_scores(out: Path, scores: Scores, title: str, wall_seconds: float) -> dict:
+    """Stage 2: add the scores to a ``trained`` folder (each file atomically), then mark it ``complete``
+    and drop the fitted state. Returns the full metrics."""
+    from .plots import plot_gates, plot_training_curve  # matplotlib: imported when a run is written
+
+    with atomic_write(out / PER_TASK_FILE) as tmp:
+        scores.per_task.to_csv(tmp, index=False)
+    if scores.idata is not None:
+        with atomic_write(out / POSTERIOR_FILE) as tmp:
+            scores.idata.to_netcdf(str(tmp))
+    if scores.gates is not None:
+        with atomic_write(out / GATES_FILE) as tmp:
+            scores.gates.to_csv(tmp, index=False)
+        with atomic_write(out / GATES_FIGURE) as tmp:
+            plot_gates(scores.gates, tmp, f"{title}: B-LoRA gates")
+    with atomic_write(out / CURVE_FILE) as tmp:
+        plot_training_curve(pd.read_csv(out / TRAIN_LOG_FILE), tmp, title)
+    metrics = {**read_json(out / METRICS_FILE), **scores.metrics}
+    metrics["wall_seconds"] = metrics.get("wall_seconds", 0.0) + wall_seconds
+    write_json(out / METRICS_FILE, metrics)
+    status = read_json(out / STATUS_FILE)
+    write_json(out / STATUS_FILE, {**status, "status": COMPLETE, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    with contextlib.suppress(FileNotFoundError):
+        (out / FIT_STATE_FILE).unlink()
+    for leftover in out.glob(".*.tmp-*"):  # temporaries of a write a crash interrupted
+        leftover.unlink(missing_ok=True)
+    return metrics

@@ -1,0 +1,105 @@
+"""Scoring a fitted run: test and validation perplexity, the base model's, posterior-predictive
+perplexity, calibration and the B-LoRA gate report. Computes; writes nothing (see ``run_folder.py``).
+
+Every data-parallel rank must call :func:`score_run` (evaluation sums the ranks' shares).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+
+from .data.corpus import Corpus
+from .evaluation import PerplexityReport, evaluate
+from .models.bora import BoRA
+from .models.gates import relative_bops
+from .predictive import calibration, posterior_draws, posterior_predictive
+
+
+@dataclass
+class Scores:
+    """What scoring found: metrics (merged into metrics.json), the per-task table, ArviZ data, gates."""
+
+    metrics: dict[str, Any]
+    per_task: pd.DataFrame
+    idata: Any | None  # arviz.InferenceData for posterior.nc (None with posterior_samples = 0)
+    gates: pd.DataFrame | None
+
+
+def _per_task_frame(corpus: Corpus, reports: dict[str, PerplexityReport], distance,
+                    calib: pd.DataFrame) -> pd.DataFrame:
+    frame = pd.DataFrame({
+        "task": corpus.tasks,
+        "n_train_docs": corpus.train.docs_per_task(),
+        "n_train_tokens": corpus.train.tokens_per_task(),
+        "test_ppl": reports["test"].per_task,
+        "valid_ppl": reports["valid"].per_task,
+        "base_test_ppl": reports["base_test"].per_task,
+        "distance_to_global": distance.cpu().numpy() if distance is not None else float("nan"),
+        "test_ece": calib.ece.to_numpy(),
+        "test_brier": calib.brier.to_numpy(),
+    })
+    if "posterior_predictive_test" in reports:
+        frame["posterior_predictive_test_ppl"] = reports["posterior_predictive_test"].per_task
+    return frame
+
+
+def gate_metrics(report: pd.DataFrame) -> dict:
+    """Summary of a gate report: mean effective rank, rank by module type, bit-widths, relative BOPs."""
+    return {"gates_mean_rank": float(report["rank"].mean()),
+            "gates_rank_by_module": report.groupby("module")["rank"].mean().to_dict(),
+            "gates_weight_bits": report["weight_bits"].value_counts().sort_index().to_dict(),
+            "gates_activation_bits": report["activation_bits"].value_counts().sort_index().to_dict(),
+            "relative_bops": relative_bops(report)}
+
+
+def score_run(bora: BoRA, corpus: Corpus, batch_size: int, posterior_samples: int, seed: int,
+              losses: pd.DataFrame | None = None) -> Scores:
+    """Score the fitted ``bora`` on ``corpus`` (``losses``: the training log, kept in the ArviZ file)."""
+    base_test = evaluate(bora, corpus.test, batch_size, base_model=True)
+    reports = {"valid": evaluate(bora, corpus.valid, batch_size), "base_test": base_test}
+    idata = None
+    if posterior_samples > 0:
+        from .diagnostics import to_inference_data  # ArviZ: imported only when a run is scored
+
+        draws = posterior_draws(bora, posterior_samples, seed=seed)
+        reports["posterior_predictive_test"], doc_loglik = posterior_predictive(bora, corpus.test, draws, batch_size)
+        idata = to_inference_data(bora, draws, doc_loglik, corpus.test, corpus.train.tokens_per_task(), losses)
+    if bora.inference == "map" and "posterior_predictive_test" in reports:
+        reports["test"] = reports["posterior_predictive_test"]  # every MAP draw is the plug-in point: scored once
+    else:
+        reports["test"] = evaluate(bora, corpus.test, batch_size)
+    factors = bora.export_factors()  # with B-LoRA gates folded in
+    calib_per_task, calib = calibration(bora, corpus.test, factors, batch_size=batch_size)
+    gates = None if bora.gates is None else bora.gates.report(bora.gate_values())
+    metrics = {
+        "test_ppl": reports["test"].token_weighted,
+        "test_macro_ppl": reports["test"].task_macro,
+        "valid_ppl": reports["valid"].token_weighted,
+        "valid_macro_ppl": reports["valid"].task_macro,
+        "base_test_ppl": base_test.token_weighted,
+        "base_test_macro_ppl": base_test.task_macro,
+        **({"posterior_predictive_test_ppl": reports["posterior_predictive_test"].token_weighted,
+            "posterior_predictive_test_macro_ppl": reports["posterior_predictive_test"].task_macro}
+           if "posterior_predictive_test" in reports else {}),
+        "eval_tokens_per_second": reports["test"].tokens_per_second,
+        "tau_posterior_q05_q50_q95": bora.tau_quantiles(),
+        "test_ece": calib["ece"],
+        "test_brier": calib["brier"],
+        "posterior_samples": posterior_samples,
+        "documents": corpus.documents(),
+        **({} if gates is None else gate_metrics(gates)),
+    }
+    per_task = _per_task_frame(corpus, reports, bora.distance_to_global(), calib_per_task)
+    return Scores(metrics, per_task, idata, gates)
+
+
+def documents_line(documents: dict[str, dict[str, int]], split: str = "test") -> str:
+    """One line saying how many of a split's documents were scored (caps are a CPU convenience)."""
+    d = documents[split]
+    if d["available"] is None or d["used"] == d["available"]:
+        return f"{split}: every one of its {d['used']} held-out documents was scored"
+    return (f"{split}: {d['used']} of its {d['available']} held-out documents were scored (capped per task by "
+            "--max-eval-docs; --max-eval-docs none scores them all)")

@@ -16,8 +16,7 @@ from safetensors.torch import save_file
 
 from .artifacts import atomic_folder, write_json
 from .lora import MultiTaskLoRA
-
-GLOBAL = "global"
+from .task_names import GLOBAL
 
 
 def safe_names(tasks: Sequence[str]) -> dict[str, str]:

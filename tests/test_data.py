@@ -217,6 +217,22 @@ def test_a_utf8_byte_order_mark_is_accepted(tmp_path, kind, content):
     assert read_docs(kind, path) == {"å": ["æøå"]}
 
 
+@pytest.mark.parametrize("kind", ["csv", "jsonl", "datasets"])
+def test_a_task_named_global_is_refused(tmp_path, tiny_lm, kind):
+    rows = synthetic_rows({"a": 5, "global": 5})
+    path = tmp_path / f"c.{kind}"
+    if kind == "csv":
+        rows.to_csv(path, index=False)
+    elif kind == "jsonl":
+        rows.to_json(path, orient="records", lines=True)
+    else:
+        datasets = pytest.importorskip("datasets")
+        datasets.Dataset.from_pandas(rows).save_to_disk(str(path))
+    with pytest.raises(ValueError, match=rf"{kind}:.*: a task is named 'global', a name reserved for Theta \(the "
+                                         r"shared adapter\).*rename the task in the data"):
+        bora_pyro.load_corpus(f"{kind}:{path}", tiny_lm[1])
+
+
 def test_dataset_loading_scripts_are_never_run(tmp_path, tiny_lm, monkeypatch):
     datasets = pytest.importorskip("datasets")
     marker = tmp_path / "ran"

@@ -7,6 +7,7 @@ names; ``tasks.json`` maps every task name to its folder.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -17,20 +18,30 @@ from safetensors.torch import save_file
 from .artifacts import write_json
 from .folders import atomic_folder
 from .lora import MultiTaskLoRA
+from .task_names import GLOBAL
 
-GLOBAL = "global"
+MAX_FOLDER_NAME = 100  # bytes (ASCII characters); file systems allow 255
 
 
 def safe_names(tasks: Sequence[str]) -> dict[str, str]:
-    """Task name -> a unique folder name of letters, digits, '-', '_' and '.' ("global" is reserved)."""
+    """Task name -> a unique folder name of letters, digits, '-', '_' and '.' ("global" is reserved).
+
+    Other characters become '_'. A name longer than ``MAX_FOLDER_NAME`` keeps its start and ends in '-'
+    and the first 8 hex digits of the SHA-1 of the task name (stable, and distinct for names that share
+    the start); names that would still clash (also by case) get '_2', '_3'...
+    """
     out: dict[str, str] = {}
     used = {GLOBAL}
     for task in tasks:
         base = re.sub(r"[^A-Za-z0-9._-]+", "_", task).strip("._") or "task"
+        if len(base) > MAX_FOLDER_NAME:
+            digest = hashlib.sha1(task.encode("utf-8")).hexdigest()[:8]
+            base = f"{base[: MAX_FOLDER_NAME - 9]}-{digest}"
         name, k = base, 1
         while name.lower() in used:
             k += 1
-            name = f"{base}_{k}"
+            suffix = f"_{k}"
+            name = base[: MAX_FOLDER_NAME - len(suffix)] + suffix
         used.add(name.lower())
         out[task] = name
     return out

@@ -7,8 +7,7 @@ from typing import Mapping, Sequence
 import torch
 
 from .lora import MultiTaskLoRA
-
-GLOBAL = "global"
+from .task_names import GLOBAL
 
 
 def task_indices(tasks: Sequence[str], wanted: Sequence[str], has_global: bool) -> list[int]:

@@ -40,9 +40,14 @@ def main_table() -> None:
         "few.csv": pd.DataFrame(rows + [{"task": "tiny", "text": "only one"}, {"task": "tiny", "text": "and two"}]),
         "dupes.csv": pd.DataFrame(rows + [{"task": "a ", "text": "spaced name"}]),
         "blank.csv": pd.DataFrame(rows + [{"task": "a", "text": "   "}, {"task": "b", "text": None}]),
+        "global.csv": pd.DataFrame(rows + [{"task": "global", "text": "a task named like Theta"}]),
     }
     for name, frame in variants.items():
         frame.to_csv(tmp / name, index=False)
+    pd.DataFrame(rows + [{"task": "a", "text": "café"}]).to_csv(tmp / "latin1.csv", index=False, encoding="latin1")
+    jsonl = "".join(json.dumps(row) + "\n" for row in rows)
+    (tmp / "broken.jsonl").write_text(jsonl + '{"task": "a", "text": "no closing brace"\n')
+    (tmp / "nulltask.jsonl").write_text(jsonl + '{"task": null, "text": "whose text?"}\n')
     train = ["train", "--model", "tiny-random-llama", "--steps", "2", "--eval-every", "2", "--no-progress",
              "--posterior-samples", "0"]
     data = ["--data", f"csv:{good}"]
@@ -64,6 +69,10 @@ def main_table() -> None:
         ("missing task column", train + ["--data", f"csv:{tmp / 'nocol.csv'}", "--out", str(tmp / "r")]),
         ("empty / whitespace texts (run continues)", train + ["--data", f"csv:{tmp / 'blank.csv'}", "--out", str(tmp / "r2")]),
         ("a task with too few documents", train + ["--data", f"csv:{tmp / 'few.csv'}", "--out", str(tmp / "r")]),
+        ("non-UTF-8 CSV (Latin-1)", train + ["--data", f"csv:{tmp / 'latin1.csv'}", "--out", str(tmp / "r")]),
+        ("malformed JSON line", train + ["--data", f"jsonl:{tmp / 'broken.jsonl'}", "--out", str(tmp / "r")]),
+        ("JSON null task", train + ["--data", f"jsonl:{tmp / 'nulltask.jsonl'}", "--out", str(tmp / "r")]),
+        ("a task named 'global' (Theta's name)", train + ["--data", f"csv:{tmp / 'global.csv'}", "--out", str(tmp / "r")]),
         ("task names equal after normalisation", train + ["--data", f"csv:{tmp / 'dupes.csv'}", "--out", str(tmp / "r")]),
         ("unknown Bible book", train + ["--data", "bible-books", "--books", "Hezekiah", "--out", str(tmp / "r")]),
         ("unknown target module", train + data + ["--targets", "qkv", "--out", str(tmp / "r")]),

@@ -9,6 +9,7 @@ import pytest
 import bora_pyro
 from bora_pyro.data import IGNORE_INDEX
 from bora_pyro.data.bible import pack_verses
+from bora_pyro.data.tabular import documents_by_task, read_table
 
 from .conftest import synthetic_rows
 
@@ -147,6 +148,107 @@ def test_empty_texts_are_dropped_with_a_count(tmp_path, tiny_lm, caplog):
         corpus = bora_pyro.load_corpus(f"jsonl:{path}", tiny_lm[1])
     assert "dropped 2 empty or whitespace-only text(s)" in caplog.text
     assert len(corpus.train) + len(corpus.valid) + len(corpus.test) == 6
+
+
+def read_docs(kind: str, path) -> dict[str, list[str]]:
+    return documents_by_task(read_table(kind, str(path)), "task", "text", f"{kind}:{path}")
+
+
+def test_csv_cells_are_read_as_the_text_they_are(tmp_path, tiny_lm):
+    path = tmp_path / "c.csv"
+    path.write_text("task,text\nNA,NA\nNone,null\nnull,0012\n001,NaN\nNA,1.0\n001,TRUE\n\n001,\n")
+    assert read_docs("csv", path) == {"NA": ["NA", "1.0"], "None": ["null"], "null": ["0012"], "001": ["NaN", "TRUE"]}
+    rows = "".join(f"{task},NA {i}\n" for task in ("NA", "None", "null", "001") for i in range(4))
+    path.write_text("task,text\n" + rows)
+    assert bora_pyro.load_corpus(f"csv:{path}", tiny_lm[1]).tasks == ("NA", "None", "null", "001")
+
+
+def test_jsonl_strings_stay_verbatim_and_numbers_keep_their_json_text(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"task": "null", "text": "null"}\n{"task": "001", "text": "0012"}\n\n'
+                    '{"task": 7, "text": 1.50}\n{"task": true, "text": "NA"}\n{"task": "001", "text": null}\n'
+                    '{"task": "001", "meta": {"n": 1}}\n')
+    assert read_docs("jsonl", path) == {"null": ["null"], "001": ["0012"], "7": ["1.50"], "true": ["NA"]}
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"task": null, "text": "x"}', r"1 row\(s\) have an empty or missing 'task' value \(line 3\)"),
+    ('{"text": "x"}', r"1 row\(s\) have an empty or missing 'task' value \(line 3\)"),
+    ('{"task": "a", "text": "x"', r"c.jsonl: line 3 is not valid JSON \(Expecting ',' delimiter"),
+    ('["a", "x"]', r"c.jsonl: line 3 is a JSON list, not an object"),
+])
+def test_bad_jsonl_lines_are_named(tmp_path, line, message):
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"task": "a", "text": "x"}\n\n' + line + "\n")
+    with pytest.raises(ValueError, match=message):
+        read_docs("jsonl", path)
+
+
+def test_csv_row_with_the_wrong_number_of_fields_is_named(tmp_path):
+    path = tmp_path / "c.csv"
+    path.write_text('task,text\na,"two\nlines"\nb,x,y\n')
+    with pytest.raises(ValueError, match=r"c.csv: line 4 has 3 field\(s\) but the header has 2"):
+        read_docs("csv", path)
+
+
+@pytest.mark.parametrize("kind, content", [
+    ("csv", "task,text\na,café\n"),
+    ("jsonl", '{"task": "a", "text": "café"}\n'),
+])
+def test_non_utf8_files_are_refused_with_the_offset_and_a_fix(tmp_path, kind, content):
+    path = tmp_path / f"c.{kind}"
+    data = content.encode("latin1")
+    path.write_bytes(data)
+    offset = data.index(b"\xe9")
+    line = data[:offset].count(b"\n") + 1
+    message = rf"c.{kind}: not a UTF-8 file: byte 0xe9 at byte offset {offset} \(line {line}\)"
+    with pytest.raises(ValueError, match=message) as err:
+        read_docs(kind, path)
+    assert f"iconv -f latin1 -t utf-8 {path} > {path}.utf8" in str(err.value)
+
+
+@pytest.mark.parametrize("kind, content", [
+    ("csv", "task,text\nå,æøå\n"),
+    ("jsonl", '{"task": "å", "text": "æøå"}\n'),
+])
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path, kind, content):
+    path = tmp_path / f"c.{kind}"
+    path.write_bytes(b"\xef\xbb\xbf" + content.encode("utf-8"))
+    assert read_docs(kind, path) == {"å": ["æøå"]}
+
+
+@pytest.mark.parametrize("kind", ["csv", "jsonl", "datasets"])
+def test_a_task_named_global_is_refused(tmp_path, tiny_lm, kind):
+    rows = synthetic_rows({"a": 5, "global": 5})
+    path = tmp_path / f"c.{kind}"
+    if kind == "csv":
+        rows.to_csv(path, index=False)
+    elif kind == "jsonl":
+        rows.to_json(path, orient="records", lines=True)
+    else:
+        datasets = pytest.importorskip("datasets")
+        datasets.Dataset.from_pandas(rows).save_to_disk(str(path))
+    with pytest.raises(ValueError, match=rf"{kind}:.*: a task is named 'global', a name reserved for Theta \(the "
+                                         r"shared adapter\).*rename the task in the data"):
+        bora_pyro.load_corpus(f"{kind}:{path}", tiny_lm[1])
+
+
+def test_dataset_loading_scripts_are_never_run(tmp_path, tiny_lm, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    marker = tmp_path / "ran"
+    script = f"from pathlib import Path\nPath({str(marker)!r}).write_text('code from the data source ran')\n"
+    scripted = tmp_path / "scripted"
+    scripted.mkdir()
+    (scripted / "scripted.py").write_text(script)  # what datasets would run as the loading script
+    synthetic_rows({"a": 6, "b": 6}).to_csv(scripted / "data.csv", index=False)
+    with pytest.raises(ValueError, match=r"scripted.py' is a dataset loading script, and bora_pyro never runs code"):
+        bora_pyro.load_corpus(f"datasets:{scripted}", tiny_lm[1])
+    with pytest.raises(ValueError, match="is a dataset loading script"):
+        bora_pyro.load_corpus(f"datasets:{scripted / 'scripted.py'}", tiny_lm[1])
+    (scripted / "scripted.py").rename(scripted / "other.py")  # not a loading script: only the data files load
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    assert bora_pyro.load_corpus(f"datasets:{scripted}", tiny_lm[1]).tasks == ("a", "b")
+    assert not marker.exists()
 
 
 def test_task_with_too_few_documents_is_named(make_corpus):

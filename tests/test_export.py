@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 
 from bora_pyro.base_models import tiny_random_llama
 from bora_pyro.cli import main
-from bora_pyro.export import safe_names
+from bora_pyro.export import MAX_FOLDER_NAME, export_peft, safe_names
+from bora_pyro.lora import MultiTaskLoRA
 from bora_pyro.runs import load_run
 
 from .conftest import synthetic_rows
@@ -45,6 +47,20 @@ def test_safe_names_are_unique_and_never_global():
     names = safe_names(["a b", "a_b", "global", "../x", ""])
     assert len(set(names.values())) == 5
     assert "global" not in names.values() and all("/" not in n and not n.startswith(".") for n in names.values())
+
+
+def test_long_and_non_ascii_task_names_export_to_short_distinct_folders(tmp_path):
+    tasks = ["x" * 300, "é" * 200, "y" * 299 + "a", "y" * 299 + "b", "task"]
+    lora = MultiTaskLoRA(tiny_random_llama()[0], rank=2)
+    factors = {name: torch.zeros(len(tasks), *shape) for name, shape in lora.shapes().items()}
+    folders = export_peft(lora, tasks, factors, None, "tiny-random-llama", tmp_path / "peft")
+    assert json.loads((tmp_path / "peft" / "tasks.json").read_text()) == folders and list(folders) == tasks
+    assert len({f.lower() for f in folders.values()}) == len(tasks)
+    for folder in folders.values():
+        assert re.fullmatch(r"[A-Za-z0-9._-]+", folder) and len(folder.encode()) <= MAX_FOLDER_NAME
+        assert (tmp_path / "peft" / folder / "adapter_model.safetensors").is_file()
+    assert folders["x" * 300].startswith("x" * 80) and folders == safe_names(tasks)
+    assert safe_names(["y" * 299 + "b"]) == {"y" * 299 + "b": folders["y" * 299 + "b"]}  # stable: from the name alone
 
 
 def test_merged_export_equals_the_task_adapter(tmp_path):

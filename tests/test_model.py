@@ -197,6 +197,11 @@ def test_duplicate_task_names_are_refused(tiny_lm):
         bora_pyro.BoRA(tiny_lm[0], ["a", "b", "a"])
 
 
+def test_the_task_name_global_is_reserved_for_theta(tiny_lm):
+    with pytest.raises(ValueError, match="a task is named 'global', a name reserved for Theta"):
+        bora_pyro.BoRA(tiny_lm[0], ["a", "global"])
+
+
 @pytest.mark.parametrize("parameterization", ["centered", "noncentered"])
 def test_map_loss_equals_the_trace_elbo_of_the_autodelta_guide(make_corpus, tiny_lm, parameterization):
     from pyro.infer import Trace_ELBO

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from ..task_names import check_task_names
 from .batching import Split
 from .bible import bible_books
 from .split import split_per_task
@@ -139,6 +140,7 @@ def load_corpus(spec: str, tokenizer, **options) -> Corpus:
     docs = _documents(spec, tokenizer, config)
     if config.num_tasks is not None:
         docs = dict(list(docs.items())[: config.num_tasks])
+    check_task_names(tuple(docs), spec)
     splits, available = split_per_task(
         docs, config.valid_fraction, config.test_fraction, config.seed, config.max_train_docs, config.max_eval_docs
     )

@@ -21,6 +21,7 @@ from ..data.batching import Batch
 from .gates import GateConfig, Gates, LayerGates
 from .guides import make_guide
 from ..lora import Factors, MultiTaskLoRA
+from ..task_names import check_task_names
 from .likelihood import lm_log_likelihood
 from .prior import INDEPENDENT, POOLED, HierarchicalPrior, parse_tau
 from .task_subsample import TASK_PLATE, TaskSubsample
@@ -75,9 +76,7 @@ class BoRA:
         gates: GateConfig | None = None,
     ) -> None:
         tasks = tuple(str(t) for t in tasks)
-        if len(set(tasks)) != len(tasks):
-            dupes = sorted({t for t in tasks if tasks.count(t) > 1})
-            raise ValueError(f"task names must be unique, duplicated: {dupes}")
+        check_task_names(tasks, "BoRA")
         self.tasks = tasks
         self.lora = MultiTaskLoRA(lm, rank=rank, alpha=alpha, targets=targets)
         self.prior = HierarchicalPrior(self.lora.shapes(), len(tasks), parse_tau(tau), parameterization,

@@ -82,8 +82,9 @@ def run_config(spec_dict: dict, corpus: Corpus, base_model: dict, extra: dict | 
 
 
 def write_fitted(out: Path, config: dict, bora: BoRA, corpus: Corpus, result: FitResult, metrics: dict,
-                 status: str, overwrite: bool) -> None:
-    """Stage 1: write the whole folder with the fitted state (atomically), status ``status``."""
+                 status: str, overwrite: bool, fingerprint: str | None = None) -> None:
+    """Stage 1: write the whole folder with the fitted state (atomically), status ``status``
+    (``fingerprint``: the digest of what the run's checkpoints must match, see ``runs.fingerprint_id``)."""
     with atomic_folder(out, "run", overwrite=overwrite) as tmp:
         write_json(tmp / CONFIG_FILE, config)
         save_adapters(tmp / ADAPTERS_FILE, corpus.tasks, bora.export_factors(), bora.global_factors(),
@@ -93,7 +94,8 @@ def write_fitted(out: Path, config: dict, bora: BoRA, corpus: Corpus, result: Fi
         train_log(result).to_csv(tmp / TRAIN_LOG_FILE, index=False)
         write_json(tmp / METRICS_FILE, metrics)
         write_json(tmp / STATUS_FILE, {"status": status, "message": result.message, "step": result.steps_run,
-                                       "best_step": result.best_step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+                                       "best_step": result.best_step, "fingerprint": fingerprint,
+                                       "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
 
 def fit_state(path: Path) -> dict[str, torch.Tensor]:

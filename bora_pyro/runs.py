@@ -9,6 +9,8 @@ complete; ``train --resume RUN`` continues an interrupted run, or completes one 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import shutil
 import time
@@ -203,6 +205,11 @@ def _fingerprint(spec: RunSpec, corpus: Corpus, base_model: dict) -> dict:
                            "base_weights_sha256": base_model["weights_sha256"]})
 
 
+def fingerprint_id(fingerprint: dict) -> str:
+    """A short digest of a fingerprint, recorded in status.json to tell a run's own checkpoint from another's."""
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def _refuse_earlier_checkpoint(out: Path, overwrite: bool) -> None:
     """A fresh run never continues an earlier run's checkpoint: refuse, or with ``overwrite`` discard it."""
     folder = checkpoint_folder(out)
@@ -270,7 +277,7 @@ def train_run(spec: RunSpec, out: str | Path, overwrite: bool = False, resume: b
             checkpoint = _start_checkpoints(out, spec, fingerprint, resume) if world.is_main else checkpoint_folder(out)
         result = fit(bora, corpus, checkpoint=checkpoint, resume=resume, fingerprint=fingerprint, **spec.train.to_dict())
         return _finish(spec, bora, corpus, result, out, run_config(spec.to_dict(), corpus, identity), started,
-                       overwrite or resume)
+                       overwrite or resume, fingerprint_id(fingerprint))
 
 
 def adapt_run(source: str | Path, data: str, out: str | Path, overwrite: bool = False,
@@ -315,7 +322,7 @@ def _refuse_resumable(out: Path, overwrite: bool) -> None:
 
 
 def _finish(spec: RunSpec, bora: BoRA, corpus: Corpus, result: FitResult, out: Path, config: dict,
-            started: float, overwrite: bool) -> dict:
+            started: float, overwrite: bool, fingerprint: str | None = None) -> dict:
     """Write the fitted state (stage 1), then score and complete the folder (stage 2; every rank scores,
     rank 0 writes). Raises :class:`RunStopped` for a fit that stopped early, after stage 1."""
     world = World.current()
@@ -323,7 +330,7 @@ def _finish(spec: RunSpec, bora: BoRA, corpus: Corpus, result: FitResult, out: P
     metrics = {**training_metrics(result, bora, corpus, spec.adapter.tau, world.size),
                "wall_seconds": time.perf_counter() - started}
     if world.is_main:
-        write_fitted(out, config, bora, corpus, result, metrics, status, overwrite)
+        write_fitted(out, config, bora, corpus, result, metrics, status, overwrite, fingerprint)
     crash_point("run.fitted")
     if status != TRAINED:
         raise _stopped(out, result)
@@ -387,12 +394,18 @@ def resume_run(run: str | Path, trust_remote_code: bool = False) -> dict:
     a complete run is left as it is. Returns the metrics."""
     run = Path(run)
     recover(run)
-    status = read_status(run)["status"] if (run / CONFIG_FILE).is_file() else None
+    state = read_status(run) if (run / CONFIG_FILE).is_file() else {}
+    status = state.get("status")
     folder = checkpoint_folder(run)
-    if status == COMPLETE:
+    resumable = (folder / "spec.json").is_file()
+    own = (status == COMPLETE and (folder / "fingerprint.json").is_file()
+           and state.get("fingerprint") == fingerprint_id(read_json(folder / "fingerprint.json")))
+    if status == COMPLETE and (own or not resumable):  # the checkpoint, if any, is this complete run's own
+        if not resumable:
+            log.warning("nothing to resume: %s is already complete", run)
         _remove_checkpoints(run)
         return read_json(run / "metrics.json")
-    if (folder / "spec.json").is_file():
+    if resumable:
         spec = RunSpec.from_dict(read_json(folder / "spec.json"), trust_remote_code, str(folder))
         return train_run(spec, run, resume=True)
     if status == TRAINED:

@@ -1,15 +1,16 @@
 """bora_pyro: Bayesian hierarchical multi-task LoRA (BoRA) for Hugging Face causal LMs, in Pyro."""
 
-__version__ = "0.1.0"  # before the imports: runs.py records it in every run folder
+__version__ = "0.1.0"  # before the imports: run folders record it in every run folder
 
-from .base_models import load_base_model
+from .io.base_models import load_base_model
 from .data import Batch, Corpus, CorpusConfig, Split, load_corpus
-from .evaluation import PerplexityReport, evaluate
+from .evaluation.perplexity import PerplexityReport, evaluate
 from .inference import FitResult, TrainConfig, fit
-from .lora import MultiTaskLoRA, MultiTaskLoRALinear
+from .nn.lora import MultiTaskLoRA, MultiTaskLoRALinear
 from .models import BoRA
 from .models.gates import GateConfig
-from .runs import load_run
+from .models.prior import PriorConfig
+from .runs import RunSpec, load_run
 
 
 __all__ = [
@@ -22,6 +23,8 @@ __all__ = [
     "MultiTaskLoRA",
     "MultiTaskLoRALinear",
     "PerplexityReport",
+    "PriorConfig",
+    "RunSpec",
     "Split",
     "TrainConfig",
     "evaluate",

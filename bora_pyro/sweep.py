@@ -16,10 +16,10 @@ from typing import Sequence
 
 import pandas as pd
 
-from .artifacts import json_roundtrip, read_json, write_json
-from .folders import MARKER, folder_lock, is_ours, mark, protected
+from .io.artifacts import read_json, write_json
+from .io.folders import MARKER, folder_lock, is_ours, mark, protected
 from .models.prior import LEARN, parse_tau
-from .run_folder import COMPLETE, TRAINED, read_status
+from .runs.folder import COMPLETE, TRAINED, read_status
 from .runs import RunSpec, checkpoint_folder, resume_run, train_run
 
 log = logging.getLogger(__name__)
@@ -44,8 +44,9 @@ def parse_taus(text: str) -> list[float]:
 
 
 def _spec_without_tau(spec: RunSpec) -> dict:
-    d = spec.to_dict()
-    d["adapter"] = {k: v for k, v in d["adapter"].items() if k != "tau"}
+    """The sweep's shared settings (JSON values): the spec without tau and the device."""
+    d = spec.settings()
+    d["prior"] = {k: v for k, v in d["prior"].items() if k != "tau"}
     d.pop("device")
     return d
 
@@ -71,7 +72,7 @@ def run_sweep(spec: RunSpec, taus: Sequence[float], out: str | Path) -> pd.DataF
         out.mkdir(parents=True, exist_ok=True)
         settings = _spec_without_tau(spec)
         if (out / SWEEP_FILE).exists():  # compared after filling defaults, so older sweep files still match
-            if json_roundtrip(_spec_without_tau(load_sweep_spec(out, spec.trust_remote_code))) != json_roundtrip(settings):
+            if _spec_without_tau(load_sweep_spec(out, spec.trust_remote_code)) != settings:
                 raise ValueError(f"{out} holds a sweep with different settings; use another --out")
         else:
             mark(out, "sweep")
@@ -87,7 +88,7 @@ def run_sweep(spec: RunSpec, taus: Sequence[float], out: str | Path) -> pd.DataF
                 resume_run(folder, spec.trust_remote_code)
                 continue
             print(f"sweep: training tau={tau_label(tau)} -> {folder}", flush=True)
-            train_run(replace(spec, adapter=replace(spec.adapter, tau=tau)), folder, overwrite=True)
+            train_run(replace(spec, prior=replace(spec.prior, tau=tau)), folder, overwrite=True)
         return summarize_sweep(out)
 
 
@@ -146,7 +147,7 @@ def summarize_sweep(out: str | Path) -> pd.DataFrame:
     improvements = {
         name: relative_improvement(per_task, best, ref) for name, ref in (("over tau=0", 0.0), ("over tau=inf", math.inf))
     }
-    from .plots import plot_sweep_figures  # matplotlib: imported when figures are drawn
+    from .evaluation.plots import plot_sweep_figures  # matplotlib: imported when figures are drawn
 
     plot_sweep_figures(out, table, per_task, curves, best, improvements)
     shown = table[["tau", "mode", "lr", "steps", "best_step", "valid_ppl", "test_ppl", "test_macro_ppl"]].copy()
@@ -183,8 +184,7 @@ def steps_to_converge(curve: pd.DataFrame, tolerance: float = 0.01) -> int:
 
 
 def load_sweep_spec(out: str | Path, trust_remote_code: bool = False) -> RunSpec:
-    """The RunSpec (with tau = 0) of a sweep folder, to rerun the same settings with changes
+    """The RunSpec of a sweep folder (tau: the default), to rerun the same settings with changes
     (``trust_remote_code``: your permission, never taken from the file)."""
     settings = read_json(Path(out) / SWEEP_FILE)["spec"]
-    return RunSpec.from_dict({**settings, "device": "auto", "adapter": {**settings["adapter"], "tau": 0.0}},
-                             trust_remote_code, str(Path(out) / SWEEP_FILE))
+    return RunSpec.from_dict({**settings, "device": "auto"}, trust_remote_code, str(Path(out) / SWEEP_FILE))

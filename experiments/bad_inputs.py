@@ -23,8 +23,8 @@ from pathlib import Path
 import pandas as pd
 
 from bora_pyro.cli import main
-from bora_pyro.faults import CRASH_ENV
-from bora_pyro.folders import MARKER, folder_lock
+from bora_pyro.io.faults import CRASH_ENV
+from bora_pyro.io.folders import MARKER, folder_lock
 
 
 def run(args: list[str]) -> tuple[int | str, str]:

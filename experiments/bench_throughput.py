@@ -53,7 +53,7 @@ def step_fn(config: str, args):
     from bora_pyro.models.task_subsample import TaskSubsample
     from bora_pyro.models.likelihood import token_log_probs
 
-    device = bora_pyro.base_models.resolve_device(args.device)
+    device = bora_pyro.io.base_models.resolve_device(args.device)
     lm, tokenizer = bora_pyro.load_base_model(args.model, device=device)
     num_tasks = int(config[1:]) if config.startswith("d") else (1 if config == "b" else args.tasks)
     batch = batch_for(tokenizer, num_tasks, args.batch_size, args.tokens, device)

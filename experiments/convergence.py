@@ -35,7 +35,7 @@ def main(args: argparse.Namespace) -> None:
     policies = {"non-centred, fixed lr": Path(args.sweep)}
     for name, folder, lr_tau in (("centred, fixed lr", "centered_fixed_lr", False),
                                  ("centred, lr ~ tau", "centered_lr_tau", True)):
-        spec = replace(base, adapter=replace(base.adapter, parameterization="centered"),
+        spec = replace(base, prior=replace(base.prior, parameterization="centered"),
                        train=replace(base.train, lr_tau_scaling=lr_tau))
         run_sweep(spec, taus, out / folder)
         policies[name] = out / folder

@@ -1,7 +1,7 @@
 """Kill a training run (SIGKILL) at random moments, resume it, and check it ends as an uninterrupted run.
 
 Half of the kills land at a random time, the others at a random named crash point inside our writes
-(``bora_pyro.faults``: inside a checkpoint save, between renaming a folder aside and the new one in,
+(``bora_pyro.io.faults``: inside a checkpoint save, between renaming a folder aside and the new one in,
 after the fitted state is written, inside a single file's replacement...). Every killed run is then
 continued as a user would: ``bora-pyro train --resume RUN``, or, when nothing was saved yet, the same
 command again. A quarter of the attempts replace an earlier, different run (another seed) with ``--overwrite``. The final run
@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.conftest import synthetic_rows  # noqa: E402
 
-from bora_pyro.faults import CRASH_ENV  # noqa: E402
+from bora_pyro.io.faults import CRASH_ENV  # noqa: E402
 
 # crash points and how many times a run reaches each (k is drawn from 1..count)
 CRASH_POINTS = {

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bora_pyro.plots import plot_gates
+from bora_pyro.evaluation.plots import plot_gates
 
 out = Path(sys.argv[1])
 rows = []

@@ -20,12 +20,14 @@ import pandas as pd
 import torch
 
 import bora_pyro
-from bora_pyro.base_models import tiny_random_llama
+from bora_pyro import PriorConfig
+from bora_pyro.io.base_models import tiny_random_llama
 from bora_pyro.models.gaussian import GaussianObservations, observation_corpus
 from bora_pyro.models.tau_prior import TauPrior
 
-HYPERPRIOR = TauPrior("lognormal", 2.3, 3.0)
-GLOBAL_PRIORS = {"flat": (None, "empirical-bayes"), "normal:10": (10.0, "integrated")}
+HYPERPRIOR_SPEC = "lognormal:2.3,3"
+HYPERPRIOR = TauPrior.parse(HYPERPRIOR_SPEC)
+GLOBAL_PRIORS = {"flat": "empirical-bayes", "normal:10": "integrated"}  # Theta's prior -> the exact posterior's kind
 LOG_TAU_GRID = torch.linspace(math.log(1e-2), math.log(1e6), 8000)
 
 
@@ -37,10 +39,10 @@ def grid_quantiles(weights: torch.Tensor, probs: tuple[float, ...]) -> list[floa
 def recover(true_tau: float, seed: int, num_tasks: int, steps: int, parameterization: str, global_prior: str) -> dict:
     docs = [2 + (3 * d) % 9 for d in range(num_tasks)]  # 2..10 documents per task
     corpus = observation_corpus(docs)
-    scale, exact_kind = GLOBAL_PRIORS[global_prior]
-    bora = bora_pyro.BoRA(tiny_random_llama()[0], corpus.tasks, rank=1, alpha=1, tau="learn", inference="vi",
-                          targets=["q_proj"], tau_prior=HYPERPRIOR, seed=seed, parameterization=parameterization,
-                          global_scale=scale)
+    exact_kind = GLOBAL_PRIORS[global_prior]
+    prior = PriorConfig(tau="learn", tau_prior=HYPERPRIOR_SPEC, parameterization=parameterization, global_prior=global_prior)
+    bora = bora_pyro.BoRA(tiny_random_llama()[0], corpus.tasks, rank=1, alpha=1, inference="vi",
+                          targets=["q_proj"], prior=prior, seed=seed)
     data = GaussianObservations.simulate(bora.lora.shapes(), docs, tau=true_tau, sigma=0.5,
                                          generator=torch.Generator().manual_seed(seed))
     bora.log_likelihood = data.log_likelihood

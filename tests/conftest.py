@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import bora_pyro
-from bora_pyro.base_models import tiny_random_llama
+from bora_pyro.io.base_models import tiny_random_llama
 
 WORDS = "the lord seide to his puple and thei wenten forth in to the lond of the king with gold".split()
 

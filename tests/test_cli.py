@@ -53,7 +53,7 @@ def test_pooled_and_independent_runs(tmp_path, corpus_csv):
         assert metrics["mode"] == {"inf": "pooled", "0": "independent"}[tau]
         distance = pd.read_csv(run / "per_task.csv").distance_to_global
         assert (distance == 0).all() if tau == "inf" else distance.isna().all()
-    assert json.loads((tmp_path / "runinf" / "config.json").read_text())["adapter"]["tau"] == "inf"
+    assert json.loads((tmp_path / "runinf" / "config.json").read_text())["prior"]["tau"] == "inf"
 
 
 @pytest.mark.parametrize("args, message", [

@@ -8,10 +8,10 @@ import re
 import pytest
 import torch
 
-from bora_pyro.base_models import tiny_random_llama
+from bora_pyro.io.base_models import tiny_random_llama
 from bora_pyro.cli import main
-from bora_pyro.export import MAX_FOLDER_NAME, export_peft, safe_names
-from bora_pyro.lora import MultiTaskLoRA
+from bora_pyro.io.export import MAX_FOLDER_NAME, export_peft, safe_names
+from bora_pyro.nn.lora import MultiTaskLoRA
 from bora_pyro.runs import load_run
 
 from .conftest import synthetic_rows

@@ -11,7 +11,7 @@ import torch
 from pyro.infer.autoguide import AutoDelta, AutoNormal
 
 import bora_pyro
-from bora_pyro.base_models import tiny_random_llama
+from bora_pyro.io.base_models import tiny_random_llama
 from bora_pyro.inference import TrainConfig
 from bora_pyro.models.guides import is_task_parameter
 
@@ -122,7 +122,7 @@ def test_bf16_autocast_trains_close_to_float32(make_corpus, tiny_lm):
     corpus = make_corpus()
     losses = {}
     for bf16 in (False, True):
-        bora = bora_pyro.BoRA(bora_pyro.base_models.tiny_random_llama()[0], corpus.tasks, rank=2, tau=10.0)
+        bora = bora_pyro.BoRA(bora_pyro.io.base_models.tiny_random_llama()[0], corpus.tasks, rank=2, tau=10.0)
         result = bora_pyro.fit(bora, corpus, steps=3, batch_size=4, eval_every=3, progress=False, bf16=bf16)
         losses[bf16] = result.losses[-1]["loss_per_token"]
     assert losses[True] == pytest.approx(losses[False], rel=0.02)

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 import bora_pyro
-from bora_pyro.base_models import tiny_random_llama
-from bora_pyro.models.gates import GateConfig, LayerGates, prob_open, relative_bops
+from bora_pyro.io.base_models import tiny_random_llama
+from bora_pyro.models.gates import GateConfig, prob_open, relative_bops
+from bora_pyro.nn.gates import LayerGates
 from bora_pyro.models.likelihood import lm_logits
-from bora_pyro.quantization import BITS, bits_of, lora_bops, residual_quantize, residual_terms, step_sizes
+from bora_pyro.nn.quantization import BITS, bits_of, lora_bops, residual_quantize, residual_terms, step_sizes
 
 
 def gated(corpus, **config) -> bora_pyro.BoRA:
@@ -27,7 +28,7 @@ def set_log_alphas(bora, fill) -> None:
 
 
 def test_inference_gates_are_exactly_0_1_and_nested(make_corpus):
-    bora = gated(make_corpus(), rank="per-task", quant="weights+activations")
+    bora = gated(make_corpus(), rank_gates="per-task", quant_gates="weights+activations")
     g = torch.Generator().manual_seed(0)
     set_log_alphas(bora, lambda shape: torch.randn(shape, generator=g) * 4)  # open and closed gates in any order
     for values in bora.gate_values().values():
@@ -41,7 +42,7 @@ def test_inference_gates_are_exactly_0_1_and_nested(make_corpus):
 
 def test_all_gates_open_at_32_bits_equal_plain_lora(make_corpus):
     corpus = make_corpus()
-    bora = gated(corpus, rank="shared", quant="weights+activations")
+    bora = gated(corpus, rank_gates="shared", quant_gates="weights+activations")
     set_log_alphas(bora, lambda shape: torch.full(shape, 10.0))
     g = torch.Generator().manual_seed(1)
     factors = {n: torch.randn((3, *s), generator=g) * 0.3 for n, s in bora.lora.shapes().items()}
@@ -56,7 +57,7 @@ def test_all_gates_open_at_32_bits_equal_plain_lora(make_corpus):
 
 def test_closed_rank_gates_remove_their_components_and_fold_into_b(make_corpus):
     corpus = make_corpus()
-    bora = gated(corpus, rank="per-task", quant="weights")
+    bora = gated(corpus, rank_gates="per-task", quant_gates="weights")
     g = torch.Generator().manual_seed(2)
     set_log_alphas(bora, lambda shape: torch.randn(shape, generator=g) * 4)
     bora_pyro.fit(bora, corpus, steps=2, batch_size=4, eval_every=2, progress=False, lr=0.05)  # B != 0
@@ -106,7 +107,7 @@ def test_bops_of_a_hand_computed_example():
 
 def test_penalty_is_lambda_times_the_expected_open_gates(make_corpus):
     corpus = make_corpus()
-    bora = gated(corpus, rank="shared", quant="weights", rank_lambda=2.0, quant_lambda=0.5)
+    bora = gated(corpus, rank_gates="shared", quant_gates="weights", rank_lambda=2.0, quant_lambda=0.5)
     set_log_alphas(bora, lambda shape: torch.zeros(shape))  # every gate open with probability p
     p = float(prob_open(torch.zeros(())))
     batch = corpus.train.collate([0, 1])
@@ -122,7 +123,7 @@ def test_penalty_is_lambda_times_the_expected_open_gates(make_corpus):
 
 def test_gated_training_reports_rank_bits_and_bops(make_corpus):
     corpus = make_corpus()
-    bora = gated(corpus, rank="shared", quant="weights", rank_lambda=1e4, quant_lambda=1e4)
+    bora = gated(corpus, rank_gates="shared", quant_gates="weights", rank_lambda=1e4, quant_lambda=1e4)
     bora_pyro.fit(bora, corpus, steps=30, batch_size=4, eval_every=30, progress=False, guide_lr=0.2)
     report = bora.gates.report(bora.gate_values())
     assert list(report.columns[:7]) == ["layer", "block", "module", "rank", "weight_bits", "activation_bits", "bops"]
@@ -131,8 +132,8 @@ def test_gated_training_reports_rank_bits_and_bops(make_corpus):
     assert 0 < relative_bops(report) < 1
 
 
-@pytest.mark.parametrize("config,match", [({"rank": "all"}, "rank gates must be one of"),
-                                          ({"quant": "int8"}, "quantisation gates must be one of"),
+@pytest.mark.parametrize("config,match", [({"rank_gates": "all"}, "rank gates must be one of"),
+                                          ({"quant_gates": "int8"}, "quantisation gates must be one of"),
                                           ({"rank_lambda": -1.0}, "rank_lambda must be a finite number >= 0")])
 def test_bad_gate_settings_are_refused(config, match):
     with pytest.raises(ValueError, match=match):
@@ -141,7 +142,7 @@ def test_bad_gate_settings_are_refused(config, match):
 
 def test_gates_need_the_language_model_likelihood(tiny_lm):
     with pytest.raises(ValueError, match="cannot be combined with a custom log_likelihood"):
-        bora_pyro.BoRA(tiny_lm[0], ["a", "b"], gates=GateConfig(rank="shared"), log_likelihood=lambda f, b: None)
+        bora_pyro.BoRA(tiny_lm[0], ["a", "b"], gates=GateConfig(rank_gates="shared"), log_likelihood=lambda f, b: None)
 
 
 def test_layer_gates_without_quantisation_leave_values_alone():
@@ -181,14 +182,6 @@ def test_cli_gated_run_writes_its_report_and_its_adapters_reproduce_it(tmp_path,
 def test_cli_refuses_bad_gate_options(tmp_path, capsys, flags, match):
     from bora_pyro.cli import main
 
-    with pytest.raises(SystemExit) if "invalid choice" in match else _no_raise():
-        code = main(["train", "--model", "tiny-random-llama", *flags, "--out", str(tmp_path / "r")])
-        assert code == 2
+    assert main(["train", "--model", "tiny-random-llama", *flags, "--out", str(tmp_path / "r")]) == 2
     assert match in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
-
-
-def _no_raise():
-    import contextlib
-
-    return contextlib.nullcontext()

@@ -13,17 +13,18 @@ import pytest
 import torch
 
 import bora_pyro
-from bora_pyro.base_models import tiny_random_llama
+from bora_pyro import PriorConfig
+from bora_pyro.io.base_models import tiny_random_llama
 from bora_pyro.models.gaussian import GaussianObservations, observation_corpus
 
 SIGMA, TAU, DOCS = 0.5, 4.0, [12, 5, 2]
 NAME = "layers.0.self_attn.q_proj.A"  # the observed factor; the others only feel the prior
 
 
-def gaussian_bora(**options):
+def gaussian_bora(parameterization: str = "noncentered", **options):
     corpus = observation_corpus(DOCS)
-    bora = bora_pyro.BoRA(tiny_random_llama()[0], corpus.tasks, rank=1, alpha=1, tau=TAU, targets=["q_proj"],
-                          **options)
+    bora = bora_pyro.BoRA(tiny_random_llama()[0], corpus.tasks, rank=1, alpha=1, targets=["q_proj"],
+                          prior=PriorConfig(tau=TAU, parameterization=parameterization), **options)
     data = GaussianObservations.simulate({NAME: bora.lora.shapes()[NAME]}, DOCS, tau=1.0, sigma=SIGMA,
                                          generator=torch.Generator().manual_seed(0))
     bora.log_likelihood = data.log_likelihood

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM
 
-from bora_pyro.base_models import tiny_random_llama
-from bora_pyro.lora import MultiTaskLoRA
+from bora_pyro.io.base_models import tiny_random_llama
+from bora_pyro.nn.lora import MultiTaskLoRA
 
 peft = pytest.importorskip("peft")
 

@@ -11,7 +11,8 @@ from pyro.infer import Trace_ELBO
 from pyro.poutine.util import site_is_subsample
 
 import bora_pyro
-from bora_pyro.base_models import tiny_random_llama
+from bora_pyro import PriorConfig
+from bora_pyro.io.base_models import tiny_random_llama
 
 from .conftest import synthetic_rows
 
@@ -33,7 +34,7 @@ def trace_model(bora, batch, values=None):
 @pytest.mark.parametrize("parameterization", ["centered", "noncentered"])
 def test_sites_and_plates(make_corpus, tiny_lm, parameterization):
     corpus = make_corpus()
-    bora = bora_pyro.BoRA(tiny_lm[0], corpus.tasks, rank=2, alpha=4, tau=10.0, parameterization=parameterization)
+    bora = bora_pyro.BoRA(tiny_lm[0], corpus.tasks, rank=2, alpha=4, prior=PriorConfig(tau=10.0, parameterization=parameterization))
     batch = corpus.train.collate([0, 5, 15])
     trace = trace_model(bora, batch)
     samples = {n: s for n, s in trace.nodes.items() if is_latent(s)}
@@ -69,7 +70,7 @@ def test_loglik_factor_is_scaled_by_num_docs_over_batch(make_corpus, tiny_lm):
 def test_prior_log_density_is_the_gaussian_sum(make_corpus, tiny_lm, parameterization):
     corpus = make_corpus()
     tau = 7.0
-    bora = bora_pyro.BoRA(tiny_lm[0], corpus.tasks, rank=2, alpha=4, tau=tau, parameterization=parameterization,
+    bora = bora_pyro.BoRA(tiny_lm[0], corpus.tasks, rank=2, alpha=4, prior=PriorConfig(tau=tau, parameterization=parameterization),
                           task_subsampling=False)
     g = torch.Generator().manual_seed(1)
     theta = {n: torch.randn((3, *s), generator=g) for n, s in bora.lora.shapes().items()}
@@ -105,7 +106,7 @@ def test_task_subsampled_prior_is_an_unbiased_estimate_of_the_full_prior(make_co
     """Averaged over all batches of one document, the weighted prior terms of the present tasks equal
     the full prior of all tasks (weights (N / B) c_d / n_d)."""
     corpus = make_corpus()
-    bora = bora_pyro.BoRA(tiny_lm[0], corpus.tasks, rank=2, alpha=4, tau=7.0, parameterization=parameterization)
+    bora = bora_pyro.BoRA(tiny_lm[0], corpus.tasks, rank=2, alpha=4, prior=PriorConfig(tau=7.0, parameterization=parameterization))
     suffix = "_decentered" if parameterization == "noncentered" else ""
     g = torch.Generator().manual_seed(2)
     full = {f"task.{n}{suffix}": torch.randn((3, *s), generator=g) for n, s in bora.lora.shapes().items()}
@@ -209,7 +210,7 @@ def test_map_loss_equals_the_trace_elbo_of_the_autodelta_guide(make_corpus, tiny
     from bora_pyro.inference.svi import map_loss
 
     corpus = make_corpus()
-    bora = bora_pyro.BoRA(tiny_lm[0], corpus.tasks, rank=2, alpha=4, tau=7.0, parameterization=parameterization)
+    bora = bora_pyro.BoRA(tiny_lm[0], corpus.tasks, rank=2, alpha=4, prior=PriorConfig(tau=7.0, parameterization=parameterization))
     bora_pyro.fit(bora, corpus, steps=3, batch_size=4, eval_every=3, progress=False, lr=0.05)  # move off the start
     batch = corpus.train.collate([0, 3, 7])
     with bora.param_scope():

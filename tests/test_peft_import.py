@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import bora_pyro
-from bora_pyro.base_models import tiny_random_llama
+from bora_pyro.io.base_models import tiny_random_llama
 from bora_pyro.cli import main
-from bora_pyro.peft_import import import_peft
+from bora_pyro.io.peft_import import import_peft
 from bora_pyro.runs import load_run
 
 from .conftest import synthetic_rows

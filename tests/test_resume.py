@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from bora_pyro.cli import main
-from bora_pyro.faults import CRASH_ENV
+from bora_pyro.io.faults import CRASH_ENV
 from bora_pyro.inference.checkpoint import LoopState, checkpoint_step, load_checkpoint, save_checkpoint
 
 from .conftest import synthetic_rows

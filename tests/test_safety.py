@@ -19,10 +19,11 @@ import torch
 from safetensors.torch import load_file
 
 import bora_pyro
-from bora_pyro import base_models, runs
-from bora_pyro.base_models import tiny_random_llama
+from bora_pyro.io import base_models
+from bora_pyro.runs import RunSpec, train as run_training
+from bora_pyro.io.base_models import tiny_random_llama
 from bora_pyro.cli import main
-from bora_pyro.folders import MARKER, folder_lock
+from bora_pyro.io.folders import MARKER, folder_lock
 
 from .conftest import synthetic_rows
 
@@ -66,7 +67,7 @@ def test_resume_cannot_take_trust_remote_code_from_the_checkpoint(tmp_path, data
     folder = tmp_path / "run.checkpoint"
     folder.mkdir()
     (folder / MARKER).write_text("{}")
-    (folder / "spec.json").write_text(json.dumps({**runs.RunSpec(model="tiny-random-llama").to_dict(),
+    (folder / "spec.json").write_text(json.dumps({**RunSpec(model="tiny-random-llama").to_dict(),
                                                   "trust_remote_code": True}))
     assert main(["train", "--resume", str(run)]) == 2
     assert "never takes that permission from a file" in capsys.readouterr().err
@@ -124,7 +125,7 @@ def test_a_failure_after_the_fit_loses_nothing_and_evaluate_completes_the_run(tm
         raise ValueError("simulated: out of memory while scoring")
 
     with monkeypatch.context() as patch:
-        patch.setattr(runs, "score_run", out_of_memory)
+        patch.setattr(run_training, "score_run", out_of_memory)
         assert train(data, failing) == 2
     assert json.loads((failing / "status.json").read_text())["status"] == "trained"
     assert (failing / "adapters.safetensors").is_file() and (failing / "fit_state.safetensors").is_file()

@@ -9,7 +9,7 @@ import torch
 
 import bora_pyro
 from bora_pyro.cli import main
-from bora_pyro.evaluation import evaluate_log_likelihood
+from bora_pyro.evaluation.perplexity import evaluate_log_likelihood
 from bora_pyro.models.likelihood import token_log_probs
 
 pytestmark = pytest.mark.slow

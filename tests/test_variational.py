@@ -12,9 +12,10 @@ import pytest
 import torch
 
 import bora_pyro
+from bora_pyro import PriorConfig
 from bora_pyro.cli import main
 from bora_pyro.models.tau_prior import TauPrior
-from bora_pyro.predictive import calibration, posterior_draws, posterior_predictive
+from bora_pyro.evaluation.predictive import calibration, posterior_draws, posterior_predictive
 
 from .conftest import synthetic_rows
 
@@ -26,8 +27,8 @@ def test_learned_tau_needs_vi(tiny_lm):
 
 def test_learned_tau_is_a_site_outside_the_task_plate(make_corpus, tiny_lm):
     corpus = make_corpus()
-    bora = bora_pyro.BoRA(tiny_lm[0], corpus.tasks, rank=2, tau="learn", inference="vi",
-                          tau_prior=TauPrior("gamma", 2.0, 0.02, groups="module"))
+    bora = bora_pyro.BoRA(tiny_lm[0], corpus.tasks, rank=2, inference="vi",
+                          prior=PriorConfig(tau="learn", tau_prior="gamma:2,0.02", tau_groups="module"))
     bora_pyro.fit(bora, corpus, steps=3, batch_size=4, eval_every=3, progress=False)
     from pyro import poutine
 
@@ -42,7 +43,8 @@ def test_learned_tau_is_a_site_outside_the_task_plate(make_corpus, tiny_lm):
 
 def test_latent_global_is_a_site_outside_the_task_plate_and_its_median_is_theta(make_corpus, tiny_lm):
     corpus = make_corpus()
-    bora = bora_pyro.BoRA(tiny_lm[0], corpus.tasks, rank=2, tau="learn", inference="vi", global_scale=3.0)
+    bora = bora_pyro.BoRA(tiny_lm[0], corpus.tasks, rank=2, inference="vi",
+                          prior=PriorConfig(tau="learn", global_prior="normal:3"))
     bora_pyro.fit(bora, corpus, steps=3, batch_size=4, eval_every=3, progress=False)
     from pyro import poutine
 
@@ -61,7 +63,8 @@ def test_latent_global_is_a_site_outside_the_task_plate_and_its_median_is_theta(
 
 def test_guide_lr_moves_only_the_uncertainty_parameters(make_corpus, tiny_lm):
     corpus = make_corpus()
-    bora = bora_pyro.BoRA(tiny_lm[0], corpus.tasks, rank=2, tau="learn", inference="vi", parameterization="centered")
+    bora = bora_pyro.BoRA(tiny_lm[0], corpus.tasks, rank=2, inference="vi",
+                          prior=PriorConfig(tau="learn", parameterization="centered"))
     bora_pyro.fit(bora, corpus, steps=1, batch_size=4, eval_every=1, progress=False, lr=1e-9, guide_lr=0.1,
                   clip_norm=None)
     with bora.param_scope():

@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ..task_names import check_task_names
+from .task_names import check_task_names
+from ..options import option, parse_csv, parse_optional_int
 from .batching import Split
 from .bible import bible_books
 from .split import split_per_task
@@ -32,25 +33,33 @@ CORPUS_FORMS = ("bible-books", "ton:PATH", "csv:PATH", "jsonl:PATH", "datasets:N
 
 @dataclass(frozen=True)
 class CorpusConfig:
-    """How a corpus is cut into documents and split. Validated on construction."""
+    """How a corpus is cut into documents and split. Validated on construction; every field is a CLI option."""
 
-    max_tokens: int = 64
-    long_documents: str = "split"  # documents over max_tokens: "split" into consecutive chunks, or "truncate"
-    seed: int = 0  # of the split (the CLI's --split-seed, by default --seed)
-    valid_fraction: float = 0.1
-    test_fraction: float = 0.1
-    max_train_docs: int | None = None  # per task
-    max_eval_docs: int | None = 8  # per task, for each of valid and test (keeps CPU evaluation fast)
-    task_prompt: str | None = None  # e.g. "{task}: " (masked context before every document)
-    task_column: str = "task"
-    text_column: str = "text"
-    translation: str = "wyc"  # bible-books only
-    books: tuple[str, ...] | None = None  # bible-books only; None = ten default books
-    num_tasks: int | None = None  # keep the first n tasks (ton: number of speakers, default 25)
-    ton_selection: str = "paper"  # ton only: "paper" or "reference" speaker selection
-    min_words: int = 10  # ton only: drop shorter speeches
+    max_tokens: int = option(64, "tokens per document (BOS, task prompt, text and EOS)")
+    long_documents: str = option("split", "documents longer than --max-tokens: split into consecutive chunks (each a "
+                                 "document of its task, in the same split), or truncate", choices=LONG_DOCUMENTS)
+    seed: int | None = option(None, "seed of the train/valid/test split (default: --seed); fix it to score several "
+                              "training seeds on one test set", flag="--split-seed")
+    valid_fraction: float = option(0.1, "share of each task's documents held out for validation")
+    test_fraction: float = option(0.1, "share of each task's documents held out for testing")
+    max_train_docs: int | None = option(None, "cap on training documents per task ('none' = no cap)",
+                                        parse=parse_optional_int)
+    max_eval_docs: int | None = option(8, "cap on validation and on test documents per task ('none' = no cap; a CPU "
+                                       "convenience: every run says how many were scored)", parse=parse_optional_int)
+    task_prompt: str | None = option(None, "masked prompt before each document, e.g. '{task}: '")
+    task_column: str = option("task", "csv/jsonl/datasets: the task column")
+    text_column: str = option("text", "csv/jsonl/datasets: the text column")
+    translation: str = option("wyc", "bible-books: pythonbible version (wyc, kjv...)")
+    books: tuple[str, ...] | None = option(None, "bible-books: comma-separated titles, or 'all' (default: ten books "
+                                           "of very unequal size)", parse=parse_csv)
+    num_tasks: int | None = option(None, "keep the first N tasks (ton: speakers, default 25)")
+    ton_selection: str = option("paper", "ton: first speakers with > 100 speeches (paper) or 200 < n < 1000 in name "
+                                "order (reference)", choices=TON_SELECTIONS)
+    min_words: int = option(10, "ton: drop shorter speeches")
 
     def __post_init__(self) -> None:
+        if self.books is not None:
+            object.__setattr__(self, "books", tuple(self.books))
         if self.max_tokens < 4:
             raise ValueError(f"max_tokens must be >= 4, got {self.max_tokens}")
         for name in ("valid_fraction", "test_fraction"):
@@ -142,7 +151,7 @@ def load_corpus(spec: str, tokenizer, **options) -> Corpus:
         docs = dict(list(docs.items())[: config.num_tasks])
     check_task_names(tuple(docs), spec)
     splits, available = split_per_task(
-        docs, config.valid_fraction, config.test_fraction, config.seed, config.max_train_docs, config.max_eval_docs
+        docs, config.valid_fraction, config.test_fraction, config.seed or 0, config.max_train_docs, config.max_eval_docs
     )
     tasks = tuple(docs)
     tokenized = {

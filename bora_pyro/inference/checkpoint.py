@@ -23,8 +23,8 @@ import pyro
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..faults import crash_point
-from ..folders import fsync_path
+from ..io.faults import crash_point
+from ..io.folders import fsync_path
 
 CHECKPOINT_FORMAT = "bora_pyro.checkpoint/2"
 

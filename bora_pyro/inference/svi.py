@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from ..data.batching import Batch
 from ..data.corpus import Corpus
 from ..distributed import World
-from ..evaluation import evaluate
+from ..evaluation.perplexity import evaluate
 from ..models.bora import BoRA
 from ..models.guides import is_task_parameter, is_uncertainty_parameter
 from ..models.likelihood import scored_tokens

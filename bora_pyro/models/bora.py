@@ -18,14 +18,15 @@ from pyro import poutine
 from torch import nn
 
 from ..data.batching import Batch
-from .gates import GateConfig, Gates, LayerGates
+from ..nn.gates import LayerGates
+from .gates import GateConfig, Gates
 from .guides import make_guide
-from ..lora import Factors, MultiTaskLoRA
-from ..task_names import check_task_names
+from ..nn.lora import Factors, MultiTaskLoRA
+from ..data.task_names import check_task_names
 from .likelihood import lm_log_likelihood
-from .prior import INDEPENDENT, POOLED, HierarchicalPrior, parse_tau
+from .prior import INDEPENDENT, POOLED, HierarchicalPrior, PriorConfig
 from .task_subsample import TASK_PLATE, TaskSubsample
-from .tau_prior import TAU_SITE, TauPrior
+from .tau_prior import TAU_SITE
 
 LogLikelihood = Callable[[Factors, Batch], torch.Tensor]  # (task factors, batch) -> [batch]
 
@@ -37,17 +38,16 @@ class BoRA:
         lm: the base causal LM; its target layers are wrapped in place, its weights frozen.
         tasks: task names (the order defines task indices).
         rank, alpha: LoRA rank r and scaling numerator (the update is scaled by alpha / r).
-        tau: prior precision; 0 = independent tasks, ``float("inf")`` = one pooled adapter.
+        tau: prior precision; 0 = independent tasks, ``float("inf")`` = one pooled adapter, "learn"; a
+            shortcut for ``prior=PriorConfig(tau=tau)`` (default 100).
         targets: module-name suffixes to adapt (default by model type, e.g. q_proj, v_proj).
-        parameterization: "noncentered" (theta_d = Theta + tau^-1/2 z_d with z_d ~ N(0, I) the latent site)
-            or "centered" (theta_d sampled directly around Theta).
-        inference: "map" (AutoDelta guide, the paper's estimate) or "vi" (AutoNormal).
+        inference: "map" (AutoDelta guide, the paper's estimate) or "vi" (mean-field Normal).
+        prior: the hierarchical prior (:class:`PriorConfig`: tau, parameterisation, tau's hyperprior, Theta's prior).
+        gates: B-LoRA rank and precision gates (:class:`GateConfig`; default none).
         log_likelihood: optional replacement of the LM likelihood, ``fn(task_factors, batch) -> [batch]``.
         seed: seed of the LoRA initialisation.
         init: Theta's start (and every task's), e.g. a fitted Theta to adapt new tasks to; default the
             standard LoRA start (A Kaiming-uniform from ``seed``, B zero).
-        global_scale: None (default): Theta is a parameter (flat prior, empirical Bayes); a number:
-            Theta is a latent site under Normal(0, global_scale), inferred by the guide with the rest.
         task_subsampling: True (default): a step looks up, evaluates and updates only the tasks present
             in its batch, their prior terms weighted to an unbiased estimate of the full prior
             (see ``models.task_subsample``; a step costs the same for any number of tasks); False: every
@@ -63,24 +63,25 @@ class BoRA:
         tasks: Sequence[str],
         rank: int = 8,
         alpha: float = 16.0,
-        tau: float | str = 100.0,
+        tau: float | str | None = None,
         targets: Sequence[str] | None = None,
-        parameterization: str = "noncentered",
         inference: str = "map",
+        prior: PriorConfig | None = None,
+        gates: GateConfig | None = None,
         log_likelihood: LogLikelihood | None = None,
         seed: int = 0,
-        tau_prior: TauPrior | None = None,
         init: Mapping[str, torch.Tensor] | None = None,
-        global_scale: float | None = None,
         task_subsampling: bool = True,
-        gates: GateConfig | None = None,
     ) -> None:
+        if prior is not None and tau is not None:
+            raise ValueError(f"give tau={tau!r} or prior=PriorConfig(tau=...), not both")
+        prior = prior or PriorConfig(**({} if tau is None else {"tau": tau}))
         tasks = tuple(str(t) for t in tasks)
         check_task_names(tasks, "BoRA")
         self.tasks = tasks
         self.lora = MultiTaskLoRA(lm, rank=rank, alpha=alpha, targets=targets)
-        self.prior = HierarchicalPrior(self.lora.shapes(), len(tasks), parse_tau(tau), parameterization,
-                                       tau_prior or TauPrior(), global_scale)
+        self.prior = HierarchicalPrior(self.lora.shapes(), len(tasks), prior.tau, prior.parameterization,
+                                       prior.hyperprior(), prior.global_scale())
         self.init = self.lora.init_factors(torch.Generator().manual_seed(seed))
         self.task_subsampling = task_subsampling
         gates = gates or GateConfig()

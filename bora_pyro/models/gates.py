@@ -23,8 +23,10 @@ import pandas as pd
 import pyro
 import torch
 
-from ..lora import AdaptedLayer
-from ..quantization import BITS, FULL_BITS, bits_of, lora_bops, max_abs, residual_quantize
+from ..nn.lora import AdaptedLayer
+from ..nn.gates import LayerGates
+from ..options import option
+from ..nn.quantization import BITS, FULL_BITS, bits_of, lora_bops
 from .task_subsample import TaskSubsample
 
 GAMMA, ZETA, TEMPERATURE = -0.1, 1.1, 2.0 / 3.0  # hard-concrete stretch interval and temperature
@@ -56,57 +58,34 @@ def expected_open(log_alpha: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class LayerGates:
-    """Gate values of one adapted layer for one forward pass (relaxed in training, 0/1 at inference).
-
-    Shapes: rank [G, r] (nested, g_1 = 1; G = 1 shared, else one row per task as the factors);
-    weight_bits, act_bits [4] (z_4, z_8, z_16, z_32).
-    """
-
-    rank: torch.Tensor | None = None
-    weight_bits: torch.Tensor | None = None
-    act_bits: torch.Tensor | None = None
-
-    def quantize_factor(self, factor: torch.Tensor) -> torch.Tensor:
-        """A stacked factor [G, ...] at the gated precision (range: each task's max |value|)."""
-        if self.weight_bits is None:
-            return factor
-        return residual_quantize(factor, self.weight_bits, max_abs(factor, tuple(range(1, factor.dim()))))
-
-    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        """The layer input [batch, tokens, in] at the gated precision (range: each example's max |x|)."""
-        if self.act_bits is None:
-            return x
-        return residual_quantize(x, self.act_bits, max_abs(x, (1, 2)))
-
-
-@dataclass(frozen=True)
 class GateConfig:
-    """Which gates a BoRA model has: ``rank`` None | "shared" | "per-task"; ``quant`` None | "weights" |
-    "weights+activations"; the penalties per expected open gate (B-LoRA's default 1); the gates'
-    starting log-alpha (3: every gate open with probability 0.99)."""
+    """Which B-LoRA gates a BoRA model has (every field is a CLI option)."""
 
-    rank: str | None = None
-    quant: str | None = None
-    rank_lambda: float = 1.0
-    quant_lambda: float = 1.0
-    init_log_alpha: float = 3.0
+    rank_gates: str | None = option(None, "learn each block's rank with nested hard-concrete gates, shared by the "
+                                    "tasks (default when given) or per-task", choices=RANK_MODES, const="shared")
+    quant_gates: str | None = option(None, "learn each block's precision (2-32 bits) of the LoRA factors (default when "
+                                     "given) and optionally of the layer's input activations", choices=QUANT_MODES,
+                                     const="weights")
+    rank_lambda: float = option(1.0, "penalty per expected open rank gate (B-LoRA's lambda: the log prior of a gate)")
+    quant_lambda: float = option(1.0, "penalty per expected open precision gate")
+    gate_init: float = option(3.0, "the gates' starting log-alpha: 3 = open with probability 0.99, relaxed below 1 a "
+                              "fifth of the time; higher = less training noise at the start")
 
     def __post_init__(self) -> None:
-        if self.rank not in (None, *RANK_MODES):
-            raise ValueError(f"rank gates must be one of {RANK_MODES} (or off), got {self.rank!r}")
-        if self.quant not in (None, *QUANT_MODES):
-            raise ValueError(f"quantisation gates must be one of {QUANT_MODES} (or off), got {self.quant!r}")
+        if self.rank_gates not in (None, *RANK_MODES):
+            raise ValueError(f"rank gates must be one of {RANK_MODES} (or off), got {self.rank_gates!r}")
+        if self.quant_gates not in (None, *QUANT_MODES):
+            raise ValueError(f"quantisation gates must be one of {QUANT_MODES} (or off), got {self.quant_gates!r}")
         for name in ("rank_lambda", "quant_lambda"):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if not math.isfinite(self.init_log_alpha):
-            raise ValueError(f"init_log_alpha must be a finite number, got {self.init_log_alpha!r}")
+        if not math.isfinite(self.gate_init):
+            raise ValueError(f"gate_init must be a finite number, got {self.gate_init!r}")
 
     @property
     def enabled(self) -> bool:
-        return self.rank is not None or self.quant is not None
+        return self.rank_gates is not None or self.quant_gates is not None
 
 
 class Gates:
@@ -116,21 +95,21 @@ class Gates:
         self.config, self.layers, self.rank, self.num_tasks = config, list(layers), rank, num_tasks
 
     def _log_alpha(self, layer: str, kind: str, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-        return pyro.param(f"gates.{layer}.{kind}", lambda: torch.full(shape, self.config.init_log_alpha, device=device))
+        return pyro.param(f"gates.{layer}.{kind}", lambda: torch.full(shape, self.config.gate_init, device=device))
 
     def _parameters(self, device: torch.device) -> dict[str, dict[str, torch.Tensor]]:
         """log-alpha by layer and kind: rank [1 or D, r - 1] (g_1 is always open; per-task ones are named
         ``task_rank``: rows of tasks, see ``guides.is_task_parameter``), weight_bits / act_bits [4]."""
         out: dict[str, dict[str, torch.Tensor]] = {}
-        per_task = self.config.rank == "per-task"
+        per_task = self.config.rank_gates == "per-task"
         for layer in self.layers:
             kinds = {}
-            if self.config.rank is not None:
+            if self.config.rank_gates is not None:
                 kinds["rank"] = self._log_alpha(layer.name, "task_rank" if per_task else "rank",
                                                 (self.num_tasks if per_task else 1, self.rank - 1), device)
-            if self.config.quant is not None:
+            if self.config.quant_gates is not None:
                 kinds["weight_bits"] = self._log_alpha(layer.name, "weight_bits", (BIT_GATES,), device)
-            if self.config.quant == "weights+activations":
+            if self.config.quant_gates == "weights+activations":
                 kinds["act_bits"] = self._log_alpha(layer.name, "act_bits", (BIT_GATES,), device)
             out[layer.name] = kinds
         return out
@@ -145,7 +124,7 @@ class Gates:
             for kind, log_alpha in params.items():
                 if kind == "rank":
                     weight = torch.ones(1, device=device)
-                    if self.config.rank == "per-task" and subsample is not None:
+                    if self.config.rank_gates == "per-task" and subsample is not None:
                         log_alpha, weight = log_alpha.index_select(0, subsample.index), subsample.weight
                     penalty = penalty + self.config.rank_lambda * (weight * expected_open(log_alpha)).sum()
                     values[kind] = self._with_first_open(nested(sample_hard_concrete(log_alpha)))

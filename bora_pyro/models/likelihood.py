@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from ..data.batching import IGNORE_INDEX, Batch
-from ..lora import Factors, MultiTaskLoRA
-from .gates import LayerGates
+from ..nn.lora import Factors, MultiTaskLoRA
+from ..nn.gates import LayerGates
 
 
 def token_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

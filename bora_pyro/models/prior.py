@@ -28,7 +28,8 @@ from pyro.distributions import constraints
 
 from .stacked_normal import StackedNormal
 from .task_subsample import TASK_PLATE, TaskSubsample
-from .tau_prior import TAU_SITE, TauPrior
+from ..options import option
+from .tau_prior import TAU_GROUPS, TAU_SITE, TauPrior
 
 INDEPENDENT, HIERARCHICAL, POOLED = "independent", "hierarchical", "pooled"
 PARAMETERIZATIONS = ("centered", "noncentered")
@@ -72,6 +73,36 @@ def parse_global_prior(text: str) -> float | None:
     if not 0 < value < math.inf:
         raise ValueError(f"global prior must be 'flat' or 'normal:SCALE' with SCALE > 0, got {text!r}")
     return value
+
+
+@dataclass(frozen=True)
+class PriorConfig:
+    """The hierarchical prior's settings (every field is a CLI option)."""
+
+    tau: Tau = option(100.0, "prior precision: a number >= 0, 0 = independent adapters, inf = one pooled adapter, "
+                      "learn = inferred under --tau-prior (needs --inference vi)", parse=parse_tau)
+    parameterization: str = option("noncentered", "noncentered: theta_d = Theta + tau^-1/2 z_d with z_d ~ N(0, I) the "
+                                   "latent site; centered: theta_d sampled around Theta", choices=PARAMETERIZATIONS)
+    tau_prior: str = option("lognormal:4.6,2", "hyperprior of --tau learn: lognormal:LOC,SCALE (of log tau) or "
+                            "gamma:SHAPE,RATE")
+    tau_groups: str = option("global", "--tau learn: one tau, or one per module type (q_proj, v_proj...)",
+                             choices=TAU_GROUPS)
+    global_prior: str = option("flat", "Theta: flat (a parameter, empirical Bayes) or normal:SCALE (a latent site, "
+                               "inferred)")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tau", parse_tau(self.tau))
+        if self.parameterization not in PARAMETERIZATIONS:
+            raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {self.parameterization!r}")
+        self.hyperprior()  # validates the specs
+        self.global_scale()
+
+    def hyperprior(self) -> TauPrior:
+        return TauPrior.parse(self.tau_prior, self.tau_groups)
+
+    def global_scale(self) -> float | None:
+        """None: Theta is a parameter; a number: Theta ~ Normal(0, scale) is latent."""
+        return parse_global_prior(self.global_prior)
 
 
 def task_site(name: str) -> str:

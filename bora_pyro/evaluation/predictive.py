@@ -16,12 +16,12 @@ import pyro
 import torch
 from pyro import poutine
 
-from .data.batching import IGNORE_INDEX, Split
-from .evaluation import PerplexityReport, document_log_likelihoods, report_from_documents
-from .lora import Factors
-from .models.bora import BoRA
-from .models.likelihood import lm_logits
-from .models.tau_prior import TAU_SITE
+from ..data.batching import IGNORE_INDEX, Split
+from .perplexity import PerplexityReport, document_log_likelihoods, report_from_documents
+from ..nn.lora import Factors
+from ..models.bora import BoRA
+from ..models.likelihood import lm_logits
+from ..models.tau_prior import TAU_SITE
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .data.batching import Batch, Split
-from .distributed import World
-from .lora import Factors
+from ..data.batching import Batch, Split
+from ..distributed import World
+from ..nn.lora import Factors
 
 if TYPE_CHECKING:
-    from .models.bora import BoRA
-from .models.likelihood import lm_log_likelihood
+    from ..models.bora import BoRA
+from ..models.likelihood import lm_log_likelihood
 
 
 @dataclass(frozen=True)

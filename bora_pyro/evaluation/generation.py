@@ -6,8 +6,8 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .lora import MultiTaskLoRA
-from .task_names import GLOBAL
+from ..nn.lora import MultiTaskLoRA
+from ..data.task_names import GLOBAL
 
 
 def task_indices(tasks: Sequence[str], wanted: Sequence[str], has_global: bool) -> list[int]:

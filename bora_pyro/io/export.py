@@ -17,8 +17,8 @@ from safetensors.torch import save_file
 
 from .artifacts import write_json
 from .folders import atomic_folder
-from .lora import MultiTaskLoRA
-from .task_names import GLOBAL
+from ..nn.lora import MultiTaskLoRA
+from ..data.task_names import GLOBAL
 
 MAX_FOLDER_NAME = 100  # bytes (ASCII characters); file systems allow 255
 

@@ -11,10 +11,10 @@ from typing import Any
 
 import pandas as pd
 
-from .data.corpus import Corpus
-from .evaluation import PerplexityReport, evaluate
-from .models.bora import BoRA
-from .models.gates import relative_bops
+from ..data.corpus import Corpus
+from .perplexity import PerplexityReport, evaluate
+from ..models.bora import BoRA
+from ..models.gates import relative_bops
 from .predictive import calibration, posterior_draws, posterior_predictive
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .lora import MultiTaskLoRA
+from ..nn.lora import MultiTaskLoRA
 
 UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "LoRA bias terms"}
 

@@ -16,6 +16,7 @@ full disk, an interrupted process):
 from __future__ import annotations
 
 import contextlib
+import logging
 import platform
 import time
 from pathlib import Path
@@ -25,18 +26,21 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import __version__
-from .artifacts import ADAPTERS_FILE, RUN_FORMAT, read_json, save_adapters, write_json
-from .data.corpus import Corpus
-from .folders import atomic_folder, atomic_write
-from .inference.svi import FitResult
-from .models.bora import BoRA
-from .scoring import Scores
+from .. import __version__
+from ..io.artifacts import ADAPTERS_FILE, RUN_FORMAT, read_json, save_adapters, write_json
+from ..data.corpus import Corpus, load_corpus
+from ..io.base_models import describe_base_model
+from ..io.folders import atomic_folder, atomic_write
+from ..inference.svi import FitResult
+from ..models.bora import BoRA
+from ..evaluation.scoring import Scores
 
 CONFIG_FILE, METRICS_FILE, STATUS_FILE = "config.json", "metrics.json", "status.json"
 FIT_STATE_FILE, TRAIN_LOG_FILE, PER_TASK_FILE = "fit_state.safetensors", "train_log.csv", "per_task.csv"
 POSTERIOR_FILE, CURVE_FILE, GATES_FILE, GATES_FIGURE = "posterior.nc", "training_curve.png", "gates.csv", "gates.png"
 TRAINED, COMPLETE, INTERRUPTED, DIVERGED = "trained", "complete", "interrupted", "diverged"
+
+log = logging.getLogger(__name__)
 STATUSES = (TRAINED, COMPLETE, INTERRUPTED, DIVERGED)
 
 
@@ -109,7 +113,7 @@ def fit_state(path: Path) -> dict[str, torch.Tensor]:
 def write_scores(out: Path, scores: Scores, title: str, wall_seconds: float) -> dict:
     """Stage 2: add the scores to a ``trained`` folder (each file atomically), then mark it ``complete``
     and drop the fitted state. Returns the full metrics."""
-    from .plots import plot_gates, plot_training_curve  # matplotlib: imported when a run is written
+    from ..evaluation.plots import plot_gates, plot_training_curve  # matplotlib: imported when a run is written
 
     with atomic_write(out / PER_TASK_FILE) as tmp:
         scores.per_task.to_csv(tmp, index=False)
@@ -133,3 +137,25 @@ def write_scores(out: Path, scores: Scores, title: str, wall_seconds: float) -> 
     for leftover in out.glob(".*.tmp-*"):  # temporaries of a write a crash interrupted
         leftover.unlink(missing_ok=True)
     return metrics
+
+
+def check_base_model(path: Path, config: dict, loaded: dict) -> None:
+    """Refuse a base model whose weights differ from those the run's adapters were trained against."""
+    recorded = (config.get("base_model") or {}).get("weights_sha256")
+    if recorded is None:
+        log.warning("%s records no base-model hash (written before bora_pyro recorded one): not checked", path)
+        return
+    if recorded != loaded["weights_sha256"]:
+        raise ValueError(
+            f"{path} was trained against other weights of {config.get('model')!r} than those loaded now "
+            f"(sha256 {recorded[:12]}... recorded, {loaded['weights_sha256'][:12]}... loaded): the base model "
+            "changed since (another revision, conversion or file); load the exact weights it was trained on"
+        )
+
+
+def load_inputs(spec) -> tuple[object, object, dict, Corpus]:
+    """A run's base LM, tokenizer and identity (taken before the LM is wrapped), and its corpus."""
+    lm, tokenizer = spec.load_model()
+    identity = describe_base_model(spec.model, lm)
+    corpus = load_corpus(spec.data, tokenizer, **spec.corpus.to_dict())
+    return lm, tokenizer, identity, corpus

@@ -24,8 +24,8 @@ with warnings.catch_warnings():
     import arviz as az
 
 from . import plots
-from .data.batching import Split
-from .models.bora import BoRA
+from ..data.batching import Split
+from ..models.bora import BoRA
 from .predictive import PosteriorDraw
 
 POSTERIOR_FILE = "posterior.nc"

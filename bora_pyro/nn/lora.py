@@ -15,14 +15,13 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Mapping
+from typing import Iterator, Mapping
 
 import torch
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-if TYPE_CHECKING:
-    from .models.gates import LayerGates
+from .gates import LayerGates
 
 # Default target modules by Hugging Face ``model_type`` (LoRA paper / PEFT convention: q and v).
 DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
@@ -238,7 +237,7 @@ class MultiTaskLoRA:
 
     @contextlib.contextmanager
     def activate(self, factors: Factors | None, task_index: torch.Tensor | None = None,
-                 gates: Mapping[str, "LayerGates"] | None = None) -> Iterator[None]:
+                 gates: Mapping[str, LayerGates] | None = None) -> Iterator[None]:
         """Run the LM with the given stacked factors; ``None`` runs the bare base model. ``gates``
         (by layer name, see ``models.gates``) switch rank components and set the precision.
 

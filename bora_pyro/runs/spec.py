@@ -1,0 +1,158 @@
+"""Everything that defines a run, as configuration dataclasses: the one home of every option.
+
+``RunSpec`` holds the base model and corpus names and one section per concern: ``corpus``
+(:class:`CorpusConfig`), ``adapter`` (:class:`AdapterConfig`), ``prior`` (:class:`PriorConfig`),
+``gates`` (:class:`GateConfig`) and ``train`` (:class:`TrainConfig`). Each field is a CLI option
+(``options.py`` generates the flags), a key of ``--config`` files and of a run folder's
+config.json, and the Python API reads the same objects: adding an option is adding a field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+from .. import __version__
+from ..data.corpus import CorpusConfig
+from ..inference.config import TrainConfig
+from ..io.artifacts import RUN_FORMAT, json_roundtrip, read_json
+from ..io.base_models import load_base_model, resolve_device
+from ..models.bora import BoRA
+from ..models.gates import GateConfig
+from ..models.guides import INFERENCE
+from ..models.prior import PriorConfig
+from ..options import option, parse_csv
+
+TRUST_HELP = ("allow the model's own Python code (from its hub repository) to run; off by default, only for models "
+              "you trust. Never taken from a file: a run trained with it needs it again")
+
+
+class RemoteCodeRefused(ValueError):
+    """A saved run, sweep or config file asks for trust_remote_code, which only the user can grant."""
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """The LoRA adapters and how they are fitted (every field is a CLI option)."""
+
+    rank: int = option(8, "LoRA rank r")
+    alpha: float = option(16.0, "LoRA scaling numerator: the update is scaled by alpha / r")
+    targets: tuple[str, ...] | None = option(None, "module-name suffixes to adapt, comma-separated (default by "
+                                             "model type: q_proj,v_proj for LLaMA / OPT, c_attn for GPT-2)",
+                                             parse=parse_csv)
+    inference: str = option("map", "map: AutoDelta guide (the paper's MAP estimate); vi: mean-field Normal guide",
+                            choices=INFERENCE)
+    init_peft: str | None = option(None, "start Theta and every task from this PEFT LoRA adapter folder (same "
+                                   "rank and target modules)", metavar="DIR")
+    task_subsampling: bool = option(True, "a step samples, scores and updates only the tasks of its batch, their "
+                                    "prior terms weighted to an unbiased estimate (cost independent of the number "
+                                    "of tasks); --no-task-subsampling: every task's prior term at every step")
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"rank must be an integer >= 1, got {self.rank!r}")
+        if not self.alpha > 0:
+            raise ValueError(f"alpha must be > 0, got {self.alpha!r}")
+        if self.inference not in INFERENCE:
+            raise ValueError(f"inference must be one of {INFERENCE}, got {self.inference!r}")
+        if self.targets is not None:
+            object.__setattr__(self, "targets", tuple(self.targets))
+
+
+SECTIONS: dict[str, type] = {"corpus": CorpusConfig, "adapter": AdapterConfig, "prior": PriorConfig,
+                             "gates": GateConfig, "train": TrainConfig}
+FILE_ONLY_KEYS = ("format", "bora_pyro_version", "torch_version", "python", "tasks", "base_model", "adapted_from")
+_LEGACY_ADAPTER_KEYS = {"prior": PriorConfig, "gates": GateConfig}  # run folders before the prior/gates sections
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything that defines a run: base model, corpus, adapters, prior, gates, training."""
+
+    model: str = option("smollm2-135m", "smollm2-135m (embedded, offline), tiny-random-llama (random weights, for "
+                        "tests), or a Hugging Face id / local folder")
+    data: str = option("bible-books", "corpus: bible-books, csv:PATH, jsonl:PATH, datasets:NAME_OR_PATH, ton:PATH")
+    device: str = option("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
+    posterior_samples: int = option(8, "guide draws for posterior-predictive perplexity and the ArviZ file "
+                                    "posterior.nc (0 = skip)")
+    trust_remote_code: bool = option(False, TRUST_HELP)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    gates: GateConfig = field(default_factory=GateConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.posterior_samples < 0:
+            raise ValueError(f"posterior_samples must be >= 0, got {self.posterior_samples}")
+        if self.corpus.seed is None:  # the split follows the training seed unless given
+            object.__setattr__(self, "corpus", replace(self.corpus, seed=self.train.seed))
+
+    def load_model(self):
+        """The base LM and tokenizer of this run, on its device."""
+        return load_base_model(self.model, device=resolve_device(self.device), trust_remote_code=self.trust_remote_code)
+
+    def build_model(self, lm, tasks, init: Mapping | None = None) -> BoRA:
+        """The BoRA model of this run over ``lm`` (every run, adapted or resumed, is built here)."""
+        a = self.adapter
+        return BoRA(lm, tasks, rank=a.rank, alpha=a.alpha, targets=a.targets, inference=a.inference, prior=self.prior,
+                    gates=self.gates, seed=self.train.seed, init=init, task_subsampling=a.task_subsampling)
+
+    def to_dict(self) -> dict:
+        top = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in SECTIONS}
+        return {**top, **{name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], trust_remote_code: bool = False, source: str = "this run") -> "RunSpec":
+        """The spec saved in a file (a run folder's config.json, a checkpoint's spec.json, a --config file;
+        folders of earlier versions included). A file never grants ``trust_remote_code``: a spec that asks
+        for it is refused unless the caller (the user, e.g. with ``--trust-remote-code``) grants it too."""
+        if d.get("trust_remote_code") and not trust_remote_code:
+            raise RemoteCodeRefused(
+                f"{source} was made with --trust-remote-code (model {d.get('model')!r} runs Python code from its "
+                "repository); bora_pyro never takes that permission from a file: pass --trust-remote-code "
+                "yourself if you trust that model's code"
+            )
+        d = dict(d)
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)} - set(FILE_ONLY_KEYS)
+        if unknown:
+            raise ValueError(f"{source}: unknown setting(s) {sorted(unknown)}; the sections are {sorted(SECTIONS)}")
+        sections = {name: dict(d.pop(name, None) or {}) for name in SECTIONS}
+        if "bora_pyro_version" in d and "long_documents" not in sections["corpus"]:
+            sections["corpus"]["long_documents"] = "truncate"  # written before long documents were split
+        if "init_seed" in sections["adapter"] or "tau" in sections["adapter"]:  # a run folder of an earlier version
+            sections["adapter"].setdefault("task_subsampling", False)  # before the option: every task's prior
+            sections["adapter"].pop("init_seed", None)  # it always equalled the training seed
+            for name, cls_ in _LEGACY_ADAPTER_KEYS.items():
+                names = {f.name for f in dataclasses.fields(cls_)}
+                sections[name].update({k: sections["adapter"].pop(k) for k in list(sections["adapter"]) if k in names})
+        built = {}
+        for name, section_cls in SECTIONS.items():
+            known = {f.name for f in dataclasses.fields(section_cls)}
+            extra = set(sections[name]) - known
+            if extra:
+                raise ValueError(f"{source}: unknown {name} setting(s) {sorted(extra)}; known: {sorted(known)}")
+            built[name] = section_cls(**sections[name])
+        top = {k: v for k, v in d.items() if k not in FILE_ONLY_KEYS}
+        top["trust_remote_code"] = bool(top.get("trust_remote_code", False)) and trust_remote_code
+        return cls(**top, **built)
+
+    @classmethod
+    def from_run_folder(cls, path: str | Path, trust_remote_code: bool = False) -> "RunSpec":
+        """A run folder's settings, refusing folders of an incompatible run format."""
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"run folder {str(path)!r} does not exist")
+        config = read_json(path / "config.json")
+        if config.get("format") != RUN_FORMAT:
+            raise ValueError(
+                f"{path} was written by bora_pyro {config.get('bora_pyro_version', '?')} in run format "
+                f"{config.get('format')!r}; this version ({__version__}) reads format {RUN_FORMAT}"
+            )
+        return cls.from_dict(config, trust_remote_code, str(path))
+
+    def settings(self) -> dict:
+        """The spec as plain JSON values (what run fingerprints and sweep comparisons use)."""
+        return json_roundtrip(self.to_dict())

@@ -2,16 +2,15 @@
 
 __version__ = "0.1.0"  # before the imports: run folders record it in every run folder
 
-from .io.base_models import load_base_model
 from .data import Batch, Corpus, CorpusConfig, Split, load_corpus
 from .evaluation.perplexity import PerplexityReport, evaluate
 from .inference import FitResult, TrainConfig, fit
-from .nn.lora import MultiTaskLoRA, MultiTaskLoRALinear
+from .io.base_models import load_base_model
 from .models import BoRA
 from .models.gates import GateConfig
 from .models.prior import PriorConfig
+from .nn.lora import MultiTaskLoRA, MultiTaskLoRALinear
 from .runs import RunSpec, load_run
-
 
 __all__ = [
     "BoRA",

@@ -1,12 +1,12 @@
 """The ``bora-pyro`` command line.
 
-    bora-pyro train    --model M --data C [--tau T|0|inf] [--inference map|vi] [--steps N] --out RUN
-    bora-pyro sweep    --model M --data C --taus 0,1,10,100,1000,inf --out DIR
-    bora-pyro adapt    RUN --data C --out RUN2
-    bora-pyro evaluate RUN [--split test]
-    bora-pyro export   RUN --format peft|merged [--task NAME] --out DIR
-    bora-pyro generate RUN --task NAME --prompt TEXT
-    bora-pyro diagnose RUN [RUN ...]
+bora-pyro train    --model M --data C [--tau T|0|inf] [--inference map|vi] [--steps N] --out RUN
+bora-pyro sweep    --model M --data C --taus 0,1,10,100,1000,inf --out DIR
+bora-pyro adapt    RUN --data C --out RUN2
+bora-pyro evaluate RUN [--split test]
+bora-pyro export   RUN --format peft|merged [--task NAME] --out DIR
+bora-pyro generate RUN --task NAME --prompt TEXT
+bora-pyro diagnose RUN [RUN ...]
 """
 
 from __future__ import annotations
@@ -33,9 +33,13 @@ from .sweep import best_tau, parse_taus, run_sweep
 
 def _add_run_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     """Every field of :class:`RunSpec` and its sections as an option (``skip``: fields left out)."""
-    p.add_argument("--config", metavar="FILE", default=None,
-                   help="take the settings from a JSON file (a run folder's config.json works); options given on "
-                        "the command line override it")
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        default=None,
+        help="take the settings from a JSON file (a run folder's config.json works); options given on "
+        "the command line override it",
+    )
     add_options(p, RunSpec, "", skip=skip)
     for name, cls in SECTIONS.items():
         add_options(p.add_argument_group(name), cls, name, skip=skip)
@@ -59,23 +63,36 @@ def _config_defaults(path: str, trust_remote_code: bool) -> dict:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="fit BoRA on a multi-task corpus and write a run folder",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser(
+        "train",
+        help="fit BoRA on a multi-task corpus and write a run folder",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--out", help="run folder to create")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
-    p.add_argument("--resume", metavar="RUN", default=None,
-                   help="continue an interrupted run from its last checkpoint, or complete a run whose scoring did "
-                        "not finish (other options are ignored but --trust-remote-code)")
+    p.add_argument(
+        "--resume",
+        metavar="RUN",
+        default=None,
+        help="continue an interrupted run from its last checkpoint, or complete a run whose scoring did "
+        "not finish (other options are ignored but --trust-remote-code)",
+    )
     _add_run_options(p)
-    p.add_argument("--distributed", action="store_true",
-                   help="data-parallel over the processes of `torchrun --nproc_per_node N` / `accelerate launch` "
-                        "(gloo on CPU, nccl on GPU); --batch-size is the global batch")
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="data-parallel over the processes of `torchrun --nproc_per_node N` / `accelerate launch` "
+        "(gloo on CPU, nccl on GPU); --batch-size is the global batch",
+    )
     p.set_defaults(func=_train)
 
 
 def _add_sweep(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("sweep", help="one run per tau on the same split; the paper's tables and figures",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser(
+        "sweep",
+        help="one run per tau on the same split; the paper's tables and figures",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--out", required=True, help="sweep folder (resumable: finished taus are not rerun)")
     p.add_argument("--taus", default="0,1,10,100,1000,inf", help="comma-separated precisions (0 and inf allowed)")
     _add_run_options(p, skip=("tau",))
@@ -108,8 +125,10 @@ def _train(a: argparse.Namespace) -> None:
     )
     if "documents" in metrics:
         print(documents_line(metrics["documents"], "test"))
-    print(f"{metrics['steps']} steps in {metrics['train_seconds']:.0f} s of training "
-          f"({metrics['train_tokens_per_second']:.0f} tokens/s), {metrics['wall_seconds']:.0f} s in all")
+    print(
+        f"{metrics['steps']} steps in {metrics['train_seconds']:.0f} s of training "
+        f"({metrics['train_tokens_per_second']:.0f} tokens/s), {metrics['wall_seconds']:.0f} s in all"
+    )
 
 
 ADAPT_CORPUS = ("books", "task_column", "text_column", "max_train_docs", "max_eval_docs")
@@ -119,21 +138,32 @@ ADAPT_TRAIN = ("steps", "lr", "eval_every", "progress")
 def _add_adapt(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("adapt", help="fit adapters for new tasks under a run's prior N(Theta, 1/tau), Theta fixed")
     p.add_argument("run", help="source run folder (fixed finite tau)")
-    p.add_argument("--data", required=True, help="the new tasks: bible-books, csv:PATH, jsonl:PATH, "
-                                                 "datasets:NAME_OR_PATH, ton:PATH")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="the new tasks: bible-books, csv:PATH, jsonl:PATH, datasets:NAME_OR_PATH, ton:PATH",
+    )
     p.add_argument("--out", required=True, help="run folder to create for the new tasks")
     p.add_argument("--overwrite", action="store_true", help="replace a run folder bora_pyro wrote")
     p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
-    g = p.add_argument_group("settings of the new tasks", "every other setting, and these when not given, are the "
-                             "source run's")
+    g = p.add_argument_group(
+        "settings of the new tasks", "every other setting, and these when not given, are the source run's"
+    )
     add_options(g, SECTIONS["corpus"], "corpus", only=ADAPT_CORPUS, suppress_defaults=True)
     add_options(g, SECTIONS["train"], "train", only=ADAPT_TRAIN, suppress_defaults=True)
     p.set_defaults(func=_adapt)
 
 
 def _adapt(a: argparse.Namespace) -> None:
-    metrics = adapt_run(a.run, a.data, a.out, a.overwrite, section_values(a, SECTIONS["corpus"], "corpus"),
-                        section_values(a, SECTIONS["train"], "train"), a.trust_remote_code)
+    metrics = adapt_run(
+        a.run,
+        a.data,
+        a.out,
+        a.overwrite,
+        section_values(a, SECTIONS["corpus"], "corpus"),
+        section_values(a, SECTIONS["train"], "train"),
+        a.trust_remote_code,
+    )
     print(f"wrote {a.out}")
     print(f"test perplexity of the new tasks: {metrics['test_ppl']:.2f}; base model: {metrics['base_test_ppl']:.2f}")
 
@@ -154,14 +184,21 @@ def _evaluate(a: argparse.Namespace) -> None:
         complete_run(a.run, a.trust_remote_code, a.device)
     run = load_run(a.run, device=a.device, trust_remote_code=a.trust_remote_code)
     if run.status != COMPLETE:
-        print(f"note: {a.run} is marked {run.status}: its adapters are the best validated state before it stopped",
-              file=sys.stderr)
+        print(
+            f"note: {a.run} is marked {run.status}: its adapters are the best validated state before it stopped",
+            file=sys.stderr,
+        )
     report = run.evaluate(a.split)
     if a.split != "train":
         print(documents_line(run.corpus.documents(), a.split), file=sys.stderr)
     if a.json:
-        print(json.dumps({"split": a.split, **report.summary(),
-                          "per_task": report.to_frame().to_dict(orient="records")}, default=float, indent=2))
+        print(
+            json.dumps(
+                {"split": a.split, **report.summary(), "per_task": report.to_frame().to_dict(orient="records")},
+                default=float,
+                indent=2,
+            )
+        )
         return
     print(report.to_frame().to_string(index=False, float_format=lambda x: f"{x:.2f}"))
     print(f"{a.split}: token-weighted perplexity {report.token_weighted:.2f}, task-macro {report.task_macro:.2f}")
@@ -170,8 +207,12 @@ def _evaluate(a: argparse.Namespace) -> None:
 def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write every task's adapter (and Theta as 'global') in PEFT's LoRA format")
     p.add_argument("run", help="run folder written by 'bora-pyro train'")
-    p.add_argument("--format", choices=("peft", "merged"), default="peft",
-                   help="peft: one adapter folder per task; merged: a full model with --task merged in")
+    p.add_argument(
+        "--format",
+        choices=("peft", "merged"),
+        default="peft",
+        help="peft: one adapter folder per task; merged: a full model with --task merged in",
+    )
     p.add_argument("--task", default=None, help="--format merged: the task to merge ('global' = Theta)")
     p.add_argument("--out", required=True, help="folder to create")
     p.add_argument("--overwrite", action="store_true", help="replace an export folder bora_pyro wrote")
@@ -196,11 +237,20 @@ def _export_locked(a: argparse.Namespace) -> None:
         print(f"wrote {a.out}: {run.spec.model} with the adapter of task {a.task!r} merged in")
         return
     base = run.base_model or {}
-    folders = export_peft(run.bora.lora, run.bora.tasks, run.task_factors, run.global_factors,
-                          base.get("hub_id") or base.get("path") or run.spec.model, a.out, overwrite=a.overwrite,
-                          note=base.get("note"))
-    print(f"wrote {len(folders)} PEFT adapters to {a.out} (task -> folder map in tasks.json); load one with "
-          f"peft.PeftModel.from_pretrained(base_model, '{Path(a.out) / next(iter(folders.values()))}')")
+    folders = export_peft(
+        run.bora.lora,
+        run.bora.tasks,
+        run.task_factors,
+        run.global_factors,
+        base.get("hub_id") or base.get("path") or run.spec.model,
+        a.out,
+        overwrite=a.overwrite,
+        note=base.get("note"),
+    )
+    print(
+        f"wrote {len(folders)} PEFT adapters to {a.out} (task -> folder map in tasks.json); load one with "
+        f"peft.PeftModel.from_pretrained(base_model, '{Path(a.out) / next(iter(folders.values()))}')"
+    )
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -220,8 +270,15 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 def _generate(a: argparse.Namespace) -> None:
     run = load_run(a.run, device=a.device, trust_remote_code=a.trust_remote_code)
-    text = run.generate([a.prompt], [a.task], max_new_tokens=a.max_new_tokens, do_sample=not a.greedy,
-                        temperature=a.temperature, top_p=a.top_p, seed=a.seed)[0]
+    text = run.generate(
+        [a.prompt],
+        [a.task],
+        max_new_tokens=a.max_new_tokens,
+        do_sample=not a.greedy,
+        temperature=a.temperature,
+        top_p=a.top_p,
+        seed=a.seed,
+    )[0]
     print(a.prompt + text)
 
 
@@ -297,8 +354,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bora-pyro {args.command}: {stop}", file=sys.stderr)
         return stop.exit_code
     except KeyboardInterrupt:
-        print(f"bora-pyro {args.command}: interrupted; what was complete stays written, nothing half-written "
-              "is left", file=sys.stderr)
+        print(
+            f"bora-pyro {args.command}: interrupted; what was complete stays written, nothing half-written is left",
+            file=sys.stderr,
+        )
         return 130
     except (ValueError, FileNotFoundError, FileExistsError, ModuleNotFoundError, KeyError, FolderBusy) as err:
         print(f"bora-pyro {args.command}: error: {err}", file=sys.stderr)

@@ -15,8 +15,8 @@ Evaluation scores a share of the batches on each rank and sums the per-document 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -30,7 +30,7 @@ class World:
     size: int = 1
 
     @classmethod
-    def current(cls) -> "World":
+    def current(cls) -> World:
         if dist.is_available() and dist.is_initialized():
             return cls(dist.get_rank(), dist.get_world_size())
         return cls()
@@ -46,13 +46,15 @@ class World:
 
     def check_batch_size(self, batch_size: int) -> None:
         if batch_size % self.size:
-            raise ValueError(f"batch_size {batch_size} must be a multiple of the number of processes ({self.size}): "
-                             "each process takes an equal share of every global batch")
+            raise ValueError(
+                f"batch_size {batch_size} must be a multiple of the number of processes ({self.size}): "
+                "each process takes an equal share of every global batch"
+            )
 
     def shard(self, indices: Sequence[int]) -> list[int]:
         """This rank's contiguous equal share of a global batch's document indices."""
         share = len(indices) // self.size
-        return list(indices[self.rank * share:(self.rank + 1) * share])
+        return list(indices[self.rank * share : (self.rank + 1) * share])
 
     def average_gradients(self, params: Sequence[torch.Tensor]) -> None:
         """Replace every gradient by its mean over ranks (one all_reduce over a flat buffer). Row-sparse
@@ -66,7 +68,7 @@ class World:
         flat /= self.size
         offset = 0
         for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -80,8 +82,10 @@ def init_distributed() -> World:
     """Join the process group described by torchrun's / accelerate's environment variables
     (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT): nccl when CUDA is available, else gloo."""
     if "WORLD_SIZE" not in os.environ:
-        raise ValueError("--distributed needs a launcher: run under 'torchrun --nproc_per_node N ...' "
-                         "or 'accelerate launch ...' (WORLD_SIZE is not set)")
+        raise ValueError(
+            "--distributed needs a launcher: run under 'torchrun --nproc_per_node N ...' "
+            "or 'accelerate launch ...' (WORLD_SIZE is not set)"
+        )
     if not dist.is_initialized():
         cuda = torch.cuda.is_available()
         if cuda:

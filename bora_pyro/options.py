@@ -20,7 +20,8 @@ import argparse
 import dataclasses
 import types
 import typing
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 
 def option(default: Any, help: str, **metadata) -> Any:
@@ -29,17 +30,17 @@ def option(default: Any, help: str, **metadata) -> Any:
 
 
 def parse_optional_int(text: str) -> int | None:
-    """"none" / "all" -> None, else an int (a cap that can be lifted)."""
+    """ "none" / "all" -> None, else an int (a cap that can be lifted)."""
     return None if text.strip().lower() in ("none", "all") else int(text)
 
 
 def parse_optional_float(text: str) -> float | None:
-    """"none" -> None, else a float."""
+    """ "none" -> None, else a float."""
     return None if text.strip().lower() == "none" else float(text)
 
 
 def parse_csv(text: str) -> tuple[str, ...]:
-    """"a, b,c" -> ("a", "b", "c")."""
+    """ "a, b,c" -> ("a", "b", "c")."""
     return tuple(item.strip() for item in text.split(",") if item.strip())
 
 
@@ -62,8 +63,12 @@ def _parser_of(f: dataclasses.Field, hint: Any) -> Callable[[str], Any]:
         try:
             return parse(text)
         except ValueError as err:
-            raise argparse.ArgumentTypeError(str(err) if parse is f.metadata.get("parse") else
-                                             f"expected {getattr(parse, '__name__', 'a value')}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(
+                str(err)
+                if parse is f.metadata.get("parse")
+                else f"expected {getattr(parse, '__name__', 'a value')}, got {text!r}"
+            ) from None
+
     parse_option.__name__ = getattr(parse, "__name__", "value")
     return parse_option
 
@@ -73,8 +78,14 @@ def dest(section: str, name: str) -> str:
     return f"{section}__{name}" if section else name
 
 
-def add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type, section: str,
-                skip: Iterable[str] = (), only: Iterable[str] | None = None, suppress_defaults: bool = False) -> None:
+def add_options(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    cls: type,
+    section: str,
+    skip: Iterable[str] = (),
+    only: Iterable[str] | None = None,
+    suppress_defaults: bool = False,
+) -> None:
     """Add one option per field of the dataclass ``cls`` (``skip`` / ``only`` select fields).
 
     ``suppress_defaults``: an option not given leaves no attribute (for commands whose defaults come

@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
 
 import pandas as pd
 
 from .io.artifacts import read_json, write_json
 from .io.folders import MARKER, folder_lock, is_ours, mark, protected
 from .models.prior import LEARN, parse_tau
-from .runs.folder import COMPLETE, TRAINED, read_status
 from .runs import RunSpec, checkpoint_folder, resume_run, train_run
+from .runs.folder import COMPLETE, TRAINED, read_status
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def tau_label(tau: float) -> str:
 
 
 def parse_taus(text: str) -> list[float]:
-    """"0,1,10,inf" -> [0.0, 1.0, 10.0, inf]; sorted, duplicates refused."""
+    """ "0,1,10,inf" -> [0.0, 1.0, 10.0, inf]; sorted, duplicates refused."""
     taus = [parse_tau(t.strip()) for t in text.split(",") if t.strip()]
     if LEARN in taus:
         raise ValueError("a sweep takes fixed taus; for a learned tau run: bora-pyro train --tau learn --inference vi")
@@ -66,8 +66,9 @@ def run_sweep(spec: RunSpec, taus: Sequence[float], out: str | Path) -> pd.DataF
     if why is not None:
         raise FileExistsError(f"refusing to use {str(out)!r} as a sweep folder: it is {why}; choose a new folder")
     if out.is_dir() and any(out.iterdir()) and not is_ours(out):
-        raise FileExistsError(f"{str(out)!r} exists, is not empty and is not a bora_pyro sweep folder (no {MARKER}); "
-                              "choose another --out")
+        raise FileExistsError(
+            f"{str(out)!r} exists, is not empty and is not a bora_pyro sweep folder (no {MARKER}); choose another --out"
+        )
     with folder_lock(out):
         out.mkdir(parents=True, exist_ok=True)
         settings = _spec_without_tau(spec)
@@ -102,12 +103,22 @@ def collect(out: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     for tau in sorted(_finished_taus(out)):
         folder = out / "runs" / f"tau={tau_label(tau)}"
         m = read_json(folder / "metrics.json")
-        rows.append({
-            "tau": tau, "mode": m["mode"], "lr": m["lr"], "steps": m["steps"], "best_step": m["best_step"],
-            "wall_seconds": m["wall_seconds"], "train_seconds": m["train_seconds"],
-            "valid_ppl": m["valid_ppl"], "valid_macro_ppl": m["valid_macro_ppl"],
-            "test_ppl": m["test_ppl"], "test_macro_ppl": m["test_macro_ppl"], "base_test_ppl": m["base_test_ppl"],
-        })
+        rows.append(
+            {
+                "tau": tau,
+                "mode": m["mode"],
+                "lr": m["lr"],
+                "steps": m["steps"],
+                "best_step": m["best_step"],
+                "wall_seconds": m["wall_seconds"],
+                "train_seconds": m["train_seconds"],
+                "valid_ppl": m["valid_ppl"],
+                "valid_macro_ppl": m["valid_macro_ppl"],
+                "test_ppl": m["test_ppl"],
+                "test_macro_ppl": m["test_macro_ppl"],
+                "base_test_ppl": m["base_test_ppl"],
+            }
+        )
         tasks.append(pd.read_csv(folder / "per_task.csv").assign(tau=tau))
         curves.append(pd.read_csv(folder / "train_log.csv").dropna(subset=["valid_ppl"]).assign(tau=tau))
     if not rows:
@@ -133,8 +144,10 @@ def relative_improvement(per_task: pd.DataFrame, tau: float, reference: float) -
 def _markdown(frame: pd.DataFrame) -> str:
     header = "| " + " | ".join(map(str, frame.columns)) + " |"
     rule = "|" + "---|" * len(frame.columns)
-    cell = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
-    return "\n".join([header, rule] + ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)])
+    cell = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v)
+    return "\n".join(
+        [header, rule] + ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    )
 
 
 def summarize_sweep(out: str | Path) -> pd.DataFrame:
@@ -145,7 +158,8 @@ def summarize_sweep(out: str | Path) -> pd.DataFrame:
     per_task.to_csv(out / "per_task.csv", index=False)
     best = best_tau(table)
     improvements = {
-        name: relative_improvement(per_task, best, ref) for name, ref in (("over tau=0", 0.0), ("over tau=inf", math.inf))
+        name: relative_improvement(per_task, best, ref)
+        for name, ref in (("over tau=0", 0.0), ("over tau=inf", math.inf))
     }
     from .evaluation.plots import plot_sweep_figures  # matplotlib: imported when figures are drawn
 
@@ -159,16 +173,27 @@ def summarize_sweep(out: str | Path) -> pd.DataFrame:
     pivot = pivot.loc[sizes.sort_values(ascending=False).index]
     pivot.insert(0, "train tokens", sizes.loc[pivot.index].astype(int).astype(str))
     lines = [
-        "# tau sweep", "",
-        f"Best tau on validation: **{tau_label(best)}** (test perplexity {table.set_index('tau').loc[best, 'test_ppl']:.2f}, "
-        f"token-weighted). Base model test perplexity: {table.base_test_ppl.iloc[0]:.2f}.", "",
-        "## Overall (Table 1)", "", _markdown(shown), "",
-        "## Per task, test perplexity (Table A.1)", "", _markdown(pivot.reset_index()), "",
+        "# tau sweep",
+        "",
+        f"Best tau on validation: **{tau_label(best)}** "
+        f"(test perplexity {table.set_index('tau').loc[best, 'test_ppl']:.2f}, "
+        f"token-weighted). Base model test perplexity: {table.base_test_ppl.iloc[0]:.2f}.",
+        "",
+        "## Overall (Table 1)",
+        "",
+        _markdown(shown),
+        "",
+        "## Per task, test perplexity (Table A.1)",
+        "",
+        _markdown(pivot.reset_index()),
+        "",
     ]
     for name, values in improvements.items():
         if values is not None:
-            lines.append(f"Mean relative improvement of tau={tau_label(best)} {name}: {100 * values.mean():.1f}% "
-                         f"(tasks improved: {(values > 0).sum()} of {len(values)})")
+            lines.append(
+                f"Mean relative improvement of tau={tau_label(best)} {name}: {100 * values.mean():.1f}% "
+                f"(tasks improved: {(values > 0).sum()} of {len(values)})"
+            )
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     return table
 

@@ -36,20 +36,24 @@ def run(args: list[str]) -> tuple[int | str, str]:
             code = main(args)
     except SystemExit as usage:  # argparse's own usage error: a message, no traceback
         return usage.code, err.getvalue().strip().splitlines()[-1].replace("|", "\\|")
-    except BaseException as escaped:  # noqa: BLE001 -- what a user would see as a traceback
+    except BaseException as escaped:
         return "traceback", f"{type(escaped).__name__}: {escaped}"
     finally:
         logging.getLogger().removeHandler(handler)
-    lines = [line for line in err.getvalue().splitlines()
-             if any(w in line for w in ("error", "dropped", "WARNING", "note", "interrupted", "non-finite"))]
+    lines = [
+        line
+        for line in err.getvalue().splitlines()
+        if any(w in line for w in ("error", "dropped", "WARNING", "note", "interrupted", "non-finite"))
+    ]
     shown = lines[-1] if lines else (err.getvalue() or out.getvalue()).strip().splitlines()[-1]
     return code, shown.replace("|", "\\|")
 
 
 def run_signalled(args: list[str], checkpoint: Path) -> tuple[int, str]:
     """Start a training in a subprocess, send SIGTERM once it has saved a checkpoint; its last stderr line."""
-    proc = subprocess.Popen([sys.executable, "-m", "bora_pyro.cli", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bora_pyro.cli", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     while not list(checkpoint.glob("step-*")) and proc.poll() is None:
         time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
@@ -67,7 +71,9 @@ def main_table() -> None:
     os.environ["HOME"] = str(tmp / "home")
     os.chdir(tmp / "cwd")
     good = tmp / "good.csv"
-    rows = [{"task": t, "text": f"{t} text number {i} with some words"} for t, n in (("a", 8), ("b", 5)) for i in range(n)]
+    rows = [
+        {"task": t, "text": f"{t} text number {i} with some words"} for t, n in (("a", 8), ("b", 5)) for i in range(n)
+    ]
     pd.DataFrame(rows).to_csv(good, index=False)
     variants = {
         "nocol.csv": pd.DataFrame(rows).rename(columns={"task": "speaker"}),
@@ -82,8 +88,18 @@ def main_table() -> None:
     jsonl = "".join(json.dumps(row) + "\n" for row in rows)
     (tmp / "broken.jsonl").write_text(jsonl + '{"task": "a", "text": "no closing brace"\n')
     (tmp / "nulltask.jsonl").write_text(jsonl + '{"task": null, "text": "whose text?"}\n')
-    train = ["train", "--model", "tiny-random-llama", "--steps", "2", "--eval-every", "2", "--no-progress",
-             "--posterior-samples", "0"]
+    train = [
+        "train",
+        "--model",
+        "tiny-random-llama",
+        "--steps",
+        "2",
+        "--eval-every",
+        "2",
+        "--no-progress",
+        "--posterior-samples",
+        "0",
+    ]
     data = ["--data", f"csv:{good}"]
     (tmp / "exists").mkdir()
     (tmp / "exists" / "keep.txt").write_text("x")
@@ -92,26 +108,58 @@ def main_table() -> None:
         assert main(train + data + ["--out", str(tmp / "ok")]) == 0
         main(train + data + ["--out", str(old)])
     (tmp / "dora").mkdir()
-    (tmp / "dora" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16,
-                                                                  "use_dora": True}))
+    (tmp / "dora" / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "use_dora": True})
+    )
     config = json.loads((old / "config.json").read_text())
     (old / "config.json").write_text(json.dumps({**config, "format": 0, "bora_pyro_version": "0.0.1"}))
     # run folders that ask for what only the user may grant, or were trained on other weights
-    for name, change in (("asks_remote_code", {"trust_remote_code": True}),
-                         ("other_weights", {"base_model": {**config.get("base_model", {}), "weights_sha256": "0" * 64}})):
+    for name, change in (
+        ("asks_remote_code", {"trust_remote_code": True}),
+        ("other_weights", {"base_model": {**config.get("base_model", {}), "weights_sha256": "0" * 64}}),
+    ):
         with contextlib.redirect_stdout(io.StringIO()):
             main(train + data + ["--out", str(tmp / name)])
-        (tmp / name / "config.json").write_text(json.dumps({**json.loads((tmp / name / "config.json").read_text()),
-                                                            **change}))
+        (tmp / name / "config.json").write_text(
+            json.dumps({**json.loads((tmp / name / "config.json").read_text()), **change})
+        )
     # a run killed after its fitted state was written, its checkpoint left behind; then the data changes
     mine = tmp / "mine.csv"
     mine.write_text(good.read_text())
     killed = tmp / "killed"
-    subprocess.run([sys.executable, "-m", "bora_pyro.cli", *train, "--data", f"csv:{mine}", "--checkpoint-every", "1",
-                    "--out", str(killed)], env={**os.environ, CRASH_ENV: "checkpoint.slot-renamed:1"}, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bora_pyro.cli",
+            *train,
+            "--data",
+            f"csv:{mine}",
+            "--checkpoint-every",
+            "1",
+            "--out",
+            str(killed),
+        ],
+        env={**os.environ, CRASH_ENV: "checkpoint.slot-renamed:1"},
+        capture_output=True,
+    )
     changed = tmp / "changed"
-    subprocess.run([sys.executable, "-m", "bora_pyro.cli", *train, "--data", f"csv:{mine}", "--checkpoint-every", "1",
-                    "--out", str(changed)], env={**os.environ, CRASH_ENV: "run.fitted:1"}, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bora_pyro.cli",
+            *train,
+            "--data",
+            f"csv:{mine}",
+            "--checkpoint-every",
+            "1",
+            "--out",
+            str(changed),
+        ],
+        env={**os.environ, CRASH_ENV: "run.fitted:1"},
+        capture_output=True,
+    )
     mine.write_text(mine.read_text().replace("text number", "words numbered"))
     (tmp / "afile").write_text("not a folder")
     (tmp / "notsweep").mkdir()
@@ -121,61 +169,94 @@ def main_table() -> None:
         ("unknown corpus", train + ["--data", "wikipedia", "--out", str(tmp / "r")]),
         ("missing corpus file", train + ["--data", "csv:nope.csv", "--out", str(tmp / "r")]),
         ("missing task column", train + ["--data", f"csv:{tmp / 'nocol.csv'}", "--out", str(tmp / "r")]),
-        ("empty / whitespace texts (run continues)", train + ["--data", f"csv:{tmp / 'blank.csv'}", "--out", str(tmp / "r2")]),
+        (
+            "empty / whitespace texts (run continues)",
+            train + ["--data", f"csv:{tmp / 'blank.csv'}", "--out", str(tmp / "r2")],
+        ),
         ("a task with too few documents", train + ["--data", f"csv:{tmp / 'few.csv'}", "--out", str(tmp / "r")]),
         ("non-UTF-8 CSV (Latin-1)", train + ["--data", f"csv:{tmp / 'latin1.csv'}", "--out", str(tmp / "r")]),
         ("malformed JSON line", train + ["--data", f"jsonl:{tmp / 'broken.jsonl'}", "--out", str(tmp / "r")]),
         ("JSON null task", train + ["--data", f"jsonl:{tmp / 'nulltask.jsonl'}", "--out", str(tmp / "r")]),
-        ("a task named 'global' (Theta's name)", train + ["--data", f"csv:{tmp / 'global.csv'}", "--out", str(tmp / "r")]),
-        ("task names equal after normalisation", train + ["--data", f"csv:{tmp / 'dupes.csv'}", "--out", str(tmp / "r")]),
+        (
+            "a task named 'global' (Theta's name)",
+            train + ["--data", f"csv:{tmp / 'global.csv'}", "--out", str(tmp / "r")],
+        ),
+        (
+            "task names equal after normalisation",
+            train + ["--data", f"csv:{tmp / 'dupes.csv'}", "--out", str(tmp / "r")],
+        ),
         ("unknown Bible book", train + ["--data", "bible-books", "--books", "Hezekiah", "--out", str(tmp / "r")]),
         ("unknown target module", train + data + ["--targets", "qkv", "--out", str(tmp / "r")]),
         ("tau < 0", train + data + ["--tau", "-1", "--out", str(tmp / "r")]),
         ("learned tau with MAP", train + data + ["--tau", "learn", "--out", str(tmp / "r")]),
         ("rank < 1", train + data + ["--rank", "0", "--out", str(tmp / "r")]),
-        ("max_tokens too small for the prompt", train + data + ["--task-prompt", "speaker {task} says: ",
-                                                                "--max-tokens", "8", "--out", str(tmp / "r")]),
+        (
+            "max_tokens too small for the prompt",
+            train + data + ["--task-prompt", "speaker {task} says: ", "--max-tokens", "8", "--out", str(tmp / "r")],
+        ),
         ("existing non-empty run folder", train + data + ["--out", str(tmp / "exists")]),
         ("not a run folder", ["evaluate", str(tmp)]),
         ("run folder from an incompatible version", ["evaluate", str(old)]),
         ("unknown task at generation", ["generate", str(tmp / "ok"), "--task", "zz", "--prompt", "hi"]),
         ("resume without a checkpoint", ["train", "--resume", str(tmp / "nothing")]),
-        ("PEFT adapter to start from is DoRA", train + data + ["--init-peft", str(tmp / "dora"), "--out", str(tmp / "r")]),
+        (
+            "PEFT adapter to start from is DoRA",
+            train + data + ["--init-peft", str(tmp / "dora"), "--out", str(tmp / "r")],
+        ),
         ("PEFT adapter folder missing", train + data + ["--init-peft", str(tmp / "nowhere"), "--out", str(tmp / "r")]),
         ("--distributed without torchrun", train + data + ["--distributed", "--out", str(tmp / "r")]),
         ("--global-prior malformed", train + data + ["--global-prior", "normal:-1", "--out", str(tmp / "r")]),
     ]
     cases += [
-        ("--overwrite of a folder bora_pyro did not write", train + data + ["--out", str(tmp / "exists"), "--overwrite"]),
+        (
+            "--overwrite of a folder bora_pyro did not write",
+            train + data + ["--out", str(tmp / "exists"), "--overwrite"],
+        ),
         ("--overwrite of the working directory", train + data + ["--out", ".", "--overwrite"]),
         ("--overwrite of the home folder", train + data + ["--out", str(Path.home()), "--overwrite"]),
         ("--out is a file", train + data + ["--out", str(tmp / "afile")]),
-        ("export over a folder bora_pyro did not write", ["export", str(tmp / "ok"), "--out", str(tmp / "exists"),
-                                                          "--overwrite"]),
-        ("sweep into a folder that is not a sweep", ["sweep", *train[1:], *data, "--taus", "0", "--out",
-                                                     str(tmp / "notsweep")]),
+        (
+            "export over a folder bora_pyro did not write",
+            ["export", str(tmp / "ok"), "--out", str(tmp / "exists"), "--overwrite"],
+        ),
+        (
+            "sweep into a folder that is not a sweep",
+            ["sweep", *train[1:], *data, "--taus", "0", "--out", str(tmp / "notsweep")],
+        ),
         ("run folder asks for trust_remote_code (evaluate)", ["evaluate", str(tmp / "asks_remote_code")]),
-        ("run folder asks for trust_remote_code (generate)", ["generate", str(tmp / "asks_remote_code"), "--task", "a",
-                                                             "--prompt", "hi"]),
-        ("run folder asks for trust_remote_code (export)", ["export", str(tmp / "asks_remote_code"), "--out",
-                                                           str(tmp / "e1")]),
+        (
+            "run folder asks for trust_remote_code (generate)",
+            ["generate", str(tmp / "asks_remote_code"), "--task", "a", "--prompt", "hi"],
+        ),
+        (
+            "run folder asks for trust_remote_code (export)",
+            ["export", str(tmp / "asks_remote_code"), "--out", str(tmp / "e1")],
+        ),
         ("run folder trained on other base weights", ["evaluate", str(tmp / "other_weights")]),
         ("fresh train over an earlier run's checkpoint", train + ["--data", f"csv:{mine}", "--out", str(killed)]),
         ("resume after the data changed", ["train", "--resume", str(changed)]),
         ("resume a run that was never checkpointed", ["train", "--resume", str(tmp / "ok")]),
         ("a folder another process is writing", train + data + ["--out", str(tmp / "locked")]),
-        ("diverging training (lr 1e30, no clipping)", train + data + ["--lr", "1e30", "--clip-norm", "0", "--steps", "6",
-                                                                     "--out", str(tmp / "diverged")]),
-        ("documents longer than --max-tokens (run continues)", train + data + ["--max-tokens", "8", "--out",
-                                                                               str(tmp / "r3")]),
+        (
+            "diverging training (lr 1e30, no clipping)",
+            train + data + ["--lr", "1e30", "--clip-norm", "0", "--steps", "6", "--out", str(tmp / "diverged")],
+        ),
+        (
+            "documents longer than --max-tokens (run continues)",
+            train + data + ["--max-tokens", "8", "--out", str(tmp / "r3")],
+        ),
         ("--long-documents unknown", train + data + ["--long-documents", "wrap", "--out", str(tmp / "r")]),
         ("--max-eval-docs 0", train + data + ["--max-eval-docs", "0", "--out", str(tmp / "r")]),
         ("--valid-fraction 0.7", train + data + ["--valid-fraction", "0.7", "--out", str(tmp / "r")]),
         ("--task-prompt without {task}", train + data + ["--task-prompt", "speaker: ", "--out", str(tmp / "r")]),
-        ("unknown Bible translation", train + ["--data", "bible-books", "--translation", "klingon", "--out",
-                                               str(tmp / "r")]),
-        ("generate --max-new-tokens 0", ["generate", str(tmp / "ok"), "--task", "a", "--prompt", "hi",
-                                         "--max-new-tokens", "0"]),
+        (
+            "unknown Bible translation",
+            train + ["--data", "bible-books", "--translation", "klingon", "--out", str(tmp / "r")],
+        ),
+        (
+            "generate --max-new-tokens 0",
+            ["generate", str(tmp / "ok"), "--task", "a", "--prompt", "hi", "--max-new-tokens", "0"],
+        ),
     ]
     print("| bad input | exit code | what the user sees |")
     print("|---|---|---|")
@@ -193,8 +274,10 @@ def main_table() -> None:
     code, message = run_signalled(sig, tmp / "signalled.checkpoint")
     tracebacks += message.startswith("traceback")
     print(f"| SIGTERM during training (subprocess) | {code} | `{message}` |")
-    print(f"\n{len(cases) + 1} cases; Python tracebacks shown to the user: {tracebacks}. A marker file "
-          f"({MARKER}) identifies the folders bora_pyro wrote.")
+    print(
+        f"\n{len(cases) + 1} cases; Python tracebacks shown to the user: {tracebacks}. A marker file "
+        f"({MARKER}) identifies the folders bora_pyro wrote."
+    )
 
 
 if __name__ == "__main__":

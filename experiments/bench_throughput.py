@@ -1,7 +1,8 @@
 """Training-step time and peak memory of multi-task LoRA, as ratios measured in one run.
 
 Configurations (same batches: same tokens, rank, alpha and target modules):
-  a  bora_pyro MAP step (SVI + AutoDelta, as ``fit``: task subsampling, TaskSparseAdamW, clipping), D = 25
+  a  bora_pyro MAP step: the ``TrainStep`` that ``fit`` runs (SVI + AutoDelta, task subsampling,
+     TaskSparseAdamW, finiteness checks, clipping), D = 25
   b  plain single-adapter PEFT LoRA step (the floor)
   c  the reference approach: PEFT with D = 25 adapters, one forward per task present (set_adapter)
   d  bora_pyro with D in {1, 10, 100, 1000}
@@ -37,21 +38,20 @@ def batch_for(tokenizer, num_tasks: int, batch_size: int, tokens: int, device):
     ids = torch.randint(10, min(len(tokenizer), 5000), (batch_size, tokens), generator=g)
     task = torch.arange(batch_size) % num_tasks
     docs_per_task = torch.full((num_tasks,), max(1, 100 * batch_size // num_tasks))  # a corpus of ~100 batches
-    return Batch(ids, torch.ones_like(ids), ids.clone(), task, torch.arange(batch_size), int(docs_per_task.sum()),
-                 docs_per_task).to(device)
+    return Batch(
+        ids, torch.ones_like(ids), ids.clone(), task, torch.arange(batch_size), int(docs_per_task.sum()), docs_per_task
+    ).to(device)
 
 
 def step_fn(config: str, args):
     """Build the model for ``config`` and return a closure running one training step."""
-    import pyro
 
     import bora_pyro
-    from bora_pyro.distributed import World
     from bora_pyro.inference import TrainConfig
-    from bora_pyro.inference.svi import make_optimizer, objective, trainable_parameters, update
+    from bora_pyro.inference.svi import TrainStep
     from bora_pyro.inference.task_sparse_adamw import TaskSparseAdamW
-    from bora_pyro.models.task_subsample import TaskSubsample
     from bora_pyro.models.likelihood import token_log_probs
+    from bora_pyro.models.task_subsample import TaskSubsample
 
     device = bora_pyro.io.base_models.resolve_device(args.device)
     lm, tokenizer = bora_pyro.load_base_model(args.model, device=device)
@@ -78,9 +78,12 @@ def step_fn(config: str, args):
                 for d in batch.task_index.unique().tolist():
                     rows = batch.task_index == d
                     model.base_model.set_adapter(f"t{d}")
-                    loss = loss - token_log_probs(model(input_ids=batch.input_ids[rows]).logits, batch.labels[rows]).sum()
+                    loss = (
+                        loss - token_log_probs(model(input_ids=batch.input_ids[rows]).logits, batch.labels[rows]).sum()
+                    )
             loss.backward()
             opt.step()
+
         return step
 
     bora = bora_pyro.BoRA(lm, [f"t{d}" for d in range(num_tasks)], rank=args.rank, alpha=args.alpha, tau=100.0)
@@ -100,17 +103,16 @@ def step_fn(config: str, args):
             (-(loglik + prior)).backward()
             opt.clip_grad_norm_(1.0, present)
             opt.step(present)
+
         return step
 
-    loss = objective(bora)  # what bora_pyro.fit minimises (with Pyro's validation off after the first step)
-    with bora.param_scope():
-        named = trainable_parameters(bora, loss, batch)
-    opt = make_optimizer(named, 1e-3, TrainConfig())
-    rows = bora.updated_tasks(batch.task_index)
+    train_step = TrainStep(bora, TrainConfig(), batch, total_tokens=int(batch.num_docs * args.tokens))  # fit's own step
+    counter = iter(range(1, 10**9))
 
     def step():
-        with bora.param_scope():
-            update(loss(bora, batch), opt, list(named.values()), rows, 1.0, World())
+        outcome = train_step(batch, next(counter))
+        assert outcome.problem is None, outcome.problem
+
     return step
 
 
@@ -144,12 +146,17 @@ def main(args) -> None:
         if out.returncode != 0:
             raise SystemExit(f"config {config} failed:\n{out.stderr[-2000:]}")
         rows[config] = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{config:>6}: {rows[config]['median_step_s'] * 1000:9.1f} ms/step, peak {rows[config]['peak_bytes'] / 2**20:8.0f} MiB",
-              flush=True)
+        print(
+            f"{config:>6}: {rows[config]['median_step_s'] * 1000:9.1f} ms/step, "
+            f"peak {rows[config]['peak_bytes'] / 2**20:8.0f} MiB",
+            flush=True,
+        )
     t = {k: v["median_step_s"] for k, v in rows.items()}
     m = {k: v["peak_bytes"] for k, v in rows.items()}
-    print(f"\n{args.model}, batch {args.batch_size} x {args.tokens} tokens, r={args.rank}, D={args.tasks} "
-          f"(median of {args.steps} steps after {args.warmup} warm-up; one run)")
+    print(
+        f"\n{args.model}, batch {args.batch_size} x {args.tokens} tokens, r={args.rank}, D={args.tasks} "
+        f"(median of {args.steps} steps after {args.warmup} warm-up; one run)"
+    )
     print(f"(a)/(b) bora_pyro D={args.tasks} vs single-adapter PEFT: {t['a'] / t['b']:.3f}")
     print(f"(a)/(e) bora_pyro vs the same step without Pyro:       {t['a'] / t['e']:.3f}")
     print(f"(c)/(a) reference per-task loop vs bora_pyro:          {t['c'] / t['a']:.3f}")

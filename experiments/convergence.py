@@ -22,10 +22,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import pandas as pd
 
-from bora_pyro.sweep import collect, load_sweep_spec, parse_taus, run_sweep, steps_to_converge  # noqa: E402
+from bora_pyro.sweep import collect, load_sweep_spec, parse_taus, run_sweep, steps_to_converge
 
 
 def main(args: argparse.Namespace) -> None:
@@ -33,10 +33,15 @@ def main(args: argparse.Namespace) -> None:
     out = Path(args.out)
     taus = parse_taus(args.taus)
     policies = {"non-centred, fixed lr": Path(args.sweep)}
-    for name, folder, lr_tau in (("centred, fixed lr", "centered_fixed_lr", False),
-                                 ("centred, lr ~ tau", "centered_lr_tau", True)):
-        spec = replace(base, prior=replace(base.prior, parameterization="centered"),
-                       train=replace(base.train, lr_tau_scaling=lr_tau))
+    for name, folder, lr_tau in (
+        ("centred, fixed lr", "centered_fixed_lr", False),
+        ("centred, lr ~ tau", "centered_lr_tau", True),
+    ):
+        spec = replace(
+            base,
+            prior=replace(base.prior, parameterization="centered"),
+            train=replace(base.train, lr_tau_scaling=lr_tau),
+        )
         run_sweep(spec, taus, out / folder)
         policies[name] = out / folder
     rows = []
@@ -47,16 +52,30 @@ def main(args: argparse.Namespace) -> None:
             if curve.empty:
                 raise SystemExit(f"{folder} has no finished run at tau={tau:g}")
             row = table[table.tau == tau].iloc[0]
-            rows.append({"policy": name, "tau": tau, "lr": row.lr, "steps_to_1pct": steps_to_converge(curve),
-                         "final_valid_ppl": curve.valid_ppl.iloc[-1], "test_ppl": row.test_ppl})
+            rows.append(
+                {
+                    "policy": name,
+                    "tau": tau,
+                    "lr": row.lr,
+                    "steps_to_1pct": steps_to_converge(curve),
+                    "final_valid_ppl": curve.valid_ppl.iloc[-1],
+                    "test_ppl": row.test_ppl,
+                }
+            )
     result = pd.DataFrame(rows)
     result.to_csv(out / "convergence.csv", index=False)
     wide = result.pivot(index="tau", columns="policy", values="steps_to_1pct")
     ppl = result.pivot(index="tau", columns="policy", values="final_valid_ppl")
-    lines = ["# Steps to reach within 1% of the final validation perplexity", "",
-             "| tau | " + " | ".join(wide.columns) + " |", "|---|" + "---|" * len(wide.columns)]
-    lines += [f"| {tau:g} | " + " | ".join(f"{wide.loc[tau, c]} (ppl {ppl.loc[tau, c]:.1f})" for c in wide.columns) + " |"
-              for tau in wide.index]
+    lines = [
+        "# Steps to reach within 1% of the final validation perplexity",
+        "",
+        "| tau | " + " | ".join(wide.columns) + " |",
+        "|---|" + "---|" * len(wide.columns),
+    ]
+    lines += [
+        f"| {tau:g} | " + " | ".join(f"{wide.loc[tau, c]} (ppl {ppl.loc[tau, c]:.1f})" for c in wide.columns) + " |"
+        for tau in wide.index
+    ]
     (out / "convergence.md").write_text("\n".join(lines) + "\n")
     fig, axes = plt.subplots(1, len(taus), figsize=(4.5 * len(taus), 4), sharey=True, squeeze=False)
     for ax, tau in zip(axes[0], taus):

@@ -4,8 +4,8 @@ Half of the kills land at a random time, the others at a random named crash poin
 (``bora_pyro.io.faults``: inside a checkpoint save, between renaming a folder aside and the new one in,
 after the fitted state is written, inside a single file's replacement...). Every killed run is then
 continued as a user would: ``bora-pyro train --resume RUN``, or, when nothing was saved yet, the same
-command again. A quarter of the attempts replace an earlier, different run (another seed) with ``--overwrite``. The final run
-folder must equal the uninterrupted run's (adapters to 1e-6, the same train_log.csv).
+command again. A quarter of the attempts replace an earlier, different run (another seed) with
+``--overwrite``. The final run folder must equal the uninterrupted run's (adapters to 1e-6, the same train_log.csv).
 
     .venv/bin/python experiments/fault_injection.py --attempts 40 > experiments/results/fault_injection.md
 """
@@ -27,21 +27,49 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.conftest import synthetic_rows  # noqa: E402
-
-from bora_pyro.io.faults import CRASH_ENV  # noqa: E402
+from bora_pyro.io.faults import CRASH_ENV
+from tests.conftest import synthetic_rows
 
 # crash points and how many times a run reaches each (k is drawn from 1..count)
 CRASH_POINTS = {
-    "checkpoint.tensors-written": 6, "checkpoint.slot-written": 6, "checkpoint.slot-renamed": 6,
-    "folder.written": 2, "folder.renamed-aside": 1, "folder.renamed-in": 2, "file.written": 14, "run.fitted": 1,
+    "checkpoint.tensors-written": 6,
+    "checkpoint.slot-written": 6,
+    "checkpoint.slot-renamed": 6,
+    "folder.written": 2,
+    "folder.renamed-aside": 1,
+    "folder.renamed-in": 2,
+    "file.written": 14,
+    "run.fitted": 1,
 }
 
 
 def command(data: Path, out: Path, overwrite: bool) -> list[str]:
-    return [sys.executable, "-m", "bora_pyro.cli", "train", "--model", "tiny-random-llama", "--data", f"csv:{data}",
-            "--steps", "24", "--batch-size", "4", "--eval-every", "8", "--checkpoint-every", "4", "--lr", "0.01",
-            "--posterior-samples", "2", "--no-progress", "--out", str(out), *(["--overwrite"] if overwrite else [])]
+    return [
+        sys.executable,
+        "-m",
+        "bora_pyro.cli",
+        "train",
+        "--model",
+        "tiny-random-llama",
+        "--data",
+        f"csv:{data}",
+        "--steps",
+        "24",
+        "--batch-size",
+        "4",
+        "--eval-every",
+        "8",
+        "--checkpoint-every",
+        "4",
+        "--lr",
+        "0.01",
+        "--posterior-samples",
+        "2",
+        "--no-progress",
+        "--out",
+        str(out),
+        *(["--overwrite"] if overwrite else []),
+    ]
 
 
 def run(args: list[str], crash: str | None = None, kill_after: float | None = None, started: Path | None = None) -> int:
@@ -100,8 +128,12 @@ def main(args: argparse.Namespace) -> None:
         if code == 0:
             outcome = "finished before the kill"
         else:
-            resumed = subprocess.run([sys.executable, "-m", "bora_pyro.cli", "train", "--resume", str(out)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            resumed = subprocess.run(
+                [sys.executable, "-m", "bora_pyro.cli", "train", "--resume", str(out)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
             if resumed.returncode == 0 and "nothing to resume" not in resumed.stderr:
                 outcome = "resumed (--resume)"
             elif "already complete" in resumed.stderr and not overwrite:
@@ -116,9 +148,14 @@ def main(args: argparse.Namespace) -> None:
         counts["equal to the uninterrupted run" if equal else "DIFFERENT from the uninterrupted run"] += 1
         rows.append((attempt, "yes" if overwrite else "no", how, outcome, "yes" if equal else "NO"))
     killed = args.attempts - counts["finished before the kill"]
-    print(f"# Fault injection: {args.attempts} attempts, {killed} runs killed (tiny model, 24 steps, checkpoint every 4)\n")
-    print(f"Command: `.venv/bin/python experiments/fault_injection.py --attempts {args.attempts} --seed {args.seed}`; "
-          f"uninterrupted run {duration:.1f} s.\n")
+    print(
+        f"# Fault injection: {args.attempts} attempts, {killed} runs killed "
+        "(tiny model, 24 steps, checkpoint every 4)\n"
+    )
+    print(
+        f"Command: `.venv/bin/python experiments/fault_injection.py --attempts {args.attempts} --seed {args.seed}`; "
+        f"uninterrupted run {duration:.1f} s.\n"
+    )
     print("| outcome | runs |\n|---|---|")
     for outcome, n in sorted(counts.items()):
         print(f"| {outcome} | {n} |")
@@ -133,6 +170,10 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--attempts", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--training-seconds", type=float, default=1.5,
-                        help="timed kills land uniformly in this many seconds after training starts")
+    parser.add_argument(
+        "--training-seconds",
+        type=float,
+        default=1.5,
+        help="timed kills land uniformly in this many seconds after training starts",
+    )
     main(parser.parse_args())

@@ -40,45 +40,94 @@ def recover(true_tau: float, seed: int, num_tasks: int, steps: int, parameteriza
     docs = [2 + (3 * d) % 9 for d in range(num_tasks)]  # 2..10 documents per task
     corpus = observation_corpus(docs)
     exact_kind = GLOBAL_PRIORS[global_prior]
-    prior = PriorConfig(tau="learn", tau_prior=HYPERPRIOR_SPEC, parameterization=parameterization, global_prior=global_prior)
-    bora = bora_pyro.BoRA(tiny_random_llama()[0], corpus.tasks, rank=1, alpha=1, inference="vi",
-                          targets=["q_proj"], prior=prior, seed=seed)
-    data = GaussianObservations.simulate(bora.lora.shapes(), docs, tau=true_tau, sigma=0.5,
-                                         generator=torch.Generator().manual_seed(seed))
+    prior = PriorConfig(
+        tau="learn", tau_prior=HYPERPRIOR_SPEC, parameterization=parameterization, global_prior=global_prior
+    )
+    bora = bora_pyro.BoRA(
+        tiny_random_llama()[0],
+        corpus.tasks,
+        rank=1,
+        alpha=1,
+        inference="vi",
+        targets=["q_proj"],
+        prior=prior,
+        seed=seed,
+    )
+    data = GaussianObservations.simulate(
+        bora.lora.shapes(), docs, tau=true_tau, sigma=0.5, generator=torch.Generator().manual_seed(seed)
+    )
     bora.log_likelihood = data.log_likelihood
-    bora_pyro.fit(bora, corpus, steps=steps, batch_size=sum(docs), lr=0.03, guide_lr=0.03, lr_schedule="cosine",
-                  clip_norm=None, eval_every=steps, num_particles=2, seed=seed, progress=False)
+    bora_pyro.fit(
+        bora,
+        corpus,
+        steps=steps,
+        batch_size=sum(docs),
+        lr=0.03,
+        guide_lr=0.03,
+        lr_schedule="cosine",
+        clip_norm=None,
+        eval_every=steps,
+        num_particles=2,
+        seed=seed,
+        progress=False,
+    )
     low, mid, high = bora.tau_quantiles((0.05, 0.5, 0.95))["all"]
     e_low, e_mid, e_high = grid_quantiles(data.tau_posterior(HYPERPRIOR, LOG_TAU_GRID, exact_kind), (0.05, 0.5, 0.95))
-    return {"parameterization": parameterization, "global_prior": global_prior, "true_tau": true_tau,
-            "empirical_tau": data.empirical_tau(), "seed": seed, "q05": low, "median": mid, "q95": high,
-            "covered": low <= true_tau <= high, "exact_q05": e_low, "exact_median": e_mid, "exact_q95": e_high,
-            "exact_covered": e_low <= true_tau <= e_high}
+    return {
+        "parameterization": parameterization,
+        "global_prior": global_prior,
+        "true_tau": true_tau,
+        "empirical_tau": data.empirical_tau(),
+        "seed": seed,
+        "q05": low,
+        "median": mid,
+        "q95": high,
+        "covered": low <= true_tau <= high,
+        "exact_q05": e_low,
+        "exact_median": e_mid,
+        "exact_q95": e_high,
+        "exact_covered": e_low <= true_tau <= e_high,
+    }
 
 
 def main(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = [recover(float(t), s, args.tasks, args.steps, p, g) for g in args.global_priors.split(",")
-            for p in args.parameterizations.split(",") for t in args.taus.split(",") for s in range(args.seeds)]
+    rows = [
+        recover(float(t), s, args.tasks, args.steps, p, g)
+        for g in args.global_priors.split(",")
+        for p in args.parameterizations.split(",")
+        for t in args.taus.split(",")
+        for s in range(args.seeds)
+    ]
     table = pd.DataFrame(rows)
     table.to_csv(out / "tau_recovery.csv", index=False)
-    lines = ["# Learned tau on data simulated with a known tau", "",
-             f"{args.tasks} tasks (2 to 10 observations each of 128 factor elements, sigma 0.5), AutoNormal guide, "
-             f"LogNormal(2.3, 3) hyperprior, {args.steps} steps; 90% posterior intervals of tau: VI, and exact "
-             "(grid over log tau, theta_d integrated out analytically; Theta profiled by EM for `flat`, "
-             "integrated out for `normal:10`).", "",
-             "The empirical tau is 1 / mean(theta^2) of the simulated draws (what the draws actually have).", "",
-             "| Theta | parameterisation | true tau | empirical tau | seed | VI 5% | VI median | VI 95% | VI covers | "
-             "exact 5% | exact median | exact 95% | exact covers |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r.global_prior} | {r.parameterization} | {r.true_tau:g} | {r.empirical_tau:.3g} | {r.seed} | "
-              f"{r.q05:.3g} | {r.median:.3g} | {r.q95:.3g} | {r.covered} | {r.exact_q05:.3g} | {r.exact_median:.3g} | "
-              f"{r.exact_q95:.3g} | {r.exact_covered} |" for r in table.itertuples()]
+    lines = [
+        "# Learned tau on data simulated with a known tau",
+        "",
+        f"{args.tasks} tasks (2 to 10 observations each of 128 factor elements, sigma 0.5), AutoNormal guide, "
+        f"LogNormal(2.3, 3) hyperprior, {args.steps} steps; 90% posterior intervals of tau: VI, and exact "
+        "(grid over log tau, theta_d integrated out analytically; Theta profiled by EM for `flat`, "
+        "integrated out for `normal:10`).",
+        "",
+        "The empirical tau is 1 / mean(theta^2) of the simulated draws (what the draws actually have).",
+        "",
+        "| Theta | parameterisation | true tau | empirical tau | seed | VI 5% | VI median | VI 95% | VI covers | "
+        "exact 5% | exact median | exact 95% | exact covers |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r.global_prior} | {r.parameterization} | {r.true_tau:g} | {r.empirical_tau:.3g} | {r.seed} | "
+        f"{r.q05:.3g} | {r.median:.3g} | {r.q95:.3g} | {r.covered} | {r.exact_q05:.3g} | {r.exact_median:.3g} | "
+        f"{r.exact_q95:.3g} | {r.exact_covered} |"
+        for r in table.itertuples()
+    ]
     lines.append("")
     for (g, p), rows in table.groupby(["global_prior", "parameterization"], sort=False):
-        lines.append(f"- Theta {g}, {p}: VI covers the true tau in {int(rows.covered.sum())} of {len(rows)}; "
-                     f"the exact posterior in {int(rows.exact_covered.sum())} of {len(rows)}.")
+        lines.append(
+            f"- Theta {g}, {p}: VI covers the true tau in {int(rows.covered.sum())} of {len(rows)}; "
+            f"the exact posterior in {int(rows.exact_covered.sum())} of {len(rows)}."
+        )
     (out / "tau_recovery.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

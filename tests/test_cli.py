@@ -24,16 +24,30 @@ def corpus_csv(tmp_path):
 
 def test_train_writes_the_run_folder_and_evaluate_reproduces_it(tmp_path, corpus_csv, capsys):
     run = tmp_path / "run"
-    assert main(["train", *TINY, "--data", f"csv:{corpus_csv}", "--tau", "100", "--steps", "10", "--out", str(run)]) == 0
-    for name in ("config.json", "metrics.json", "per_task.csv", "adapters.safetensors", "train_log.csv",
-                 "training_curve.png"):
+    assert (
+        main(["train", *TINY, "--data", f"csv:{corpus_csv}", "--tau", "100", "--steps", "10", "--out", str(run)]) == 0
+    )
+    for name in (
+        "config.json",
+        "metrics.json",
+        "per_task.csv",
+        "adapters.safetensors",
+        "train_log.csv",
+        "training_curve.png",
+    ):
         assert (run / name).is_file(), name
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["steps"] == 10 and metrics["mode"] == "hierarchical"
     assert metrics["test_ppl"] < metrics["base_test_ppl"]  # 10 steps on 26 docs already help a random model
     per_task = pd.read_csv(run / "per_task.csv")
-    assert list(per_task.columns[:6]) == ["task", "n_train_docs", "n_train_tokens", "test_ppl", "valid_ppl",
-                                          "base_test_ppl"]
+    assert list(per_task.columns[:6]) == [
+        "task",
+        "n_train_docs",
+        "n_train_tokens",
+        "test_ppl",
+        "valid_ppl",
+        "base_test_ppl",
+    ]
     assert per_task.task.tolist() == ["north", "south", "east"]
     tensors = load_file(run / "adapters.safetensors")
     assert tensors["task.layers.0.self_attn.q_proj.A"].shape == (3, 8, 32)
@@ -48,7 +62,9 @@ def test_train_writes_the_run_folder_and_evaluate_reproduces_it(tmp_path, corpus
 def test_pooled_and_independent_runs(tmp_path, corpus_csv):
     for tau in ("inf", "0"):
         run = tmp_path / f"run{tau}"
-        assert main(["train", *TINY, "--data", f"csv:{corpus_csv}", "--tau", tau, "--steps", "3", "--out", str(run)]) == 0
+        assert (
+            main(["train", *TINY, "--data", f"csv:{corpus_csv}", "--tau", tau, "--steps", "3", "--out", str(run)]) == 0
+        )
         metrics = json.loads((run / "metrics.json").read_text())
         assert metrics["mode"] == {"inf": "pooled", "0": "independent"}[tau]
         distance = pd.read_csv(run / "per_task.csv").distance_to_global
@@ -56,13 +72,16 @@ def test_pooled_and_independent_runs(tmp_path, corpus_csv):
     assert json.loads((tmp_path / "runinf" / "config.json").read_text())["prior"]["tau"] == "inf"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--model", "no-such-model"], "cannot load model 'no-such-model'"),
-    (["--data", "nonsense"], "unknown corpus 'nonsense'"),
-    (["--tau", "-3"], "tau must be a number >= 0, 'inf' or 'learn', got '-3'"),
-    (["--rank", "0"], "rank must be an integer >= 1, got 0"),
-    (["--steps", "0"], "steps must be an integer >= 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "no-such-model"], "cannot load model 'no-such-model'"),
+        (["--data", "nonsense"], "unknown corpus 'nonsense'"),
+        (["--tau", "-3"], "tau must be a number >= 0, 'inf' or 'learn', got '-3'"),
+        (["--rank", "0"], "rank must be an integer >= 1, got 0"),
+        (["--steps", "0"], "steps must be an integer >= 1, got 0"),
+    ],
+)
 def test_bad_input_gets_a_clear_error_and_writes_nothing(tmp_path, corpus_csv, capsys, args, message):
     run = tmp_path / "run"
     base = ["train", "--model", "tiny-random-llama", "--data", f"csv:{corpus_csv}", "--out", str(run), "--no-progress"]

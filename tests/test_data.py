@@ -37,8 +37,9 @@ def test_caps_apply_per_task_after_the_split(make_corpus):
 def test_prompt_and_padding_are_not_scored(tiny_lm):
     tokenizer = tiny_lm[1]
     frame = pd.DataFrame({"task": ["x", "x", "x"], "text": ["abc", "de", "fghij"]})
-    split = bora_pyro.data.tokenize.tokenize_split("train", ("x",), [(0, t) for t in frame.text], tokenizer,
-                                                   max_tokens=32, task_prompt="{task}: ")
+    split = bora_pyro.data.tokenize.tokenize_split(
+        "train", ("x",), [(0, t) for t in frame.text], tokenizer, max_tokens=32, task_prompt="{task}: "
+    )
     ids, labels = split.input_ids[0], split.labels[0]
     # <bos> x : space are context; a b c <eos> are scored
     assert labels[:4] == (IGNORE_INDEX,) * 4
@@ -46,14 +47,15 @@ def test_prompt_and_padding_are_not_scored(tiny_lm):
     assert split.tokens_per_task().tolist() == [4 + 3 + 6]  # each text plus its EOS
     batch = split.collate([1, 2])
     assert batch.input_ids.shape == (2, 4 + 6)
-    assert (batch.labels[0, 4 + 3:] == IGNORE_INDEX).all() and (batch.attention_mask[0, 4 + 3:] == 0).all()
+    assert (batch.labels[0, 4 + 3 :] == IGNORE_INDEX).all() and (batch.attention_mask[0, 4 + 3 :] == 0).all()
 
 
 def test_long_documents_are_split_into_chunks_that_keep_every_token(tiny_lm):
     tokenizer = tiny_lm[1]
     text = "".join(chr(ord("a") + i % 26) for i in range(45))
-    split = bora_pyro.data.tokenize.tokenize_split("t", ("x", "y"), [(1, text), (0, "short")], tokenizer,
-                                                   max_tokens=10, task_prompt="{task}:")
+    split = bora_pyro.data.tokenize.tokenize_split(
+        "t", ("x", "y"), [(1, text), (0, "short")], tokenizer, max_tokens=10, task_prompt="{task}:"
+    )
     context = 1 + 2  # <bos> y :
     assert len(split) == 1 + 7 and split.source_docs == 2 and split.long_docs == 1  # 45 + EOS over 7 chunks of 7
     assert all(len(ids) <= 10 for ids in split.input_ids)
@@ -67,8 +69,9 @@ def test_long_documents_are_split_into_chunks_that_keep_every_token(tiny_lm):
 
 
 def test_truncation_keeps_max_tokens_when_asked(tiny_lm):
-    split = bora_pyro.data.tokenize.tokenize_split("t", ("x",), [(0, "a" * 100)], tiny_lm[1], max_tokens=10,
-                                                   long_documents="truncate")
+    split = bora_pyro.data.tokenize.tokenize_split(
+        "t", ("x",), [(0, "a" * 100)], tiny_lm[1], max_tokens=10, long_documents="truncate"
+    )
     assert len(split) == 1 and split.long_docs == 1
     assert len(split.input_ids[0]) == 10 and split.input_ids[0][-1] != tiny_lm[1].eos_token_id
 
@@ -85,8 +88,9 @@ def test_the_corpus_says_how_many_documents_were_split_or_cut(make_corpus, caplo
 
 def test_prompt_longer_than_max_tokens_is_an_error(tiny_lm):
     with pytest.raises(ValueError, match="max_tokens=6 is too small"):
-        bora_pyro.data.tokenize.tokenize_split("t", ("a long task name",), [(0, "text")], tiny_lm[1],
-                                               max_tokens=6, task_prompt="{task}: ")
+        bora_pyro.data.tokenize.tokenize_split(
+            "t", ("a long task name",), [(0, "text")], tiny_lm[1], max_tokens=6, task_prompt="{task}: "
+        )
 
 
 def test_batches_mix_tasks_and_cover_every_document(make_corpus):
@@ -165,18 +169,23 @@ def test_csv_cells_are_read_as_the_text_they_are(tmp_path, tiny_lm):
 
 def test_jsonl_strings_stay_verbatim_and_numbers_keep_their_json_text(tmp_path):
     path = tmp_path / "c.jsonl"
-    path.write_text('{"task": "null", "text": "null"}\n{"task": "001", "text": "0012"}\n\n'
-                    '{"task": 7, "text": 1.50}\n{"task": true, "text": "NA"}\n{"task": "001", "text": null}\n'
-                    '{"task": "001", "meta": {"n": 1}}\n')
+    path.write_text(
+        '{"task": "null", "text": "null"}\n{"task": "001", "text": "0012"}\n\n'
+        '{"task": 7, "text": 1.50}\n{"task": true, "text": "NA"}\n{"task": "001", "text": null}\n'
+        '{"task": "001", "meta": {"n": 1}}\n'
+    )
     assert read_docs("jsonl", path) == {"null": ["null"], "001": ["0012"], "7": ["1.50"], "true": ["NA"]}
 
 
-@pytest.mark.parametrize("line, message", [
-    ('{"task": null, "text": "x"}', r"1 row\(s\) have an empty or missing 'task' value \(line 3\)"),
-    ('{"text": "x"}', r"1 row\(s\) have an empty or missing 'task' value \(line 3\)"),
-    ('{"task": "a", "text": "x"', r"c.jsonl: line 3 is not valid JSON \(Expecting ',' delimiter"),
-    ('["a", "x"]', r"c.jsonl: line 3 is a JSON list, not an object"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"task": null, "text": "x"}', r"1 row\(s\) have an empty or missing 'task' value \(line 3\)"),
+        ('{"text": "x"}', r"1 row\(s\) have an empty or missing 'task' value \(line 3\)"),
+        ('{"task": "a", "text": "x"', r"c.jsonl: line 3 is not valid JSON \(Expecting ',' delimiter"),
+        ('["a", "x"]', r"c.jsonl: line 3 is a JSON list, not an object"),
+    ],
+)
 def test_bad_jsonl_lines_are_named(tmp_path, line, message):
     path = tmp_path / "c.jsonl"
     path.write_text('{"task": "a", "text": "x"}\n\n' + line + "\n")
@@ -191,10 +200,13 @@ def test_csv_row_with_the_wrong_number_of_fields_is_named(tmp_path):
         read_docs("csv", path)
 
 
-@pytest.mark.parametrize("kind, content", [
-    ("csv", "task,text\na,café\n"),
-    ("jsonl", '{"task": "a", "text": "café"}\n'),
-])
+@pytest.mark.parametrize(
+    "kind, content",
+    [
+        ("csv", "task,text\na,café\n"),
+        ("jsonl", '{"task": "a", "text": "café"}\n'),
+    ],
+)
 def test_non_utf8_files_are_refused_with_the_offset_and_a_fix(tmp_path, kind, content):
     path = tmp_path / f"c.{kind}"
     data = content.encode("latin1")
@@ -207,10 +219,13 @@ def test_non_utf8_files_are_refused_with_the_offset_and_a_fix(tmp_path, kind, co
     assert f"iconv -f latin1 -t utf-8 {path} > {path}.utf8" in str(err.value)
 
 
-@pytest.mark.parametrize("kind, content", [
-    ("csv", "task,text\nå,æøå\n"),
-    ("jsonl", '{"task": "å", "text": "æøå"}\n'),
-])
+@pytest.mark.parametrize(
+    "kind, content",
+    [
+        ("csv", "task,text\nå,æøå\n"),
+        ("jsonl", '{"task": "å", "text": "æøå"}\n'),
+    ],
+)
 def test_a_utf8_byte_order_mark_is_accepted(tmp_path, kind, content):
     path = tmp_path / f"c.{kind}"
     path.write_bytes(b"\xef\xbb\xbf" + content.encode("utf-8"))
@@ -228,8 +243,11 @@ def test_a_task_named_global_is_refused(tmp_path, tiny_lm, kind):
     else:
         datasets = pytest.importorskip("datasets")
         datasets.Dataset.from_pandas(rows).save_to_disk(str(path))
-    with pytest.raises(ValueError, match=rf"{kind}:.*: a task is named 'global', a name reserved for Theta \(the "
-                                         r"shared adapter\).*rename the task in the data"):
+    with pytest.raises(
+        ValueError,
+        match=rf"{kind}:.*: a task is named 'global', a name reserved for Theta \(the "
+        r"shared adapter\).*rename the task in the data",
+    ):
         bora_pyro.load_corpus(f"{kind}:{path}", tiny_lm[1])
 
 
@@ -261,12 +279,15 @@ def test_missing_file_is_named(tiny_lm):
         bora_pyro.load_corpus("csv:nope.csv", tiny_lm[1])
 
 
-@pytest.mark.parametrize("option, value, message", [
-    ("max_tokens", 2, "max_tokens must be >= 4"),
-    ("valid_fraction", 0.7, "valid_fraction must be in"),
-    ("max_train_docs", 0, "max_train_docs must be >= 1"),
-    ("task_prompt", "no placeholder", "task_prompt must contain"),
-])
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("max_tokens", 2, "max_tokens must be >= 4"),
+        ("valid_fraction", 0.7, "valid_fraction must be in"),
+        ("max_train_docs", 0, "max_train_docs must be >= 1"),
+        ("task_prompt", "no placeholder", "task_prompt must contain"),
+    ],
+)
 def test_bad_corpus_options(make_corpus, option, value, message):
     with pytest.raises(ValueError, match=message):
         make_corpus(**{option: value})

@@ -19,23 +19,57 @@ from .conftest import synthetic_rows
 
 
 def train_args(data, out, *extra):
-    return ["train", "--model", "tiny-random-llama", "--data", f"csv:{data}", "--steps", "6", "--batch-size", "4",
-            "--eval-every", "3", "--lr", "0.02", "--posterior-samples", "2", "--no-progress", "--out", str(out), *extra]
+    return [
+        "train",
+        "--model",
+        "tiny-random-llama",
+        "--data",
+        f"csv:{data}",
+        "--steps",
+        "6",
+        "--batch-size",
+        "4",
+        "--eval-every",
+        "3",
+        "--lr",
+        "0.02",
+        "--posterior-samples",
+        "2",
+        "--no-progress",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 # VI: the shards' float sums of Theta's near-zero gradients differ in rounding; Adam's first steps
 # (|g| ~ eps) amplify that to ~1e-5 (with task subsampling; 1e-7 without), hence 2e-4 after 6 steps.
-@pytest.mark.parametrize("extra,atol", [(("--tau", "10"), 1e-5), (("--tau", "learn", "--inference", "vi"), 2e-4)],
-                         ids=["map", "vi"])
+@pytest.mark.parametrize(
+    "extra,atol", [(("--tau", "10"), 1e-5), (("--tau", "learn", "--inference", "vi"), 2e-4)], ids=["map", "vi"]
+)
 def test_two_gloo_processes_equal_one_process(tmp_path, extra, atol):
     data = tmp_path / "corpus.csv"
     synthetic_rows({"a": 12, "b": 8, "c": 5}).to_csv(data, index=False)
     assert main(train_args(data, tmp_path / "single", *extra)) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launched = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "bora_pyro.cli",
-         *train_args(data, tmp_path / "ddp", *extra), "--distributed"],
-        capture_output=True, text=True, env=env, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "bora_pyro.cli",
+            *train_args(data, tmp_path / "ddp", *extra),
+            "--distributed",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert launched.returncode == 0, launched.stderr[-3000:]
     assert launched.stdout.count("wrote ") == 1  # rank 0 alone reports and writes
     single, ddp = (load_file(str(tmp_path / k / "adapters.safetensors")) for k in ("single", "ddp"))

@@ -8,8 +8,8 @@ import re
 import pytest
 import torch
 
-from bora_pyro.io.base_models import tiny_random_llama
 from bora_pyro.cli import main
+from bora_pyro.io.base_models import tiny_random_llama
 from bora_pyro.io.export import MAX_FOLDER_NAME, export_peft, safe_names
 from bora_pyro.nn.lora import MultiTaskLoRA
 from bora_pyro.runs import load_run
@@ -23,8 +23,29 @@ def test_exported_adapters_give_the_same_logits_in_peft(tmp_path):
     data = tmp_path / "corpus.csv"
     synthetic_rows({"North/Sør": 10, "east": 6, "west": 4}).to_csv(data, index=False)
     run, out = tmp_path / "run", tmp_path / "peft"
-    assert main(["train", "--model", "tiny-random-llama", "--data", f"csv:{data}", "--steps", "6", "--eval-every", "3",
-                 "--lr", "0.05", "--no-progress", "--posterior-samples", "0", "--out", str(run)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "tiny-random-llama",
+                "--data",
+                f"csv:{data}",
+                "--steps",
+                "6",
+                "--eval-every",
+                "3",
+                "--lr",
+                "0.05",
+                "--no-progress",
+                "--posterior-samples",
+                "0",
+                "--out",
+                str(run),
+            ]
+        )
+        == 0
+    )
     assert main(["export", str(run), "--format", "peft", "--out", str(out)]) == 0
     folders = json.loads((out / "tasks.json").read_text())
     assert folders == {"North/Sør": "North_S_r", "east": "east", "west": "west", "global": "global"}
@@ -69,8 +90,29 @@ def test_merged_export_equals_the_task_adapter(tmp_path):
     data = tmp_path / "corpus.csv"
     synthetic_rows({"a": 8, "b": 5}).to_csv(data, index=False)
     run = tmp_path / "run"
-    assert main(["train", "--model", "tiny-random-llama", "--data", f"csv:{data}", "--steps", "6", "--lr", "0.05",
-                 "--eval-every", "6", "--no-progress", "--posterior-samples", "0", "--out", str(run)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "tiny-random-llama",
+                "--data",
+                f"csv:{data}",
+                "--steps",
+                "6",
+                "--lr",
+                "0.05",
+                "--eval-every",
+                "6",
+                "--no-progress",
+                "--posterior-samples",
+                "0",
+                "--out",
+                str(run),
+            ]
+        )
+        == 0
+    )
     assert main(["export", str(run), "--format", "merged", "--task", "b", "--out", str(tmp_path / "merged")]) == 0
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     loaded = load_run(run, device="cpu")

@@ -11,14 +11,19 @@ import torch
 from pyro.infer.autoguide import AutoDelta, AutoNormal
 
 import bora_pyro
-from bora_pyro.io.base_models import tiny_random_llama
 from bora_pyro.inference import TrainConfig
-from bora_pyro.models.guides import is_task_parameter
+from bora_pyro.io.base_models import tiny_random_llama
 
 
 def fitted(corpus, **options):
-    bora = bora_pyro.BoRA(tiny_random_llama()[0], corpus.tasks, rank=2, alpha=4, tau=options.pop("tau", 10.0),
-                          inference=options.pop("inference", "map"))
+    bora = bora_pyro.BoRA(
+        tiny_random_llama()[0],
+        corpus.tasks,
+        rank=2,
+        alpha=4,
+        tau=options.pop("tau", 10.0),
+        inference=options.pop("inference", "map"),
+    )
     result = bora_pyro.fit(bora, corpus, progress=False, **options)
     return bora, result
 
@@ -69,13 +74,16 @@ def test_learning_rate_rules():
     assert cosine.lr_factor(1) == 1.0 and cosine.lr_factor(6) == pytest.approx(0.5)
 
 
-@pytest.mark.parametrize("option, value, message", [
-    ("steps", 0, "steps must be an integer >= 1, got 0"),
-    ("lr", -1.0, "lr must be a finite number > 0"),
-    ("clip_norm", 0.0, "clip_norm must be > 0 or None"),
-    ("lr_schedule", "linear", "lr_schedule must be one of"),
-    ("patience", 0, "patience must be >= 1 or None"),
-])
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("steps", 0, "steps must be an integer >= 1, got 0"),
+        ("lr", -1.0, "lr must be a finite number > 0"),
+        ("clip_norm", 0.0, "clip_norm must be > 0 or None"),
+        ("lr_schedule", "linear", "lr_schedule must be one of"),
+        ("patience", 0, "patience must be >= 1 or None"),
+    ],
+)
 def test_bad_training_options(option, value, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**{option: value})
@@ -108,7 +116,9 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(make_corpus, t
                 p.grad = None
             loss = loss_fn(bora, batch)
             loss.backward()
-            results.append((loss.detach(), {k: p.grad.to_dense().clone() for k, p in params.items()}))  # task rows: sparse
+            results.append(
+                (loss.detach(), {k: p.grad.to_dense().clone() for k, p in params.items()})
+            )  # task rows: sparse
         # trainable_parameters and the loss each run the layer once; checkpointing re-runs it in backward
         assert len(calls) == (3 if checkpointing else 2)
     (loss0, grads0), (loss1, grads1) = results
@@ -136,19 +146,28 @@ def test_a_step_updates_only_the_tasks_of_its_batch(make_corpus, tiny_lm, infere
     absent = corpus.tasks.index("gamma")
     keep = [i for i, t in enumerate(corpus.train.task_index) if t != absent]
     train = corpus.train
-    only_two = dataclasses.replace(corpus, train=dataclasses.replace(
-        train, input_ids=tuple(train.input_ids[i] for i in keep), labels=tuple(train.labels[i] for i in keep),
-        task_index=tuple(train.task_index[i] for i in keep)))
+    only_two = dataclasses.replace(
+        corpus,
+        train=dataclasses.replace(
+            train,
+            input_ids=tuple(train.input_ids[i] for i in keep),
+            labels=tuple(train.labels[i] for i in keep),
+            task_index=tuple(train.task_index[i] for i in keep),
+        ),
+    )
     for subsampling in (True, False):
-        bora = bora_pyro.BoRA(tiny_random_llama()[0], corpus.tasks, rank=2, tau=10.0, inference=inference,
-                              task_subsampling=subsampling)
-        bora_pyro.fit(bora, corpus, steps=1, batch_size=len(corpus.train), eval_every=1, progress=False, lr=0.05)  # all move
+        bora = bora_pyro.BoRA(
+            tiny_random_llama()[0], corpus.tasks, rank=2, tau=10.0, inference=inference, task_subsampling=subsampling
+        )
+        bora_pyro.fit(
+            bora, corpus, steps=1, batch_size=len(corpus.train), eval_every=1, progress=False, lr=0.05
+        )  # all move
         with bora.param_scope():
             before = {n: v.detach().clone() for n, v in pyro.get_param_store().items()}
         bora_pyro.fit(bora, only_two, steps=3, batch_size=4, eval_every=3, progress=False, lr=0.05)
         with bora.param_scope():
             after = {n: v.detach().clone() for n, v in pyro.get_param_store().items()}
-        task_params = [n for n in after if is_task_parameter(n)]
+        task_params = [n for n, role in bora.parameter_roles().items() if role.per_task]
         assert task_params and all(after[n].shape[0] == 3 for n in task_params)
         moved_absent = [n for n in task_params if not torch.equal(after[n][absent], before[n][absent])]
         assert (moved_absent == []) == subsampling

@@ -9,8 +9,8 @@ import torch
 import bora_pyro
 from bora_pyro.io.base_models import tiny_random_llama
 from bora_pyro.models.gates import GateConfig, prob_open, relative_bops
-from bora_pyro.nn.gates import LayerGates
 from bora_pyro.models.likelihood import lm_logits
+from bora_pyro.nn.gates import LayerGates
 from bora_pyro.nn.quantization import BITS, bits_of, lora_bops, residual_quantize, residual_terms, step_sizes
 
 
@@ -101,6 +101,7 @@ def test_bops_of_a_hand_computed_example():
     assert lora_bops(4, 6, 2, 8, 32) == 5120
     assert lora_bops(4, 6, 4, 32, 32) == 40960  # the full-rank 32-bit block
     import pandas as pd
+
     report = pd.DataFrame({"bops": [5120.0, 40960.0], "full_bops": [40960.0, 40960.0]})
     assert relative_bops(report) == pytest.approx((5120 + 40960) / 81920)
 
@@ -116,7 +117,7 @@ def test_penalty_is_lambda_times_the_expected_open_gates(make_corpus):
         trace = pyro.poutine.trace(pyro.poutine.replay(bora.model, trace=guide_trace)).get_trace(batch)
     site = trace.nodes["gates.penalty"]
     layers = len(bora.lora.adapted)
-    nested_open = lambda k: sum(p**i for i in range(1, k + 1))  # noqa: E731  E[number of open nested gates]
+    nested_open = lambda k: sum(p**i for i in range(1, k + 1))
     expected = layers * (2.0 * nested_open(3) + 0.5 * nested_open(4))
     torch.testing.assert_close(site["fn"].log_prob(site["value"]), torch.tensor(-expected), rtol=1e-5, atol=1e-5)
 
@@ -132,9 +133,14 @@ def test_gated_training_reports_rank_bits_and_bops(make_corpus):
     assert 0 < relative_bops(report) < 1
 
 
-@pytest.mark.parametrize("config,match", [({"rank_gates": "all"}, "rank gates must be one of"),
-                                          ({"quant_gates": "int8"}, "quantisation gates must be one of"),
-                                          ({"rank_lambda": -1.0}, "rank_lambda must be a finite number >= 0")])
+@pytest.mark.parametrize(
+    "config,match",
+    [
+        ({"rank_gates": "all"}, "rank gates must be one of"),
+        ({"quant_gates": "int8"}, "quantisation gates must be one of"),
+        ({"rank_lambda": -1.0}, "rank_lambda must be a finite number >= 0"),
+    ],
+)
 def test_bad_gate_settings_are_refused(config, match):
     with pytest.raises(ValueError, match=match):
         GateConfig(**config)
@@ -164,9 +170,34 @@ def test_cli_gated_run_writes_its_report_and_its_adapters_reproduce_it(tmp_path,
     data = tmp_path / "corpus.csv"
     synthetic_rows({"a": 12, "b": 8, "c": 5}).to_csv(data, index=False)
     run = tmp_path / "run"
-    assert main(["train", "--model", "tiny-random-llama", "--data", f"csv:{data}", "--steps", "15", "--batch-size", "4",
-                 "--no-progress", "--posterior-samples", "0", "--rank-gates", "per-task", "--quant-gates",
-                 "--rank-lambda", "1e4", "--guide-lr", "0.5", "--out", str(run)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "tiny-random-llama",
+                "--data",
+                f"csv:{data}",
+                "--steps",
+                "15",
+                "--batch-size",
+                "4",
+                "--no-progress",
+                "--posterior-samples",
+                "0",
+                "--rank-gates",
+                "per-task",
+                "--quant-gates",
+                "--rank-lambda",
+                "1e4",
+                "--guide-lr",
+                "0.5",
+                "--out",
+                str(run),
+            ]
+        )
+        == 0
+    )
     report = pd.read_csv(run / "gates.csv")
     assert (run / "gates.png").is_file()
     metrics = json.loads((run / "metrics.json").read_text())
@@ -177,8 +208,13 @@ def test_cli_gated_run_writes_its_report_and_its_adapters_reproduce_it(tmp_path,
     assert json.loads(capsys.readouterr().out)["token_weighted_ppl"] == pytest.approx(metrics["test_ppl"], rel=1e-5)
 
 
-@pytest.mark.parametrize("flags,match", [(["--rank-gates", "all"], "invalid choice: 'all'"),
-                                         (["--rank-gates", "--rank-lambda", "-2"], "rank_lambda must be a finite number >= 0")])
+@pytest.mark.parametrize(
+    "flags,match",
+    [
+        (["--rank-gates", "all"], "invalid choice: 'all'"),
+        (["--rank-gates", "--rank-lambda", "-2"], "rank_lambda must be a finite number >= 0"),
+    ],
+)
 def test_cli_refuses_bad_gate_options(tmp_path, capsys, flags, match):
     from bora_pyro.cli import main
 

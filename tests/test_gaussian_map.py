@@ -23,10 +23,18 @@ NAME = "layers.0.self_attn.q_proj.A"  # the observed factor; the others only fee
 
 def gaussian_bora(parameterization: str = "noncentered", **options):
     corpus = observation_corpus(DOCS)
-    bora = bora_pyro.BoRA(tiny_random_llama()[0], corpus.tasks, rank=1, alpha=1, targets=["q_proj"],
-                          prior=PriorConfig(tau=TAU, parameterization=parameterization), **options)
-    data = GaussianObservations.simulate({NAME: bora.lora.shapes()[NAME]}, DOCS, tau=1.0, sigma=SIGMA,
-                                         generator=torch.Generator().manual_seed(0))
+    bora = bora_pyro.BoRA(
+        tiny_random_llama()[0],
+        corpus.tasks,
+        rank=1,
+        alpha=1,
+        targets=["q_proj"],
+        prior=PriorConfig(tau=TAU, parameterization=parameterization),
+        **options,
+    )
+    data = GaussianObservations.simulate(
+        {NAME: bora.lora.shapes()[NAME]}, DOCS, tau=1.0, sigma=SIGMA, generator=torch.Generator().manual_seed(0)
+    )
     bora.log_likelihood = data.log_likelihood
     return bora, corpus, data
 
@@ -34,8 +42,17 @@ def gaussian_bora(parameterization: str = "noncentered", **options):
 @pytest.mark.parametrize("parameterization", ["centered", "noncentered"])
 def test_map_recovers_the_closed_form_hierarchical_normal_estimate(parameterization):
     bora, corpus, data = gaussian_bora(parameterization=parameterization)
-    bora_pyro.fit(bora, corpus, steps=1500, batch_size=sum(DOCS), lr=0.05, lr_schedule="cosine",
-                  clip_norm=None, eval_every=1500, progress=False)
+    bora_pyro.fit(
+        bora,
+        corpus,
+        steps=1500,
+        batch_size=sum(DOCS),
+        lr=0.05,
+        lr_schedule="cosine",
+        clip_norm=None,
+        eval_every=1500,
+        progress=False,
+    )
     Theta, theta, _ = data.closed_form(NAME, TAU)
     torch.testing.assert_close(bora.global_factors()[NAME], Theta, atol=2e-3, rtol=0)
     torch.testing.assert_close(bora.task_factors()[NAME], theta, atol=2e-3, rtol=0)
@@ -45,14 +62,27 @@ def test_map_recovers_the_closed_form_hierarchical_normal_estimate(parameterizat
 
 def test_vi_recovers_the_exact_gaussian_posterior():
     bora, corpus, data = gaussian_bora(parameterization="centered", inference="vi")
-    bora_pyro.fit(bora, corpus, steps=1200, batch_size=sum(DOCS), lr=0.03, guide_lr=0.03, lr_schedule="cosine", clip_norm=None,
-                  eval_every=1200, num_particles=2, progress=False)
+    bora_pyro.fit(
+        bora,
+        corpus,
+        steps=1200,
+        batch_size=sum(DOCS),
+        lr=0.03,
+        guide_lr=0.03,
+        lr_schedule="cosine",
+        clip_norm=None,
+        eval_every=1200,
+        num_particles=2,
+        progress=False,
+    )
     _, mean, sd = data.closed_form(NAME, TAU)
     with bora.param_scope():
         q = bora.guide.quantiles([0.5, 0.8413447])[f"task.{NAME}"]  # median and +1 sd
     ratio = (q[1] - q[0]) / sd.expand_as(q[0])
-    print(f"max |mean error| {(q[0] - mean).abs().max():.4f}; "
-          f"sd ratio mean {ratio.mean():.3f} [{ratio.min():.2f}, {ratio.max():.2f}]")
+    print(
+        f"max |mean error| {(q[0] - mean).abs().max():.4f}; "
+        f"sd ratio mean {ratio.mean():.3f} [{ratio.min():.2f}, {ratio.max():.2f}]"
+    )
     torch.testing.assert_close(q[0], mean, atol=0.05, rtol=0)
     assert ratio.mean().item() == pytest.approx(1.0, abs=0.1)  # posterior sd within 10% on average
     assert ((ratio - 1).abs() < 0.4).all()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 import torch
 
 from bora_pyro.cli import main
@@ -18,8 +17,29 @@ def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gen")
     data = tmp / "corpus.csv"
     synthetic_rows({"lord": 10, "king": 6, "gold": 4}).to_csv(data, index=False)
-    assert main(["train", "--model", "tiny-random-llama", "--data", f"csv:{data}", "--steps", "15", "--lr", "0.05",
-                 "--eval-every", "15", "--no-progress", "--posterior-samples", "0", "--out", str(tmp / "run")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "tiny-random-llama",
+                "--data",
+                f"csv:{data}",
+                "--steps",
+                "15",
+                "--lr",
+                "0.05",
+                "--eval-every",
+                "15",
+                "--no-progress",
+                "--posterior-samples",
+                "0",
+                "--out",
+                str(tmp / "run"),
+            ]
+        )
+        == 0
+    )
     return load_run(tmp / "run", device="cpu")
 
 
@@ -37,7 +57,9 @@ def test_mixed_batch_generation_equals_one_prompt_at_a_time(run):
 
 
 def test_unknown_task_lists_the_known_ones_and_global(run, capsys):
-    with pytest.raises(ValueError, match=r"unknown task\(s\) \['queen'\]; known tasks: \['lord', 'king', 'gold'\] and 'global'"):
+    with pytest.raises(
+        ValueError, match=r"unknown task\(s\) \['queen'\]; known tasks: \['lord', 'king', 'gold'\] and 'global'"
+    ):
         run.generate(["x"], ["queen"])
     assert main(["generate", str(run.path), "--task", "queen", "--prompt", "x"]) == 2
     assert "known tasks" in capsys.readouterr().err

@@ -52,8 +52,14 @@ def test_zero_b_and_no_factors_give_the_base_model():
 
 def _peft_logits(lm, targets, factors, rank, alpha, input_ids, fan_in_fan_out=False):
     """PEFT's LoRA on a copy of the base model, with our task-0 factors copied in."""
-    config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0,
-                             fan_in_fan_out=fan_in_fan_out, init_lora_weights=False)
+    config = peft.LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=list(targets),
+        lora_dropout=0.0,
+        fan_in_fan_out=fan_in_fan_out,
+        init_lora_weights=False,
+    )
     model = peft.get_peft_model(lm, config)
     with torch.no_grad():
         for path, module in model.named_modules():
@@ -61,7 +67,7 @@ def _peft_logits(lm, targets, factors, rank, alpha, input_ids, fan_in_fan_out=Fa
                 short = path.split("base_model.model.", 1)[1]
                 for prefix in ("model.decoder.", "model.", "transformer."):
                     if short.startswith(prefix):
-                        short = short[len(prefix):]
+                        short = short[len(prefix) :]
                         break
                 module.lora_A["default"].weight.copy_(factors[f"{short}.A"][0])
                 module.lora_B["default"].weight.copy_(factors[f"{short}.B"][0])
@@ -71,14 +77,21 @@ def _peft_logits(lm, targets, factors, rank, alpha, input_ids, fan_in_fan_out=Fa
 @pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])
 def test_one_task_equals_peft_lora(family):
     if family == "llama":
-        build = lambda: tiny_random_llama()[0]  # noqa: E731
+        build = lambda: tiny_random_llama()[0]
     elif family == "opt":
-        cfg = OPTConfig(vocab_size=100, hidden_size=16, num_hidden_layers=2, ffn_dim=32, num_attention_heads=2,
-                        max_position_embeddings=64, word_embed_proj_dim=16)
-        build = lambda: (torch.manual_seed(1), OPTForCausalLM(cfg).eval())[1]  # noqa: E731
+        cfg = OPTConfig(
+            vocab_size=100,
+            hidden_size=16,
+            num_hidden_layers=2,
+            ffn_dim=32,
+            num_attention_heads=2,
+            max_position_embeddings=64,
+            word_embed_proj_dim=16,
+        )
+        build = lambda: (torch.manual_seed(1), OPTForCausalLM(cfg).eval())[1]
     else:
         cfg = GPT2Config(vocab_size=100, n_embd=16, n_layer=2, n_head=2, n_positions=64)
-        build = lambda: (torch.manual_seed(1), GPT2LMHeadModel(cfg).eval())[1]  # noqa: E731
+        build = lambda: (torch.manual_seed(1), GPT2LMHeadModel(cfg).eval())[1]
     ours_lm, peft_lm = build(), build()
     lora = MultiTaskLoRA(ours_lm, rank=3, alpha=6)
     expected_targets = {"llama": ("q_proj", "v_proj"), "opt": ("q_proj", "v_proj"), "gpt2": ("c_attn",)}[family]

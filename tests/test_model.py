@@ -34,7 +34,9 @@ def trace_model(bora, batch, values=None):
 @pytest.mark.parametrize("parameterization", ["centered", "noncentered"])
 def test_sites_and_plates(make_corpus, tiny_lm, parameterization):
     corpus = make_corpus()
-    bora = bora_pyro.BoRA(tiny_lm[0], corpus.tasks, rank=2, alpha=4, prior=PriorConfig(tau=10.0, parameterization=parameterization))
+    bora = bora_pyro.BoRA(
+        tiny_lm[0], corpus.tasks, rank=2, alpha=4, prior=PriorConfig(tau=10.0, parameterization=parameterization)
+    )
     batch = corpus.train.collate([0, 5, 15])
     trace = trace_model(bora, batch)
     samples = {n: s for n, s in trace.nodes.items() if is_latent(s)}
@@ -43,7 +45,7 @@ def test_sites_and_plates(make_corpus, tiny_lm, parameterization):
     assert set(samples) == expected
     present = sorted(set(batch.task_index.tolist()))
     assert len(present) < len(corpus.tasks)  # the batch misses a task: only the present ones are sampled
-    for name, site in samples.items():
+    for site in samples.values():
         assert [f.name for f in site["cond_indep_stack"]] == ["tasks"]
         assert site["value"].shape[0] == len(present)
     params = {n: s for n, s in trace.nodes.items() if s["type"] == "param"}
@@ -70,8 +72,14 @@ def test_loglik_factor_is_scaled_by_num_docs_over_batch(make_corpus, tiny_lm):
 def test_prior_log_density_is_the_gaussian_sum(make_corpus, tiny_lm, parameterization):
     corpus = make_corpus()
     tau = 7.0
-    bora = bora_pyro.BoRA(tiny_lm[0], corpus.tasks, rank=2, alpha=4, prior=PriorConfig(tau=tau, parameterization=parameterization),
-                          task_subsampling=False)
+    bora = bora_pyro.BoRA(
+        tiny_lm[0],
+        corpus.tasks,
+        rank=2,
+        alpha=4,
+        prior=PriorConfig(tau=tau, parameterization=parameterization),
+        task_subsampling=False,
+    )
     g = torch.Generator().manual_seed(1)
     theta = {n: torch.randn((3, *s), generator=g) for n, s in bora.lora.shapes().items()}
     batch = corpus.train.collate([0])
@@ -106,7 +114,9 @@ def test_task_subsampled_prior_is_an_unbiased_estimate_of_the_full_prior(make_co
     """Averaged over all batches of one document, the weighted prior terms of the present tasks equal
     the full prior of all tasks (weights (N / B) c_d / n_d)."""
     corpus = make_corpus()
-    bora = bora_pyro.BoRA(tiny_lm[0], corpus.tasks, rank=2, alpha=4, prior=PriorConfig(tau=7.0, parameterization=parameterization))
+    bora = bora_pyro.BoRA(
+        tiny_lm[0], corpus.tasks, rank=2, alpha=4, prior=PriorConfig(tau=7.0, parameterization=parameterization)
+    )
     suffix = "_decentered" if parameterization == "noncentered" else ""
     g = torch.Generator().manual_seed(2)
     full = {f"task.{n}{suffix}": torch.randn((3, *s), generator=g) for n, s in bora.lora.shapes().items()}
@@ -210,7 +220,9 @@ def test_map_loss_equals_the_trace_elbo_of_the_autodelta_guide(make_corpus, tiny
     from bora_pyro.inference.svi import map_loss
 
     corpus = make_corpus()
-    bora = bora_pyro.BoRA(tiny_lm[0], corpus.tasks, rank=2, alpha=4, prior=PriorConfig(tau=7.0, parameterization=parameterization))
+    bora = bora_pyro.BoRA(
+        tiny_lm[0], corpus.tasks, rank=2, alpha=4, prior=PriorConfig(tau=7.0, parameterization=parameterization)
+    )
     bora_pyro.fit(bora, corpus, steps=3, batch_size=4, eval_every=3, progress=False, lr=0.05)  # move off the start
     batch = corpus.train.collate([0, 3, 7])
     with bora.param_scope():
@@ -227,8 +239,10 @@ def test_stacked_normal_is_the_elementwise_normal_density():
     x, loc, scale = torch.randn(4, 3, 5, generator=g), torch.randn(3, 5, generator=g), torch.tensor(0.7)
     expected = dist.Normal(loc, scale).to_event(2).log_prob(x)  # [4]
     torch.testing.assert_close(StackedNormal(loc, scale, (3, 5), (4,)).log_prob(x), expected)
-    torch.testing.assert_close(StackedNormal(None, scale, (3, 5), (4,)).log_prob(x),
-                               dist.Normal(0.0, scale).expand((3, 5)).to_event(2).log_prob(x))
+    torch.testing.assert_close(
+        StackedNormal(None, scale, (3, 5), (4,)).log_prob(x),
+        dist.Normal(0.0, scale).expand((3, 5)).to_event(2).log_prob(x),
+    )
     draws = StackedNormal(loc, scale, (3, 5), (4,)).sample((2000,))
     assert draws.shape == (2000, 4, 3, 5)
     torch.testing.assert_close(draws.mean((0, 1)), loc, atol=0.05, rtol=0)
@@ -246,7 +260,9 @@ def test_closed_form_kl_to_the_task_prior_matches_torch():
     loc, scale = torch.randn(4, 3, 5, generator=g), torch.rand(4, 3, 5, generator=g) + 0.1
     q = dist.Normal(loc, scale).to_event(2)
     prior_loc, prior_scale = torch.randn(3, 5, generator=g), torch.tensor(0.3)
-    for p_ours, p_torch in [(StackedNormal(prior_loc, prior_scale, (3, 5), (4,)), dist.Normal(prior_loc, prior_scale)),
-                            (StackedNormal(None, prior_scale, (3, 5), (4,)), dist.Normal(0.0, prior_scale))]:
+    for p_ours, p_torch in [
+        (StackedNormal(prior_loc, prior_scale, (3, 5), (4,)), dist.Normal(prior_loc, prior_scale)),
+        (StackedNormal(None, prior_scale, (3, 5), (4,)), dist.Normal(0.0, prior_scale)),
+    ]:
         expected = kl_divergence(q, p_torch.expand((4, 3, 5)).to_event(2))
         torch.testing.assert_close(kl_divergence(q, p_ours), expected)

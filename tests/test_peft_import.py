@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import bora_pyro
-from bora_pyro.io.base_models import tiny_random_llama
 from bora_pyro.cli import main
+from bora_pyro.io.base_models import tiny_random_llama
 from bora_pyro.io.peft_import import import_peft
 from bora_pyro.runs import load_run
 
@@ -21,8 +21,9 @@ peft = pytest.importorskip("peft")
 def saved_peft_adapter(folder, r=4, alpha=8.0, use_rslora=False, targets=("q_proj", "v_proj")):
     """A PEFT LoRA adapter on tiny-random-llama with non-zero B (so it changes the logits)."""
     torch.manual_seed(1)
-    config = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0,
-                             use_rslora=use_rslora)
+    config = peft.LoraConfig(
+        r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, use_rslora=use_rslora
+    )
     model = peft.get_peft_model(tiny_random_llama()[0], config)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -53,9 +54,31 @@ def test_train_with_init_peft_records_it_and_starts_there(tmp_path):
     data = tmp_path / "corpus.csv"
     synthetic_rows({"a": 8, "b": 5}).to_csv(data, index=False)
     run = tmp_path / "run"
-    assert main(["train", "--model", "tiny-random-llama", "--data", f"csv:{data}", "--steps", "2", "--lr", "1e-6",
-                 "--eval-every", "2", "--no-progress", "--posterior-samples", "0", "--init-peft",
-                 str(tmp_path / "adapter"), "--out", str(run)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "tiny-random-llama",
+                "--data",
+                f"csv:{data}",
+                "--steps",
+                "2",
+                "--lr",
+                "1e-6",
+                "--eval-every",
+                "2",
+                "--no-progress",
+                "--posterior-samples",
+                "0",
+                "--init-peft",
+                str(tmp_path / "adapter"),
+                "--out",
+                str(run),
+            ]
+        )
+        == 0
+    )
     assert json.loads((run / "config.json").read_text())["adapter"]["init_peft"] == str(tmp_path / "adapter")
     loaded = load_run(run, device="cpu")
     expected = import_peft(loaded.bora.lora, tmp_path / "adapter")
@@ -63,16 +86,20 @@ def test_train_with_init_peft_records_it_and_starts_there(tmp_path):
         torch.testing.assert_close(loaded.global_factors[name], value, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"r": 2}, "adapter rank r=2 differs from this model's rank 4; pass --rank 2"),
-    ({"use_dora": True}, "DoRA"),
-    ({"bias": "all"}, "bias='all'"),
-    ({"peft_type": "IA3"}, "only LoRA adapters"),
-    ({"target_modules": ["q_proj"]}, "targets other modules"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"r": 2}, "adapter rank r=2 differs from this model's rank 4; pass --rank 2"),
+        ({"use_dora": True}, "DoRA"),
+        ({"bias": "all"}, "bias='all'"),
+        ({"peft_type": "IA3"}, "only LoRA adapters"),
+        ({"target_modules": ["q_proj"]}, "targets other modules"),
+    ],
+)
 def test_bad_peft_adapters_are_refused(tmp_path, change, message):
-    saved_peft_adapter(tmp_path / "adapter", r=change.get("r", 4),
-                       targets=change.get("target_modules", ["q_proj", "v_proj"]))
+    saved_peft_adapter(
+        tmp_path / "adapter", r=change.get("r", 4), targets=change.get("target_modules", ["q_proj", "v_proj"])
+    )
     config_file = tmp_path / "adapter" / "adapter_config.json"
     config = json.loads(config_file.read_text())
     config.update({k: v for k, v in change.items() if k not in ("r", "target_modules")})

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from bora_pyro.cli import main
-from bora_pyro.io.faults import CRASH_ENV
 from bora_pyro.inference.checkpoint import LoopState, checkpoint_step, load_checkpoint, save_checkpoint
+from bora_pyro.io.faults import CRASH_ENV
 
 from .conftest import synthetic_rows
 
@@ -23,9 +23,29 @@ STEPS = 24
 
 
 def train_args(data, out, *extra):
-    return ["train", "--model", "tiny-random-llama", "--data", f"csv:{data}", "--steps", str(STEPS), "--batch-size", "4",
-            "--eval-every", "8", "--checkpoint-every", "4", "--lr", "0.01", "--posterior-samples", "0",
-            "--no-progress", "--out", str(out), *extra]
+    return [
+        "train",
+        "--model",
+        "tiny-random-llama",
+        "--data",
+        f"csv:{data}",
+        "--steps",
+        str(STEPS),
+        "--batch-size",
+        "4",
+        "--eval-every",
+        "8",
+        "--checkpoint-every",
+        "4",
+        "--lr",
+        "0.01",
+        "--posterior-samples",
+        "0",
+        "--no-progress",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def run_cli(args, crash_at: str | None = None) -> subprocess.CompletedProcess:
@@ -55,13 +75,16 @@ def assert_same_run(run, reference):
     assert not (run.parent / f"{run.name}.checkpoint").exists()  # removed once the run is complete
 
 
-@pytest.mark.parametrize("crash_at", [
-    "checkpoint.tensors-written:3",  # inside the third save, before its metadata
-    "checkpoint.slot-written:4",  # a complete new slot, not yet renamed into place
-    "checkpoint.slot-renamed:2",  # two complete slots on disk, the old one not yet deleted
-    "folder.renamed-in:1",  # the run folder in place, the checkpoint not yet removed
-    "run.fitted:1",  # the fitted state written, scoring not started
-])
+@pytest.mark.parametrize(
+    "crash_at",
+    [
+        "checkpoint.tensors-written:3",  # inside the third save, before its metadata
+        "checkpoint.slot-written:4",  # a complete new slot, not yet renamed into place
+        "checkpoint.slot-renamed:2",  # two complete slots on disk, the old one not yet deleted
+        "folder.renamed-in:1",  # the run folder in place, the checkpoint not yet removed
+        "run.fitted:1",  # the fitted state written, scoring not started
+    ],
+)
 def test_killed_at_a_crash_point_then_resumed_equals_an_uninterrupted_run(tmp_path, straight, crash_at):
     data, reference = straight
     killed = tmp_path / "killed"

@@ -19,11 +19,12 @@ import torch
 from safetensors.torch import load_file
 
 import bora_pyro
-from bora_pyro.io import base_models
-from bora_pyro.runs import RunSpec, train as run_training
-from bora_pyro.io.base_models import tiny_random_llama
 from bora_pyro.cli import main
+from bora_pyro.io import base_models
+from bora_pyro.io.base_models import tiny_random_llama
 from bora_pyro.io.folders import MARKER, folder_lock
+from bora_pyro.runs import RunSpec
+from bora_pyro.runs import train as run_training
 
 from .conftest import synthetic_rows
 
@@ -38,7 +39,9 @@ def data(tmp_path):
 
 
 def train(data, out, *extra) -> int:
-    return main(["train", *TINY, "--data", f"csv:{data}", "--steps", "6", "--eval-every", "3", "--out", str(out), *extra])
+    return main(
+        ["train", *TINY, "--data", f"csv:{data}", "--steps", "6", "--eval-every", "3", "--out", str(out), *extra]
+    )
 
 
 def edit_json(path: Path, **changes) -> None:
@@ -47,8 +50,10 @@ def edit_json(path: Path, **changes) -> None:
 
 # 1. trust_remote_code is never taken from a file
 
-@pytest.mark.parametrize("command", [["evaluate"], ["generate", "--task", "north", "--prompt", "the"],
-                                     ["export", "--out", "EXPORT"]])
+
+@pytest.mark.parametrize(
+    "command", [["evaluate"], ["generate", "--task", "north", "--prompt", "the"], ["export", "--out", "EXPORT"]]
+)
 def test_a_run_folder_cannot_grant_trust_remote_code(tmp_path, data, capsys, command):
     run = tmp_path / "run"
     assert train(data, run) == 0
@@ -67,13 +72,15 @@ def test_resume_cannot_take_trust_remote_code_from_the_checkpoint(tmp_path, data
     folder = tmp_path / "run.checkpoint"
     folder.mkdir()
     (folder / MARKER).write_text("{}")
-    (folder / "spec.json").write_text(json.dumps({**RunSpec(model="tiny-random-llama").to_dict(),
-                                                  "trust_remote_code": True}))
+    (folder / "spec.json").write_text(
+        json.dumps({**RunSpec(model="tiny-random-llama").to_dict(), "trust_remote_code": True})
+    )
     assert main(["train", "--resume", str(run)]) == 2
     assert "never takes that permission from a file" in capsys.readouterr().err
 
 
 # 3. --overwrite replaces only what bora_pyro wrote, never the working directory or home
+
 
 def test_overwrite_refuses_a_folder_the_tool_did_not_write(tmp_path, data, capsys):
     mine = tmp_path / "Documents"
@@ -102,19 +109,34 @@ def test_overwrite_replaces_a_run_and_a_crash_mid_replacement_keeps_the_old_one(
     assert train(data, run) == 0
     old = load_file(run / "adapters.safetensors")
     env = {**os.environ, "BORA_PYRO_CRASH_AT": "folder.renamed-aside:1"}
-    args = ["train", *TINY, "--data", f"csv:{data}", "--steps", "4", "--eval-every", "2", "--out", str(run), "--overwrite"]
+    args = [
+        "train",
+        *TINY,
+        "--data",
+        f"csv:{data}",
+        "--steps",
+        "4",
+        "--eval-every",
+        "2",
+        "--out",
+        str(run),
+        "--overwrite",
+    ]
     assert subprocess.run([sys.executable, "-m", "bora_pyro.cli", *args], env=env).returncode == -9
     assert not run.exists()  # killed between renaming the old folder aside and the new one in
     loaded = bora_pyro.load_run(run)  # reading recovers the old, complete folder
     assert loaded.status == "complete"
-    assert torch.equal(load_file(run / "adapters.safetensors")["task.layers.0.self_attn.q_proj.A"],
-                       old["task.layers.0.self_attn.q_proj.A"])
+    assert torch.equal(
+        load_file(run / "adapters.safetensors")["task.layers.0.self_attn.q_proj.A"],
+        old["task.layers.0.self_attn.q_proj.A"],
+    )
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run.")]  # no leftovers
     assert subprocess.run([sys.executable, "-m", "bora_pyro.cli", *args]).returncode == 0
     assert json.loads((run / "metrics.json").read_text())["steps"] == 4  # replaced by the new run
 
 
 # 4. the fit is written before scoring, and evaluate completes a run whose scoring failed
+
 
 def test_a_failure_after_the_fit_loses_nothing_and_evaluate_completes_the_run(tmp_path, data, capsys, monkeypatch):
     straight = tmp_path / "straight"
@@ -140,6 +162,7 @@ def test_a_failure_after_the_fit_loses_nothing_and_evaluate_completes_the_run(tm
 
 
 # 7. one writer per folder; one converter of the cached model
+
 
 def test_a_folder_being_written_by_another_process_is_refused(tmp_path, data, capsys):
     run = tmp_path / "run"
@@ -171,12 +194,28 @@ def test_concurrent_first_loads_convert_the_embedded_model_once(tmp_path, monkey
 
 # 8. SIGTERM / Ctrl-C: checkpoint, one line, non-zero status, folder marked interrupted
 
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_stops_after_the_step_and_the_run_resumes_to_the_same_end(tmp_path, data, signum):
-    args = ["train", *TINY, "--data", f"csv:{data}", "--steps", "40", "--eval-every", "5", "--checkpoint-every", "10",
-            "--batch-size", "4"]
-    proc = subprocess.Popen([sys.executable, "-m", "bora_pyro.cli", *args, "--out", str(tmp_path / "run")],
-                            stderr=subprocess.PIPE, text=True)
+    args = [
+        "train",
+        *TINY,
+        "--data",
+        f"csv:{data}",
+        "--steps",
+        "40",
+        "--eval-every",
+        "5",
+        "--checkpoint-every",
+        "10",
+        "--batch-size",
+        "4",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bora_pyro.cli", *args, "--out", str(tmp_path / "run")],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     checkpoint = tmp_path / "run.checkpoint"
     deadline = time.time() + 120
     while not list(checkpoint.glob("step-*")) and time.time() < deadline:
@@ -199,6 +238,7 @@ def test_a_signal_stops_after_the_step_and_the_run_resumes_to_the_same_end(tmp_p
 
 # 9. a non-finite loss or gradient stops the fit before the update
 
+
 def poisoned_likelihood(bad_from: int, kind: str):
     """An LM likelihood that turns non-finite (value, or gradient only) from its ``bad_from``-th call with
     gradients on (calls 1-2 set the guide up, call k + 2 is step k; validation runs without gradients)."""
@@ -215,7 +255,10 @@ def poisoned_likelihood(bad_from: int, kind: str):
         if kind == "loss":
             return out * float("nan")
         x = next(iter(factors.values())).sum()
-        return out + torch.where(torch.tensor(True), torch.zeros(()), torch.sqrt(-1 - x**2))  # finite value, NaN gradient
+        return out + torch.where(
+            torch.tensor(True), torch.zeros(()), torch.sqrt(-1 - x**2)
+        )  # finite value, NaN gradient
+
     return loglik
 
 
@@ -244,6 +287,7 @@ def test_the_fit_api_reports_divergence_and_keeps_the_last_good_parameters(make_
 
 # 13. the base model's identity: recorded, checked, and exported for PEFT
 
+
 def test_the_run_records_its_base_model_and_refuses_other_weights(tmp_path, data, capsys):
     run = tmp_path / "run"
     assert train(data, run) == 0
@@ -261,10 +305,14 @@ def test_the_run_records_its_base_model_and_refuses_other_weights(tmp_path, data
 def test_peft_export_names_a_base_model_a_user_can_load():
     info = base_models.describe_base_model("smollm2-135m", tiny_random_llama()[0])
     assert info["hub_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and "GGUF" in info["note"]
-    assert base_models.describe_base_model("some-org/some-model", tiny_random_llama()[0])["hub_id"] == "some-org/some-model"
+    assert (
+        base_models.describe_base_model("some-org/some-model", tiny_random_llama()[0])["hub_id"]
+        == "some-org/some-model"
+    )
 
 
 # 14. how many documents were scored, printed and recorded
+
 
 def test_every_run_says_how_many_held_out_documents_were_scored(tmp_path, capsys):
     data = tmp_path / "big.csv"
@@ -279,6 +327,7 @@ def test_every_run_says_how_many_held_out_documents_were_scored(tmp_path, capsys
 
 # 15. the training log separates the data term from the prior
 
+
 def test_the_training_log_separates_the_likelihood_from_the_prior(tmp_path, data):
     for tau, prior_is_zero in (("0", True), ("100", False)):
         run = tmp_path / f"tau{tau}"
@@ -287,4 +336,6 @@ def test_the_training_log_separates_the_likelihood_from_the_prior(tmp_path, data
         assert {"train_nll_per_token", "train_ppl", "prior_per_token", "loss_per_token"} <= set(log.columns)
         assert (log.train_ppl - log.train_nll_per_token.map(lambda v: float(torch.tensor(v).exp()))).abs().max() < 1e-3
         assert ((log.prior_per_token.abs() < 1e-5).all()) == prior_is_zero  # float32 rounding of loss - data
-        assert (log.train_nll_per_token > 0).all() and (log.train_nll_per_token < 10).all()  # nats per token, not the joint
+        assert (log.train_nll_per_token > 0).all() and (
+            log.train_nll_per_token < 10
+        ).all()  # nats per token, not the joint

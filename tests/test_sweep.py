@@ -19,8 +19,20 @@ FIGURES = ["figure1.png", "figure2.png", "figure3.png", "figure4.png", "figure5.
 def sweep_args(tmp_path):
     path = tmp_path / "corpus.csv"
     synthetic_rows({"big": 20, "mid": 8, "small": 4}).to_csv(path, index=False)
-    return ["sweep", "--model", "tiny-random-llama", "--data", f"csv:{path}", "--steps", "4", "--eval-every", "2",
-            "--no-progress", "--out", str(tmp_path / "sweep")]
+    return [
+        "sweep",
+        "--model",
+        "tiny-random-llama",
+        "--data",
+        f"csv:{path}",
+        "--steps",
+        "4",
+        "--eval-every",
+        "2",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "sweep"),
+    ]
 
 
 def test_sweep_end_to_end_then_resume_skips_finished_taus(tmp_path, sweep_args, capsys):

@@ -17,8 +17,15 @@ def write_ton(path, counts: dict[str, tuple[int, str]]) -> None:
     for name, (n, first) in counts.items():
         for i in range(n):
             date = (pd.Timestamp(first) + pd.Timedelta(days=i)).strftime("%Y-%m-%d")
-            rows.append({"id": f"{name}-{i}", "rep_name": name, "party_name": "Partiet", "date": date,
-                         "text": f"{SPEECH} nummer {i} fra {name}"})
+            rows.append(
+                {
+                    "id": f"{name}-{i}",
+                    "rep_name": name,
+                    "party_name": "Partiet",
+                    "date": date,
+                    "text": f"{SPEECH} nummer {i} fra {name}",
+                }
+            )
     rows.append({"id": "x", "rep_name": "Kort Taler", "party_name": "P", "date": "1999-01-01", "text": "Kort."})
     pd.DataFrame(rows).sample(frac=1.0, random_state=0).to_csv(path, index=False)
 
@@ -26,13 +33,16 @@ def write_ton(path, counts: dict[str, tuple[int, str]]) -> None:
 @pytest.fixture
 def ton_csv(tmp_path):
     path = tmp_path / "ton.csv"
-    write_ton(path, {
-        "Bergersen, Ola": (150, "2001-05-01"),  # > 100, second to start speaking
-        "Aas, Kari": (250, "2003-01-01"),  # > 100 and 200 < n < 1000; third
-        "Dahl, Per": (120, "1998-03-01"),  # > 100; first to speak
-        "Eng, Liv": (90, "1997-01-01"),  # too few for both rules
-        "Berg, Anne": (210, "2005-01-01"),  # 200 < n < 1000
-    })
+    write_ton(
+        path,
+        {
+            "Bergersen, Ola": (150, "2001-05-01"),  # > 100, second to start speaking
+            "Aas, Kari": (250, "2003-01-01"),  # > 100 and 200 < n < 1000; third
+            "Dahl, Per": (120, "1998-03-01"),  # > 100; first to speak
+            "Eng, Liv": (90, "1997-01-01"),  # too few for both rules
+            "Berg, Anne": (210, "2005-01-01"),  # 200 < n < 1000
+        },
+    )
     return path
 
 
@@ -59,8 +69,9 @@ def test_short_speeches_are_cleaned_before_counting(tmp_path, caplog):
 
 
 def test_ton_corpus_through_load_corpus(ton_csv, tiny_lm):
-    corpus = bora_pyro.load_corpus(f"ton:{ton_csv}", tiny_lm[1], num_tasks=2, max_tokens=32,
-                                   long_documents="truncate")  # one document per speech
+    corpus = bora_pyro.load_corpus(
+        f"ton:{ton_csv}", tiny_lm[1], num_tasks=2, max_tokens=32, long_documents="truncate"
+    )  # one document per speech
     assert corpus.tasks == ("Dahl, Per", "Bergersen, Ola")
     assert corpus.train.docs_per_task().tolist() == [96, 120]
 

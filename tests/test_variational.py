@@ -14,8 +14,8 @@ import torch
 import bora_pyro
 from bora_pyro import PriorConfig
 from bora_pyro.cli import main
-from bora_pyro.models.tau_prior import TauPrior
 from bora_pyro.evaluation.predictive import calibration, posterior_draws, posterior_predictive
+from bora_pyro.models.tau_prior import TauPrior
 
 from .conftest import synthetic_rows
 
@@ -27,8 +27,13 @@ def test_learned_tau_needs_vi(tiny_lm):
 
 def test_learned_tau_is_a_site_outside_the_task_plate(make_corpus, tiny_lm):
     corpus = make_corpus()
-    bora = bora_pyro.BoRA(tiny_lm[0], corpus.tasks, rank=2, inference="vi",
-                          prior=PriorConfig(tau="learn", tau_prior="gamma:2,0.02", tau_groups="module"))
+    bora = bora_pyro.BoRA(
+        tiny_lm[0],
+        corpus.tasks,
+        rank=2,
+        inference="vi",
+        prior=PriorConfig(tau="learn", tau_prior="gamma:2,0.02", tau_groups="module"),
+    )
     bora_pyro.fit(bora, corpus, steps=3, batch_size=4, eval_every=3, progress=False)
     from pyro import poutine
 
@@ -43,8 +48,9 @@ def test_learned_tau_is_a_site_outside_the_task_plate(make_corpus, tiny_lm):
 
 def test_latent_global_is_a_site_outside_the_task_plate_and_its_median_is_theta(make_corpus, tiny_lm):
     corpus = make_corpus()
-    bora = bora_pyro.BoRA(tiny_lm[0], corpus.tasks, rank=2, inference="vi",
-                          prior=PriorConfig(tau="learn", global_prior="normal:3"))
+    bora = bora_pyro.BoRA(
+        tiny_lm[0], corpus.tasks, rank=2, inference="vi", prior=PriorConfig(tau="learn", global_prior="normal:3")
+    )
     bora_pyro.fit(bora, corpus, steps=3, batch_size=4, eval_every=3, progress=False)
     from pyro import poutine
 
@@ -63,27 +69,34 @@ def test_latent_global_is_a_site_outside_the_task_plate_and_its_median_is_theta(
 
 def test_guide_lr_moves_only_the_uncertainty_parameters(make_corpus, tiny_lm):
     corpus = make_corpus()
-    bora = bora_pyro.BoRA(tiny_lm[0], corpus.tasks, rank=2, inference="vi",
-                          prior=PriorConfig(tau="learn", parameterization="centered"))
-    bora_pyro.fit(bora, corpus, steps=1, batch_size=4, eval_every=1, progress=False, lr=1e-9, guide_lr=0.1,
-                  clip_norm=None)
+    bora = bora_pyro.BoRA(
+        tiny_lm[0], corpus.tasks, rank=2, inference="vi", prior=PriorConfig(tau="learn", parameterization="centered")
+    )
+    bora_pyro.fit(
+        bora, corpus, steps=1, batch_size=4, eval_every=1, progress=False, lr=1e-9, guide_lr=0.1, clip_norm=None
+    )
     with bora.param_scope():
         store = pyro.get_param_store()
         start = bora.prior.initial_values(bora.init)
         locs = {n: store[n] for n in store.keys() if ".locs." in n}
         scales = {n: store[n] for n in store.keys() if ".scales." in n}
-    moved = lambda a, b: not torch.allclose(a, b, atol=1e-6)  # noqa: E731
+    moved = lambda a, b: not torch.allclose(a, b, atol=1e-6)
     assert moved(locs["MeanFieldNormal.locs.tau"], torch.tensor([math.log(TauPrior().median())]))
     assert all(moved(v, torch.full_like(v, 1e-3)) for v in scales.values())
-    assert not any(moved(v, start[n.removeprefix("MeanFieldNormal.locs.")]) for n, v in locs.items()
-                   if n.startswith("MeanFieldNormal.locs.task"))
+    assert not any(
+        moved(v, start[n.removeprefix("MeanFieldNormal.locs.")])
+        for n, v in locs.items()
+        if n.startswith("MeanFieldNormal.locs.task")
+    )
 
 
 def test_exact_tau_posterior_concentrates_on_the_simulated_precision():
     from bora_pyro.models.gaussian import GaussianObservations
 
     shapes = {"w": (40, 50)}  # 2000 elements, 30 tasks, precise observations
-    data = GaussianObservations.simulate(shapes, [50] * 30, tau=25.0, sigma=0.1, generator=torch.Generator().manual_seed(0))
+    data = GaussianObservations.simulate(
+        shapes, [50] * 30, tau=25.0, sigma=0.1, generator=torch.Generator().manual_seed(0)
+    )
     grid = torch.linspace(0.0, 8.0, 2001)
     for theta in ("empirical-bayes", "integrated"):
         post = data.tau_posterior(TauPrior("lognormal", 2.0, 3.0), grid, theta)
@@ -100,8 +113,14 @@ def test_bad_global_prior(text):
         parse_global_prior(text)
 
 
-@pytest.mark.parametrize("text, message", [("cauchy:1,2", "tau prior must be one of"),
-                                           ("lognormal:1", "must look like"), ("gamma:-1,2", "positive parameters")])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("cauchy:1,2", "tau prior must be one of"),
+        ("lognormal:1", "must look like"),
+        ("gamma:-1,2", "positive parameters"),
+    ],
+)
 def test_bad_tau_prior(text, message):
     with pytest.raises(ValueError, match=message):
         TauPrior.parse(text)
@@ -143,10 +162,25 @@ def test_calibration_of_a_uniform_predictor(make_corpus, tiny_lm):
 def test_runs_get_posterior_nc_and_diagnose_compares_three(tmp_path, capsys):
     data = tmp_path / "corpus.csv"
     synthetic_rows({"a": 10, "b": 6, "c": 4}).to_csv(data, index=False)
-    common = ["train", "--model", "tiny-random-llama", "--data", f"csv:{data}", "--steps", "4", "--eval-every", "2",
-              "--no-progress", "--posterior-samples", "4"]
-    runs = {"tau10": ["--tau", "10"], "vi10": ["--tau", "10", "--inference", "vi"],
-            "learned": ["--tau", "learn", "--inference", "vi"]}
+    common = [
+        "train",
+        "--model",
+        "tiny-random-llama",
+        "--data",
+        f"csv:{data}",
+        "--steps",
+        "4",
+        "--eval-every",
+        "2",
+        "--no-progress",
+        "--posterior-samples",
+        "4",
+    ]
+    runs = {
+        "tau10": ["--tau", "10"],
+        "vi10": ["--tau", "10", "--inference", "vi"],
+        "learned": ["--tau", "learn", "--inference", "vi"],
+    }
     for name, extra in runs.items():
         assert main(common + extra + ["--out", str(tmp_path / name)]) == 0
     idata = az.from_netcdf(tmp_path / "learned" / "posterior.nc")

@@ -8,9 +8,9 @@ in one forward pass.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -42,11 +42,13 @@ class Batch:
     docs_per_task: torch.Tensor | None = None
     step_task_index: torch.Tensor | None = None
 
-    def to(self, device: torch.device | str) -> "Batch":
+    def to(self, device: torch.device | str) -> Batch:
         moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return Batch(**{k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in moved.items()})
+        return Batch(
+            **{k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in moved.items()}
+        )
 
-    def replace(self, **fields) -> "Batch":
+    def replace(self, **fields) -> Batch:
         """The same batch with some fields replaced."""
         return dataclasses.replace(self, **fields)
 

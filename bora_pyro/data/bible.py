@@ -7,11 +7,20 @@ English (the default) is a variety SmolLM2 has barely seen, so adaptation has mu
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 # Ten books of very unequal length (Wycliffe verses: Psalms 2526 ... Obadiah 21).
 DEFAULT_BOOKS = (
-    "Psalms", "Genesis", "Isaiah", "Matthew", "Acts", "Romans", "James", "Ruth", "Jonah", "Obadiah",
+    "Psalms",
+    "Genesis",
+    "Isaiah",
+    "Matthew",
+    "Acts",
+    "Romans",
+    "James",
+    "Ruth",
+    "Jonah",
+    "Obadiah",
 )
 _VERSE_NUMBER = re.compile(r"^\s*\d+\.\s*")
 
@@ -22,8 +31,7 @@ def _bible(translation: str):
         from pythonbible.bible import get_bible
     except ModuleNotFoundError as err:
         raise ModuleNotFoundError(
-            "the bible-books corpus needs the pythonbible wheels: pip install pythonbible "
-            f"pythonbible-{translation}"
+            f"the bible-books corpus needs the pythonbible wheels: pip install pythonbible pythonbible-{translation}"
         ) from err
     versions = {v.value.lower(): v for v in pb.Version}
     if translation.lower() not in versions:

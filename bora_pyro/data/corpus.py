@@ -17,13 +17,13 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .task_names import check_task_names
 from ..options import option, parse_csv, parse_optional_int
 from .batching import Split
 from .bible import bible_books
 from .split import split_per_task
 from .tabular import documents_by_task, read_table
 from .talk_of_norway import TON_SELECTIONS, ton_documents
+from .task_names import check_task_names
 from .tokenize import LONG_DOCUMENTS, tokenize_split
 
 log = logging.getLogger(__name__)
@@ -36,25 +36,41 @@ class CorpusConfig:
     """How a corpus is cut into documents and split. Validated on construction; every field is a CLI option."""
 
     max_tokens: int = option(64, "tokens per document (BOS, task prompt, text and EOS)")
-    long_documents: str = option("split", "documents longer than --max-tokens: split into consecutive chunks (each a "
-                                 "document of its task, in the same split), or truncate", choices=LONG_DOCUMENTS)
-    seed: int | None = option(None, "seed of the train/valid/test split (default: --seed); fix it to score several "
-                              "training seeds on one test set", flag="--split-seed")
+    long_documents: str = option(
+        "split",
+        "documents longer than --max-tokens: split into consecutive chunks (each a "
+        "document of its task, in the same split), or truncate",
+        choices=LONG_DOCUMENTS,
+    )
+    seed: int | None = option(
+        None,
+        "seed of the train/valid/test split (default: --seed); fix it to score several training seeds on one test set",
+        flag="--split-seed",
+    )
     valid_fraction: float = option(0.1, "share of each task's documents held out for validation")
     test_fraction: float = option(0.1, "share of each task's documents held out for testing")
-    max_train_docs: int | None = option(None, "cap on training documents per task ('none' = no cap)",
-                                        parse=parse_optional_int)
-    max_eval_docs: int | None = option(8, "cap on validation and on test documents per task ('none' = no cap; a CPU "
-                                       "convenience: every run says how many were scored)", parse=parse_optional_int)
+    max_train_docs: int | None = option(
+        None, "cap on training documents per task ('none' = no cap)", parse=parse_optional_int
+    )
+    max_eval_docs: int | None = option(
+        8,
+        "cap on validation and on test documents per task ('none' = no cap; a CPU "
+        "convenience: every run says how many were scored)",
+        parse=parse_optional_int,
+    )
     task_prompt: str | None = option(None, "masked prompt before each document, e.g. '{task}: '")
     task_column: str = option("task", "csv/jsonl/datasets: the task column")
     text_column: str = option("text", "csv/jsonl/datasets: the text column")
     translation: str = option("wyc", "bible-books: pythonbible version (wyc, kjv...)")
-    books: tuple[str, ...] | None = option(None, "bible-books: comma-separated titles, or 'all' (default: ten books "
-                                           "of very unequal size)", parse=parse_csv)
+    books: tuple[str, ...] | None = option(
+        None, "bible-books: comma-separated titles, or 'all' (default: ten books of very unequal size)", parse=parse_csv
+    )
     num_tasks: int | None = option(None, "keep the first N tasks (ton: speakers, default 25)")
-    ton_selection: str = option("paper", "ton: first speakers with > 100 speeches (paper) or 200 < n < 1000 in name "
-                                "order (reference)", choices=TON_SELECTIONS)
+    ton_selection: str = option(
+        "paper",
+        "ton: first speakers with > 100 speeches (paper) or 200 < n < 1000 in name order (reference)",
+        choices=TON_SELECTIONS,
+    )
     min_words: int = option(10, "ton: drop shorter speeches")
 
     def __post_init__(self) -> None:
@@ -111,13 +127,17 @@ class Corpus:
     def documents(self) -> dict[str, dict[str, int]]:
         """Per split: the source documents used (after the per-task caps), those available before the
         caps, how many were longer than ``max_tokens``, and the documents after chunking."""
-        return {name: {"used": s.source_docs, "available": s.available_docs, "long": s.long_docs, "chunks": len(s)}
-                for name, s in ((n, self.split(n)) for n in ("train", "valid", "test"))}
+        return {
+            name: {"used": s.source_docs, "available": s.available_docs, "long": s.long_docs, "chunks": len(s)}
+            for name, s in ((n, self.split(n)) for n in ("train", "valid", "test"))
+        }
 
     def summary(self) -> list[dict]:
         """One row per task: documents and scored tokens in each split."""
         rows = []
-        counts = {s: (self.split(s).docs_per_task(), self.split(s).tokens_per_task()) for s in ("train", "valid", "test")}
+        counts = {
+            s: (self.split(s).docs_per_task(), self.split(s).tokens_per_task()) for s in ("train", "valid", "test")
+        }
         for d, task in enumerate(self.tasks):
             row = {"task": task}
             for s, (docs, tokens) in counts.items():
@@ -157,7 +177,8 @@ def load_corpus(spec: str, tokenizer, **options) -> Corpus:
     tokenized = {
         name: dataclasses.replace(
             tokenize_split(name, tasks, rows, tokenizer, config.max_tokens, config.task_prompt, config.long_documents),
-            available_docs=available[name])
+            available_docs=available[name],
+        )
         for name, rows in splits.items()
     }
     corpus = Corpus(spec, tasks, tokenized["train"], tokenized["valid"], tokenized["test"], config)
@@ -175,9 +196,20 @@ def _report_long_documents(corpus: Corpus) -> None:
     budget = corpus.config.max_tokens
     if corpus.config.long_documents == "split":
         chunks = sum(len(s) - s.source_docs + s.long_docs for s in long.values())
-        log.warning("%s: %s documents are longer than max_tokens=%d tokens: split into %d consecutive chunks "
-                    "(each a document of its task; --long-documents truncate cuts them instead)",
-                    corpus.name, counts, budget, chunks)
+        log.warning(
+            "%s: %s documents are longer than max_tokens=%d tokens: split into %d consecutive chunks "
+            "(each a document of its task; --long-documents truncate cuts them instead)",
+            corpus.name,
+            counts,
+            budget,
+            chunks,
+        )
     else:
-        log.warning("%s: %s documents are longer than max_tokens=%d tokens: cut at %d tokens "
-                    "(--long-documents split keeps their text as consecutive chunks)", corpus.name, counts, budget, budget)
+        log.warning(
+            "%s: %s documents are longer than max_tokens=%d tokens: cut at %d tokens "
+            "(--long-documents split keeps their text as consecutive chunks)",
+            corpus.name,
+            counts,
+            budget,
+            budget,
+        )

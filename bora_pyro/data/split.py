@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
-
 import zlib
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 

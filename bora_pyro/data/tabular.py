@@ -61,8 +61,9 @@ def _read_csv_text(path: Path, text: str) -> pd.DataFrame:
         reader = csv.reader(io.StringIO(text, newline=""))
         header = next(reader, None)
         if header is None:
-            raise ValueError(f"{path}: the file is empty; expected a header row naming the columns, then one row "
-                             "per document")
+            raise ValueError(
+                f"{path}: the file is empty; expected a header row naming the columns, then one row per document"
+            )
         repeated = sorted({c for c in header if header.count(c) > 1})
         if repeated:
             raise ValueError(f"{path}: the header names column(s) {repeated} more than once; rename them")
@@ -99,8 +100,10 @@ def _read_jsonl_text(path: Path, text: str) -> pd.DataFrame:
                 "a JSON-lines file holds one JSON object per line"
             ) from None
         if not isinstance(record, dict):
-            raise ValueError(f"{path}: line {number} is a JSON {type(record).__name__}, not an object; a JSON-lines "
-                             'corpus holds one object per line, e.g. {"task": "a", "text": "..."}')
+            raise ValueError(
+                f"{path}: line {number} is a JSON {type(record).__name__}, not an object; a JSON-lines "
+                'corpus holds one object per line, e.g. {"task": "a", "text": "..."}'
+            )
         records.append({key: _json_text(value) for key, value in record.items()})
         lines.append(number)
     return pd.DataFrame(records, index=pd.Index(lines, name="line"), dtype=object)

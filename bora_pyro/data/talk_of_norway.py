@@ -29,7 +29,9 @@ def read_ton(path: str | Path) -> pd.DataFrame:
     frame = pd.read_csv(path, low_memory=False)
     missing = [c for c in _REQUIRED if c not in frame.columns]
     if missing:
-        raise ValueError(f"{path}: missing Talk of Norway column(s) {missing}; columns present: {list(frame.columns)[:20]}")
+        raise ValueError(
+            f"{path}: missing Talk of Norway column(s) {missing}; columns present: {list(frame.columns)[:20]}"
+        )
     return frame
 
 
@@ -39,8 +41,11 @@ def clean_speeches(frame: pd.DataFrame, min_words: int) -> pd.DataFrame:
     speaker = frame["rep_name"].fillna("").astype(str).str.strip()
     keep = (speaker != "") & (text.str.split().str.len() >= min_words)
     if (~keep).any():
-        log.warning("Talk of Norway: dropped %d speech(es) that are empty, anonymous or under %d words",
-                    int((~keep).sum()), min_words)
+        log.warning(
+            "Talk of Norway: dropped %d speech(es) that are empty, anonymous or under %d words",
+            int((~keep).sum()),
+            min_words,
+        )
     out = frame.assign(text=text, rep_name=speaker)[keep]
     time_columns = [c for c in ("date", "time") if c in out.columns]
     if time_columns:
@@ -59,13 +64,16 @@ def select_speakers(speeches: pd.DataFrame, selection: str, num_speakers: int) -
     else:
         raise ValueError(f"Talk of Norway selection must be one of {TON_SELECTIONS}, got {selection!r}")
     if not chosen:
-        raise ValueError(f"no Talk of Norway speaker satisfies the {selection!r} selection rule "
-                         f"(largest speech counts: {counts.sort_values(ascending=False).head(3).to_dict()})")
+        raise ValueError(
+            f"no Talk of Norway speaker satisfies the {selection!r} selection rule "
+            f"(largest speech counts: {counts.sort_values(ascending=False).head(3).to_dict()})"
+        )
     return chosen[:num_speakers]
 
 
-def ton_documents(path: str | Path, selection: str = "paper", num_speakers: int = 25,
-                  min_words: int = 10) -> dict[str, list[str]]:
+def ton_documents(
+    path: str | Path, selection: str = "paper", num_speakers: int = 25, min_words: int = 10
+) -> dict[str, list[str]]:
     """Speeches per selected speaker, in date order: {speaker: [speech, ...]}."""
     speeches = clean_speeches(read_ton(path), min_words)
     speakers = select_speakers(speeches, selection, num_speakers)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import Sequence
+from collections.abc import Sequence
 
 GLOBAL = "global"  # Theta's folder in `bora-pyro export`, and its task name in `generate` / LoadedRun.generate
 

@@ -8,14 +8,16 @@ counts the long documents, so that it can be reported: nothing is cut silently.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from .batching import IGNORE_INDEX, Split
 
 LONG_DOCUMENTS = ("split", "truncate")
 
 
-def encode_document(tokenizer, text: str, max_tokens: int, prompt: str | None = None) -> list[tuple[list[int], list[int]]]:
+def encode_document(
+    tokenizer, text: str, max_tokens: int, prompt: str | None = None
+) -> list[tuple[list[int], list[int]]]:
     """Token ids and labels of one document, as one or more chunks of at most ``max_tokens`` tokens.
 
     The BOS token (if the tokenizer has one) and the prompt are context only: their labels are
@@ -35,7 +37,7 @@ def encode_document(tokenizer, text: str, max_tokens: int, prompt: str | None = 
     if tokenizer.eos_token_id is not None:
         body = body + [tokenizer.eos_token_id]
     room = max_tokens - len(context)
-    pieces = [body[start:start + room] for start in range(0, max(len(body), 1), room)]
+    pieces = [body[start : start + room] for start in range(0, max(len(body), 1), room)]
     chunks = []
     for piece in pieces:
         ids = context + piece
@@ -72,5 +74,13 @@ def tokenize_split(
             labels.append(tuple(lab))
             task_index.append(task)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return Split(name, tuple(tasks), tuple(input_ids), tuple(labels), tuple(task_index), int(pad),
-                 source_docs=len(docs), long_docs=long)
+    return Split(
+        name,
+        tuple(tasks),
+        tuple(input_ids),
+        tuple(labels),
+        tuple(task_index),
+        int(pad),
+        source_docs=len(docs),
+        long_docs=long,
+    )

@@ -11,8 +11,8 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -23,17 +23,21 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)
     import arviz as az
 
-from . import plots
 from ..data.batching import Split
 from ..models.bora import BoRA
+from . import plots
 from .predictive import PosteriorDraw
 
 POSTERIOR_FILE = "posterior.nc"
 
 
 def to_inference_data(
-    bora: BoRA, draws: Sequence[PosteriorDraw], doc_loglik: torch.Tensor, split: Split,
-    train_tokens: np.ndarray, losses: pd.DataFrame | None = None,
+    bora: BoRA,
+    draws: Sequence[PosteriorDraw],
+    doc_loglik: torch.Tensor,
+    split: Split,
+    train_tokens: np.ndarray,
+    losses: pd.DataFrame | None = None,
 ) -> az.InferenceData:
     """Shapes: doc_loglik [draws, docs] (from :func:`bora_pyro.predictive.posterior_predictive`)."""
     theta = bora.global_factors()
@@ -45,8 +49,14 @@ def to_inference_data(
             sq = sum(((draw.factors[n] - theta[n]) ** 2).flatten(1).sum(1) for n in theta)
             distance.append(sq.sqrt().cpu().numpy())
     posterior = {"norm": np.stack(norm)[None]}  # [chain=1, draw, task]
-    dims = {"norm": ["task"], "distance": ["task"], "tau": ["tau_group"], "docs": ["doc"], "train_tokens": ["task"],
-            "distance_of_mean": ["task"]}
+    dims = {
+        "norm": ["task"],
+        "distance": ["task"],
+        "tau": ["tau_group"],
+        "docs": ["doc"],
+        "train_tokens": ["task"],
+        "distance_of_mean": ["task"],
+    }
     coords = {"task": list(bora.tasks), "doc": np.arange(len(split)), "tau_group": bora.prior.tau_groups()}
     if distance:
         posterior["distance"] = np.stack(distance)[None]
@@ -55,15 +65,23 @@ def to_inference_data(
     idata = az.from_dict(
         posterior=posterior,
         log_likelihood={"docs": doc_loglik.numpy()[None]},
-        constant_data={"train_tokens": np.asarray(train_tokens),
-                       "doc_task": np.asarray(split.task_index),
-                       **({} if theta is None else {"distance_of_mean": bora.distance_to_global().cpu().numpy()})},
+        constant_data={
+            "train_tokens": np.asarray(train_tokens),
+            "doc_task": np.asarray(split.task_index),
+            **({} if theta is None else {"distance_of_mean": bora.distance_to_global().cpu().numpy()}),
+        },
         coords=coords,
         dims={**dims, "doc_task": ["doc"]},
     )
     if losses is not None and not losses.empty:
-        idata.add_groups({"elbo": xr.Dataset(
-            {"loss_per_token": ("step", losses.loss_per_token.to_numpy())}, coords={"step": losses.step.to_numpy()})})
+        idata.add_groups(
+            {
+                "elbo": xr.Dataset(
+                    {"loss_per_token": ("step", losses.loss_per_token.to_numpy())},
+                    coords={"step": losses.step.to_numpy()},
+                )
+            }
+        )
     return idata
 
 
@@ -71,8 +89,10 @@ def load(path: str | Path) -> az.InferenceData:
     path = Path(path)
     file = path / POSTERIOR_FILE if path.is_dir() else path
     if not file.is_file():
-        raise FileNotFoundError(f"{file} not found: train the run with posterior samples (bora-pyro train ... "
-                                "--posterior-samples N) to get ArviZ diagnostics")
+        raise FileNotFoundError(
+            f"{file} not found: train the run with posterior samples (bora-pyro train ... "
+            "--posterior-samples N) to get ArviZ diagnostics"
+        )
     return az.from_netcdf(file)
 
 
@@ -88,7 +108,9 @@ def compare(runs: Mapping[str, az.InferenceData]) -> pd.DataFrame:
     """``az.compare`` (PSIS-LOO on held-out documents) over several runs of the same test split."""
     sizes = {name: idata.log_likelihood.docs.shape[-1] for name, idata in runs.items()}
     if len(set(sizes.values())) != 1:
-        raise ValueError(f"runs were scored on different held-out documents (counts {sizes}); compare runs of one corpus split")
+        raise ValueError(
+            f"runs were scored on different held-out documents (counts {sizes}); compare runs of one corpus split"
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return az.compare(dict(runs), ic="loo")
@@ -106,13 +128,15 @@ def plot(idata: az.InferenceData, out: Path) -> list[Path]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             interval = az.hdi(idata, var_names=["distance"], hdi_prob=0.9).distance
-        frame = pd.DataFrame({
-            "task": distance.task.values,
-            "mean": distance.mean(("chain", "draw")).values,
-            "low": interval.sel(hdi="lower").values,
-            "high": interval.sel(hdi="higher").values,
-            "train_tokens": idata.constant_data.train_tokens.values,
-        })
+        frame = pd.DataFrame(
+            {
+                "task": distance.task.values,
+                "mean": distance.mean(("chain", "draw")).values,
+                "low": interval.sel(hdi="lower").values,
+                "high": interval.sel(hdi="higher").values,
+                "train_tokens": idata.constant_data.train_tokens.values,
+            }
+        )
         if "distance_of_mean" in idata.constant_data:
             frame["distance_of_mean"] = idata.constant_data.distance_of_mean.values
         written.append(plots.plot_distance_forest(frame, out / "distance_forest.png"))

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
-from ..nn.lora import MultiTaskLoRA
 from ..data.task_names import GLOBAL
+from ..nn.lora import MultiTaskLoRA
 
 
 def task_indices(tasks: Sequence[str], wanted: Sequence[str], has_global: bool) -> list[int]:
@@ -58,6 +58,11 @@ def generate(
     torch.manual_seed(seed)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {"do_sample": False}
     with lora.activate(factors, torch.tensor(index, device=lora.device)):
-        out = lora.lm.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                               pad_token_id=pad, **sampling)
+        out = lora.lm.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad,
+            **sampling,
+        )
     return [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -57,9 +58,7 @@ class PerplexityReport:
         return float(self.tokens.sum() / self.seconds) if self.seconds > 0 else float("nan")
 
     def to_frame(self) -> pd.DataFrame:
-        return pd.DataFrame(
-            {"task": self.tasks, "docs": self.docs, "tokens": self.tokens, "perplexity": self.per_task}
-        )
+        return pd.DataFrame({"task": self.tasks, "docs": self.docs, "tokens": self.tokens, "perplexity": self.per_task})
 
     def summary(self) -> dict[str, float]:
         return {"token_weighted_ppl": self.token_weighted, "task_macro_ppl": self.task_macro}
@@ -101,7 +100,7 @@ def evaluate_log_likelihood(
 
 
 def evaluate(
-    bora: "BoRA", split: Split, batch_size: int = 16, factors: Factors | None = None, base_model: bool = False
+    bora: BoRA, split: Split, batch_size: int = 16, factors: Factors | None = None, base_model: bool = False
 ) -> PerplexityReport:
     """Perplexity of a fitted BoRA on a split (plug-in point estimate of every task's adapter).
 
@@ -110,10 +109,12 @@ def evaluate(
         base_model: score the bare base LM (no adapter), for reference.
     """
     if split.tasks != bora.tasks:
-        raise ValueError(f"the split's tasks {list(split.tasks)[:5]}... differ from the model's {list(bora.tasks)[:5]}...")
+        raise ValueError(
+            f"the split's tasks {list(split.tasks)[:5]}... differ from the model's {list(bora.tasks)[:5]}..."
+        )
     if base_model:
-        fn = lambda batch: lm_log_likelihood(bora.lora, None, batch)  # noqa: E731
+        fn = lambda batch: lm_log_likelihood(bora.lora, None, batch)
     else:
         chosen = bora.task_factors() if factors is None else factors
-        fn = lambda batch: bora.log_likelihood(chosen, batch)  # noqa: E731
+        fn = lambda batch: bora.log_likelihood(chosen, batch)
     return evaluate_log_likelihood(fn, split, bora.device, batch_size)

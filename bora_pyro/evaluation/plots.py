@@ -7,22 +7,31 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
 
 def plot_training_curve(log: pd.DataFrame, path: Path, title: str = "") -> None:
-    """Training loss per token (left axis) and validation perplexity (right axis) against steps."""
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(log["step"], log["loss_per_token"], color="tab:blue", lw=1, label="train: -log posterior / token")
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss per token (nats)", color="tab:blue")
+    """Top: the training batches' perplexity and the validation perplexity (one log axis); bottom: the
+    prior's (or KL's) share of the objective per training token. Logs written before the training NLL
+    was logged apart show the whole objective per token instead."""
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True, height_ratios=(3, 1))
+    if "train_ppl" in log:
+        top.plot(log["step"], log["train_ppl"], color="tab:blue", lw=0.8, alpha=0.7, label="training batch")
+        bottom.plot(log["step"], log["prior_per_token"], color="tab:green", lw=1)
+        bottom.set_ylabel("prior / token")
+    else:
+        bottom.plot(log["step"], log["loss_per_token"], color="tab:blue", lw=1)
+        bottom.set_ylabel("objective / token")
     evals = log.dropna(subset=["valid_ppl"])
     if not evals.empty:
-        right = ax.twinx()
-        right.plot(evals["step"], evals["valid_ppl"], "o-", color="tab:red", label="validation perplexity")
-        right.set_ylabel("validation perplexity (token-weighted)", color="tab:red")
-    ax.set_title(title)
+        top.plot(evals["step"], evals["valid_ppl"], "o-", color="tab:red", label="validation (token-weighted)")
+    top.set_yscale("log")
+    top.set_ylabel("perplexity")
+    top.legend()
+    top.set_title(title)
+    bottom.set_xlabel("step")
     _save(fig, path)
 
 
@@ -47,8 +56,9 @@ def _tau_axis(ax, taus) -> dict[float, float]:
     return pos
 
 
-def plot_sweep_figures(out: Path, table: pd.DataFrame, per_task: pd.DataFrame, curves: pd.DataFrame,
-                       best: float, improvements: dict) -> None:
+def plot_sweep_figures(
+    out: Path, table: pd.DataFrame, per_task: pd.DataFrame, curves: pd.DataFrame, best: float, improvements: dict
+) -> None:
     """The paper's Figures 1-5 for a tau sweep, plus validation curves, as PNG files in ``out``."""
     sizes = per_task.drop_duplicates("task").set_index("task")["n_train_tokens"].sort_values(ascending=False)
 
@@ -63,9 +73,11 @@ def plot_sweep_figures(out: Path, table: pd.DataFrame, per_task: pd.DataFrame, c
 
     fig, ax = plt.subplots(figsize=(8, 5))  # Figure 2: perplexity vs tau
     pos = _tau_axis(ax, table.tau)
-    for task, rows in per_task.groupby("task"):
+    for _, rows in per_task.groupby("task"):
         ax.plot([pos[t] for t in rows.tau], rows.test_ppl, color="tab:gray", lw=0.8, alpha=0.6)
-    ax.plot([pos[t] for t in table.tau], table.test_ppl, "o-", color="tab:blue", lw=2.5, label="overall (token-weighted)")
+    ax.plot(
+        [pos[t] for t in table.tau], table.test_ppl, "o-", color="tab:blue", lw=2.5, label="overall (token-weighted)"
+    )
     ax.plot([pos[t] for t in table.tau], table.test_macro_ppl, "s--", color="tab:orange", lw=2, label="task-macro")
     ax.plot([], [], color="tab:gray", lw=0.8, label="individual tasks")
     ax.axvline(pos[best], color="tab:green", ls=":", label=f"best τ on validation ({best:g})")
@@ -139,10 +151,8 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_tau_posterior(samples: dict[str, "np.ndarray"], path: Path) -> Path:
+def plot_tau_posterior(samples: dict[str, np.ndarray], path: Path) -> Path:
     """Histogram of posterior draws of each learned tau (log scale)."""
-    import numpy as np
-
     fig, ax = plt.subplots(figsize=(6, 4))
     for group, values in samples.items():
         ax.hist(np.log10(values), bins=20, alpha=0.6, label=f"τ ({group}): median {np.median(values):.3g}")
@@ -161,8 +171,9 @@ def plot_distance_forest(frame: pd.DataFrame, path: Path) -> Path:
     posterior mean's distance shows the shrinkage itself."""
     frame = frame.sort_values("train_tokens")
     two = "distance_of_mean" in frame
-    fig, axes = plt.subplots(1, 2 if two else 1, figsize=(11 if two else 7, 0.35 * len(frame) + 1.5), sharey=True,
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        1, 2 if two else 1, figsize=(11 if two else 7, 0.35 * len(frame) + 1.5), sharey=True, squeeze=False
+    )
     y = list(range(len(frame)))
     ax = axes[0, 0]
     ax.hlines(y, frame["low"], frame["high"], color="tab:blue")

@@ -17,11 +17,11 @@ import torch
 from pyro import poutine
 
 from ..data.batching import IGNORE_INDEX, Split
-from .perplexity import PerplexityReport, document_log_likelihoods, report_from_documents
-from ..nn.lora import Factors
 from ..models.bora import BoRA
 from ..models.likelihood import lm_logits
 from ..models.tau_prior import TAU_SITE
+from ..nn.lora import Factors
+from .perplexity import PerplexityReport, document_log_likelihoods, report_from_documents
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ def posterior_predictive(
     scored: dict[int, torch.Tensor] = {}  # a repeated draw (MAP) is scored once
     for d in draws:
         if id(d) not in scored:
-            fn = lambda b, f=d.factors: bora.log_likelihood(f, b)  # noqa: E731
+            fn = lambda b, f=d.factors: bora.log_likelihood(f, b)
             scored[id(d)] = document_log_likelihoods(fn, split, bora.device, batch_size)
     per_draw = torch.stack([scored[id(d)] for d in draws])  # [S, docs]
     mixture = torch.logsumexp(per_draw, dim=0) - math.log(len(draws))  # [docs]
@@ -100,6 +100,8 @@ def calibration(
     ece = ((confidence - correct).abs().sum(-1) / tokens.clamp_min(1)).numpy()
     per_task = pd.DataFrame({"task": split.tasks, "ece": ece, "brier": (brier / tokens.clamp_min(1)).numpy()})
     total = tokens.sum().clamp_min(1)
-    overall = {"ece": float((confidence.sum(0) - correct.sum(0)).abs().sum() / total),
-               "brier": float(brier.sum() / total)}
+    overall = {
+        "ece": float((confidence.sum(0) - correct.sum(0)).abs().sum() / total),
+        "brier": float(brier.sum() / total),
+    }
     return per_task, overall

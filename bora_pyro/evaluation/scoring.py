@@ -12,9 +12,9 @@ from typing import Any
 import pandas as pd
 
 from ..data.corpus import Corpus
-from .perplexity import PerplexityReport, evaluate
 from ..models.bora import BoRA
 from ..models.gates import relative_bops
+from .perplexity import PerplexityReport, evaluate
 from .predictive import calibration, posterior_draws, posterior_predictive
 
 
@@ -28,19 +28,22 @@ class Scores:
     gates: pd.DataFrame | None
 
 
-def _per_task_frame(corpus: Corpus, reports: dict[str, PerplexityReport], distance,
-                    calib: pd.DataFrame) -> pd.DataFrame:
-    frame = pd.DataFrame({
-        "task": corpus.tasks,
-        "n_train_docs": corpus.train.docs_per_task(),
-        "n_train_tokens": corpus.train.tokens_per_task(),
-        "test_ppl": reports["test"].per_task,
-        "valid_ppl": reports["valid"].per_task,
-        "base_test_ppl": reports["base_test"].per_task,
-        "distance_to_global": distance.cpu().numpy() if distance is not None else float("nan"),
-        "test_ece": calib.ece.to_numpy(),
-        "test_brier": calib.brier.to_numpy(),
-    })
+def _per_task_frame(
+    corpus: Corpus, reports: dict[str, PerplexityReport], distance, calib: pd.DataFrame
+) -> pd.DataFrame:
+    frame = pd.DataFrame(
+        {
+            "task": corpus.tasks,
+            "n_train_docs": corpus.train.docs_per_task(),
+            "n_train_tokens": corpus.train.tokens_per_task(),
+            "test_ppl": reports["test"].per_task,
+            "valid_ppl": reports["valid"].per_task,
+            "base_test_ppl": reports["base_test"].per_task,
+            "distance_to_global": distance.cpu().numpy() if distance is not None else float("nan"),
+            "test_ece": calib.ece.to_numpy(),
+            "test_brier": calib.brier.to_numpy(),
+        }
+    )
     if "posterior_predictive_test" in reports:
         frame["posterior_predictive_test_ppl"] = reports["posterior_predictive_test"].per_task
     return frame
@@ -48,15 +51,18 @@ def _per_task_frame(corpus: Corpus, reports: dict[str, PerplexityReport], distan
 
 def gate_metrics(report: pd.DataFrame) -> dict:
     """Summary of a gate report: mean effective rank, rank by module type, bit-widths, relative BOPs."""
-    return {"gates_mean_rank": float(report["rank"].mean()),
-            "gates_rank_by_module": report.groupby("module")["rank"].mean().to_dict(),
-            "gates_weight_bits": report["weight_bits"].value_counts().sort_index().to_dict(),
-            "gates_activation_bits": report["activation_bits"].value_counts().sort_index().to_dict(),
-            "relative_bops": relative_bops(report)}
+    return {
+        "gates_mean_rank": float(report["rank"].mean()),
+        "gates_rank_by_module": report.groupby("module")["rank"].mean().to_dict(),
+        "gates_weight_bits": report["weight_bits"].value_counts().sort_index().to_dict(),
+        "gates_activation_bits": report["activation_bits"].value_counts().sort_index().to_dict(),
+        "relative_bops": relative_bops(report),
+    }
 
 
-def score_run(bora: BoRA, corpus: Corpus, batch_size: int, posterior_samples: int, seed: int,
-              losses: pd.DataFrame | None = None) -> Scores:
+def score_run(
+    bora: BoRA, corpus: Corpus, batch_size: int, posterior_samples: int, seed: int, losses: pd.DataFrame | None = None
+) -> Scores:
     """Score the fitted ``bora`` on ``corpus`` (``losses``: the training log, kept in the ArviZ file)."""
     base_test = evaluate(bora, corpus.test, batch_size, base_model=True)
     reports = {"valid": evaluate(bora, corpus.valid, batch_size), "base_test": base_test}
@@ -81,9 +87,14 @@ def score_run(bora: BoRA, corpus: Corpus, batch_size: int, posterior_samples: in
         "valid_macro_ppl": reports["valid"].task_macro,
         "base_test_ppl": base_test.token_weighted,
         "base_test_macro_ppl": base_test.task_macro,
-        **({"posterior_predictive_test_ppl": reports["posterior_predictive_test"].token_weighted,
-            "posterior_predictive_test_macro_ppl": reports["posterior_predictive_test"].task_macro}
-           if "posterior_predictive_test" in reports else {}),
+        **(
+            {
+                "posterior_predictive_test_ppl": reports["posterior_predictive_test"].token_weighted,
+                "posterior_predictive_test_macro_ppl": reports["posterior_predictive_test"].task_macro,
+            }
+            if "posterior_predictive_test" in reports
+            else {}
+        ),
         "eval_tokens_per_second": reports["test"].tokens_per_second,
         "tau_posterior_q05_q50_q95": bora.tau_quantiles(),
         "test_ece": calib["ece"],
@@ -101,5 +112,7 @@ def documents_line(documents: dict[str, dict[str, int]], split: str = "test") ->
     d = documents[split]
     if d["available"] is None or d["used"] == d["available"]:
         return f"{split}: every one of its {d['used']} held-out documents was scored"
-    return (f"{split}: {d['used']} of its {d['available']} held-out documents were scored (capped per task by "
-            "--max-eval-docs; --max-eval-docs none scores them all)")
+    return (
+        f"{split}: {d['used']} of its {d['available']} held-out documents were scored (capped per task by "
+        "--max-eval-docs; --max-eval-docs none scores them all)"
+    )

@@ -88,8 +88,13 @@ def checkpoint_step(folder: Path) -> int | None:
     return slots[0][0] if slots else None
 
 
-def save_checkpoint(folder: Path, optimizer: torch.optim.Optimizer | None, state: LoopState,
-                    best: dict[str, torch.Tensor], fingerprint: dict) -> None:
+def save_checkpoint(
+    folder: Path,
+    optimizer: torch.optim.Optimizer | None,
+    state: LoopState,
+    best: dict[str, torch.Tensor],
+    fingerprint: dict,
+) -> None:
     """Write the active param store, ``optimizer`` and ``state`` to a new slot of ``folder``, then drop older slots."""
     folder.mkdir(parents=True, exist_ok=True)
     _remove_temporaries(folder)
@@ -103,14 +108,23 @@ def save_checkpoint(folder: Path, optimizer: torch.optim.Optimizer | None, state
         for idx, slots in sd["state"].items():
             for key, value in slots.items():
                 tensors[f"optim/{idx}/{key}"] = torch.as_tensor(value).cpu().contiguous()
-        optim_json = {"param_groups": sd["param_groups"], "state_keys": {str(i): list(s) for i, s in sd["state"].items()}}
+        optim_json = {
+            "param_groups": sd["param_groups"],
+            "state_keys": {str(i): list(s) for i, s in sd["state"].items()},
+        }
     slot_name = f"step-{state.step:08d}-{os.urandom(4).hex()}"
     tmp = folder / f".tmp-{slot_name}"
     tmp.mkdir()
     save_file(tensors, str(tmp / "state.safetensors"))
     crash_point("checkpoint.tensors-written")
-    meta = {"format": CHECKPOINT_FORMAT, "sha256": _sha256(tmp / "state.safetensors"), "fingerprint": fingerprint,
-            "loop": state.__dict__, "rng": rng_json, "optimizer": optim_json}
+    meta = {
+        "format": CHECKPOINT_FORMAT,
+        "sha256": _sha256(tmp / "state.safetensors"),
+        "fingerprint": fingerprint,
+        "loop": state.__dict__,
+        "rng": rng_json,
+        "optimizer": optim_json,
+    }
     (tmp / "state.json").write_text(json.dumps(meta))
     for path in (tmp / "state.safetensors", tmp / "state.json", tmp):
         fsync_path(path)
@@ -148,22 +162,30 @@ def load_checkpoint(folder: Path, optimizer: torch.optim.Optimizer | None, finge
     except (FileNotFoundError, json.JSONDecodeError) as err:
         raise ValueError(f"checkpoint {slot} is corrupted: state.json is missing or not valid JSON ({err})") from None
     if meta.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{slot} is not a checkpoint this version reads (format {meta.get('format')!r}, "
-                         f"expected {CHECKPOINT_FORMAT!r})")
+        raise ValueError(
+            f"{slot} is not a checkpoint this version reads (format {meta.get('format')!r}, "
+            f"expected {CHECKPOINT_FORMAT!r})"
+        )
     if _sha256(slot / "state.safetensors") != meta["sha256"]:
         raise ValueError(f"checkpoint {slot} is corrupted: state.safetensors does not match its checksum")
-    differing = fingerprint_differences(json.loads(json.dumps(meta["fingerprint"])), json.loads(json.dumps(fingerprint)))
+    differing = fingerprint_differences(
+        json.loads(json.dumps(meta["fingerprint"])), json.loads(json.dumps(fingerprint))
+    )
     if differing:
-        raise ValueError(f"checkpoint {folder} belongs to a different run: {', '.join(differing[:8])}"
-                         f"{' ...' if len(differing) > 8 else ''} differ{'s' if len(differing) == 1 else ''}; "
-                         "resume with the same settings, data and base model")
+        raise ValueError(
+            f"checkpoint {folder} belongs to a different run: {', '.join(differing[:8])}"
+            f"{' ...' if len(differing) > 8 else ''} differ{'s' if len(differing) == 1 else ''}; "
+            "resume with the same settings, data and base model"
+        )
     tensors = load_file(str(slot / "state.safetensors"))
     with torch.no_grad():
         for name, param in pyro.get_param_store().named_parameters():
             param.copy_(tensors[f"param/{name}"])
-    best = {k[len("best/"):]: v for k, v in tensors.items() if k.startswith("best/")}
+    best = {k[len("best/") :]: v for k, v in tensors.items() if k.startswith("best/")}
     if optimizer is not None and meta["optimizer"] is not None:
-        state = {int(i): {k: tensors[f"optim/{i}/{k}"] for k in keys} for i, keys in meta["optimizer"]["state_keys"].items()}
+        state = {
+            int(i): {k: tensors[f"optim/{i}/{k}"] for k in keys} for i, keys in meta["optimizer"]["state_keys"].items()
+        }
         optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
     _set_rng_state(meta["rng"], tensors["rng/torch"])
     return LoopState(**meta["loop"]), best

@@ -11,7 +11,7 @@ LR_SCHEDULES = ("constant", "cosine")
 
 
 def parse_clip_norm(text: str) -> float | None:
-    """"0" or "none" -> None (no clipping), else the norm."""
+    """ "0" or "none" -> None (no clipping), else the norm."""
     return None if text.strip().lower() in ("0", "none") or float(text) == 0 else float(text)
 
 
@@ -28,25 +28,34 @@ class TrainConfig:
     steps: int = option(100, "optimisation steps")
     batch_size: int = option(8, "documents per step (the global batch under data parallelism)")
     lr: float = option(1e-3, "AdamW learning rate of the LoRA weights and Theta")
-    guide_lr: float = option(1e-2, "learning rate of the guide's scales and a learned tau (--inference vi) and of the "
-                             "B-LoRA gates' log-alphas (at --lr they would barely move from their start)")
+    guide_lr: float = option(
+        1e-2,
+        "learning rate of the guide's scales and a learned tau (--inference vi) and of the "
+        "B-LoRA gates' log-alphas (at --lr they would barely move from their start)",
+    )
     lr_schedule: str = option("constant", "constant, or cosine (decays to 0 at the last step)", choices=LR_SCHEDULES)
     weight_decay: float = option(0.0, "AdamW weight decay")
     clip_norm: float | None = option(1.0, "global gradient-norm clip (0 = off)", parse=parse_clip_norm)
     lr_tau_scaling: bool = option(False, "the paper's rule: learning rate proportional to tau")
     lr_tau_reference: float = option(100.0, "with --lr-tau-scaling, the tau that gets --lr")
     eval_every: int = option(25, "validate every N steps (and at the last step)")
-    patience: int | None = option(None, "early stop after N validations without improvement ('none' = never)",
-                                  parse=parse_optional_int)
+    patience: int | None = option(
+        None, "early stop after N validations without improvement ('none' = never)", parse=parse_optional_int
+    )
     eval_batch_size: int = option(16, "documents per evaluation batch")
     num_particles: int = option(1, "ELBO particles per step (--inference vi)")
-    seed: int = option(0, "seed of the LoRA start, the batch order and the guide's draws (and of the data split "
-                       "unless --split-seed is given)")
+    seed: int = option(
+        0,
+        "seed of the LoRA start, the batch order and the guide's draws (and of the data split "
+        "unless --split-seed is given)",
+    )
     progress: bool = option(True, "show a progress bar")
-    checkpoint_every: int | None = option(None, "save a resumable checkpoint every N steps (in RUN.checkpoint/)",
-                                          parse=parse_optional_int)
-    gradient_checkpointing: bool = option(False, "recompute decoder layers in the backward pass: less memory for "
-                                          "long sequences, about one more forward")
+    checkpoint_every: int | None = option(
+        None, "save a resumable checkpoint every N steps (in RUN.checkpoint/)", parse=parse_optional_int
+    )
+    gradient_checkpointing: bool = option(
+        False, "recompute decoder layers in the backward pass: less memory for long sequences, about one more forward"
+    )
     bf16: bool = option(False, "bfloat16 autocast of the base LM (for GPUs)")
 
     def __post_init__(self) -> None:

@@ -25,7 +25,7 @@ class StopRequests:
         self.signal_number: int | None = None
         self._previous: dict[int, object] = {}
 
-    def __enter__(self) -> "StopRequests":
+    def __enter__(self) -> StopRequests:
         if threading.current_thread() is threading.main_thread():
             self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
         return self
@@ -39,8 +39,11 @@ class StopRequests:
         if self.signal_number is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signal_number = signum
-        print(f"\n{signal.Signals(signum).name} received: stopping after this step "
-              "(press Ctrl-C again to abort at once)", file=sys.stderr, flush=True)
+        print(
+            f"\n{signal.Signals(signum).name} received: stopping after this step (press Ctrl-C again to abort at once)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     @property
     def requested(self) -> bool:

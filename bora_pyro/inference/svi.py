@@ -17,24 +17,23 @@ import logging
 import math
 import signal
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pyro
 import torch
 from pyro import poutine
 from pyro.infer import TraceMeanField_ELBO
-from pyro.poutine.messenger import Messenger
 from pyro.infer.util import is_validation_enabled
+from pyro.poutine.messenger import Messenger
 from tqdm.auto import tqdm
 
 from ..data.batching import Batch
 from ..data.corpus import Corpus
 from ..distributed import World
 from ..evaluation.perplexity import evaluate
-from ..models.bora import BoRA
-from ..models.guides import is_task_parameter, is_uncertainty_parameter
+from ..models.bora import BoRA, ParameterRole
 from ..models.likelihood import scored_tokens
 from .checkpoint import LoopState, checkpoint_step, load_checkpoint, save_checkpoint
 from .config import TrainConfig
@@ -130,25 +129,31 @@ def objective(bora: BoRA, num_particles: int = 1) -> Loss:
     return lambda model, batch: elbo.differentiable_loss(model.model, model.guide, batch)
 
 
-def trainable_parameters(bora: BoRA, loss: Loss, batch: Batch,
-                         freeze_global: bool = False) -> dict[str, torch.Tensor]:
+def trainable_parameters(bora: BoRA, loss: Loss, batch: Batch, freeze_global: bool = False) -> dict[str, torch.Tensor]:
     """Create Theta and the guide's parameters (one loss evaluation) and return their unconstrained
     tensors by name in trace order (deterministic); Theta left out if ``freeze_global``."""
     with bora.param_scope():
         with poutine.trace(param_only=True) as capture:
             loss(bora, batch)
-        return {name: site["value"].unconstrained() for name, site in capture.trace.nodes.items()
-                if not (freeze_global and name.startswith("global."))}
+        return {
+            name: site["value"].unconstrained()
+            for name, site in capture.trace.nodes.items()
+            if not (freeze_global and name.startswith("global."))
+        }
 
 
-def make_optimizer(params: dict[str, torch.Tensor], lr: float, config: TrainConfig) -> TaskSparseAdamW | None:
-    """AdamW (:class:`TaskSparseAdamW`: the task parameters stepped only on the batch's tasks) with two
-    groups: the LoRA weights at ``lr``, the guide's uncertainty parameters at ``config.guide_lr``. Each
-    group remembers its base rate in ``base_lr`` for the schedule."""
-    groups = [{"params": [p for n, p in params.items() if is_uncertainty_parameter(n) == fast], "base_lr": rate}
-              for fast, rate in ((False, lr), (True, config.guide_lr))]
+def make_optimizer(
+    params: dict[str, torch.Tensor], roles: Mapping[str, ParameterRole], lr: float, config: TrainConfig
+) -> TaskSparseAdamW | None:
+    """AdamW (:class:`TaskSparseAdamW`: the per-task parameters stepped only on the batch's tasks) with two
+    groups: the LoRA weights at ``lr``, the fast parameters (guide scales, a learned tau, gates; see
+    :meth:`BoRA.parameter_roles`) at ``config.guide_lr``. Each group remembers its base rate in ``base_lr``."""
+    groups = [
+        {"params": [p for n, p in params.items() if roles[n].fast == fast], "base_lr": rate}
+        for fast, rate in ((False, lr), (True, config.guide_lr))
+    ]
     groups = [g for g in groups if g["params"]]
-    task_params = [p for n, p in params.items() if is_task_parameter(n)]
+    task_params = [p for n, p in params.items() if roles[n].per_task]
     return TaskSparseAdamW(groups, lr=lr, weight_decay=config.weight_decay, task_params=task_params) if groups else None
 
 
@@ -194,8 +199,9 @@ class TrainStep:
     split's scored tokens) normalises the reported objective.
     """
 
-    def __init__(self, bora: BoRA, config: TrainConfig, example_batch: Batch, total_tokens: int,
-                 freeze_global: bool = False) -> None:
+    def __init__(
+        self, bora: BoRA, config: TrainConfig, example_batch: Batch, total_tokens: int, freeze_global: bool = False
+    ) -> None:
         self.bora, self.config, self.total_tokens = bora, config, max(int(total_tokens), 1)
         self.world = World.current()
         self.lr = config.learning_rate(bora.tau)
@@ -203,7 +209,7 @@ class TrainStep:
         with bora.param_scope():
             named = trainable_parameters(bora, self.loss_fn, example_batch, freeze_global)
         self.params = list(named.values())
-        self.optimizer = make_optimizer(named, self.lr, config)
+        self.optimizer = make_optimizer(named, bora.parameter_roles(), self.lr, config)
 
     def __call__(self, batch: Batch, step: int, stop_requested: bool = False, validate: bool = False) -> StepOutcome:
         """Run step ``step`` (1-based, for the schedule) on ``batch`` (this rank's share of the step's
@@ -219,8 +225,17 @@ class TrainStep:
             loglik = data.loglik.detach().sum() if data.loglik is not None else loss.new_zeros(())
             scale = batch.num_docs / len(batch)  # the likelihood's minibatch scale in the objective
             # sums over ranks: the objective and its data term (means over ranks), NLL, scored tokens, stop votes
-            totals = world.sum(torch.stack([loss.detach() / world.size, -scale * loglik / world.size, -loglik,
-                                            scored_tokens(batch.labels).sum().to(loss), loss.new_tensor(float(stop_requested))]))
+            totals = world.sum(
+                torch.stack(
+                    [
+                        loss.detach() / world.size,
+                        -scale * loglik / world.size,
+                        -loglik,
+                        scored_tokens(batch.labels).sum().to(loss),
+                        loss.new_tensor(float(stop_requested)),
+                    ]
+                )
+            )
             loss_value, data_value, nll, tokens, stops = totals.tolist()
             problem = None if math.isfinite(loss_value) else f"non-finite loss ({loss_value})"
             if problem is None and optimizer is not None:
@@ -236,31 +251,56 @@ class TrainStep:
                     if config.clip_norm is not None:
                         optimizer.clip_grad_norm_(config.clip_norm, rows, total=norm)
                     optimizer.step(rows)
-        return StepOutcome(loss_value / self.total_tokens, nll / max(tokens, 1), (loss_value - data_value) / self.total_tokens,
-                           int(tokens), time.perf_counter() - start, problem, stops > 0)
+        return StepOutcome(
+            loss_value / self.total_tokens,
+            nll / max(tokens, 1),
+            (loss_value - data_value) / self.total_tokens,
+            int(tokens),
+            time.perf_counter() - start,
+            problem,
+            stops > 0,
+        )
 
 
 def _fingerprint(bora: BoRA, corpus: Corpus, config: TrainConfig) -> dict:
     """What a checkpoint must match to be resumed when the caller gives none (JSON-comparable)."""
     keep = {k: v for k, v in config.to_dict().items() if k not in ("progress", "checkpoint_every")}
-    return {"tasks": list(bora.tasks), "train_docs": len(corpus.train), "tau": str(bora.tau),
-            "inference": bora.inference, "shapes": {k: list(v) for k, v in bora.lora.shapes().items()}, "train": keep}
+    return {
+        "tasks": list(bora.tasks),
+        "train_docs": len(corpus.train),
+        "tau": str(bora.tau),
+        "inference": bora.inference,
+        "shapes": {k: list(v) for k, v in bora.lora.shapes().items()},
+        "train": keep,
+    }
 
 
 def _validate(bora: BoRA, corpus: Corpus, config: TrainConfig, state: LoopState, step: int) -> dict:
     """Score the validation split, record it in ``state`` (best so far, patience); returns the row."""
     report = evaluate(bora, corpus.valid, config.eval_batch_size)
     state.eval_seconds += report.seconds
-    row = {"step": step, "valid_ppl": report.token_weighted, "valid_macro_ppl": report.task_macro,
-           "valid_loglik_per_token": report.loglik_per_token}
+    row = {
+        "step": step,
+        "valid_ppl": report.token_weighted,
+        "valid_macro_ppl": report.task_macro,
+        "valid_loglik_per_token": report.loglik_per_token,
+    }
     for group, (median,) in (bora.tau_quantiles((0.5,)) or {}).items():
         row[f"tau_median.{group}"] = median
     state.evals.append(row)
     return row
 
 
-def fit(bora: BoRA, corpus: Corpus, inference: str | None = None, checkpoint: str | Path | None = None,
-        freeze_global: bool = False, resume: bool = False, fingerprint: dict | None = None, **options) -> FitResult:
+def fit(
+    bora: BoRA,
+    corpus: Corpus,
+    inference: str | None = None,
+    checkpoint: str | Path | None = None,
+    freeze_global: bool = False,
+    resume: bool = False,
+    fingerprint: dict | None = None,
+    **options,
+) -> FitResult:
     """Fit ``bora`` to ``corpus.train``, validating on ``corpus.valid``; the best state is kept.
 
     Ctrl-C or SIGTERM stops the fit after the current step (status "interrupted"); a non-finite loss or
@@ -284,16 +324,19 @@ def fit(bora: BoRA, corpus: Corpus, inference: str | None = None, checkpoint: st
     checkpoint = Path(checkpoint) if checkpoint is not None else None
     saved_step = checkpoint_step(checkpoint) if checkpoint is not None else None
     if saved_step is not None and not resume:
-        raise ValueError(f"{checkpoint} already holds a checkpoint (step {saved_step}) of an earlier fit: "
-                         "resume it (resume=True) or remove it")
+        raise ValueError(
+            f"{checkpoint} already holds a checkpoint (step {saved_step}) of an earlier fit: "
+            "resume it (resume=True) or remove it"
+        )
     if inference is not None and inference != bora.inference:
         bora.use_inference(inference)
     bora.lora.configure(gradient_checkpointing=config.gradient_checkpointing, bf16=config.bf16)
     pyro.set_rng_seed(config.seed)
     device = bora.device
     fingerprint = fingerprint if fingerprint is not None else _fingerprint(bora, corpus, config)
-    train_step = TrainStep(bora, config, corpus.train.collate([0]).to(device),
-                           int(corpus.train.tokens_per_task().sum()), freeze_global)
+    train_step = TrainStep(
+        bora, config, corpus.train.collate([0]).to(device), int(corpus.train.tokens_per_task().sum()), freeze_global
+    )
 
     with bora.param_scope():
         state, best_state = LoopState(), _snapshot()
@@ -303,8 +346,13 @@ def fit(bora: BoRA, corpus: Corpus, inference: str | None = None, checkpoint: st
         result = FitResult(config=config, lr=train_step.lr, state=state)
         batches = corpus.train.train_batch_indices(config.batch_size, seed=config.seed, start_step=state.step)
         validate, first_step = is_validation_enabled(), state.step + 1
-        bar = tqdm(range(state.step + 1, config.steps + 1), desc=f"fit tau={bora.tau}", disable=not (config.progress and world.is_main),
-                   initial=state.step, total=config.steps)
+        bar = tqdm(
+            range(state.step + 1, config.steps + 1),
+            desc=f"fit tau={bora.tau}",
+            disable=not (config.progress and world.is_main),
+            initial=state.step,
+            total=config.steps,
+        )
 
         def save() -> None:
             if checkpoint is not None and world.is_main:
@@ -313,28 +361,49 @@ def fit(bora: BoRA, corpus: Corpus, inference: str | None = None, checkpoint: st
         with StopRequests() as stop:
             for step in bar:
                 indices = next(batches)
-                step_tasks = torch.as_tensor([corpus.train.task_index[i] for i in indices], device=device)  # [step batch]
+                step_tasks = torch.as_tensor(
+                    [corpus.train.task_index[i] for i in indices], device=device
+                )  # [step batch]
                 batch = corpus.train.collate(world.shard(indices)).to(device).replace(step_task_index=step_tasks)
                 out = train_step(batch, step, stop.requested, validate and step == first_step)  # Pyro's checks once
                 if out.problem is not None:
                     result.status = "diverged"
-                    where = f"; the last good checkpoint (step {checkpoint_step(checkpoint)}) is in {checkpoint}" \
-                        if checkpoint is not None and checkpoint_step(checkpoint) is not None else ""
-                    result.message = (f"{out.problem} at step {step}, not applied; lower the learning rate (lr={train_step.lr:g})"
-                                      f" or clip gradients (--clip-norm){where}")
+                    where = (
+                        f"; the last good checkpoint (step {checkpoint_step(checkpoint)}) is in {checkpoint}"
+                        if checkpoint is not None and checkpoint_step(checkpoint) is not None
+                        else ""
+                    )
+                    result.message = (
+                        f"{out.problem} at step {step}, not applied; lower the learning rate (lr={train_step.lr:g})"
+                        f" or clip gradients (--clip-norm){where}"
+                    )
                     break
                 state.train_seconds += out.seconds
                 state.train_tokens += out.tokens
                 state.step = step
-                state.losses.append({"step": step, "loss_per_token": out.loss_per_token,
-                                     "train_nll_per_token": out.nll_per_token, "train_ppl": math.exp(min(out.nll_per_token, 700)),
-                                     "prior_per_token": out.prior_per_token})
-                postfix = {"nll/tok": f"{out.nll_per_token:.3f}", "ppl": f"{math.exp(min(out.nll_per_token, 700)):.4g}",
-                           "prior/tok": f"{out.prior_per_token:.3g}"}
+                state.losses.append(
+                    {
+                        "step": step,
+                        "loss_per_token": out.loss_per_token,
+                        "train_nll_per_token": out.nll_per_token,
+                        "train_ppl": math.exp(min(out.nll_per_token, 700)),
+                        "prior_per_token": out.prior_per_token,
+                    }
+                )
+                postfix = {
+                    "nll/tok": f"{out.nll_per_token:.3f}",
+                    "ppl": f"{math.exp(min(out.nll_per_token, 700)):.4g}",
+                    "prior/tok": f"{out.prior_per_token:.3g}",
+                }
                 if step % config.eval_every == 0 or step == config.steps:
                     row = _validate(bora, corpus, config, state, step)
                     if row["valid_loglik_per_token"] > state.best_ll:
-                        state.best_ll, best_state, state.best_step, state.bad_evals = row["valid_loglik_per_token"], _snapshot(), step, 0
+                        state.best_ll, best_state, state.best_step, state.bad_evals = (
+                            row["valid_loglik_per_token"],
+                            _snapshot(),
+                            step,
+                            0,
+                        )
                     else:
                         state.bad_evals += 1
                     postfix["valid_ppl"] = f"{row['valid_ppl']:.2f}"
@@ -345,7 +414,9 @@ def fit(bora: BoRA, corpus: Corpus, inference: str | None = None, checkpoint: st
                     if not (config.checkpoint_every and step % config.checkpoint_every == 0):
                         save()
                     result.status, result.signal = "interrupted", stop.signal_number
-                    result.message = f"interrupted by {signal.Signals(stop.signal_number or signal.SIGTERM).name} after step {step}"
+                    result.message = (
+                        f"interrupted by {signal.Signals(stop.signal_number or signal.SIGTERM).name} after step {step}"
+                    )
                     break
                 if config.patience is not None and state.bad_evals >= config.patience:
                     result.stopped_early = True

@@ -12,7 +12,7 @@ Parameters without a task dimension (Theta, a learned tau's guide) are stepped d
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -29,8 +29,17 @@ def grad_rows(grad: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return out.index_copy_(0, where, grad.values())
 
 
-def _adamw_(x: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, t: torch.Tensor, lr: float,
-            betas: tuple[float, float], eps: float, weight_decay: float) -> None:
+def _adamw_(
+    x: torch.Tensor,
+    g: torch.Tensor,
+    m: torch.Tensor,
+    v: torch.Tensor,
+    t: torch.Tensor,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+) -> None:
     """One in-place AdamW update of ``x`` (PyTorch's rule). ``t`` (the step count, after increment)
     broadcasts against ``x``: 0-dim, or [rows, 1, ...] for per-row counts."""
     beta1, beta2 = betas
@@ -55,8 +64,15 @@ class TaskSparseAdamW(torch.optim.Optimizer):
     tensors (checkpointed as safetensors).
     """
 
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, task_params: Iterable[torch.Tensor] = ()) -> None:
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        task_params: Iterable[torch.Tensor] = (),
+    ) -> None:
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr!r}")
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
@@ -66,18 +82,23 @@ class TaskSparseAdamW(torch.optim.Optimizer):
         return rows if id(p) in self._task_params else None
 
     def _grads(self, rows: torch.Tensor | None) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        return [(p, self._rows_of(p, rows)) for group in self.param_groups for p in group["params"] if p.grad is not None]
+        return [
+            (p, self._rows_of(p, rows)) for group in self.param_groups for p in group["params"] if p.grad is not None
+        ]
 
     @torch.no_grad()
     def grad_norm(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The global 2-norm of the gradients that :meth:`step` with these ``rows`` uses. -> []."""
-        norms = [torch.linalg.vector_norm(_dense(p.grad) if r is None else grad_rows(p.grad, r))
-                 for p, r in self._grads(rows)]
+        norms = [
+            torch.linalg.vector_norm(_dense(p.grad) if r is None else grad_rows(p.grad, r))
+            for p, r in self._grads(rows)
+        ]
         return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
 
     @torch.no_grad()
-    def clip_grad_norm_(self, max_norm: float, rows: torch.Tensor | None = None,
-                        total: torch.Tensor | None = None) -> torch.Tensor:
+    def clip_grad_norm_(
+        self, max_norm: float, rows: torch.Tensor | None = None, total: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Scale the gradients that :meth:`step` with these ``rows`` uses so that their global 2-norm is
         at most ``max_norm`` (as ``torch.nn.utils.clip_grad_norm_``); returns the norm before clipping
         (``total``: that norm, if already computed by :meth:`grad_norm`)."""

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -80,10 +81,12 @@ def load_adapters(path: Path) -> tuple[list[str], dict[str, torch.Tensor], dict[
     except Exception as err:
         raise ValueError(f"{path} is not a readable safetensors file ({err})") from None
     if meta.get("format") != ADAPTERS_FORMAT:
-        raise ValueError(f"{path} is not a bora_pyro adapter file (format {meta.get('format')!r}, expected {ADAPTERS_FORMAT!r})")
+        raise ValueError(
+            f"{path} is not a bora_pyro adapter file (format {meta.get('format')!r}, expected {ADAPTERS_FORMAT!r})"
+        )
     tensors = load_file(str(path))
     tasks = json.loads(meta["tasks"])
-    task = {k[len("task."):]: v for k, v in tensors.items() if k.startswith("task.")}
-    glob = {k[len("global."):]: v for k, v in tensors.items() if k.startswith("global.")} or None
+    task = {k[len("task.") :]: v for k, v in tensors.items() if k.startswith("task.")}
+    glob = {k[len("global.") :]: v for k, v in tensors.items() if k.startswith("global.")} or None
     extra = {k: json.loads(v) for k, v in meta.items() if k not in ("format", "tasks")}
     return tasks, task, glob, extra

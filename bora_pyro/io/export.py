@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import torch
 from safetensors.torch import save_file
 
+from ..data.task_names import GLOBAL
+from ..nn.lora import MultiTaskLoRA
 from .artifacts import write_json
 from .folders import atomic_folder
-from ..nn.lora import MultiTaskLoRA
-from ..data.task_names import GLOBAL
 
 MAX_FOLDER_NAME = 100  # bytes (ASCII characters); file systems allow 255
 
@@ -59,16 +59,29 @@ def peft_state_dict(lora: MultiTaskLoRA, factors: Mapping[str, torch.Tensor]) ->
 def peft_config(lora: MultiTaskLoRA, base_model: str) -> dict:
     fan_in_fan_out = any(layer.fan_in_fan_out for layer in lora.layers.values())
     return {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-        "r": lora.rank, "lora_alpha": lora.alpha, "lora_dropout": 0.0, "bias": "none",
-        "target_modules": sorted(lora.targets), "fan_in_fan_out": fan_in_fan_out, "inference_mode": True,
-        "init_lora_weights": True, "modules_to_save": None,
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": lora.rank,
+        "lora_alpha": lora.alpha,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "target_modules": sorted(lora.targets),
+        "fan_in_fan_out": fan_in_fan_out,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
     }
 
 
 def export_peft(
-    lora: MultiTaskLoRA, tasks: Sequence[str], task_factors: Mapping[str, torch.Tensor],
-    global_factors: Mapping[str, torch.Tensor] | None, base_model: str, out: str | Path, overwrite: bool = False,
+    lora: MultiTaskLoRA,
+    tasks: Sequence[str],
+    task_factors: Mapping[str, torch.Tensor],
+    global_factors: Mapping[str, torch.Tensor] | None,
+    base_model: str,
+    out: str | Path,
+    overwrite: bool = False,
     note: str | None = None,
 ) -> dict[str, str]:
     """Write one PEFT adapter folder per task (and ``global`` when Theta exists); returns the name map.
@@ -94,8 +107,9 @@ def export_peft(
         (tmp / "README.md").write_text(
             f"# PEFT LoRA adapters exported by bora_pyro\n\nOne folder per task (tasks.json maps task names to "
             f"folders){', plus global (Theta)' if global_factors is not None else ''}. Base model: `{base_model}`"
-            f"{f' ({note})' if note else ''}.\n\n    base = AutoModelForCausalLM.from_pretrained(\"{base_model}\")\n"
-            f"    model = peft.PeftModel.from_pretrained(base, \"<folder>\")\n")
+            f'{f" ({note})" if note else ""}.\n\n    base = AutoModelForCausalLM.from_pretrained("{base_model}")\n'
+            f'    model = peft.PeftModel.from_pretrained(base, "<folder>")\n'
+        )
     return folders
 
 
@@ -119,8 +133,9 @@ def merge_into_base(lora: MultiTaskLoRA, factors: Mapping[str, torch.Tensor]) ->
     return lora.lm
 
 
-def export_merged(lora: MultiTaskLoRA, tokenizer, factors: Mapping[str, torch.Tensor], out: str | Path,
-                  overwrite: bool = False) -> None:
+def export_merged(
+    lora: MultiTaskLoRA, tokenizer, factors: Mapping[str, torch.Tensor], out: str | Path, overwrite: bool = False
+) -> None:
     """Write a full Hugging Face model (safetensors) with one adapter merged in, plus the tokenizer."""
     model = merge_into_base(lora, factors)
     with atomic_folder(Path(out), "merged", overwrite=overwrite) as tmp:

@@ -19,8 +19,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from filelock import FileLock, Timeout
 
@@ -94,7 +94,9 @@ def check_target(target: Path, overwrite: bool, what: str = "folder") -> None:
     if not entries:
         return
     if not overwrite:
-        raise FileExistsError(f"{what} {str(target)!r} exists and is not empty; choose another --out or pass --overwrite")
+        raise FileExistsError(
+            f"{what} {str(target)!r} exists and is not empty; choose another --out or pass --overwrite"
+        )
     if not is_ours(target):
         raise FileExistsError(
             f"--overwrite replaces only folders that bora_pyro wrote, and {str(target)!r} is not one of them "
@@ -197,8 +199,10 @@ def folder_lock(target: Path, wait: float = 0.0) -> Iterator[None]:
     try:
         lock.acquire(timeout=wait)
     except Timeout:
-        raise FolderBusy(f"{str(target)!r} is being written by another bora_pyro process (it holds {lock.lock_file}); "
-                         "wait for it to finish or choose another folder") from None
+        raise FolderBusy(
+            f"{str(target)!r} is being written by another bora_pyro process (it holds {lock.lock_file}); "
+            "wait for it to finish or choose another folder"
+        ) from None
     try:
         yield
     finally:

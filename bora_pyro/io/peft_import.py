@@ -31,7 +31,9 @@ def _read_config(folder: Path) -> dict:
         if config.get(key):
             raise ValueError(f"{folder}: {what} ({key}=true) has no BoRA equivalent; use a plain LoRA adapter")
     if config.get("bias", "none") != "none":
-        raise ValueError(f"{folder}: bias={config['bias']!r} trains bias vectors that BoRA does not have; need bias='none'")
+        raise ValueError(
+            f"{folder}: bias={config['bias']!r} trains bias vectors that BoRA does not have; need bias='none'"
+        )
     if config.get("rank_pattern") or config.get("alpha_pattern"):
         raise ValueError(f"{folder}: per-module rank_pattern / alpha_pattern are not supported")
     return config
@@ -47,7 +49,9 @@ def import_peft(lora: MultiTaskLoRA, folder: str | Path) -> dict[str, torch.Tens
     config = _read_config(folder)
     rank = int(config["r"])
     if rank != lora.rank:
-        raise ValueError(f"{folder}: adapter rank r={rank} differs from this model's rank {lora.rank}; pass --rank {rank}")
+        raise ValueError(
+            f"{folder}: adapter rank r={rank} differs from this model's rank {lora.rank}; pass --rank {rank}"
+        )
     theirs = config["lora_alpha"] / (math.sqrt(rank) if config.get("use_rslora") else rank)
     rescale = theirs / (lora.alpha / lora.rank)  # keeps scaling * B @ A
     weights_file = folder / "adapter_model.safetensors"
@@ -59,8 +63,10 @@ def import_peft(lora: MultiTaskLoRA, folder: str | Path) -> dict[str, torch.Tens
         for factor, key in (("A", "lora_A"), ("B", "lora_B")):
             name = f"base_model.model.{layer.path}.{key}.weight"
             if name not in state:
-                raise ValueError(f"{folder}: no {key} weight for {layer.path!r}; the adapter targets other modules "
-                                 f"(it targets {config.get('target_modules')}; this model adapts {list(lora.targets)})")
+                raise ValueError(
+                    f"{folder}: no {key} weight for {layer.path!r}; the adapter targets other modules "
+                    f"(it targets {config.get('target_modules')}; this model adapts {list(lora.targets)})"
+                )
             value = state[name].float() * (rescale if factor == "B" else 1.0)
             expected = layer.shapes(lora.rank)[f"{layer.name}.{factor}"]
             if tuple(value.shape) != expected:
@@ -69,6 +75,8 @@ def import_peft(lora: MultiTaskLoRA, folder: str | Path) -> dict[str, torch.Tens
             used.add(name)
     extra = sorted(k for k in state if k not in used)
     if extra:
-        raise ValueError(f"{folder}: the adapter has weights for modules this model does not adapt, e.g. {extra[0]!r}; "
-                         f"pass --targets {','.join(config.get('target_modules') or [])}")
+        raise ValueError(
+            f"{folder}: the adapter has weights for modules this model does not adapt, e.g. {extra[0]!r}; "
+            f"pass --targets {','.join(config.get('target_modules') or [])}"
+        )
     return factors

@@ -10,7 +10,8 @@ minibatch log-likelihood as ``pyro.factor("loglik", ...)`` inside
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import pyro
 import torch
@@ -18,17 +19,26 @@ from pyro import poutine
 from torch import nn
 
 from ..data.batching import Batch
-from ..nn.gates import LayerGates
-from .gates import GateConfig, Gates
-from .guides import make_guide
-from ..nn.lora import Factors, MultiTaskLoRA
 from ..data.task_names import check_task_names
+from ..nn.gates import LayerGates
+from ..nn.lora import Factors, MultiTaskLoRA
+from .gates import GateConfig, Gates
+from .guides import guide_parameters, make_guide, task_sites
 from .likelihood import lm_log_likelihood
 from .prior import INDEPENDENT, POOLED, HierarchicalPrior, PriorConfig
 from .task_subsample import TASK_PLATE, TaskSubsample
 from .tau_prior import TAU_SITE
 
 LogLikelihood = Callable[[Factors, Batch], torch.Tensor]  # (task factors, batch) -> [batch]
+
+
+@dataclass(frozen=True)
+class ParameterRole:
+    """How the optimiser treats a parameter: ``per_task``: one row per task ([D, ...]), stepped only on
+    the batch's tasks; ``fast``: learns at the guide's rate (scales, a learned tau, gates)."""
+
+    per_task: bool
+    fast: bool
 
 
 class BoRA:
@@ -80,13 +90,16 @@ class BoRA:
         check_task_names(tasks, "BoRA")
         self.tasks = tasks
         self.lora = MultiTaskLoRA(lm, rank=rank, alpha=alpha, targets=targets)
-        self.prior = HierarchicalPrior(self.lora.shapes(), len(tasks), prior.tau, prior.parameterization,
-                                       prior.hyperprior(), prior.global_scale())
+        self.prior = HierarchicalPrior(
+            self.lora.shapes(), len(tasks), prior.tau, prior.parameterization, prior.hyperprior(), prior.global_scale()
+        )
         self.init = self.lora.init_factors(torch.Generator().manual_seed(seed))
         self.task_subsampling = task_subsampling
         gates = gates or GateConfig()
         if gates.enabled and log_likelihood is not None:
-            raise ValueError("gates act on the language model's LoRA layers: they cannot be combined with a custom log_likelihood")
+            raise ValueError(
+                "gates act on the language model's LoRA layers: they cannot be combined with a custom log_likelihood"
+            )
         self.gates = Gates(gates, self.lora.adapted, rank, len(tasks)) if gates.enabled else None
         self.log_likelihood: LogLikelihood = log_likelihood or self._lm_log_likelihood
         self._store = {"params": {}, "constraints": {}}
@@ -124,7 +137,9 @@ class BoRA:
             params = dict(pyro.get_param_store().named_parameters())
             if set(params) != set(state):
                 missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
-                raise ValueError(f"saved parameters do not match this model: missing {missing[:3]}, unexpected {extra[:3]}")
+                raise ValueError(
+                    f"saved parameters do not match this model: missing {missing[:3]}, unexpected {extra[:3]}"
+                )
             for name, param in params.items():
                 param.copy_(state[name])
 
@@ -142,19 +157,42 @@ class BoRA:
         return self.lora.device
 
     def use_inference(self, inference: str) -> None:
-        """Replace the guide (and forget its fitted values) by a fresh "map" or "vi" guide."""
+        """Replace the guide (and forget its fitted values) by a fresh "map" or "vi" guide; the model's own
+        parameters (Theta, gates) are kept."""
+        old = self.guide
         self.guide = self._make_guide(inference)
         self.inference = inference
+        if old.prototype_trace is None:  # never run: it has no parameters
+            return
+        ids = {id(tensor) for _, _, tensor in guide_parameters(old)}
         with self.param_scope():
             store = pyro.get_param_store()
-            for name in [n for n in store.keys() if not n.startswith("global.")]:
+            for name in [n for n, p in store.named_parameters() if id(p) in ids]:
                 del store[name]
+
+    def parameter_roles(self) -> dict[str, ParameterRole]:
+        """The role of every parameter of the set-up model and guide, by param-store name, found from their
+        structure: the guide's parameters of the sites under the task plate have one row per task; scales,
+        and the parameters of sites that are not LoRA weights (a learned tau), learn at the guide's rate,
+        as the gates' log-alphas do (per-task rank gates have a row per task); Theta is a plain weight."""
+        with self.param_scope():
+            names = {id(p): n for n, p in pyro.get_param_store().named_parameters()}
+            roles = dict.fromkeys(names.values(), ParameterRole(per_task=False, fast=False))
+            per_task = task_sites(self.guide)
+            weights = per_task | set(self.prior.global_sites())
+            for site, kind, tensor in guide_parameters(self.guide):
+                roles[names[id(tensor)]] = ParameterRole(site in per_task, kind == "scale" or site not in weights)
+            for name, rows in ({} if self.gates is None else self.gates.parameter_layout()).items():
+                if name in roles:
+                    roles[name] = ParameterRole(per_task=rows, fast=True)
+        return roles
 
     def _make_guide(self, inference: str):
         if self.prior.learned and inference == "map":
             raise ValueError(
                 "tau='learn' needs inference='vi' (CLI: --inference vi): the MAP of a hierarchical precision is "
-                "degenerate, the posterior density grows without bound as every task collapses onto Theta and tau -> inf"
+                "degenerate, the posterior density grows without bound as every task collapses onto Theta and "
+                "tau -> inf"
             )
         return make_guide(inference, self.model, self.prior.initial_values(self.init), self._task_plates)
 
@@ -196,8 +234,9 @@ class BoRA:
         subsample = None if batch is None else self.task_subsample(batch)
         return [pyro.plate(TASK_PLATE, len(self.tasks), dim=-1) if subsample is None else subsample.plate()]
 
-    def _lm_log_likelihood(self, factors: Factors, batch: Batch,
-                           gates: Mapping[str, LayerGates] | None = None) -> torch.Tensor:
+    def _lm_log_likelihood(
+        self, factors: Factors, batch: Batch, gates: Mapping[str, LayerGates] | None = None
+    ) -> torch.Tensor:
         """The LM likelihood [batch]; with gates, at the given gate values (default: the 0/1 inference gates)."""
         return lm_log_likelihood(self.lora, factors, batch, self.gate_values() if gates is None else gates)
 
@@ -237,7 +276,9 @@ class BoRA:
         Pooled runs return Theta repeated for every task, so shapes are the same in all modes.
         """
         with self.param_scope():
-            factors = poutine.condition(self.sample_task_factors, data=self._point_values() if values is None else values)()
+            factors = poutine.condition(
+                self.sample_task_factors, data=self._point_values() if values is None else values
+            )()
         return {k: v.detach().expand(len(self.tasks), *v.shape[1:]).clone() for k, v in factors.items()}
 
     def _point_values(self) -> dict[str, torch.Tensor]:

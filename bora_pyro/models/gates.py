@@ -16,17 +16,17 @@ gates])`` (B-LoRA's eq. 15): the expected log prior of the nested gates.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import pandas as pd
 import pyro
 import torch
 
-from ..nn.lora import AdaptedLayer
 from ..nn.gates import LayerGates
-from ..options import option
+from ..nn.lora import AdaptedLayer
 from ..nn.quantization import BITS, FULL_BITS, bits_of, lora_bops
+from ..options import option
 from .task_subsample import TaskSubsample
 
 GAMMA, ZETA, TEMPERATURE = -0.1, 1.1, 2.0 / 3.0  # hard-concrete stretch interval and temperature
@@ -61,15 +61,26 @@ def expected_open(log_alpha: torch.Tensor) -> torch.Tensor:
 class GateConfig:
     """Which B-LoRA gates a BoRA model has (every field is a CLI option)."""
 
-    rank_gates: str | None = option(None, "learn each block's rank with nested hard-concrete gates, shared by the "
-                                    "tasks (default when given) or per-task", choices=RANK_MODES, const="shared")
-    quant_gates: str | None = option(None, "learn each block's precision (2-32 bits) of the LoRA factors (default when "
-                                     "given) and optionally of the layer's input activations", choices=QUANT_MODES,
-                                     const="weights")
+    rank_gates: str | None = option(
+        None,
+        "learn each block's rank with nested hard-concrete gates, shared by the tasks (default when given) or per-task",
+        choices=RANK_MODES,
+        const="shared",
+    )
+    quant_gates: str | None = option(
+        None,
+        "learn each block's precision (2-32 bits) of the LoRA factors (default when "
+        "given) and optionally of the layer's input activations",
+        choices=QUANT_MODES,
+        const="weights",
+    )
     rank_lambda: float = option(1.0, "penalty per expected open rank gate (B-LoRA's lambda: the log prior of a gate)")
     quant_lambda: float = option(1.0, "penalty per expected open precision gate")
-    gate_init: float = option(3.0, "the gates' starting log-alpha: 3 = open with probability 0.99, relaxed below 1 a "
-                              "fifth of the time; higher = less training noise at the start")
+    gate_init: float = option(
+        3.0,
+        "the gates' starting log-alpha: 3 = open with probability 0.99, relaxed below 1 a "
+        "fifth of the time; higher = less training noise at the start",
+    )
 
     def __post_init__(self) -> None:
         if self.rank_gates not in (None, *RANK_MODES):
@@ -97,22 +108,33 @@ class Gates:
     def _log_alpha(self, layer: str, kind: str, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
         return pyro.param(f"gates.{layer}.{kind}", lambda: torch.full(shape, self.config.gate_init, device=device))
 
+    def _kinds(self) -> dict[str, bool]:
+        """The gate kinds of every layer, each with whether it has one row per task."""
+        kinds = {"rank": self.config.rank_gates == "per-task"} if self.config.rank_gates is not None else {}
+        if self.config.quant_gates is not None:
+            kinds["weight_bits"] = False
+        if self.config.quant_gates == "weights+activations":
+            kinds["act_bits"] = False
+        return kinds
+
+    def parameter_layout(self) -> dict[str, bool]:
+        """The gates' parameter names, each with whether it has one row per task (per-task rank gates)."""
+        return {f"gates.{layer.name}.{kind}": rows for layer in self.layers for kind, rows in self._kinds().items()}
+
     def _parameters(self, device: torch.device) -> dict[str, dict[str, torch.Tensor]]:
-        """log-alpha by layer and kind: rank [1 or D, r - 1] (g_1 is always open; per-task ones are named
-        ``task_rank``: rows of tasks, see ``guides.is_task_parameter``), weight_bits / act_bits [4]."""
-        out: dict[str, dict[str, torch.Tensor]] = {}
-        per_task = self.config.rank_gates == "per-task"
-        for layer in self.layers:
-            kinds = {}
-            if self.config.rank_gates is not None:
-                kinds["rank"] = self._log_alpha(layer.name, "task_rank" if per_task else "rank",
-                                                (self.num_tasks if per_task else 1, self.rank - 1), device)
-            if self.config.quant_gates is not None:
-                kinds["weight_bits"] = self._log_alpha(layer.name, "weight_bits", (BIT_GATES,), device)
-            if self.config.quant_gates == "weights+activations":
-                kinds["act_bits"] = self._log_alpha(layer.name, "act_bits", (BIT_GATES,), device)
-            out[layer.name] = kinds
-        return out
+        """log-alpha by layer and kind: rank [1 or D, r - 1] (g_1 is always open; one row per task for
+        per-task gates), weight_bits / act_bits [4]."""
+
+        def shape(kind: str, rows: bool) -> tuple[int, ...]:
+            return ((self.num_tasks if rows else 1), self.rank - 1) if kind == "rank" else (BIT_GATES,)
+
+        return {
+            layer.name: {
+                kind: self._log_alpha(layer.name, kind, shape(kind, rows), device)
+                for kind, rows in self._kinds().items()
+            }
+            for layer in self.layers
+        }
 
     def sample(self, device: torch.device, subsample: TaskSubsample | None) -> dict[str, LayerGates]:
         """Inside the Pyro model: relaxed gate draws for this batch and the penalty factor. Per-task rank
@@ -174,9 +196,18 @@ class Gates:
             bops = lora_bops(layer.in_features, layer.out_features, rank, w_bits, a_bits)
             full = lora_bops(layer.in_features, layer.out_features, self.rank, FULL_BITS, FULL_BITS)
             parts = layer.name.split(".")
-            rows.append({"layer": layer.name, "block": int(parts[1]) if parts[0] == "layers" and parts[1].isdigit() else -1,
-                         "module": parts[-1], "rank": rank, "weight_bits": w_bits, "activation_bits": a_bits,
-                         "bops": bops, "full_bops": full})
+            rows.append(
+                {
+                    "layer": layer.name,
+                    "block": int(parts[1]) if parts[0] == "layers" and parts[1].isdigit() else -1,
+                    "module": parts[-1],
+                    "rank": rank,
+                    "weight_bits": w_bits,
+                    "activation_bits": a_bits,
+                    "bops": bops,
+                    "full_bops": full,
+                }
+            )
         frame = pd.DataFrame(rows)
         frame["relative_bops"] = frame["bops"] / frame["full_bops"]
         return frame

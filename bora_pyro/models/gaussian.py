@@ -7,8 +7,8 @@ normal hierarchical model, whose MAP and exact posterior are known.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import torch
 
@@ -36,8 +36,14 @@ class GaussianObservations:
     theta: Mapping[str, torch.Tensor] | None = None  # the simulated truth, [D, *shape]
 
     @classmethod
-    def simulate(cls, shapes: Mapping[str, tuple[int, ...]], docs_per_task: Sequence[int], tau: float,
-                 sigma: float, generator: torch.Generator) -> "GaussianObservations":
+    def simulate(
+        cls,
+        shapes: Mapping[str, tuple[int, ...]],
+        docs_per_task: Sequence[int],
+        tau: float,
+        sigma: float,
+        generator: torch.Generator,
+    ) -> GaussianObservations:
         """theta_d ~ N(0, 1/tau) (Theta = 0), then y ~ N(theta_task, sigma^2)."""
         task = torch.tensor([d for d, n in enumerate(docs_per_task) for _ in range(n)])
         y, truth = {}, {}
@@ -73,8 +79,9 @@ class GaussianObservations:
         ybar = torch.cat([m.flatten(1) for _, m in means], dim=1).double()  # [D, J]
         return means[0][0].double(), ybar @ ybar.T, ybar.shape[1]
 
-    def tau_posterior(self, tau_prior: TauPrior, log_tau: torch.Tensor, theta: str = "empirical-bayes",
-                      em_steps: int = 200) -> torch.Tensor:
+    def tau_posterior(
+        self, tau_prior: TauPrior, log_tau: torch.Tensor, theta: str = "empirical-bayes", em_steps: int = 200
+    ) -> torch.Tensor:
         """Exact posterior of one shared tau on a grid of log tau (normalised weights, [grid]).
 
         theta_d is integrated out analytically: the task mean of element j is

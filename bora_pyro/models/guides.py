@@ -3,52 +3,56 @@
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
-from typing import Callable, Iterator, Mapping
 
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro.distributions import constraints
 from pyro.distributions.transforms import biject_to
 from pyro.infer.autoguide import AutoDelta, AutoGuide, AutoNormal
-from pyro.distributions import constraints
 
-from .task_subsample import TaskPlate
+from .pyro_internals import event_dim, guide_plates, loc_and_scale, setup_prototype
+from .task_subsample import TASK_PLATE, TaskPlate, enter_plate
 
 INFERENCE = ("map", "vi")
-GUIDE_PREFIXES = ("TaskDelta", "MeanFieldNormal")  # the guides' parameter-name prefixes
+GuideParameter = tuple[str, str, torch.Tensor]  # (site name, "value" | "loc" | "scale", unconstrained tensor)
 
 
-def is_uncertainty_parameter(param_name: str) -> bool:
-    """True for the parameters that carry uncertainty, hyperparameters or gates rather than LoRA
-    weights: AutoNormal's scales, both parameters of the ``tau`` site's guide and the B-LoRA gates'
-    log-alphas (``gates.*``). They get their own learning rate (``TrainConfig.guide_lr``): at the LoRA
-    learning rate (1e-3) a log-scale moves by ~0.001 per step, so within a few hundred steps the guide
-    would stay at its starting width (and a gate at its start)."""
-    parts = param_name.split(".")
-    if parts[0] == "gates":
-        return True
-    return len(parts) >= 3 and parts[0] in GUIDE_PREFIXES and (parts[1] == "scales" or parts[2:] == ["tau"])
+def guide_parameters(guide: AutoGuide) -> list[GuideParameter]:
+    """Every parameter of a set-up guide with the latent site it belongs to and its kind: AutoDelta's
+    point ("value", the PyroModule attribute named after its site) or AutoNormal's "loc" / "scale"
+    (``guide.locs.<site>`` / ``guide.scales.<site>``). The tensors are the param store's unconstrained
+    ones (``pyro.get_param_store().named_parameters()``). Raises if the guide has a parameter of no site."""
+    sites = {name for name, _ in guide.prototype_trace.iter_stochastic_nodes()}
+    out = []
+    for path, value in guide.named_pyro_params():
+        tensor = value.unconstrained() if hasattr(value, "unconstrained") else value  # a constrained value links to it
+        head, _, rest = path.partition(".")
+        if path in sites:
+            out.append((path, "value", tensor))
+        elif head in ("locs", "scales") and rest in sites:
+            out.append((rest, head[:-1], tensor))
+        else:
+            raise ValueError(f"guide parameter {path!r} belongs to no latent site of the model")
+    return out
 
 
-def is_task_parameter(param_name: str) -> bool:
-    """True for the parameters with one row per task ([D, ...], indexed by the task plate): the MAP guide's
-    ``TaskDelta.task.*``, AutoNormal's ``MeanFieldNormal.locs|scales.task.*`` and per-task rank gates
-    ``gates.<layer>.task_rank``."""
-    parts = param_name.split(".")
-    if parts[0] == "gates":
-        return parts[-1] == "task_rank"
-    if len(parts) < 3 or parts[0] not in GUIDE_PREFIXES:
-        return False
-    return parts[1] == "task" or (parts[1] in ("locs", "scales") and parts[2] == "task")
+def task_sites(guide: AutoGuide) -> set[str]:
+    """The latent sites sampled under the task plate (one row per task), from the guide's prototype trace."""
+    return {
+        name
+        for name, site in guide.prototype_trace.iter_stochastic_nodes()
+        if any(frame.name == TASK_PLATE for frame in site["cond_indep_stack"])
+    }
 
 
 def _latent_sites(guide: AutoGuide, args: tuple, kwargs: dict) -> Iterator[tuple[str, dict, list[pyro.plate]]]:
     """The guide's latent sites (its prototype set up on first use), each with the plates it is sampled
     in (the guide's, from ``create_plates``, for this call's arguments)."""
-    if guide.prototype_trace is None:
-        guide._setup_prototype(*args, **kwargs)
-    plates = guide._create_plates(*args, **kwargs)
+    setup_prototype(guide, args, kwargs)
+    plates = guide_plates(guide, args, kwargs)
     for name, site in guide.prototype_trace.iter_stochastic_nodes():
         yield name, site, [plates[frame.name] for frame in site["cond_indep_stack"] if frame.vectorized]
 
@@ -57,7 +61,7 @@ def _latent_sites(guide: AutoGuide, args: tuple, kwargs: dict) -> Iterator[tuple
 def _inside(plates: list[pyro.plate]) -> Iterator[None]:
     with ExitStack() as stack:
         for plate in plates:
-            stack.enter_context(plate)
+            stack.enter_context(enter_plate(plate))
         yield
 
 
@@ -75,8 +79,9 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         (index,) = ctx.saved_tensors  # ascending, unique
-        return torch.sparse_coo_tensor(index.unsqueeze(0), grad, ctx.full_shape, is_coalesced=True,
-                                       check_invariants=False), None
+        return torch.sparse_coo_tensor(
+            index.unsqueeze(0), grad, ctx.full_shape, is_coalesced=True, check_invariants=False
+        ), None
 
 
 def gather_rows(full: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -115,8 +120,8 @@ class MeanFieldNormal(AutoNormal):
         result = {}
         for name, site, plates in _latent_sites(self, args, kwargs):
             with _inside(plates):
-                loc, scale = self._get_loc_and_scale(name)
-                q = dist.Normal(loc, scale).to_event(self._event_dims[name])
+                loc, scale = loc_and_scale(self, name)
+                q = dist.Normal(loc, scale).to_event(event_dim(self, name))
                 if not _is_real(site["fn"].support):
                     q = dist.TransformedDistribution(q, biject_to(site["fn"].support))
                 result[name] = pyro.sample(name, q)
@@ -130,8 +135,11 @@ def _is_real(support: constraints.Constraint) -> bool:
 
 
 def make_guide(
-    kind: str, model: Callable, initial_values: Mapping[str, torch.Tensor],
-    create_plates: Callable[..., pyro.plate | list[pyro.plate]], init_scale: float = 1e-3,
+    kind: str,
+    model: Callable,
+    initial_values: Mapping[str, torch.Tensor],
+    create_plates: Callable[..., pyro.plate | list[pyro.plate]],
+    init_scale: float = 1e-3,
 ) -> AutoGuide:
     """``"map"``: AutoDelta (posterior mode); ``"vi"``: :class:`MeanFieldNormal` (AutoNormal's mean-field Gaussian).
 
@@ -149,13 +157,17 @@ def _init_to_values(values: Mapping[str, torch.Tensor]) -> Callable[[dict], torc
     """Start each site at ``values[name]``. A site of a task subsample (P of the D tasks, see
     ``task_subsample.py``) needs a value shared by every task (an expanded view, as
     ``HierarchicalPrior.initial_values`` gives), whose first P rows the guide repeats to all D tasks."""
+
     def init(site: dict) -> torch.Tensor:
         value = values[site["name"]]
         shape = site["fn"].shape()
         if value.shape == shape:
             return value.clone()
         if value.shape[1:] != shape[1:] or value.stride(0) != 0:
-            raise ValueError(f"site {site['name']!r}: cannot start a task subsample of shape {tuple(shape)} "
-                             f"from per-task values of shape {tuple(value.shape)} (they must be shared by every task)")
+            raise ValueError(
+                f"site {site['name']!r}: cannot start a task subsample of shape {tuple(shape)} "
+                f"from per-task values of shape {tuple(value.shape)} (they must be shared by every task)"
+            )
         return value[: shape[0]].clone()
+
     return init

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 
 from ..data.batching import IGNORE_INDEX, Batch
-from ..nn.lora import Factors, MultiTaskLoRA
 from ..nn.gates import LayerGates
+from ..nn.lora import Factors, MultiTaskLoRA
 
 
 def token_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -30,8 +30,9 @@ def scored_tokens(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != IGNORE_INDEX).sum(-1)
 
 
-def lm_logits(lora: MultiTaskLoRA, factors: Factors | None, batch: Batch,
-              gates: Mapping[str, LayerGates] | None = None) -> torch.Tensor:
+def lm_logits(
+    lora: MultiTaskLoRA, factors: Factors | None, batch: Batch, gates: Mapping[str, LayerGates] | None = None
+) -> torch.Tensor:
     """Next-token logits of every example under its own task's factors, in ONE forward pass.
 
     ``factors`` are stacked per-task LoRA factors ([D, r, in] / [D, out, r], D = 1 for pooled);
@@ -41,7 +42,8 @@ def lm_logits(lora: MultiTaskLoRA, factors: Factors | None, batch: Batch,
         return lora.lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
 
 
-def lm_log_likelihood(lora: MultiTaskLoRA, factors: Factors | None, batch: Batch,
-                      gates: Mapping[str, LayerGates] | None = None) -> torch.Tensor:
+def lm_log_likelihood(
+    lora: MultiTaskLoRA, factors: Factors | None, batch: Batch, gates: Mapping[str, LayerGates] | None = None
+) -> torch.Tensor:
     """log L(doc | theta_task(doc)) for every document of the batch. Shapes: -> [batch]."""
     return token_log_probs(lm_logits(lora, factors, batch, gates), batch.labels).sum(-1)

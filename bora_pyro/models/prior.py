@@ -18,17 +18,17 @@ Densities use :class:`StackedNormal` (cheap over millions of elements).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import pyro
 import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
 
-from .stacked_normal import StackedNormal
-from .task_subsample import TASK_PLATE, TaskSubsample
 from ..options import option
+from .stacked_normal import StackedNormal
+from .task_subsample import TASK_PLATE, TaskSubsample, enter_plate
 from .tau_prior import TAU_GROUPS, TAU_SITE, TauPrior
 
 INDEPENDENT, HIERARCHICAL, POOLED = "independent", "hierarchical", "pooled"
@@ -79,16 +79,27 @@ def parse_global_prior(text: str) -> float | None:
 class PriorConfig:
     """The hierarchical prior's settings (every field is a CLI option)."""
 
-    tau: Tau = option(100.0, "prior precision: a number >= 0, 0 = independent adapters, inf = one pooled adapter, "
-                      "learn = inferred under --tau-prior (needs --inference vi)", parse=parse_tau)
-    parameterization: str = option("noncentered", "noncentered: theta_d = Theta + tau^-1/2 z_d with z_d ~ N(0, I) the "
-                                   "latent site; centered: theta_d sampled around Theta", choices=PARAMETERIZATIONS)
-    tau_prior: str = option("lognormal:4.6,2", "hyperprior of --tau learn: lognormal:LOC,SCALE (of log tau) or "
-                            "gamma:SHAPE,RATE")
-    tau_groups: str = option("global", "--tau learn: one tau, or one per module type (q_proj, v_proj...)",
-                             choices=TAU_GROUPS)
-    global_prior: str = option("flat", "Theta: flat (a parameter, empirical Bayes) or normal:SCALE (a latent site, "
-                               "inferred)")
+    tau: Tau = option(
+        100.0,
+        "prior precision: a number >= 0, 0 = independent adapters, inf = one pooled adapter, "
+        "learn = inferred under --tau-prior (needs --inference vi)",
+        parse=parse_tau,
+    )
+    parameterization: str = option(
+        "noncentered",
+        "noncentered: theta_d = Theta + tau^-1/2 z_d with z_d ~ N(0, I) the "
+        "latent site; centered: theta_d sampled around Theta",
+        choices=PARAMETERIZATIONS,
+    )
+    tau_prior: str = option(
+        "lognormal:4.6,2", "hyperprior of --tau learn: lognormal:LOC,SCALE (of log tau) or gamma:SHAPE,RATE"
+    )
+    tau_groups: str = option(
+        "global", "--tau learn: one tau, or one per module type (q_proj, v_proj...)", choices=TAU_GROUPS
+    )
+    global_prior: str = option(
+        "flat", "Theta: flat (a parameter, empirical Bayes) or normal:SCALE (a latent site, inferred)"
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tau", parse_tau(self.tau))
@@ -146,6 +157,10 @@ class HierarchicalPrior:
     def mode(self) -> str:
         return prior_mode(self.tau)
 
+    def global_sites(self) -> list[str]:
+        """The latent sites of Theta (none when Theta is a parameter or does not exist)."""
+        return [global_param(name) for name in self.shapes] if self.latent_global else []
+
     @property
     def learned(self) -> bool:
         return self.tau == LEARN
@@ -159,10 +174,17 @@ class HierarchicalPrior:
         Shapes: name -> [*shape]."""
         if not self.latent_global:
             return {name: pyro.param(global_param(name), lambda name=name: init[name].clone()) for name in self.shapes}
-        return {name: pyro.sample(global_param(name), dist.Normal(torch.zeros_like(init[name]), self.global_scale)
-                                  .to_event(init[name].dim())) for name in self.shapes}
+        return {
+            name: pyro.sample(
+                global_param(name),
+                dist.Normal(torch.zeros_like(init[name]), self.global_scale).to_event(init[name].dim()),
+            )
+            for name in self.shapes
+        }
 
-    def sample(self, init: Mapping[str, torch.Tensor], subsample: TaskSubsample | None = None) -> dict[str, torch.Tensor]:
+    def sample(
+        self, init: Mapping[str, torch.Tensor], subsample: TaskSubsample | None = None
+    ) -> dict[str, torch.Tensor]:
         """Sample (or, under a guide, look up) the task factors. Shapes: name -> [D or 1, *shape], or
         [P, *shape] for the ``subsample`` of P present tasks (their prior terms weighted, see task_subsample.py).
 
@@ -181,7 +203,7 @@ class HierarchicalPrior:
         plate = pyro.plate(TASK_PLATE, self.num_tasks, dim=-1) if subsample is None else subsample.plate()
         present = (self.num_tasks,) if subsample is None else (subsample.index.numel(),)
         out = {}
-        with plate:
+        with enter_plate(plate):
             for name, shape in self.shapes.items():
                 site = task_site(name)
                 if self.mode == INDEPENDENT:
@@ -189,7 +211,9 @@ class HierarchicalPrior:
                     continue
                 scale = scales[group[name]] if self.learned else fixed_scale  # []
                 if self.noncentered:
-                    z = pyro.sample(f"{site}_decentered", StackedNormal(None, torch.ones((), device=device), shape, present))
+                    z = pyro.sample(
+                        f"{site}_decentered", StackedNormal(None, torch.ones((), device=device), shape, present)
+                    )
                     out[name] = pyro.deterministic(site, theta[name] + scale * z, event_dim=len(shape))
                 else:
                     out[name] = pyro.sample(site, StackedNormal(theta[name], scale, shape, present))
@@ -203,8 +227,10 @@ class HierarchicalPrior:
         """Guide start: Theta (if latent) and every task at Theta's start (z = 0 in the non-centred form).
         Task values are expanded views [D, *shape] of one tensor (no memory per task)."""
         if self.noncentered:  # z = 0
-            values = {f"{task_site(name)}_decentered": value.new_zeros(()).expand(self.num_tasks, *value.shape)
-                      for name, value in init.items()}
+            values = {
+                f"{task_site(name)}_decentered": value.new_zeros(()).expand(self.num_tasks, *value.shape)
+                for name, value in init.items()
+            }
         else:
             values = {task_site(name): value.expand(self.num_tasks, *value.shape) for name, value in init.items()}
         if self.latent_global:

@@ -29,8 +29,14 @@ class StackedNormal(TorchDistribution):
     arg_constraints = {"loc": constraints.real, "scale": constraints.positive}
     has_rsample = True
 
-    def __init__(self, loc: torch.Tensor | None, scale: torch.Tensor, event_shape: torch.Size | tuple[int, ...],
-                 batch_shape: torch.Size | tuple[int, ...] = (), validate_args: bool | None = None) -> None:
+    def __init__(
+        self,
+        loc: torch.Tensor | None,
+        scale: torch.Tensor,
+        event_shape: torch.Size | tuple[int, ...],
+        batch_shape: torch.Size | tuple[int, ...] = (),
+        validate_args: bool | None = None,
+    ) -> None:
         if scale.dim() != 0:
             raise ValueError(f"StackedNormal needs a 0-dim scale, got shape {tuple(scale.shape)}")
         self.zero_mean = loc is None
@@ -51,10 +57,10 @@ class StackedNormal(TorchDistribution):
     def variance(self) -> torch.Tensor:
         return (self.scale**2).expand(self.batch_shape + self.event_shape)
 
-    def expand(self, batch_shape: torch.Size | tuple[int, ...], _instance=None) -> "StackedNormal":
+    def expand(self, batch_shape: torch.Size | tuple[int, ...], _instance=None) -> StackedNormal:
         return StackedNormal(None if self.zero_mean else self.loc, self.scale, self.event_shape, batch_shape)
 
-    def rsample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+    def rsample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> torch.Tensor:
         shape = self._extended_shape(sample_shape)
         noise = torch.randn(shape, dtype=self.scale.dtype, device=self.scale.device)
         return self.loc + self.scale * noise
@@ -65,11 +71,11 @@ class StackedNormal(TorchDistribution):
             self._validate_sample(value)
         event_dims = len(self.event_shape)
         centred = value if self.zero_mean else value - self.loc
-        squares = torch.linalg.vector_norm(centred.flatten(-event_dims) if event_dims else centred.unsqueeze(-1),
-                                           dim=-1).square()  # [...]
+        squares = torch.linalg.vector_norm(
+            centred.flatten(-event_dims) if event_dims else centred.unsqueeze(-1), dim=-1
+        ).square()  # [...]
         n = self.event_shape.numel()
         return -0.5 * squares / self.scale**2 - n * (self.scale.log() + 0.5 * math.log(2 * math.pi))
-
 
 
 @register_kl(Independent, StackedNormal)

@@ -16,10 +16,13 @@ full prior (all weights 1).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pyro
 import torch
+from pyro import poutine
 
 from ..data.batching import Batch
 
@@ -39,14 +42,18 @@ class TaskSubsample:
     num_tasks: int
 
     @classmethod
-    def of(cls, batch: Batch, num_tasks: int) -> "TaskSubsample":
+    def of(cls, batch: Batch, num_tasks: int) -> TaskSubsample:
         """The tasks of the step and their weights (N / B) (c_d / n_d) (B, c_d: the whole step's
         documents); needs ``batch.docs_per_task``."""
         if batch.docs_per_task is None:
-            raise ValueError("task subsampling needs batch.docs_per_task (the training documents of each task): "
-                             "collate batches with Split.collate")
+            raise ValueError(
+                "task subsampling needs batch.docs_per_task (the training documents of each task): "
+                "collate batches with Split.collate"
+            )
         if batch.docs_per_task.shape != (num_tasks,):
-            raise ValueError(f"batch.docs_per_task has shape {tuple(batch.docs_per_task.shape)}, expected ({num_tasks},)")
+            raise ValueError(
+                f"batch.docs_per_task has shape {tuple(batch.docs_per_task.shape)}, expected ({num_tasks},)"
+            )
         step = batch.task_index if batch.step_task_index is None else batch.step_task_index  # [step batch]
         index, counts = torch.unique(step, sorted=True, return_counts=True)  # [P], [P]
         local = torch.searchsorted(index, batch.task_index)  # [batch]
@@ -55,21 +62,29 @@ class TaskSubsample:
         weight = batch.num_docs / step.numel() * counts / batch.docs_per_task[index]
         return cls(index, local, weight.to(torch.get_default_dtype()), num_tasks)
 
-    def plate(self) -> "TaskPlate":
+    def plate(self) -> TaskPlate:
         """The task plate over the present tasks, each site scaled by its task's weight."""
         return TaskPlate(self)
 
 
 class TaskPlate(pyro.plate):
-    """``pyro.plate("tasks", D, subsample=present)`` whose sites are scaled by the present tasks'
-    weights [P] instead of the uniform subsampling factor D / P. Used by the model and, through
-    ``create_plates``, by the guide: both scale the task sites alike (what the ELBO's KL terms need)."""
+    """``pyro.plate("tasks", D, subsample=present)`` that carries the present tasks' prior-term weights
+    [P]. Entered through :func:`enter_plate` (by the model and, through ``create_plates``, by the guide),
+    its sites are scaled by those weights instead of the uniform subsampling factor D / P: both scale the
+    task sites alike (what the ELBO's KL terms need)."""
 
     def __init__(self, subsample: TaskSubsample) -> None:
         super().__init__(TASK_PLATE, subsample.num_tasks, subsample=subsample.index, dim=-1)
         self.index, self.weight = subsample.index, subsample.weight  # [P], [P]
 
-    def _process_message(self, msg: dict) -> None:
-        scale = msg["scale"]
-        super()._process_message(msg)
-        msg["scale"] = scale * self.weight
+
+@contextlib.contextmanager
+def enter_plate(plate: pyro.plate) -> Iterator[None]:
+    """Enter ``plate``. A :class:`TaskPlate` also scales its sites by ``weight * P / D`` (``poutine.scale``),
+    which with the plate's own subsampling factor D / P gives each present task's sites its weight."""
+    with plate:
+        if not isinstance(plate, TaskPlate):
+            yield
+            return
+        with poutine.scale(scale=plate.weight * (plate.subsample_size / plate.size)):
+            yield

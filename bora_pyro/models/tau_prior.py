@@ -11,8 +11,8 @@ a median of 100 with 95% of the mass between 2 and 5000) or ``gamma:SHAPE,RATE``
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import pyro
 import pyro.distributions as dist
@@ -24,7 +24,7 @@ TAU_SITE = "tau"
 
 
 def module_type(factor_name: str) -> str:
-    """"layers.3.self_attn.q_proj.A" -> "q_proj"."""
+    """ "layers.3.self_attn.q_proj.A" -> "q_proj"."""
     return factor_name.rsplit(".", 2)[-2]
 
 
@@ -46,13 +46,15 @@ class TauPrior:
             raise ValueError(f"{self.kind} tau prior needs positive parameters, got ({self.a}, {self.b})")
 
     @classmethod
-    def parse(cls, text: str, groups: str = "global") -> "TauPrior":
+    def parse(cls, text: str, groups: str = "global") -> TauPrior:
         """Parse ``"lognormal:4.6,2"`` / ``"gamma:2,0.02"``."""
         kind, _, params = text.partition(":")
         try:
             a, b = (float(v) for v in params.split(","))
         except ValueError:
-            raise ValueError(f"tau prior must look like 'lognormal:LOC,SCALE' or 'gamma:SHAPE,RATE', got {text!r}") from None
+            raise ValueError(
+                f"tau prior must look like 'lognormal:LOC,SCALE' or 'gamma:SHAPE,RATE', got {text!r}"
+            ) from None
         return cls(kind.strip().lower(), a, b, groups)
 
     def group_names(self, factor_names: Sequence[str]) -> list[str]:

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Iterator, Mapping
 
 import torch
 from torch import nn
@@ -142,7 +142,7 @@ def resolve_targets(lm: nn.Module, targets: tuple[str, ...] | list[str] | None) 
 def _short_name(path: str) -> str:
     for prefix in _NAME_PREFIXES:
         if path.startswith(prefix):
-            return path[len(prefix):]
+            return path[len(prefix) :]
     return path
 
 
@@ -198,9 +198,7 @@ class MultiTaskLoRA:
 
     def _wrap(self) -> None:
         matches = [
-            (path, module)
-            for path, module in self.lm.named_modules()
-            if path.rsplit(".", 1)[-1] in self.targets
+            (path, module) for path, module in self.lm.named_modules() if path.rsplit(".", 1)[-1] in self.targets
         ]
         already = [path for path, m in matches if isinstance(m, MultiTaskLoRALinear)]
         if already:
@@ -236,8 +234,12 @@ class MultiTaskLoRA:
         return next(self.lm.parameters()).device
 
     @contextlib.contextmanager
-    def activate(self, factors: Factors | None, task_index: torch.Tensor | None = None,
-                 gates: Mapping[str, LayerGates] | None = None) -> Iterator[None]:
+    def activate(
+        self,
+        factors: Factors | None,
+        task_index: torch.Tensor | None = None,
+        gates: Mapping[str, LayerGates] | None = None,
+    ) -> Iterator[None]:
         """Run the LM with the given stacked factors; ``None`` runs the bare base model. ``gates``
         (by layer name, see ``models.gates``) switch rank components and set the precision.
 
@@ -249,7 +251,9 @@ class MultiTaskLoRA:
             expected = set(self.shapes())
             if set(factors) != expected:
                 missing, extra = sorted(expected - set(factors)), sorted(set(factors) - expected)
-                raise KeyError(f"factors do not match the adapted layers: missing {missing[:3]}, unexpected {extra[:3]}")
+                raise KeyError(
+                    f"factors do not match the adapted layers: missing {missing[:3]}, unexpected {extra[:3]}"
+                )
         try:
             for name, layer in self.layers.items():
                 if factors is None:

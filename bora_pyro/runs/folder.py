@@ -27,13 +27,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .. import __version__
-from ..io.artifacts import ADAPTERS_FILE, RUN_FORMAT, read_json, save_adapters, write_json
 from ..data.corpus import Corpus, load_corpus
+from ..evaluation.scoring import Scores
+from ..inference.svi import FitResult
+from ..io.artifacts import ADAPTERS_FILE, RUN_FORMAT, read_json, save_adapters, write_json
 from ..io.base_models import describe_base_model
 from ..io.folders import atomic_folder, atomic_write
-from ..inference.svi import FitResult
 from ..models.bora import BoRA
-from ..evaluation.scoring import Scores
 
 CONFIG_FILE, METRICS_FILE, STATUS_FILE = "config.json", "metrics.json", "status.json"
 FIT_STATE_FILE, TRAIN_LOG_FILE, PER_TASK_FILE = "fit_state.safetensors", "train_log.csv", "per_task.csv"
@@ -62,44 +62,83 @@ def train_log(result: FitResult) -> pd.DataFrame:
     losses = pd.DataFrame(result.losses)
     if losses.empty:
         losses = pd.DataFrame(columns=["step", "loss_per_token", "train_nll_per_token", "train_ppl", "prior_per_token"])
-    evals = pd.DataFrame(result.evals, columns=["step", "valid_ppl", "valid_macro_ppl", "valid_loglik_per_token"]
-                         if not result.evals else None)  # learned-tau runs add tau_median.<group> columns
+    evals = pd.DataFrame(
+        result.evals,
+        columns=["step", "valid_ppl", "valid_macro_ppl", "valid_loglik_per_token"] if not result.evals else None,
+    )  # learned-tau runs add tau_median.<group> columns
     return losses.merge(evals, on="step", how="left")
 
 
 def training_metrics(result: FitResult, bora: BoRA, corpus: Corpus, tau: Any, processes: int) -> dict[str, Any]:
     """The part of metrics.json that the fit alone determines."""
     return {
-        "tau": tau, "mode": bora.mode, "lr": result.lr, "steps": result.steps_run, "best_step": result.best_step,
-        "stopped_early": result.stopped_early, "train_seconds": result.train_seconds,
-        "eval_seconds_during_training": result.eval_seconds, "train_tokens": result.train_tokens,
-        "train_tokens_per_second": result.tokens_per_second, "num_tasks": len(corpus.tasks),
-        "lora_parameters_per_task": bora.lora.num_parameters(), "device": str(bora.device), "processes": processes,
+        "tau": tau,
+        "mode": bora.mode,
+        "lr": result.lr,
+        "steps": result.steps_run,
+        "best_step": result.best_step,
+        "stopped_early": result.stopped_early,
+        "train_seconds": result.train_seconds,
+        "eval_seconds_during_training": result.eval_seconds,
+        "train_tokens": result.train_tokens,
+        "train_tokens_per_second": result.tokens_per_second,
+        "num_tasks": len(corpus.tasks),
+        "lora_parameters_per_task": bora.lora.num_parameters(),
+        "device": str(bora.device),
+        "processes": processes,
     }
 
 
 def run_config(spec_dict: dict, corpus: Corpus, base_model: dict, extra: dict | None = None) -> dict:
     """config.json: the run spec (a valid ``--config``), the tasks, versions and the base model's identity."""
-    return {"format": RUN_FORMAT, "bora_pyro_version": __version__, "torch_version": torch.__version__,
-            "python": platform.python_version(), "tasks": list(corpus.tasks), **spec_dict,
-            "base_model": base_model, **(extra or {})}
+    return {
+        "format": RUN_FORMAT,
+        "bora_pyro_version": __version__,
+        "torch_version": torch.__version__,
+        "python": platform.python_version(),
+        "tasks": list(corpus.tasks),
+        **spec_dict,
+        "base_model": base_model,
+        **(extra or {}),
+    }
 
 
-def write_fitted(out: Path, config: dict, bora: BoRA, corpus: Corpus, result: FitResult, metrics: dict,
-                 status: str, overwrite: bool, fingerprint: str | None = None) -> None:
+def write_fitted(
+    out: Path,
+    config: dict,
+    bora: BoRA,
+    corpus: Corpus,
+    result: FitResult,
+    metrics: dict,
+    status: str,
+    overwrite: bool,
+    fingerprint: str | None = None,
+) -> None:
     """Stage 1: write the whole folder with the fitted state (atomically), status ``status``
     (``fingerprint``: the digest of what the run's checkpoints must match, see ``runs.fingerprint_id``)."""
     with atomic_folder(out, "run", overwrite=overwrite) as tmp:
         write_json(tmp / CONFIG_FILE, config)
-        save_adapters(tmp / ADAPTERS_FILE, corpus.tasks, bora.export_factors(), bora.global_factors(),
-                      {"rank": bora.lora.rank, "alpha": bora.lora.alpha, "targets": list(bora.lora.targets),
-                       "tau": bora.tau})
+        save_adapters(
+            tmp / ADAPTERS_FILE,
+            corpus.tasks,
+            bora.export_factors(),
+            bora.global_factors(),
+            {"rank": bora.lora.rank, "alpha": bora.lora.alpha, "targets": list(bora.lora.targets), "tau": bora.tau},
+        )
         save_file(bora.state_dict(), str(tmp / FIT_STATE_FILE))
         train_log(result).to_csv(tmp / TRAIN_LOG_FILE, index=False)
         write_json(tmp / METRICS_FILE, metrics)
-        write_json(tmp / STATUS_FILE, {"status": status, "message": result.message, "step": result.steps_run,
-                                       "best_step": result.best_step, "fingerprint": fingerprint,
-                                       "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        write_json(
+            tmp / STATUS_FILE,
+            {
+                "status": status,
+                "message": result.message,
+                "step": result.steps_run,
+                "best_step": result.best_step,
+                "fingerprint": fingerprint,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            },
+        )
 
 
 def fit_state(path: Path) -> dict[str, torch.Tensor]:

@@ -34,8 +34,16 @@ class LoadedRun:
 
     def generate(self, prompts: list[str], tasks: list[str], **options) -> list[str]:
         """Continue each prompt under its task's adapter ("global" = Theta); see :func:`generation.generate`."""
-        return generate(self.bora.lora, self.tokenizer, self.bora.tasks, self.task_factors, self.global_factors,
-                        prompts, tasks, **options)
+        return generate(
+            self.bora.lora,
+            self.tokenizer,
+            self.bora.tasks,
+            self.task_factors,
+            self.global_factors,
+            prompts,
+            tasks,
+            **options,
+        )
 
     def evaluate(self, split: str = "test", batch_size: int | None = None) -> PerplexityReport:
         size = batch_size or self.spec.train.eval_batch_size
@@ -62,7 +70,9 @@ def load_run(path: str | Path, device: str | None = None, trust_remote_code: boo
     expected = bora.lora.shapes()
     for name, shape in expected.items():
         if name not in factors or tuple(factors[name].shape[1:]) != shape:
-            raise ValueError(f"{path}: adapter tensor {name!r} is missing or has the wrong shape (expected [D, *{shape}])")
+            raise ValueError(
+                f"{path}: adapter tensor {name!r} is missing or has the wrong shape (expected [D, *{shape}])"
+            )
     factors = {k: v.to(bora.device) for k, v in factors.items()}
     theta = None if theta is None else {k: v.to(bora.device) for k, v in theta.items()}
     return LoadedRun(path, spec, corpus, bora, tokenizer, factors, theta, status, config.get("base_model"))

@@ -10,9 +10,10 @@ config.json, and the Python API reads the same objects: adding an option is addi
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .. import __version__
 from ..data.corpus import CorpusConfig
@@ -25,8 +26,10 @@ from ..models.guides import INFERENCE
 from ..models.prior import PriorConfig
 from ..options import option, parse_csv
 
-TRUST_HELP = ("allow the model's own Python code (from its hub repository) to run; off by default, only for models "
-              "you trust. Never taken from a file: a run trained with it needs it again")
+TRUST_HELP = (
+    "allow the model's own Python code (from its hub repository) to run; off by default, only for models "
+    "you trust. Never taken from a file: a run trained with it needs it again"
+)
 
 
 class RemoteCodeRefused(ValueError):
@@ -39,16 +42,26 @@ class AdapterConfig:
 
     rank: int = option(8, "LoRA rank r")
     alpha: float = option(16.0, "LoRA scaling numerator: the update is scaled by alpha / r")
-    targets: tuple[str, ...] | None = option(None, "module-name suffixes to adapt, comma-separated (default by "
-                                             "model type: q_proj,v_proj for LLaMA / OPT, c_attn for GPT-2)",
-                                             parse=parse_csv)
-    inference: str = option("map", "map: AutoDelta guide (the paper's MAP estimate); vi: mean-field Normal guide",
-                            choices=INFERENCE)
-    init_peft: str | None = option(None, "start Theta and every task from this PEFT LoRA adapter folder (same "
-                                   "rank and target modules)", metavar="DIR")
-    task_subsampling: bool = option(True, "a step samples, scores and updates only the tasks of its batch, their "
-                                    "prior terms weighted to an unbiased estimate (cost independent of the number "
-                                    "of tasks); --no-task-subsampling: every task's prior term at every step")
+    targets: tuple[str, ...] | None = option(
+        None,
+        "module-name suffixes to adapt, comma-separated (default by "
+        "model type: q_proj,v_proj for LLaMA / OPT, c_attn for GPT-2)",
+        parse=parse_csv,
+    )
+    inference: str = option(
+        "map", "map: AutoDelta guide (the paper's MAP estimate); vi: mean-field Normal guide", choices=INFERENCE
+    )
+    init_peft: str | None = option(
+        None,
+        "start Theta and every task from this PEFT LoRA adapter folder (same rank and target modules)",
+        metavar="DIR",
+    )
+    task_subsampling: bool = option(
+        True,
+        "a step samples, scores and updates only the tasks of its batch, their "
+        "prior terms weighted to an unbiased estimate (cost independent of the number "
+        "of tasks); --no-task-subsampling: every task's prior term at every step",
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or self.rank < 1:
@@ -61,8 +74,13 @@ class AdapterConfig:
             object.__setattr__(self, "targets", tuple(self.targets))
 
 
-SECTIONS: dict[str, type] = {"corpus": CorpusConfig, "adapter": AdapterConfig, "prior": PriorConfig,
-                             "gates": GateConfig, "train": TrainConfig}
+SECTIONS: dict[str, type] = {
+    "corpus": CorpusConfig,
+    "adapter": AdapterConfig,
+    "prior": PriorConfig,
+    "gates": GateConfig,
+    "train": TrainConfig,
+}
 FILE_ONLY_KEYS = ("format", "bora_pyro_version", "torch_version", "python", "tasks", "base_model", "adapted_from")
 _LEGACY_ADAPTER_KEYS = {"prior": PriorConfig, "gates": GateConfig}  # run folders before the prior/gates sections
 
@@ -71,12 +89,16 @@ _LEGACY_ADAPTER_KEYS = {"prior": PriorConfig, "gates": GateConfig}  # run folder
 class RunSpec:
     """Everything that defines a run: base model, corpus, adapters, prior, gates, training."""
 
-    model: str = option("smollm2-135m", "smollm2-135m (embedded, offline), tiny-random-llama (random weights, for "
-                        "tests), or a Hugging Face id / local folder")
+    model: str = option(
+        "smollm2-135m",
+        "smollm2-135m (embedded, offline), tiny-random-llama (random weights, for "
+        "tests), or a Hugging Face id / local folder",
+    )
     data: str = option("bible-books", "corpus: bible-books, csv:PATH, jsonl:PATH, datasets:NAME_OR_PATH, ton:PATH")
     device: str = option("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
-    posterior_samples: int = option(8, "guide draws for posterior-predictive perplexity and the ArviZ file "
-                                    "posterior.nc (0 = skip)")
+    posterior_samples: int = option(
+        8, "guide draws for posterior-predictive perplexity and the ArviZ file posterior.nc (0 = skip)"
+    )
     trust_remote_code: bool = option(False, TRUST_HELP)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -97,15 +119,26 @@ class RunSpec:
     def build_model(self, lm, tasks, init: Mapping | None = None) -> BoRA:
         """The BoRA model of this run over ``lm`` (every run, adapted or resumed, is built here)."""
         a = self.adapter
-        return BoRA(lm, tasks, rank=a.rank, alpha=a.alpha, targets=a.targets, inference=a.inference, prior=self.prior,
-                    gates=self.gates, seed=self.train.seed, init=init, task_subsampling=a.task_subsampling)
+        return BoRA(
+            lm,
+            tasks,
+            rank=a.rank,
+            alpha=a.alpha,
+            targets=a.targets,
+            inference=a.inference,
+            prior=self.prior,
+            gates=self.gates,
+            seed=self.train.seed,
+            init=init,
+            task_subsampling=a.task_subsampling,
+        )
 
     def to_dict(self) -> dict:
         top = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in SECTIONS}
         return {**top, **{name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], trust_remote_code: bool = False, source: str = "this run") -> "RunSpec":
+    def from_dict(cls, d: Mapping[str, Any], trust_remote_code: bool = False, source: str = "this run") -> RunSpec:
         """The spec saved in a file (a run folder's config.json, a checkpoint's spec.json, a --config file;
         folders of earlier versions included). A file never grants ``trust_remote_code``: a spec that asks
         for it is refused unless the caller (the user, e.g. with ``--trust-remote-code``) grants it too."""
@@ -140,7 +173,7 @@ class RunSpec:
         return cls(**top, **built)
 
     @classmethod
-    def from_run_folder(cls, path: str | Path, trust_remote_code: bool = False) -> "RunSpec":
+    def from_run_folder(cls, path: str | Path, trust_remote_code: bool = False) -> RunSpec:
         """A run folder's settings, refusing folders of an incompatible run format."""
         path = Path(path)
         if not path.is_dir():

@@ -30,8 +30,20 @@ from ..io.folders import atomic_folder, check_target, folder_lock, is_ours, reco
 from ..io.peft_import import import_peft
 from ..models.bora import BoRA
 from .folder import (
-    COMPLETE, CONFIG_FILE, DIVERGED, INTERRUPTED, TRAINED, check_base_model, fit_state, load_inputs, read_status,
-    run_config, train_log, training_metrics, write_fitted, write_scores,
+    COMPLETE,
+    CONFIG_FILE,
+    DIVERGED,
+    INTERRUPTED,
+    TRAINED,
+    check_base_model,
+    fit_state,
+    load_inputs,
+    read_status,
+    run_config,
+    train_log,
+    training_metrics,
+    write_fitted,
+    write_scores,
 )
 from .spec import RunSpec
 
@@ -65,8 +77,13 @@ def _fingerprint(spec: RunSpec, corpus: Corpus, base_model: dict) -> dict:
     for key in ("device", "trust_remote_code"):
         settings.pop(key)
     settings["train"] = {k: v for k, v in settings["train"].items() if k not in ("progress", "checkpoint_every")}
-    return json_roundtrip({"settings": settings, "corpus_sha256": corpus.content_sha256(),
-                           "base_weights_sha256": base_model["weights_sha256"]})
+    return json_roundtrip(
+        {
+            "settings": settings,
+            "corpus_sha256": corpus.content_sha256(),
+            "base_weights_sha256": base_model["weights_sha256"],
+        }
+    )
 
 
 def fingerprint_id(fingerprint: dict) -> str:
@@ -82,8 +99,10 @@ def _refuse_earlier_checkpoint(out: Path, overwrite: bool) -> None:
     step = checkpoint_step(folder)
     if not overwrite:
         held = f"a checkpoint at step {step}" if step is not None else "the settings"
-        raise FileExistsError(f"{folder} holds {held} of an earlier run of {str(out)!r}: continue it with "
-                              f"'bora-pyro train --resume {out}', or pass --overwrite to discard it")
+        raise FileExistsError(
+            f"{folder} holds {held} of an earlier run of {str(out)!r}: continue it with "
+            f"'bora-pyro train --resume {out}', or pass --overwrite to discard it"
+        )
     if not is_ours(folder):
         raise FileExistsError(f"{folder} was not written by bora_pyro; move it away to train into {str(out)!r}")
     shutil.rmtree(folder)
@@ -96,8 +115,10 @@ def _start_checkpoints(out: Path, spec: RunSpec, fingerprint: dict, resume: bool
     if resume:
         differing = fingerprint_differences(read_json(folder / "fingerprint.json"), fingerprint)
         if differing:
-            raise ValueError(f"cannot resume {str(out)!r}: {', '.join(differing[:8])} changed since it was started "
-                             "(the data, the base model or a setting); train it again instead")
+            raise ValueError(
+                f"cannot resume {str(out)!r}: {', '.join(differing[:8])} changed since it was started "
+                "(the data, the base model or a setting); train it again instead"
+            )
         return folder
     with atomic_folder(folder, "checkpoint") as tmp:
         write_json(tmp / "spec.json", spec.to_dict())
@@ -131,14 +152,31 @@ def train_run(spec: RunSpec, out: str | Path, overwrite: bool = False, resume: b
         checkpoint = None
         if spec.train.checkpoint_every or resume:
             checkpoint = _start_checkpoints(out, spec, fingerprint, resume) if world.is_main else checkpoint_folder(out)
-        result = fit(bora, corpus, checkpoint=checkpoint, resume=resume, fingerprint=fingerprint, **spec.train.to_dict())
-        return _finish(spec, bora, corpus, result, out, run_config(spec.to_dict(), corpus, identity), started,
-                       overwrite or resume, fingerprint_id(fingerprint))
+        result = fit(
+            bora, corpus, checkpoint=checkpoint, resume=resume, fingerprint=fingerprint, **spec.train.to_dict()
+        )
+        return _finish(
+            spec,
+            bora,
+            corpus,
+            result,
+            out,
+            run_config(spec.to_dict(), corpus, identity),
+            started,
+            overwrite or resume,
+            fingerprint_id(fingerprint),
+        )
 
 
-def adapt_run(source: str | Path, data: str, out: str | Path, overwrite: bool = False,
-              corpus_options: dict | None = None, train_options: dict | None = None,
-              trust_remote_code: bool = False) -> dict:
+def adapt_run(
+    source: str | Path,
+    data: str,
+    out: str | Path,
+    overwrite: bool = False,
+    corpus_options: dict | None = None,
+    train_options: dict | None = None,
+    trust_remote_code: bool = False,
+) -> dict:
     """Fit adapters for NEW tasks under a fitted prior N(Theta, 1/tau), Theta held fixed.
 
     The base model, LoRA shape, tau and all unspecified settings come from the ``source`` run;
@@ -150,10 +188,17 @@ def adapt_run(source: str | Path, data: str, out: str | Path, overwrite: bool = 
     tau = base.prior.tau
     _, _, theta, _ = load_adapters(source / ADAPTERS_FILE)
     if not isinstance(tau, float) or not 0 < tau < float("inf") or theta is None:
-        raise ValueError(f"adapt needs a source run with a fixed, finite tau > 0 and a Theta; {source} has "
-                         f"tau={tau} ({'no Theta' if theta is None else 'Theta present'})")
-    spec = replace(base, data=data, corpus=replace(base.corpus, **(corpus_options or {})),
-                   train=replace(base.train, **(train_options or {})), adapter=replace(base.adapter, inference="map"))
+        raise ValueError(
+            f"adapt needs a source run with a fixed, finite tau > 0 and a Theta; {source} has "
+            f"tau={tau} ({'no Theta' if theta is None else 'Theta present'})"
+        )
+    spec = replace(
+        base,
+        data=data,
+        corpus=replace(base.corpus, **(corpus_options or {})),
+        train=replace(base.train, **(train_options or {})),
+        adapter=replace(base.adapter, inference="map"),
+    )
     with _writer(out):
         check_target(out, overwrite, "run folder")
         lm, _, identity, corpus = load_inputs(spec)
@@ -171,26 +216,40 @@ def _refuse_resumable(out: Path, overwrite: bool) -> None:
     with contextlib.suppress(FileNotFoundError, ValueError):
         status = read_status(out)["status"]
         if status in (INTERRUPTED, TRAINED):
-            raise FileExistsError(f"{str(out)!r} holds a run marked {status}: continue it with "
-                                  f"'bora-pyro train --resume {out}', or pass --overwrite to train it again")
+            raise FileExistsError(
+                f"{str(out)!r} holds a run marked {status}: continue it with "
+                f"'bora-pyro train --resume {out}', or pass --overwrite to train it again"
+            )
 
 
-def _finish(spec: RunSpec, bora: BoRA, corpus: Corpus, result: FitResult, out: Path, config: dict,
-            started: float, overwrite: bool, fingerprint: str | None = None) -> dict:
+def _finish(
+    spec: RunSpec,
+    bora: BoRA,
+    corpus: Corpus,
+    result: FitResult,
+    out: Path,
+    config: dict,
+    started: float,
+    overwrite: bool,
+    fingerprint: str | None = None,
+) -> dict:
     """Write the fitted state (stage 1), then score and complete the folder (stage 2; every rank scores,
     rank 0 writes). Raises :class:`RunStopped` for a fit that stopped early, after stage 1."""
     world = World.current()
     status = TRAINED if result.status == "trained" else result.status
-    metrics = {**training_metrics(result, bora, corpus, spec.prior.tau, world.size),
-               "wall_seconds": time.perf_counter() - started}
+    metrics = {
+        **training_metrics(result, bora, corpus, spec.prior.tau, world.size),
+        "wall_seconds": time.perf_counter() - started,
+    }
     if world.is_main:
         write_fitted(out, config, bora, corpus, result, metrics, status, overwrite, fingerprint)
     crash_point("run.fitted")
     if status != TRAINED:
         raise _stopped(out, result)
     scored = time.perf_counter()
-    scores = score_run(bora, corpus, spec.train.eval_batch_size, spec.posterior_samples, spec.train.seed,
-                       train_log(result))
+    scores = score_run(
+        bora, corpus, spec.train.eval_batch_size, spec.posterior_samples, spec.train.seed, train_log(result)
+    )
     if not world.is_main:  # data-parallel: rank 0 alone writes the run folder
         return {**metrics, **scores.metrics}
     metrics = write_scores(out, scores, _title(spec, bora), time.perf_counter() - scored)
@@ -202,8 +261,11 @@ def _stopped(out: Path, result: FitResult) -> RunStopped:
     where = f"{out} holds the best validated state (step {result.best_step}), marked {result.status}"
     step = checkpoint_step(checkpoint_folder(out))
     if result.status == INTERRUPTED:
-        more = (f"; continue with 'bora-pyro train --resume {out}' (checkpoint at step {step})" if step is not None
-                else "; it had no checkpoints (--checkpoint-every N makes a run resumable)")
+        more = (
+            f"; continue with 'bora-pyro train --resume {out}' (checkpoint at step {step})"
+            if step is not None
+            else "; it had no checkpoints (--checkpoint-every N makes a run resumable)"
+        )
         return RunStopped(INTERRUPTED, f"{result.message}; {where}{more}", 128 + (result.signal or 15))
     return RunStopped(DIVERGED, f"{result.message}; {where}", 1)
 
@@ -236,8 +298,14 @@ def complete_run(path: str | Path, trust_remote_code: bool = False, device: str 
         bora = spec.build_model(lm, corpus.tasks)
         bora.load_state_dict(fit_state(path), corpus.train.collate([0]).to(bora.device))
         started = time.perf_counter()
-        scores = score_run(bora, corpus, spec.train.eval_batch_size, spec.posterior_samples, spec.train.seed,
-                           pd.read_csv(path / "train_log.csv"))
+        scores = score_run(
+            bora,
+            corpus,
+            spec.train.eval_batch_size,
+            spec.posterior_samples,
+            spec.train.seed,
+            pd.read_csv(path / "train_log.csv"),
+        )
         metrics = write_scores(path, scores, _title(spec, bora), time.perf_counter() - started)
     _remove_checkpoints(path)
     return metrics
@@ -252,8 +320,11 @@ def resume_run(run: str | Path, trust_remote_code: bool = False) -> dict:
     status = state.get("status")
     folder = checkpoint_folder(run)
     resumable = (folder / "spec.json").is_file()
-    own = (status == COMPLETE and (folder / "fingerprint.json").is_file()
-           and state.get("fingerprint") == fingerprint_id(read_json(folder / "fingerprint.json")))
+    own = (
+        status == COMPLETE
+        and (folder / "fingerprint.json").is_file()
+        and state.get("fingerprint") == fingerprint_id(read_json(folder / "fingerprint.json"))
+    )
     if status == COMPLETE and (own or not resumable):  # the checkpoint, if any, is this complete run's own
         if not resumable:
             log.warning("nothing to resume: %s is already complete", run)
@@ -265,7 +336,11 @@ def resume_run(run: str | Path, trust_remote_code: bool = False) -> dict:
     if status == TRAINED:
         return complete_run(run, trust_remote_code)
     if status in (INTERRUPTED, DIVERGED):
-        raise FileNotFoundError(f"{run} is marked {status} and has no checkpoint ({folder} not found): nothing to "
-                                "resume; it holds its best validated state (bora-pyro evaluate works on it)")
-    raise FileNotFoundError(f"nothing to resume for {str(run)!r}: {folder / 'spec.json'} not found "
-                            "(train with --checkpoint-every N to make runs resumable)")
+        raise FileNotFoundError(
+            f"{run} is marked {status} and has no checkpoint ({folder} not found): nothing to "
+            "resume; it holds its best validated state (bora-pyro evaluate works on it)"
+        )
+    raise FileNotFoundError(
+        f"nothing to resume for {str(run)!r}: {folder / 'spec.json'} not found "
+        "(train with --checkpoint-every N to make runs resumable)"
+    )

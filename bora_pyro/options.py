@@ -103,9 +103,10 @@ def add_options(
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
             continue
         kwargs["type"] = _parser_of(f, hints[f.name])
-        for key in ("choices", "metavar"):
-            if key in f.metadata:
-                kwargs[key] = f.metadata[key]
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        else:
+            kwargs["metavar"] = f.metadata.get("metavar", f.name.upper())
         if "const" in f.metadata:
             kwargs.update(nargs="?", const=f.metadata["const"])
         parser.add_argument(flag, **kwargs)

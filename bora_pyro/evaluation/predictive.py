@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import pandas as pd
@@ -18,8 +19,9 @@ from pyro import poutine
 
 from ..data.batching import IGNORE_INDEX, Split
 from ..models.bora import BoRA
-from ..models.likelihood import lm_logits
+from ..models.likelihood import lm_logits, token_log_probs
 from ..models.tau_prior import TAU_SITE
+from ..nn.gates import LayerGates
 from ..nn.lora import Factors
 from .perplexity import PerplexityReport, document_log_likelihoods, report_from_documents
 
@@ -67,23 +69,36 @@ def posterior_predictive(
 
 
 @torch.inference_mode()
-def calibration(
-    bora: BoRA, split: Split, factors: Factors, bins: int = 15, batch_size: int = 16
-) -> tuple[pd.DataFrame, dict[str, float]]:
-    """Expected calibration error of the top-1 next-token probability (``bins`` equal-width bins) and
-    the Brier score (mean over tokens of sum_v (p_v - 1[v = next])^2), plug-in ``factors``.
+def score_plug_in(
+    bora: BoRA,
+    split: Split,
+    factors: Factors,
+    gates: Mapping[str, LayerGates] | None = None,
+    bins: int = 15,
+    batch_size: int = 16,
+) -> tuple[PerplexityReport, torch.Tensor, pd.DataFrame, dict[str, float]]:
+    """Perplexity and calibration of the plug-in ``factors`` (with B-LoRA ``gates``, if any) on ``split``,
+    from one pass over its documents.
 
-    Returns: (per-task table with columns task, ece, brier; overall {"ece", "brier"} over all tokens).
+    Calibration: expected calibration error of the top-1 next-token probability (``bins`` equal-width
+    bins) and the Brier score (mean over tokens of sum_v (p_v - 1[v = next])^2).
+
+    Returns: (perplexity report, document log-likelihoods [docs], per-task table with columns task, ece,
+    brier, overall {"ece", "brier"} over all tokens).
     """
+    start = time.perf_counter()
     num_tasks = len(split.tasks)
     count = torch.zeros(num_tasks, bins, dtype=torch.float64)
     confidence = torch.zeros_like(count)
     correct = torch.zeros_like(count)
     brier = torch.zeros(num_tasks, dtype=torch.float64)
     tokens = torch.zeros(num_tasks, dtype=torch.float64)
+    doc_loglik = torch.zeros(len(split), dtype=torch.float64)
     for batch in split.eval_batches(batch_size):
         batch = batch.to(bora.device)
-        probs = lm_logits(bora.lora, factors, batch)[:, :-1].float().softmax(-1)  # [batch, tokens-1, vocab]
+        logits = lm_logits(bora.lora, factors, batch, gates)  # [batch, tokens, vocab]
+        doc_loglik[batch.doc_index.cpu()] = token_log_probs(logits, batch.labels).sum(-1).double().cpu()
+        probs = logits[:, :-1].float().softmax(-1)  # [batch, tokens-1, vocab]
         target = batch.labels[:, 1:]
         scored = target != IGNORE_INDEX
         p, top = probs.max(-1)
@@ -104,4 +119,4 @@ def calibration(
         "ece": float((confidence.sum(0) - correct.sum(0)).abs().sum() / total),
         "brier": float(brier.sum() / total),
     }
-    return per_task, overall
+    return report_from_documents(split, doc_loglik, time.perf_counter() - start), doc_loglik, per_task, overall

@@ -15,7 +15,7 @@ from ..data.corpus import Corpus
 from ..models.bora import BoRA
 from ..models.gates import relative_bops
 from .perplexity import PerplexityReport, evaluate
-from .predictive import calibration, posterior_draws, posterior_predictive
+from .predictive import posterior_draws, posterior_predictive, score_plug_in
 
 
 @dataclass
@@ -61,24 +61,40 @@ def gate_metrics(report: pd.DataFrame) -> dict:
 
 
 def score_run(
-    bora: BoRA, corpus: Corpus, batch_size: int, posterior_samples: int, seed: int, losses: pd.DataFrame | None = None
+    bora: BoRA,
+    corpus: Corpus,
+    batch_size: int,
+    posterior_samples: int,
+    seed: int,
+    losses: pd.DataFrame | None = None,
+    valid: PerplexityReport | None = None,
 ) -> Scores:
-    """Score the fitted ``bora`` on ``corpus`` (``losses``: the training log, kept in the ArviZ file)."""
-    base_test = evaluate(bora, corpus.test, batch_size, base_model=True)
-    reports = {"valid": evaluate(bora, corpus.valid, batch_size), "base_test": base_test}
+    """Score the fitted ``bora`` on ``corpus`` (``losses``: the training log, kept in the ArviZ file;
+    ``valid``: the fit's validation report of the state it kept, reused instead of scoring it again).
+
+    The test split is scored once for the plug-in perplexity and the calibration; with a MAP guide every
+    posterior draw is that point, so it is also the posterior-predictive perplexity."""
+    reports = {
+        "base_test": evaluate(bora, corpus.test, batch_size, base_model=True),
+        "valid": valid if valid is not None else evaluate(bora, corpus.valid, batch_size),
+    }
+    reports["test"], plug_in_loglik, calib_per_task, calib = score_plug_in(
+        bora, corpus.test, bora.task_factors(), bora.gate_values(), batch_size=batch_size
+    )
     idata = None
     if posterior_samples > 0:
         from .diagnostics import to_inference_data  # ArviZ: imported only when a run is scored
 
         draws = posterior_draws(bora, posterior_samples, seed=seed)
-        reports["posterior_predictive_test"], doc_loglik = posterior_predictive(bora, corpus.test, draws, batch_size)
+        if bora.inference == "map":  # every draw is the plug-in point
+            reports["posterior_predictive_test"] = reports["test"]
+            doc_loglik = plug_in_loglik.expand(posterior_samples, -1)
+        else:
+            reports["posterior_predictive_test"], doc_loglik = posterior_predictive(
+                bora, corpus.test, draws, batch_size
+            )
         idata = to_inference_data(bora, draws, doc_loglik, corpus.test, corpus.train.tokens_per_task(), losses)
-    if bora.inference == "map" and "posterior_predictive_test" in reports:
-        reports["test"] = reports["posterior_predictive_test"]  # every MAP draw is the plug-in point: scored once
-    else:
-        reports["test"] = evaluate(bora, corpus.test, batch_size)
-    factors = bora.export_factors()  # with B-LoRA gates folded in
-    calib_per_task, calib = calibration(bora, corpus.test, factors, batch_size=batch_size)
+    base_test = reports["base_test"]
     gates = None if bora.gates is None else bora.gates.report(bora.gate_values())
     metrics = {
         "test_ppl": reports["test"].token_weighted,

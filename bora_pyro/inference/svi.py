@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from ..data.batching import Batch
 from ..data.corpus import Corpus
 from ..distributed import World
-from ..evaluation.perplexity import evaluate
+from ..evaluation.perplexity import PerplexityReport, evaluate
 from ..models.bora import BoRA, ParameterRole
 from ..models.likelihood import scored_tokens
 from .checkpoint import LoopState, checkpoint_step, load_checkpoint, save_checkpoint
@@ -59,6 +59,7 @@ class FitResult:
     status: str = "trained"
     message: str | None = None
     signal: int | None = None  # the signal that interrupted the fit
+    best_valid: PerplexityReport | None = None  # the validation of the restored state (None if not validated here)
 
     @property
     def losses(self) -> list[dict]:  # {"step", "loss_per_token", "train_nll_per_token", "train_ppl", "prior_per_token"}
@@ -275,8 +276,8 @@ def _fingerprint(bora: BoRA, corpus: Corpus, config: TrainConfig) -> dict:
     }
 
 
-def _validate(bora: BoRA, corpus: Corpus, config: TrainConfig, state: LoopState, step: int) -> dict:
-    """Score the validation split, record it in ``state`` (best so far, patience); returns the row."""
+def _validate(bora: BoRA, corpus: Corpus, config: TrainConfig, state: LoopState, step: int) -> PerplexityReport:
+    """Score the validation split and record it in ``state.evals``; returns the report."""
     report = evaluate(bora, corpus.valid, config.eval_batch_size)
     state.eval_seconds += report.seconds
     row = {
@@ -288,7 +289,7 @@ def _validate(bora: BoRA, corpus: Corpus, config: TrainConfig, state: LoopState,
     for group, (median,) in (bora.tau_quantiles((0.5,)) or {}).items():
         row[f"tau_median.{group}"] = median
     state.evals.append(row)
-    return row
+    return report
 
 
 def fit(
@@ -396,17 +397,18 @@ def fit(
                     "prior/tok": f"{out.prior_per_token:.3g}",
                 }
                 if step % config.eval_every == 0 or step == config.steps:
-                    row = _validate(bora, corpus, config, state, step)
-                    if row["valid_loglik_per_token"] > state.best_ll:
+                    report = _validate(bora, corpus, config, state, step)
+                    if report.loglik_per_token > state.best_ll:
                         state.best_ll, best_state, state.best_step, state.bad_evals = (
-                            row["valid_loglik_per_token"],
+                            report.loglik_per_token,
                             _snapshot(),
                             step,
                             0,
                         )
+                        result.best_valid = report
                     else:
                         state.bad_evals += 1
-                    postfix["valid_ppl"] = f"{row['valid_ppl']:.2f}"
+                    postfix["valid_ppl"] = f"{report.token_weighted:.2f}"
                 bar.set_postfix(postfix)
                 if config.checkpoint_every and step % config.checkpoint_every == 0:
                     save()

@@ -248,7 +248,13 @@ def _finish(
         raise _stopped(out, result)
     scored = time.perf_counter()
     scores = score_run(
-        bora, corpus, spec.train.eval_batch_size, spec.posterior_samples, spec.train.seed, train_log(result)
+        bora,
+        corpus,
+        spec.train.eval_batch_size,
+        spec.posterior_samples,
+        spec.train.seed,
+        train_log(result),
+        valid=result.best_valid,
     )
     if not world.is_main:  # data-parallel: rank 0 alone writes the run folder
         return {**metrics, **scores.metrics}

@@ -28,6 +28,7 @@ from .options import add_options, dest, section_values
 from .runs import SECTIONS, RunSpec, RunStopped, adapt_run, complete_run, load_run, resume_run, train_run
 from .runs.folder import COMPLETE, TRAINED, read_status
 from .runs.spec import TRUST_HELP
+from .seed_sweep import parse_seeds, run_seed_sweep
 from .sweep import best_tau, parse_taus, run_sweep
 
 
@@ -95,11 +96,24 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", required=True, help="sweep folder (resumable: finished taus are not rerun)")
     p.add_argument("--taus", default="0,1,10,100,1000,inf", help="comma-separated precisions (0 and inf allowed)")
+    p.add_argument(
+        "--seeds",
+        default=None,
+        metavar="S,S,...",
+        help="repeat the sweep for these training seeds on one split (--split-seed, default: --seed) into "
+        "OUT/seed=S/, and report mean ± sd over seeds with paired differences",
+    )
     _add_run_options(p, skip=("tau",))
     p.set_defaults(func=_sweep)
 
 
 def _sweep(a: argparse.Namespace) -> None:
+    if a.seeds is not None:
+        stats = run_seed_sweep(_spec_from_args(a), parse_taus(a.taus), parse_seeds(a.seeds), a.out)
+        shown = stats[["tau", "seeds", "valid_ppl_mean", "test_ppl_mean", "test_ppl_sd", "test_macro_ppl_mean"]]
+        print(shown.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+        print(f"tables (mean ± sd over seeds, paired differences), figures and summary.md in {a.out}")
+        return
     table = run_sweep(_spec_from_args(a), parse_taus(a.taus), a.out)
     shown = table[["tau", "mode", "lr", "best_step", "valid_ppl", "test_ppl", "test_macro_ppl"]]
     print(shown.to_string(index=False, float_format=lambda x: f"{x:.4g}"))

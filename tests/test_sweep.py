@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pandas as pd
@@ -78,3 +79,47 @@ def test_steps_to_converge():
     curve = pd.DataFrame({"step": [10, 20, 30, 40], "valid_ppl": [200.0, 101.5, 100.5, 100.0]})
     assert steps_to_converge(curve) == 30
     assert steps_to_converge(curve, tolerance=0.02) == 20
+
+
+def test_a_sweep_over_seeds_reports_mean_sd_and_paired_differences(tmp_path, capsys):
+    data = tmp_path / "corpus.csv"
+    synthetic_rows({"big": 16, "small": 5}).to_csv(data, index=False)
+    out = tmp_path / "seeds"
+    args = [
+        "sweep",
+        "--model",
+        "tiny-random-llama",
+        "--data",
+        f"csv:{data}",
+        "--taus",
+        "0,10,inf",
+        "--seeds",
+        "0,1",
+        "--steps",
+        "3",
+        "--eval-every",
+        "3",
+        "--posterior-samples",
+        "0",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    stats = pd.read_csv(out / "tau_seeds.csv")
+    assert stats.tau.tolist() == [0.0, 10.0, float("inf")] and (stats.seeds == 2).all()
+    runs = {s: json.loads((out / f"seed={s}" / "runs" / "tau=10" / "metrics.json").read_text()) for s in (0, 1)}
+    assert stats.set_index("tau").loc[10.0, "test_ppl_mean"] == pytest.approx(
+        (runs[0]["test_ppl"] + runs[1]["test_ppl"]) / 2
+    )
+    configs = [json.loads((out / f"seed={s}" / "runs" / "tau=10" / "config.json").read_text()) for s in (0, 1)]
+    assert [c["train"]["seed"] for c in configs] == [0, 1] and configs[0]["corpus"]["seed"] == configs[1]["corpus"][
+        "seed"
+    ]
+    paired = pd.read_csv(out / "paired.csv")
+    assert set(paired.reference) <= {0.0, math.inf} and len(paired) > 0
+    for name in ("figure2.png", "figure3.png", "summary.md", "per_task_seeds.csv"):
+        assert (out / name).is_file()
+    capsys.readouterr()
+    assert main(args) == 0  # resumable: nothing is retrained
+    assert "sweep: training" not in capsys.readouterr().out

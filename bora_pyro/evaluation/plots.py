@@ -138,6 +138,62 @@ def plot_sweep_figures(
     _save(fig, out / "validation_curves.png")
 
 
+def plot_seed_figures(out: Path, stats: pd.DataFrame, per_task: pd.DataFrame, gains: pd.DataFrame, best: float) -> None:
+    """Figures 2 and 3 of a sweep over seeds, with error bars (mean ± sd over seeds)."""
+    fig, ax = plt.subplots(figsize=(8, 5))  # Figure 2: perplexity vs tau
+    pos = _tau_axis(ax, stats.tau)
+    by_task = per_task.groupby(["task", "tau"]).test_ppl.mean().reset_index()
+    for _, rows in by_task.groupby("task"):
+        ax.plot([pos[t] for t in rows.tau], rows.test_ppl, color="tab:gray", lw=0.8, alpha=0.5)
+    x = [pos[t] for t in stats.tau]
+    ax.errorbar(
+        x,
+        stats.test_ppl_mean,
+        yerr=stats.test_ppl_sd,
+        fmt="o-",
+        color="tab:blue",
+        lw=2.5,
+        capsize=4,
+        label="overall (token-weighted), mean ± sd",
+    )
+    ax.errorbar(
+        x,
+        stats.test_macro_ppl_mean,
+        yerr=stats.test_macro_ppl_sd,
+        fmt="s--",
+        color="tab:orange",
+        lw=2,
+        capsize=4,
+        label="task-macro, mean ± sd",
+    )
+    ax.plot([], [], color="tab:gray", lw=0.8, label="individual tasks (mean over seeds)")
+    ax.axvline(pos[best], color="tab:green", ls=":", label=f"best τ on validation ({best:g})")
+    ax.set_yscale("log")
+    ax.set_ylabel("test perplexity (log scale)")
+    ax.set_title(f"Figure 2: test perplexity against τ ({int(stats.seeds.max())} seeds)")
+    ax.legend()
+    _save(fig, out / "figure2.png")
+
+    fig, ax = plt.subplots(figsize=(7, 5))  # Figure 3: relative gain vs task size
+    for (column, label), marker in zip((("gain_over_0", "over τ=0"), ("gain_over_inf", "over τ=∞")), ("o", "s")):
+        if f"{column}_mean" in gains:
+            ax.errorbar(
+                gains.n_train_tokens,
+                100 * gains[f"{column}_mean"],
+                yerr=100 * gains[f"{column}_sd"],
+                fmt=marker,
+                capsize=3,
+                label=f"τ={best:g} {label}",
+            )
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("training tokens of the task (log scale)")
+    ax.set_ylabel("relative improvement in test perplexity (%), mean ± sd")
+    ax.set_title("Figure 3: gain of the best τ by task size")
+    ax.legend()
+    _save(fig, out / "figure3.png")
+
+
 def _save(fig, path: Path) -> None:
     from matplotlib.ticker import FuncFormatter
 

@@ -21,7 +21,7 @@ import pandas as pd
 from .io.artifacts import read_json, write_json
 from .io.folders import MARKER, folder_lock, is_ours, mark, protected
 from .runs import RunSpec
-from .sweep import collect, run_sweep, tau_label
+from .sweep import collect, known_base_test_ppl, run_sweep, tau_label
 
 SEEDS_FILE = "seeds.json"
 
@@ -54,7 +54,8 @@ def run_seed_sweep(spec: RunSpec, taus: Sequence[float], seeds: Sequence[int], o
         write_json(out / SEEDS_FILE, {"seeds": sorted(set(seeds) | set(_seeds(out))), "split_seed": spec.corpus.seed})
     for seed in seeds:
         print(f"seeds: training seed {seed} -> {out / f'seed={seed}'}", flush=True)
-        run_sweep(replace(spec, train=replace(spec.train, seed=seed)), taus, out / f"seed={seed}")
+        base = known_base_test_ppl(sorted(out.glob("seed=*")))  # one split and base model for every seed
+        run_sweep(replace(spec, train=replace(spec.train, seed=seed)), taus, out / f"seed={seed}", base)
     return summarize_seeds(out)
 
 

@@ -58,9 +58,22 @@ def _status(folder: Path) -> str | None:
         return None
 
 
-def run_sweep(spec: RunSpec, taus: Sequence[float], out: str | Path) -> pd.DataFrame:
+def known_base_test_ppl(folders: Sequence[Path]) -> list[float] | None:
+    """The base model's per-task test perplexity from a complete run under ``folders`` (every run of a sweep
+    shares the split and the base model, so it is scored once), or None."""
+    for folder in folders:
+        for run in sorted(Path(folder).glob("runs/tau=*")):
+            if _status(run) == COMPLETE and (run / "per_task.csv").is_file():
+                return pd.read_csv(run / "per_task.csv").base_test_ppl.tolist()
+    return None
+
+
+def run_sweep(
+    spec: RunSpec, taus: Sequence[float], out: str | Path, base_test_ppl: list[float] | None = None
+) -> pd.DataFrame:
     """Train one run per tau (skipping finished ones, resuming or completing unfinished ones) and
-    summarise; returns the tau_sweep table."""
+    summarise; returns the tau_sweep table. ``base_test_ppl``: the base model's per-task test perplexity
+    on this split, if known (else read from the sweep's first complete run)."""
     out = Path(out)
     why = protected(out)
     if why is not None:
@@ -89,7 +102,10 @@ def run_sweep(spec: RunSpec, taus: Sequence[float], out: str | Path) -> pd.DataF
                 resume_run(folder, spec.trust_remote_code)
                 continue
             print(f"sweep: training tau={tau_label(tau)} -> {folder}", flush=True)
-            train_run(replace(spec, prior=replace(spec.prior, tau=tau)), folder, overwrite=True)
+            base_test_ppl = base_test_ppl or known_base_test_ppl([out])
+            train_run(
+                replace(spec, prior=replace(spec.prior, tau=tau)), folder, overwrite=True, base_test_ppl=base_test_ppl
+            )
         return summarize_sweep(out)
 
 

@@ -116,6 +116,8 @@ def test_a_sweep_over_seeds_reports_mean_sd_and_paired_differences(tmp_path, cap
     assert [c["train"]["seed"] for c in configs] == [0, 1] and configs[0]["corpus"]["seed"] == configs[1]["corpus"][
         "seed"
     ]
+    base = {s: pd.read_csv(out / f"seed={s}" / "runs" / "tau=0" / "per_task.csv").base_test_ppl for s in (0, 1)}
+    assert base[0].tolist() == pytest.approx(base[1].tolist(), rel=1e-9)  # scored once, shared by every run
     paired = pd.read_csv(out / "paired.csv")
     assert set(paired.reference) <= {0.0, math.inf} and len(paired) > 0
     for name in ("figure2.png", "figure3.png", "summary.md", "per_task_seeds.csv"):

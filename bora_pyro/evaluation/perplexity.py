@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -59,6 +59,16 @@ class PerplexityReport:
 
     def to_frame(self) -> pd.DataFrame:
         return pd.DataFrame({"task": self.tasks, "docs": self.docs, "tokens": self.tokens, "perplexity": self.per_task})
+
+    @classmethod
+    def from_per_task_perplexity(cls, split: Split, perplexity: Sequence[float]) -> PerplexityReport:
+        """The report of ``split`` whose per-task perplexities are known (e.g. the base model's, read from an
+        earlier run on the same split). Shapes: perplexity [tasks]."""
+        perplexity = np.asarray(perplexity, dtype=np.float64)
+        if perplexity.shape != (len(split.tasks),):
+            raise ValueError(f"need one perplexity per task ({len(split.tasks)}), got shape {perplexity.shape}")
+        tokens = split.tokens_per_task()
+        return cls(split.name, split.tasks, -np.log(perplexity) * tokens, tokens, split.docs_per_task(), 0.0)
 
     def summary(self) -> dict[str, float]:
         return {"token_weighted_ppl": self.token_weighted, "task_macro_ppl": self.task_macro}

@@ -68,16 +68,19 @@ def score_run(
     seed: int,
     losses: pd.DataFrame | None = None,
     valid: PerplexityReport | None = None,
+    base_test: PerplexityReport | None = None,
 ) -> Scores:
     """Score the fitted ``bora`` on ``corpus`` (``losses``: the training log, kept in the ArviZ file;
-    ``valid``: the fit's validation report of the state it kept, reused instead of scoring it again).
+    ``valid``: the fit's validation report of the state it kept, and ``base_test``: the base model's test
+    report from an earlier run on the same split, each reused instead of scored again).
 
     The test split is scored once for the plug-in perplexity and the calibration; with a MAP guide every
     posterior draw is that point, so it is also the posterior-predictive perplexity."""
-    reports = {
-        "base_test": evaluate(bora, corpus.test, batch_size, base_model=True),
-        "valid": valid if valid is not None else evaluate(bora, corpus.valid, batch_size),
-    }
+    if base_test is None:
+        base_test = evaluate(bora, corpus.test, batch_size, base_model=True)
+    if valid is None:
+        valid = evaluate(bora, corpus.valid, batch_size)
+    reports = {"base_test": base_test, "valid": valid}
     reports["test"], plug_in_loglik, calib_per_task, calib = score_plug_in(
         bora, corpus.test, bora.task_factors(), bora.gate_values(), batch_size=batch_size
     )
@@ -94,7 +97,6 @@ def score_run(
                 bora, corpus.test, draws, batch_size
             )
         idata = to_inference_data(bora, draws, doc_loglik, corpus.test, corpus.train.tokens_per_task(), losses)
-    base_test = reports["base_test"]
     gates = None if bora.gates is None else bora.gates.report(bora.gate_values())
     metrics = {
         "test_ppl": reports["test"].token_weighted,

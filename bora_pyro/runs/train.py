@@ -14,6 +14,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import pandas as pd
 
 from ..data.corpus import Corpus
 from ..distributed import World
+from ..evaluation.perplexity import PerplexityReport
 from ..evaluation.scoring import score_run
 from ..inference.checkpoint import checkpoint_step, fingerprint_differences
 from ..inference.svi import FitResult, fit
@@ -126,12 +128,20 @@ def _start_checkpoints(out: Path, spec: RunSpec, fingerprint: dict, resume: bool
     return folder
 
 
-def train_run(spec: RunSpec, out: str | Path, overwrite: bool = False, resume: bool = False) -> dict:
+def train_run(
+    spec: RunSpec,
+    out: str | Path,
+    overwrite: bool = False,
+    resume: bool = False,
+    base_test_ppl: Sequence[float] | None = None,
+) -> dict:
     """Train one BoRA run and write its run folder; returns the metrics written to metrics.json.
 
     ``resume``: continue from the run's checkpoint folder (:func:`checkpoint_folder`), which a fresh
-    run never does. With ``spec.train.checkpoint_every`` set, checkpoints go there and the folder is
-    removed once the run is complete. Raises :class:`RunStopped` (after writing the folder) when the
+    run never does. ``base_test_ppl``: the base model's per-task test perplexity, known from an earlier
+    run on the same split and base model (a sweep passes it), instead of scoring it again. With
+    ``spec.train.checkpoint_every`` set, checkpoints go there and the folder is removed once the run is
+    complete. Raises :class:`RunStopped` (after writing the folder) when the
     fit was interrupted or diverged.
     """
     started = time.perf_counter()
@@ -165,6 +175,7 @@ def train_run(spec: RunSpec, out: str | Path, overwrite: bool = False, resume: b
             started,
             overwrite or resume,
             fingerprint_id(fingerprint),
+            None if base_test_ppl is None else PerplexityReport.from_per_task_perplexity(corpus.test, base_test_ppl),
         )
 
 
@@ -232,6 +243,7 @@ def _finish(
     started: float,
     overwrite: bool,
     fingerprint: str | None = None,
+    base_test: PerplexityReport | None = None,
 ) -> dict:
     """Write the fitted state (stage 1), then score and complete the folder (stage 2; every rank scores,
     rank 0 writes). Raises :class:`RunStopped` for a fit that stopped early, after stage 1."""
@@ -255,6 +267,7 @@ def _finish(
         spec.train.seed,
         train_log(result),
         valid=result.best_valid,
+        base_test=base_test,
     )
     if not world.is_main:  # data-parallel: rank 0 alone writes the run folder
         return {**metrics, **scores.metrics}

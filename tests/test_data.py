@@ -291,3 +291,16 @@ def test_missing_file_is_named(tiny_lm):
 def test_bad_corpus_options(make_corpus, option, value, message):
     with pytest.raises(ValueError, match=message):
         make_corpus(**{option: value})
+
+
+def test_bible_chapters_are_tasks_per_translation(tiny_lm):
+    corpus = bora_pyro.load_corpus(
+        "bible-chapters", tiny_lm[1], books=("Ruth", "Jonah"), translations=("wyc", "kjv"), max_tokens=96
+    )
+    assert corpus.tasks == tuple(
+        f"{t} {b} {c}" for t in ("wyc", "kjv") for b in ("Ruth", "Jonah") for c in (1, 2, 3, 4)
+    )
+    for split in (corpus.train, corpus.valid, corpus.test):
+        assert (split.docs_per_task() >= 1).all()
+    with pytest.raises(ValueError, match=r"unknown book\(s\) \['Hezekiah'\]"):
+        bora_pyro.load_corpus("bible-chapters", tiny_lm[1], books=("Hezekiah",))

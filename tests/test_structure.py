@@ -25,7 +25,20 @@ from .conftest import synthetic_rows
 
 PACKAGE = Path(bora_pyro.__file__).parent
 # A module may import from its own package and from the packages before it, never from those after it.
-LAYERS = ["options", "distributed", "nn", "data", "io", "models", "evaluation", "inference", "runs", "sweep", "seed_sweep", "cli"]
+LAYERS = [
+    "options",
+    "distributed",
+    "nn",
+    "data",
+    "io",
+    "models",
+    "evaluation",
+    "inference",
+    "runs",
+    "sweep",
+    "seed_sweep",
+    "cli",
+]
 
 
 def modules() -> list[str]:

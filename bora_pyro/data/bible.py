@@ -1,4 +1,5 @@
-"""The embedded default corpus: one task per book of a Bible translation (``pythonbible`` wheels).
+"""The embedded corpora: one task per book (``bible-books``, the default) or per chapter (``bible-chapters``)
+of Bible translations (``pythonbible`` wheels).
 
 Documents are runs of consecutive verses packed up to ``max_tokens`` tokens. Wycliffe's Middle
 English (the default) is a variety SmolLM2 has barely seen, so adaptation has much to gain.
@@ -6,8 +7,11 @@ English (the default) is a variety SmolLM2 has barely seen, so adaptation has mu
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Sequence
+
+log = logging.getLogger(__name__)
 
 # Ten books of very unequal length (Wycliffe verses: Psalms 2526 ... Obadiah 21).
 DEFAULT_BOOKS = (
@@ -44,16 +48,24 @@ def _bible(translation: str):
         ) from err
 
 
-def book_verses(translation: str = "wyc") -> dict[str, list[str]]:
-    """All books of a translation, in canonical order: {book title: [verse text, ...]}."""
+def chapter_verses(translation: str = "wyc") -> dict[tuple[str, int], list[str]]:
+    """All chapters of a translation, in canonical order: {(book title, chapter): [verse text, ...]}."""
     bible = _bible(translation)
     titles = {book.value: title for book, title in bible.short_titles.items()}
-    books: dict[str, list[str]] = {}
-    for verse_id in bible.get_verse_ids():
+    chapters: dict[tuple[str, int], list[str]] = {}
+    for verse_id in bible.get_verse_ids():  # BBCCCVVV
         title = titles.get(verse_id // 1_000_000)
         text = _VERSE_NUMBER.sub("", bible.get_scripture(verse_id)).strip()
         if title and text:
-            books.setdefault(title, []).append(text)
+            chapters.setdefault((title, verse_id // 1000 % 1000), []).append(text)
+    return chapters
+
+
+def book_verses(translation: str = "wyc") -> dict[str, list[str]]:
+    """All books of a translation, in canonical order: {book title: [verse text, ...]}."""
+    books: dict[str, list[str]] = {}
+    for (title, _), verses in chapter_verses(translation).items():
+        books.setdefault(title, []).extend(verses)
     return books
 
 
@@ -99,3 +111,43 @@ def bible_books(
     if unknown:
         raise ValueError(f"unknown book(s) {unknown} in translation {translation!r}; books are: {list(verses)}")
     return {book: pack_verses(verses[book], tokenizer, max_tokens) for book in selection}
+
+
+def bible_chapters(
+    tokenizer,
+    max_tokens: int,
+    translations: Sequence[str] = ("wyc",),
+    books: Sequence[str] | None = None,
+    min_docs: int = 3,
+) -> dict[str, list[str]]:
+    """Documents per chapter, one task per (translation, chapter): {"wyc Genesis 1": [document text, ...]}.
+
+    A many-task corpus (Wycliffe alone has over 1,300 chapters). ``books`` restricts it to some books
+    (default: every book). Chapters too short to give ``min_docs`` documents (a train, a validation and
+    a test document) are left out, and how many is said.
+    """
+    out: dict[str, list[str]] = {}
+    dropped = 0
+    for translation in translations:
+        chapters = chapter_verses(translation)
+        known = list(dict.fromkeys(title for title, _ in chapters))
+        unknown = [b for b in books or () if b not in known]
+        if unknown:
+            raise ValueError(f"unknown book(s) {unknown} in translation {translation!r}; books are: {known}")
+        for (title, chapter), verses in chapters.items():
+            if books and title not in books:
+                continue
+            docs = pack_verses(verses, tokenizer, max_tokens)
+            if len(docs) < min_docs:
+                dropped += 1
+                continue
+            out[f"{translation} {title} {chapter}"] = docs
+    if dropped:
+        log.warning(
+            "bible-chapters: left out %d chapter(s) too short for %d documents of at most %d tokens "
+            "(a train, a validation and a test document)",
+            dropped,
+            min_docs,
+            max_tokens,
+        )
+    return out

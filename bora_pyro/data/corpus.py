@@ -2,6 +2,7 @@
 
 Corpus specs:
     ``bible-books``           embedded default: each book of a Bible translation is a task
+    ``bible-chapters``        many tasks: each (translation, chapter) pair is a task
     ``csv:PATH``, ``jsonl:PATH``  a table with a task column and a text column
     ``datasets:NAME_OR_PATH`` a Hugging Face ``datasets`` hub name or a saved dataset folder
     ``ton:PATH``              Talk of Norway (ton.csv): one task per speaker, the paper's selection
@@ -19,7 +20,7 @@ import numpy as np
 
 from ..options import option, parse_csv, parse_optional_int
 from .batching import Split
-from .bible import bible_books
+from .bible import bible_books, bible_chapters
 from .split import split_per_task
 from .tabular import documents_by_task, read_table
 from .talk_of_norway import TON_SELECTIONS, ton_documents
@@ -28,7 +29,7 @@ from .tokenize import LONG_DOCUMENTS, tokenize_split
 
 log = logging.getLogger(__name__)
 
-CORPUS_FORMS = ("bible-books", "ton:PATH", "csv:PATH", "jsonl:PATH", "datasets:NAME_OR_PATH")
+CORPUS_FORMS = ("bible-books", "bible-chapters", "ton:PATH", "csv:PATH", "jsonl:PATH", "datasets:NAME_OR_PATH")
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,12 @@ class CorpusConfig:
     task_prompt: str | None = option(None, "masked prompt before each document, e.g. '{task}: '")
     task_column: str = option("task", "csv/jsonl/datasets: the task column")
     text_column: str = option("text", "csv/jsonl/datasets: the text column")
-    translation: str = option("wyc", "bible-books: pythonbible version (wyc, kjv...)")
+    translation: str = option("wyc", "bible-books, bible-chapters: pythonbible version (wyc, kjv...)")
+    translations: tuple[str, ...] | None = option(
+        None,
+        "bible-chapters: comma-separated versions, one task per (version, chapter) (default: --translation)",
+        parse=parse_csv,
+    )
     books: tuple[str, ...] | None = option(
         None, "bible-books: comma-separated titles, or 'all' (default: ten books of very unequal size)", parse=parse_csv
     )
@@ -74,8 +80,9 @@ class CorpusConfig:
     min_words: int = option(10, "ton: drop shorter speeches")
 
     def __post_init__(self) -> None:
-        if self.books is not None:
-            object.__setattr__(self, "books", tuple(self.books))
+        for name in ("books", "translations"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.max_tokens < 4:
             raise ValueError(f"max_tokens must be >= 4, got {self.max_tokens}")
         for name in ("valid_fraction", "test_fraction"):
@@ -149,6 +156,9 @@ class Corpus:
 def _documents(spec: str, tokenizer, config: CorpusConfig) -> dict[str, list[str]]:
     if spec == "bible-books":
         return bible_books(tokenizer, config.max_tokens, config.translation, config.books)
+    if spec == "bible-chapters":
+        books = None if config.books in (None, ("all",)) else config.books
+        return bible_chapters(tokenizer, config.max_tokens, config.translations or (config.translation,), books)
     kind, sep, location = spec.partition(":")
     if kind == "ton" and location:
         return ton_documents(location, config.ton_selection, config.num_tasks or 25, config.min_words)

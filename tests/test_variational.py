@@ -151,7 +151,7 @@ def test_one_scoring_pass_gives_the_perplexity_of_evaluate(make_corpus, tiny_lm)
     corpus = make_corpus()
     bora = bora_pyro.BoRA(tiny_lm[0], corpus.tasks, rank=2)
     bora_pyro.fit(bora, corpus, steps=3, batch_size=4, eval_every=3, progress=False, lr=0.05)
-    report, doc_loglik, _, _ = score_plug_in(bora, corpus.test, bora.task_factors(), batch_size=3)
+    report, doc_loglik, _, _ = score_plug_in(bora, corpus.test, batch_size=3)
     expected = bora_pyro.evaluate(bora, corpus.test, batch_size=5)
     assert report.loglik == pytest.approx(expected.loglik, rel=1e-6)
     assert doc_loglik.sum().item() == pytest.approx(expected.loglik.sum(), rel=1e-6)
@@ -162,7 +162,7 @@ def test_calibration_of_a_uniform_predictor(make_corpus, tiny_lm):
     bora = bora_pyro.BoRA(tiny_lm[0], corpus.tasks, rank=2)
     for p in bora.lora.lm.lm_head.parameters():
         p.data.zero_()  # every next token has probability 1 / vocab
-    _, _, per_task, overall = score_plug_in(bora, corpus.test, bora.task_factors())
+    _, _, per_task, overall = score_plug_in(bora, corpus.test)
     vocab = bora.lora.lm.config.vocab_size
     assert overall["brier"] == pytest.approx(1 - 1 / vocab, rel=1e-5)  # sum p^2 - 2 p_true + 1
     assert per_task.ece.max() == pytest.approx(1 / vocab, abs=1e-3)  # confident 1/V, right ~never

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -26,29 +26,22 @@ with warnings.catch_warnings():
 from ..data.batching import Split
 from ..models.bora import BoRA
 from . import plots
-from .predictive import PosteriorDraw
+from .predictive import DrawSummary
 
 POSTERIOR_FILE = "posterior.nc"
 
 
 def to_inference_data(
     bora: BoRA,
-    draws: Sequence[PosteriorDraw],
+    draws: DrawSummary,
     doc_loglik: torch.Tensor,
     split: Split,
     train_tokens: np.ndarray,
     losses: pd.DataFrame | None = None,
 ) -> az.InferenceData:
     """Shapes: doc_loglik [draws, docs] (from :func:`bora_pyro.predictive.posterior_predictive`)."""
-    theta = bora.global_factors()
-    distance, norm = [], []
-    for draw in draws:
-        sq_norm = sum((v**2).flatten(1).sum(1) for v in draw.factors.values())
-        norm.append(sq_norm.sqrt().cpu().numpy())
-        if theta is not None:
-            sq = sum(((draw.factors[n] - theta[n]) ** 2).flatten(1).sum(1) for n in theta)
-            distance.append(sq.sqrt().cpu().numpy())
-    posterior = {"norm": np.stack(norm)[None]}  # [chain=1, draw, task]
+    distance_of_mean = bora.distance_to_global()
+    posterior = {"norm": draws.norm[None]}  # [chain=1, draw, task]
     dims = {
         "norm": ["task"],
         "distance": ["task"],
@@ -58,17 +51,17 @@ def to_inference_data(
         "distance_of_mean": ["task"],
     }
     coords = {"task": list(bora.tasks), "doc": np.arange(len(split)), "tau_group": bora.prior.tau_groups()}
-    if distance:
-        posterior["distance"] = np.stack(distance)[None]
-    if draws[0].tau is not None:
-        posterior["tau"] = np.stack([d.tau.cpu().numpy() for d in draws])[None]
+    if draws.distance is not None:
+        posterior["distance"] = draws.distance[None]
+    if draws.tau is not None:
+        posterior["tau"] = draws.tau[None]
     idata = az.from_dict(
         posterior=posterior,
         log_likelihood={"docs": doc_loglik.numpy()[None]},
         constant_data={
             "train_tokens": np.asarray(train_tokens),
             "doc_task": np.asarray(split.task_index),
-            **({} if theta is None else {"distance_of_mean": bora.distance_to_global().cpu().numpy()}),
+            **({} if distance_of_mean is None else {"distance_of_mean": distance_of_mean.cpu().numpy()}),
         },
         coords=coords,
         dims={**dims, "doc_task": ["doc"]},

@@ -124,7 +124,8 @@ def evaluate(
         )
     if base_model:
         fn = lambda batch: lm_log_likelihood(bora.lora, None, batch)
+    elif factors is None:
+        fn = bora.plug_in_log_likelihood  # each batch's tasks' factors only: any number of tasks
     else:
-        chosen = bora.task_factors() if factors is None else factors
-        fn = lambda batch: bora.log_likelihood(chosen, batch)
+        fn = lambda batch: bora.log_likelihood(factors, batch)
     return evaluate_log_likelihood(fn, split, bora.device, batch_size)

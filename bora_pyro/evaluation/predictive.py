@@ -12,6 +12,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 import pyro
 import torch
@@ -19,10 +20,8 @@ from pyro import poutine
 
 from ..data.batching import IGNORE_INDEX, Split
 from ..models.bora import BoRA
-from ..models.likelihood import lm_logits, token_log_probs
+from ..models.likelihood import token_log_probs
 from ..models.tau_prior import TAU_SITE
-from ..nn.gates import LayerGates
-from ..nn.lora import Factors
 from .perplexity import PerplexityReport, document_log_likelihoods, report_from_documents
 
 
@@ -50,6 +49,45 @@ def posterior_draws(bora: BoRA, num_samples: int, seed: int = 0) -> list[Posteri
     return draws
 
 
+@dataclass(frozen=True)
+class DrawSummary:
+    """Per-task summaries of posterior draws (what the ArviZ file keeps of them). Shapes: norm, distance
+    [draws, tasks] (||theta_d|| and ||theta_d - Theta||; distance None without a Theta), tau [draws, groups]."""
+
+    norm: np.ndarray
+    distance: np.ndarray | None
+    tau: np.ndarray | None
+
+
+@torch.no_grad()
+def _norms(factors: Mapping[str, torch.Tensor], theta: Mapping[str, torch.Tensor] | None):
+    norm = sum((v**2).flatten(1).sum(1) for v in factors.values()).sqrt()
+    distance = None if theta is None else sum(((factors[n] - theta[n]) ** 2).flatten(1).sum(1) for n in theta).sqrt()
+    return norm, distance
+
+
+def summarize_draws(bora: BoRA, draws: list[PosteriorDraw]) -> DrawSummary:
+    """Norms and distances to Theta of every task in each draw (and tau)."""
+    theta = bora.global_factors()
+    parts = [_norms(d.factors, theta) for d in draws]
+    return DrawSummary(
+        torch.stack([n for n, _ in parts]).cpu().numpy(),
+        None if theta is None else torch.stack([d for _, d in parts]).cpu().numpy(),
+        None if draws[0].tau is None else torch.stack([d.tau for d in draws]).cpu().numpy(),
+    )
+
+
+def summarize_point(bora: BoRA, num_draws: int) -> DrawSummary:
+    """:func:`summarize_draws` for a MAP guide, whose every draw is the point estimate: computed once, in
+    chunks of tasks (for any number of tasks)."""
+    theta = bora.global_factors()
+    parts = [_norms(factors, theta) for _, factors in bora.iter_task_factors()]
+    norm = torch.cat([n for n, _ in parts]).cpu().numpy()
+    distance = None if theta is None else torch.cat([d for _, d in parts]).cpu().numpy()
+    repeat = lambda x: None if x is None else np.repeat(x[None], num_draws, axis=0)
+    return DrawSummary(repeat(norm), repeat(distance), None)
+
+
 def posterior_predictive(
     bora: BoRA, split: Split, draws: list[PosteriorDraw], batch_size: int = 16
 ) -> tuple[PerplexityReport, torch.Tensor]:
@@ -70,15 +108,10 @@ def posterior_predictive(
 
 @torch.inference_mode()
 def score_plug_in(
-    bora: BoRA,
-    split: Split,
-    factors: Factors,
-    gates: Mapping[str, LayerGates] | None = None,
-    bins: int = 15,
-    batch_size: int = 16,
+    bora: BoRA, split: Split, bins: int = 15, batch_size: int = 16
 ) -> tuple[PerplexityReport, torch.Tensor, pd.DataFrame, dict[str, float]]:
-    """Perplexity and calibration of the plug-in ``factors`` (with B-LoRA ``gates``, if any) on ``split``,
-    from one pass over its documents.
+    """Perplexity and calibration of the point-estimate adapters (with their B-LoRA gates, if any) on
+    ``split``, from one pass over its documents (each batch computes its own tasks' factors only).
 
     Calibration: expected calibration error of the top-1 next-token probability (``bins`` equal-width
     bins) and the Brier score (mean over tokens of sum_v (p_v - 1[v = next])^2).
@@ -96,7 +129,7 @@ def score_plug_in(
     doc_loglik = torch.zeros(len(split), dtype=torch.float64)
     for batch in split.eval_batches(batch_size):
         batch = batch.to(bora.device)
-        logits = lm_logits(bora.lora, factors, batch, gates)  # [batch, tokens, vocab]
+        logits = bora.plug_in_logits(batch)  # [batch, tokens, vocab]
         doc_loglik[batch.doc_index.cpu()] = token_log_probs(logits, batch.labels).sum(-1).double().cpu()
         probs = logits[:, :-1].float().softmax(-1)  # [batch, tokens-1, vocab]
         target = batch.labels[:, 1:]

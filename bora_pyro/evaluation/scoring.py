@@ -15,7 +15,7 @@ from ..data.corpus import Corpus
 from ..models.bora import BoRA
 from ..models.gates import relative_bops
 from .perplexity import PerplexityReport, evaluate
-from .predictive import posterior_draws, posterior_predictive, score_plug_in
+from .predictive import posterior_draws, posterior_predictive, score_plug_in, summarize_draws, summarize_point
 
 
 @dataclass
@@ -81,22 +81,21 @@ def score_run(
     if valid is None:
         valid = evaluate(bora, corpus.valid, batch_size)
     reports = {"base_test": base_test, "valid": valid}
-    reports["test"], plug_in_loglik, calib_per_task, calib = score_plug_in(
-        bora, corpus.test, bora.task_factors(), bora.gate_values(), batch_size=batch_size
-    )
+    reports["test"], plug_in_loglik, calib_per_task, calib = score_plug_in(bora, corpus.test, batch_size=batch_size)
     idata = None
     if posterior_samples > 0:
         from .diagnostics import to_inference_data  # ArviZ: imported only when a run is scored
 
-        draws = posterior_draws(bora, posterior_samples, seed=seed)
         if bora.inference == "map":  # every draw is the plug-in point
             reports["posterior_predictive_test"] = reports["test"]
             doc_loglik = plug_in_loglik.expand(posterior_samples, -1)
+            summary = summarize_point(bora, posterior_samples)
         else:
-            reports["posterior_predictive_test"], doc_loglik = posterior_predictive(
-                bora, corpus.test, draws, batch_size
-            )
-        idata = to_inference_data(bora, draws, doc_loglik, corpus.test, corpus.train.tokens_per_task(), losses)
+            draws = posterior_draws(bora, posterior_samples, seed=seed)
+            predictive, doc_loglik = posterior_predictive(bora, corpus.test, draws, batch_size)
+            reports["posterior_predictive_test"] = predictive
+            summary = summarize_draws(bora, draws)
+        idata = to_inference_data(bora, summary, doc_loglik, corpus.test, corpus.train.tokens_per_task(), losses)
     gates = None if bora.gates is None else bora.gates.report(bora.gate_values())
     metrics = {
         "test_ppl": reports["test"].token_weighted,

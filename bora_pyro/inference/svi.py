@@ -33,6 +33,7 @@ from ..data.batching import Batch
 from ..data.corpus import Corpus
 from ..distributed import World
 from ..evaluation.perplexity import PerplexityReport, evaluate
+from ..io.task_store import TaskStore
 from ..models.bora import BoRA, ParameterRole
 from ..models.likelihood import scored_tokens
 from .checkpoint import LoopState, checkpoint_step, load_checkpoint, save_checkpoint
@@ -144,7 +145,11 @@ def trainable_parameters(bora: BoRA, loss: Loss, batch: Batch, freeze_global: bo
 
 
 def make_optimizer(
-    params: dict[str, torch.Tensor], roles: Mapping[str, ParameterRole], lr: float, config: TrainConfig
+    params: dict[str, torch.Tensor],
+    roles: Mapping[str, ParameterRole],
+    lr: float,
+    config: TrainConfig,
+    store: TaskStore | None = None,
 ) -> TaskSparseAdamW | None:
     """AdamW (:class:`TaskSparseAdamW`: the per-task parameters stepped only on the batch's tasks) with two
     groups: the LoRA weights at ``lr``, the fast parameters (guide scales, a learned tau, gates; see
@@ -155,7 +160,9 @@ def make_optimizer(
     ]
     groups = [g for g in groups if g["params"]]
     task_params = [p for n, p in params.items() if roles[n].per_task]
-    return TaskSparseAdamW(groups, lr=lr, weight_decay=config.weight_decay, task_params=task_params) if groups else None
+    if not groups:
+        return None
+    return TaskSparseAdamW(groups, lr=lr, weight_decay=config.weight_decay, task_params=task_params, store=store)
 
 
 class _DataTerm(Messenger):
@@ -210,7 +217,7 @@ class TrainStep:
         with bora.param_scope():
             named = trainable_parameters(bora, self.loss_fn, example_batch, freeze_global)
         self.params = list(named.values())
-        self.optimizer = make_optimizer(named, bora.parameter_roles(), self.lr, config)
+        self.optimizer = make_optimizer(named, bora.parameter_roles(), self.lr, config, bora.task_store)
 
     def __call__(self, batch: Batch, step: int, stop_requested: bool = False, validate: bool = False) -> StepOutcome:
         """Run step ``step`` (1-based, for the schedule) on ``batch`` (this rank's share of the step's

@@ -16,6 +16,8 @@ from collections.abc import Iterable
 
 import torch
 
+from ..io.task_store import TaskStore
+
 
 def grad_rows(grad: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Rows ``rows`` ([P], ascending) of a dense or row-sparse (COO) gradient, dense. -> [P, ...]."""
@@ -61,7 +63,8 @@ class TaskSparseAdamW(torch.optim.Optimizer):
     ``step(rows)``: rows [P] (task ids) or None for every row. Gradients may be dense or row-sparse
     (COO, from ``guides.gather_rows``; their rows must be among ``rows``). State per parameter: ``exp_avg``,
     ``exp_avg_sq`` and ``step`` ([D] per-row counts for task parameters, 0-dim otherwise), all
-    tensors (checkpointed as safetensors).
+    tensors (checkpointed as safetensors); with a ``store``, a task parameter's moments are its tables
+    (in memory or memory-mapped files, see ``io/task_store.py``).
     """
 
     def __init__(
@@ -72,11 +75,13 @@ class TaskSparseAdamW(torch.optim.Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         task_params: Iterable[torch.Tensor] = (),
+        store: TaskStore | None = None,
     ) -> None:
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr!r}")
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
-        self._task_params = {id(p) for p in task_params}
+        self._task_params = {id(p): i for i, p in enumerate(task_params)}
+        self._store = store
 
     def _rows_of(self, p: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor | None:
         return rows if id(p) in self._task_params else None
@@ -111,6 +116,20 @@ class TaskSparseAdamW(torch.optim.Optimizer):
                 p.grad.index_copy_(0, r, p.grad.index_select(0, r) * coef)
         return total
 
+    def _new_state(self, p: torch.Tensor, task: bool) -> dict[str, torch.Tensor]:
+        """Zero moments and step counts; a task parameter's moments are tables of the task store, if any."""
+        if task and self._store is not None:
+            i = self._task_params[id(p)]
+            return {
+                "step": torch.zeros(p.shape[0]),
+                **{k: self._store.table(f"adamw.{i}.{k}", tuple(p.shape)) for k in ("exp_avg", "exp_avg_sq")},
+            }
+        return {
+            "step": torch.zeros(p.shape[0] if task else (), dtype=torch.float32, device=p.device),
+            "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+            "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+        }
+
     @torch.no_grad()
     def step(self, rows: torch.Tensor | None = None) -> None:  # type: ignore[override]
         """Update every parameter with a gradient; task parameters only on ``rows`` ([P] task ids; None: all)."""
@@ -122,9 +141,7 @@ class TaskSparseAdamW(torch.optim.Optimizer):
                 state = self.state[p]
                 task = id(p) in self._task_params
                 if not state:
-                    state["step"] = torch.zeros(p.shape[0] if task else (), dtype=torch.float32, device=p.device)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state.update(self._new_state(p, task))
                 r = self._rows_of(p, rows)
                 if r is None:
                     state["step"] += 1

@@ -10,6 +10,7 @@ minibatch log-likelihood as ``pyro.factor("loglik", ...)`` inside
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -20,11 +21,12 @@ from torch import nn
 
 from ..data.batching import Batch
 from ..data.task_names import check_task_names
+from ..io.task_store import TaskStore
 from ..nn.gates import LayerGates
 from ..nn.lora import Factors, MultiTaskLoRA
 from .gates import GateConfig, Gates
 from .guides import guide_parameters, make_guide, task_sites
-from .likelihood import lm_log_likelihood
+from .likelihood import lm_log_likelihood, lm_logits
 from .prior import INDEPENDENT, POOLED, HierarchicalPrior, PriorConfig
 from .task_subsample import TASK_PLATE, TaskSubsample
 from .tau_prior import TAU_SITE
@@ -62,6 +64,8 @@ class BoRA:
             in its batch, their prior terms weighted to an unbiased estimate of the full prior
             (see ``models.task_subsample``; a step costs the same for any number of tasks); False: every
             task's prior term at every step.
+        task_store: where the MAP guide's task rows and their optimizer moments live (default in memory; a
+            disk store memory-maps them, for many tasks: see ``io/task_store.py``).
 
     The model's parameters (Theta and the guide's) live in this object's own Pyro param-store
     scope: run ``bora.model`` / ``bora.guide`` inside ``with bora.param_scope():`` to use them.
@@ -82,6 +86,7 @@ class BoRA:
         seed: int = 0,
         init: Mapping[str, torch.Tensor] | None = None,
         task_subsampling: bool = True,
+        task_store: TaskStore | None = None,
     ) -> None:
         if prior is not None and tau is not None:
             raise ValueError(f"give tau={tau!r} or prior=PriorConfig(tau=...), not both")
@@ -95,6 +100,7 @@ class BoRA:
         )
         self.init = self.lora.init_factors(torch.Generator().manual_seed(seed))
         self.task_subsampling = task_subsampling
+        self.task_store = task_store or TaskStore()
         gates = gates or GateConfig()
         if gates.enabled and log_likelihood is not None:
             raise ValueError(
@@ -194,7 +200,9 @@ class BoRA:
                 "degenerate, the posterior density grows without bound as every task collapses onto Theta and "
                 "tau -> inf"
             )
-        return make_guide(inference, self.model, self.prior.initial_values(self.init), self._task_plates)
+        return make_guide(
+            inference, self.model, self.prior.initial_values(self.init), self._task_plates, store=self.task_store
+        )
 
     @contextlib.contextmanager
     def param_scope(self) -> Iterator[None]:
@@ -208,10 +216,6 @@ class BoRA:
                 yield
         finally:
             self._scope_active = False
-
-    def sample_task_factors(self) -> dict[str, torch.Tensor]:
-        """Prior part of the model. Shapes: name -> [D, *shape] ([1, *shape] when pooled)."""
-        return self.prior.sample(self.init)
 
     def task_subsample(self, batch: Batch) -> TaskSubsample | None:
         """The tasks of ``batch`` whose sites a step samples (None: all tasks, or no task sites when pooled)."""
@@ -240,19 +244,51 @@ class BoRA:
         """The LM likelihood [batch]; with gates, at the given gate values (default: the 0/1 inference gates)."""
         return lm_log_likelihood(self.lora, factors, batch, self.gate_values() if gates is None else gates)
 
-    def gate_values(self) -> dict[str, LayerGates] | None:
-        """The 0/1 inference gates by layer (None without gates)."""
+    def gate_values(self, tasks: torch.Tensor | None = None) -> dict[str, LayerGates] | None:
+        """The 0/1 inference gates by layer (None without gates); ``tasks``: per-task gates of these tasks only."""
         if self.gates is None:
             return None
         with self.param_scope():
-            return self.gates.inference(self.device)
+            gates = self.gates.inference(self.device)
+        if tasks is None or self.gates.config.rank_gates != "per-task":
+            return gates
+        return {name: dataclasses.replace(g, rank=g.rank.index_select(0, tasks)) for name, g in gates.items()}
 
-    def export_factors(self) -> dict[str, torch.Tensor]:
+    def export_factors(self, tasks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """:meth:`task_factors` with the inference gates folded in (closed rank columns of B zeroed, A and B
-        at their learned precision): what a plain LoRA layer needs to compute the gated adapter."""
-        factors = self.task_factors()
-        gates = self.gate_values()
+        at their learned precision): what a plain LoRA layer needs to compute the gated adapter. ``tasks``:
+        only these tasks' rows ([P] ascending ids). Shapes: -> name -> [D or P, *shape]."""
+        factors = self.task_factors(tasks=tasks)
+        gates = self.gate_values(tasks)
         return factors if gates is None else self.gates.fold(factors, gates)
+
+    def iter_task_factors(self, chunk: int = 256, export: bool = False) -> Iterator[tuple[torch.Tensor, dict]]:
+        """The tasks' factors in chunks of ``chunk`` tasks, never all at once: (task ids [P], name -> [P, ...]);
+        ``export``: with the gates folded in (:meth:`export_factors`)."""
+        for start in range(0, len(self.tasks), chunk):
+            tasks = torch.arange(start, min(start + chunk, len(self.tasks)), device=self.device)
+            yield tasks, (self.export_factors(tasks) if export else self.task_factors(tasks=tasks))
+
+    def _batch_point(self, batch: Batch) -> tuple[dict[str, torch.Tensor], Batch, dict[str, LayerGates] | None]:
+        """The point-estimate factors and inference gates of the batch's tasks only, and the batch with
+        each example's position among those tasks as its task index."""
+        tasks, local = torch.unique(batch.task_index, sorted=True, return_inverse=True)
+        return self.task_factors(tasks=tasks), batch.replace(task_index=local), self.gate_values(tasks)
+
+    @torch.no_grad()
+    def plug_in_log_likelihood(self, batch: Batch) -> torch.Tensor:
+        """log L of each document under its task's point-estimate adapter, computing the factors of the
+        batch's tasks only (for any number of tasks). Shapes: -> [batch]."""
+        factors, batch, gates = self._batch_point(batch)
+        if self.gates is None:
+            return self.log_likelihood(factors, batch)
+        return self._lm_log_likelihood(factors, batch, gates)
+
+    @torch.no_grad()
+    def plug_in_logits(self, batch: Batch) -> torch.Tensor:
+        """Next-token logits under each example's point-estimate adapter (the batch's tasks' factors only).
+        Shapes: -> [batch, tokens, vocab]."""
+        return lm_logits(self.lora, *self._batch_point(batch))
 
     def model(self, batch: Batch) -> None:
         """The Pyro model: task-factor sites under the prior (the batch's tasks, see ``task_subsampling``),
@@ -269,17 +305,25 @@ class BoRA:
             pyro.factor("loglik", loglik)
 
     @torch.no_grad()
-    def task_factors(self, values: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """Every task's factors, stacked [D, *shape]: at the latent ``values`` (e.g. one guide draw), by
-        default the point estimate (the guide's median; the start before any fitting).
+    def task_factors(
+        self, values: Mapping[str, torch.Tensor] | None = None, tasks: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The tasks' factors, stacked [D, *shape] (or [P, *shape] for ``tasks``, [P] ascending task ids):
+        at the latent ``values`` (e.g. one guide draw), by default the point estimate (the guide's median;
+        the start before any fitting). Only the rows asked for are computed (see :meth:`iter_task_factors`).
 
         Pooled runs return Theta repeated for every task, so shapes are the same in all modes.
         """
         with self.param_scope():
-            factors = poutine.condition(
-                self.sample_task_factors, data=self._point_values() if values is None else values
-            )()
-        return {k: v.detach().expand(len(self.tasks), *v.shape[1:]).clone() for k, v in factors.items()}
+            values = self._point_values() if values is None else values
+            subsample = None
+            if tasks is not None:
+                rows = set(self.prior.task_sites())
+                values = {k: v.index_select(0, tasks) if k in rows else v for k, v in values.items()}
+                subsample = TaskSubsample.rows(tasks, len(self.tasks))
+            factors = poutine.condition(self.prior.sample, data=values)(self.init, subsample)
+        count = len(self.tasks) if tasks is None else len(tasks)
+        return {k: v.detach().expand(count, *v.shape[1:]).clone() for k, v in factors.items()}
 
     def _point_values(self) -> dict[str, torch.Tensor]:
         """The latent sites at the guide's median (their start before any fitting)."""
@@ -307,10 +351,10 @@ class BoRA:
 
     @torch.no_grad()
     def distance_to_global(self) -> torch.Tensor | None:
-        """||theta_d - Theta||_2 over all factors of each task. Shapes: -> [D]; None if independent."""
+        """||theta_d - Theta||_2 over all factors of each task (in chunks of tasks). Shapes: -> [D]; None if
+        independent."""
         theta = self.global_factors()
         if theta is None:
             return None
-        factors = self.task_factors()
-        sq = sum(((factors[n] - theta[n]) ** 2).flatten(1).sum(1) for n in theta)
-        return sq.sqrt()
+        parts = [sum(((f[n] - theta[n]) ** 2).flatten(1).sum(1) for n in theta) for _, f in self.iter_task_factors()]
+        return torch.cat(parts).sqrt()

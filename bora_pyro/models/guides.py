@@ -12,8 +12,11 @@ import torch
 from pyro.distributions import constraints
 from pyro.distributions.transforms import biject_to
 from pyro.infer.autoguide import AutoDelta, AutoGuide, AutoNormal
+from pyro.infer.autoguide.utils import deep_setattr
+from pyro.nn import PyroParam
 
-from .pyro_internals import event_dim, guide_plates, loc_and_scale, setup_prototype
+from ..io.task_store import TaskStore
+from .pyro_internals import event_dim, guide_plates, loc_and_scale, setup_prototype, trace_prototype
 from .task_subsample import TASK_PLATE, TaskPlate, enter_plate
 
 INFERENCE = ("map", "vi")
@@ -92,7 +95,26 @@ def gather_rows(full: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 class TaskDelta(AutoDelta):
     """AutoDelta (the MAP guide) whose task-site parameters are gathered for the batch's tasks with a
     row-sparse gradient (:func:`gather_rows`) rather than by Pyro's automatic plate subsampling,
-    so that a step's cost does not grow with the number of tasks."""
+    so that a step's cost does not grow with the number of tasks. Its task tables [D, ...] are
+    allocated by ``store`` (in memory, or memory-mapped files: see ``io/task_store.py``)."""
+
+    def __init__(self, model: Callable, *, store: TaskStore | None = None, **options) -> None:
+        super().__init__(model, **options)
+        self.task_store = store or TaskStore()
+
+    def _setup_prototype(self, *args, **kwargs) -> None:
+        """AutoDelta's setup, but a task site's parameter is a table of the task store, every row at the
+        site's start (a site under the task plate starts shared by every task; see ``_init_to_values``)."""
+        trace_prototype(self, args, kwargs)
+        for name, site in self.prototype_trace.iter_stochastic_nodes():
+            value = site["value"].detach()
+            task = [f for f in site["cond_indep_stack"] if f.name == TASK_PLATE]
+            if task:
+                rows = task[0].full_size or task[0].size
+                value = self.task_store.table(f"guide.{name}", (rows, *value.shape[1:]), fill=value[0])
+            elif any(f.full_size not in (None, f.size) for f in site["cond_indep_stack"]):
+                raise ValueError(f"site {name!r} is subsampled by a plate other than the task plate")
+            deep_setattr(self, name, PyroParam(value, site["fn"].support, site["fn"].event_dim))
 
     def forward(self, *args, **kwargs) -> dict[str, torch.Tensor]:
         result = {}
@@ -140,17 +162,26 @@ def make_guide(
     initial_values: Mapping[str, torch.Tensor],
     create_plates: Callable[..., pyro.plate | list[pyro.plate]],
     init_scale: float = 1e-3,
+    store: TaskStore | None = None,
 ) -> AutoGuide:
     """``"map"``: AutoDelta (posterior mode); ``"vi"``: :class:`MeanFieldNormal` (AutoNormal's mean-field Gaussian).
 
     Every latent site starts at ``initial_values`` (LoRA start, each task at Theta); AutoNormal's
     scales start at ``init_scale``. ``create_plates(*model_args)`` gives the model's task plate for
     those arguments (the tasks present in the batch), by which the guide's parameters are indexed.
+    ``store`` allocates the MAP guide's task tables (default: in memory).
     """
     if kind not in INFERENCE:
         raise ValueError(f"inference must be one of {INFERENCE}, got {kind!r}")
     options = {"init_loc_fn": _init_to_values(initial_values), "create_plates": create_plates}
-    return TaskDelta(model, **options) if kind == "map" else MeanFieldNormal(model, init_scale=init_scale, **options)
+    if kind == "map":
+        return TaskDelta(model, store=store, **options)
+    if store is not None and store.disk:
+        raise ValueError(
+            "a disk task store holds the MAP guide's task rows; --inference vi keeps them in memory "
+            "(use --task-store memory)"
+        )
+    return MeanFieldNormal(model, init_scale=init_scale, **options)
 
 
 def _init_to_values(values: Mapping[str, torch.Tensor]) -> Callable[[dict], torch.Tensor]:

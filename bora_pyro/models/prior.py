@@ -223,6 +223,13 @@ class HierarchicalPrior:
     def noncentered(self) -> bool:
         return self.mode == HIERARCHICAL and self.parameterization == "noncentered"
 
+    def task_sites(self) -> list[str]:
+        """The latent sites under the task plate (one row per task): z_d (non-centred) or theta_d."""
+        if self.mode == POOLED:
+            return []
+        suffix = "_decentered" if self.noncentered else ""
+        return [f"{task_site(name)}{suffix}" for name in self.shapes]
+
     def initial_values(self, init: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Guide start: Theta (if latent) and every task at Theta's start (z = 0 in the non-centred form).
         Task values are expanded views [D, *shape] of one tensor (no memory per task)."""

@@ -5,7 +5,8 @@ Our guides override ``AutoGuide.forward`` (``guides.py``: the MAP guide gathers 
 with a row-sparse gradient; the mean-field guide samples each site from its Normal directly, for the
 closed-form KL). A forward has to do what AutoGuide's own forwards do with private methods: set the
 guide's prototype up on first use, get the guide's plates for the call's arguments, and (AutoNormal)
-read a site's location and scale and its event dimension.
+read a site's location and scale and its event dimension. The MAP guide also creates its task tables
+itself (through the task store, without a [D, ...] temporary), after AutoGuide's prototype trace.
 """
 
 from __future__ import annotations
@@ -13,6 +14,12 @@ from __future__ import annotations
 import pyro
 import torch
 from pyro.infer.autoguide import AutoGuide, AutoNormal
+
+
+def trace_prototype(guide: AutoGuide, args: tuple, kwargs: dict) -> None:
+    """AutoGuide's own part of a guide's setup: trace the model once into ``guide.prototype_trace``
+    (each site at its init value), creating no guide parameters (for a guide that creates its own)."""
+    AutoGuide._setup_prototype(guide, *args, **kwargs)
 
 
 def setup_prototype(guide: AutoGuide, args: tuple, kwargs: dict) -> None:

@@ -62,6 +62,13 @@ class TaskSubsample:
         weight = batch.num_docs / step.numel() * counts / batch.docs_per_task[index]
         return cls(index, local, weight.to(torch.get_default_dtype()), num_tasks)
 
+    @classmethod
+    def rows(cls, index: torch.Tensor, num_tasks: int) -> TaskSubsample:
+        """The tasks ``index`` ([P] ascending ids) with weight 1: to look up some tasks' rows, not to train."""
+        return cls(
+            index, torch.arange(len(index), device=index.device), torch.ones(len(index), device=index.device), num_tasks
+        )
+
     def plate(self) -> TaskPlate:
         """The task plate over the present tasks, each site scaled by its task's weight."""
         return TaskPlate(self)

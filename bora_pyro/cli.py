@@ -24,7 +24,7 @@ from .evaluation.scoring import documents_line
 from .io.artifacts import read_json
 from .io.export import export_merged, export_peft
 from .io.folders import FolderBusy, check_target, folder_lock
-from .options import add_options, dest, section_values
+from .options import add_options, dest, parse_csv, section_values
 from .runs import SECTIONS, RunSpec, RunStopped, adapt_run, complete_run, load_run, resume_run, train_run
 from .runs.folder import COMPLETE, TRAINED, read_status
 from .runs.spec import TRUST_HELP
@@ -228,6 +228,13 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         help="peft: one adapter folder per task; merged: a full model with --task merged in",
     )
     p.add_argument("--task", default=None, help="--format merged: the task to merge ('global' = Theta)")
+    p.add_argument(
+        "--tasks",
+        type=parse_csv,
+        default=None,
+        metavar="A,B,...",
+        help="--format peft: export these tasks only ('global' = Theta; default: every task and Theta)",
+    )
     p.add_argument("--out", required=True, help="folder to create")
     p.add_argument("--overwrite", action="store_true", help="replace an export folder bora_pyro wrote")
     p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
@@ -246,7 +253,7 @@ def _export_locked(a: argparse.Namespace) -> None:
         if a.task is None:
             raise ValueError("--format merged needs --task NAME (or --task global)")
         (d,) = task_indices(run.bora.tasks, [a.task], run.global_factors is not None)
-        factors = run.global_factors if d == len(run.bora.tasks) else {k: v[d] for k, v in run.task_factors.items()}
+        factors = run.global_factors if d == len(run.bora.tasks) else {k: v[0] for k, v in run.rows([d]).items()}
         export_merged(run.bora.lora, run.tokenizer, factors, a.out, overwrite=a.overwrite)
         print(f"wrote {a.out}: {run.spec.model} with the adapter of task {a.task!r} merged in")
         return
@@ -254,12 +261,13 @@ def _export_locked(a: argparse.Namespace) -> None:
     folders = export_peft(
         run.bora.lora,
         run.bora.tasks,
-        run.task_factors,
+        run.rows,
         run.global_factors,
         base.get("hub_id") or base.get("path") or run.spec.model,
         a.out,
         overwrite=a.overwrite,
         note=base.get("note"),
+        only=a.tasks,
     )
     print(
         f"wrote {len(folders)} PEFT adapters to {a.out} (task -> folder map in tasks.json); load one with "

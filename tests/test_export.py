@@ -122,3 +122,55 @@ def test_merged_export_equals_the_task_adapter(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=input_ids).logits, ours, atol=1e-5, rtol=0)
     assert main(["export", str(run), "--format", "merged", "--out", str(tmp_path / "m2")]) == 2
+
+
+def test_export_of_some_tasks_reads_only_their_rows(tmp_path):
+    data = tmp_path / "corpus.csv"
+    synthetic_rows({"north": 10, "east": 6, "west": 4}).to_csv(data, index=False)
+    run = tmp_path / "run"
+    args = [
+        "train",
+        "--model",
+        "tiny-random-llama",
+        "--data",
+        f"csv:{data}",
+        "--steps",
+        "4",
+        "--eval-every",
+        "2",
+        "--no-progress",
+        "--posterior-samples",
+        "0",
+        "--out",
+        str(run),
+    ]
+    assert main(args) == 0
+    assert main(["export", str(run), "--tasks", "west,global", "--out", str(tmp_path / "some")]) == 0
+    assert json.loads((tmp_path / "some" / "tasks.json").read_text()) == {"west": "west", "global": "global"}
+    assert sorted(p.name for p in (tmp_path / "some").iterdir() if p.is_dir()) == ["global", "west"]
+    loaded = load_run(run)
+    exported = peft.PeftModel.from_pretrained(tiny_random_llama()[0], str(tmp_path / "some" / "west"))
+    state = {k: v for k, v in exported.state_dict().items() if "lora_B" in k}
+    first = next(iter(state))
+    layer = first.split("base_model.model.model.")[1].split(".lora_B")[0]
+    torch.testing.assert_close(state[first], loaded.rows([2])[f"{layer}.B"][0], atol=1e-7, rtol=0)
+    assert main(["export", str(run), "--tasks", "south", "--out", str(tmp_path / "none")]) == 2
+    assert not (tmp_path / "none").exists()
+
+
+def test_adapters_written_in_chunks_equal_the_whole(tmp_path):
+    from bora_pyro.io.artifacts import AdapterFile, load_adapters, save_adapters
+
+    g = torch.Generator().manual_seed(0)
+    factors = {"a.A": torch.randn(7, 2, 3, generator=g), "a.B": torch.randn(7, 4, 2, generator=g)}
+    theta = {k: v[0] for k, v in factors.items()}
+    tasks = [f"t{d}" for d in range(7)]
+    save_adapters(tmp_path / "whole.safetensors", tasks, factors, theta, {"rank": 2})
+    chunks = [(torch.arange(s, min(s + 3, 7)), {k: v[s : s + 3] for k, v in factors.items()}) for s in (0, 3, 6)]
+    save_adapters(
+        tmp_path / "chunks.safetensors", tasks, chunks, theta, {"rank": 2}, shapes={"a.A": (2, 3), "a.B": (4, 2)}
+    )
+    assert (tmp_path / "whole.safetensors").read_bytes() == (tmp_path / "chunks.safetensors").read_bytes()
+    names, loaded, loaded_theta, meta = load_adapters(tmp_path / "chunks.safetensors")
+    assert names == tasks and meta == {"rank": 2} and torch.equal(loaded["a.B"], factors["a.B"])
+    assert torch.equal(AdapterFile(tmp_path / "chunks.safetensors").rows([5, 1])["a.A"], factors["a.A"][[5, 1]])

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from ..data.task_names import GLOBAL
-from ..nn.lora import MultiTaskLoRA
+from ..nn.lora import Factors, MultiTaskLoRA, TaskRows, rows_of
 
 
 def task_indices(tasks: Sequence[str], wanted: Sequence[str], has_global: bool) -> list[int]:
@@ -27,7 +27,7 @@ def generate(
     lora: MultiTaskLoRA,
     tokenizer,
     task_names: Sequence[str],
-    task_factors: Mapping[str, torch.Tensor],
+    task_factors: Factors | TaskRows,
     global_factors: Mapping[str, torch.Tensor] | None,
     prompts: Sequence[str],
     tasks: Sequence[str],
@@ -39,16 +39,21 @@ def generate(
 ) -> list[str]:
     """Continue every prompt under its own task's adapter, all prompts in one left-padded batch.
 
-    Shapes: task_factors name -> [D, ...]; global_factors name -> [...] (used for task "global").
+    Only the prompts' tasks' adapters are read. Shapes: task_factors name -> [D, ...] stacked, or a function
+    of task ids (``TaskRows``); global_factors name -> [...] (used for task "global").
     """
     if len(prompts) != len(tasks):
         raise ValueError(f"need one task per prompt: got {len(prompts)} prompts and {len(tasks)} tasks")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     index = task_indices(task_names, tasks, global_factors is not None)
-    factors = dict(task_factors)
-    if global_factors is not None:
-        factors = {k: torch.cat([v, global_factors[k].unsqueeze(0)]) for k, v in task_factors.items()}
+    used = sorted(set(index))
+    wanted = [d for d in used if d < len(task_names)]
+    factors = {k: v.to(lora.device) for k, v in rows_of(task_factors)(wanted).items()} if wanted else None
+    if len(wanted) < len(used):  # "global": Theta, after the tasks' rows
+        theta = {k: v.unsqueeze(0).to(lora.device) for k, v in global_factors.items()}
+        factors = theta if factors is None else {k: torch.cat([v, theta[k]]) for k, v in factors.items()}
+    index = [used.index(d) for d in index]
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     encoded = [bos + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     width = max(len(e) for e in encoded)

@@ -13,7 +13,7 @@ import torch
 
 from ..data.batching import Batch, Split
 from ..distributed import World
-from ..nn.lora import Factors
+from ..nn.lora import Factors, TaskRows, rows_of
 
 if TYPE_CHECKING:
     from ..models.bora import BoRA
@@ -110,12 +110,13 @@ def evaluate_log_likelihood(
 
 
 def evaluate(
-    bora: BoRA, split: Split, batch_size: int = 16, factors: Factors | None = None, base_model: bool = False
+    bora: BoRA, split: Split, batch_size: int = 16, factors: Factors | TaskRows | None = None, base_model: bool = False
 ) -> PerplexityReport:
     """Perplexity of a fitted BoRA on a split (plug-in point estimate of every task's adapter).
 
     Args:
-        factors: task factors to score instead of the fitted ones (e.g. loaded from a run folder).
+        factors: task factors to score instead of the fitted ones (e.g. loaded from a run folder): stacked
+            [D, ...], or a function of task ids (``TaskRows``).
         base_model: score the bare base LM (no adapter), for reference.
     """
     if split.tasks != bora.tasks:
@@ -127,5 +128,11 @@ def evaluate(
     elif factors is None:
         fn = bora.plug_in_log_likelihood  # each batch's tasks' factors only: any number of tasks
     else:
-        fn = lambda batch: bora.log_likelihood(factors, batch)
+        rows = rows_of(factors)
+
+        def fn(batch: Batch) -> torch.Tensor:  # each batch's tasks' rows only
+            tasks, local = torch.unique(batch.task_index, sorted=True, return_inverse=True)
+            chunk = {k: v.to(bora.device) for k, v in rows(tasks.tolist()).items()}
+            return bora.log_likelihood(chunk, batch.replace(task_index=local))
+
     return evaluate_log_likelihood(fn, split, bora.device, batch_size)

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..data.task_names import GLOBAL
-from ..nn.lora import MultiTaskLoRA
+from ..nn.lora import Factors, MultiTaskLoRA, TaskRows, rows_of
 from .artifacts import write_json
 from .folders import atomic_folder
 
@@ -77,32 +77,41 @@ def peft_config(lora: MultiTaskLoRA, base_model: str) -> dict:
 def export_peft(
     lora: MultiTaskLoRA,
     tasks: Sequence[str],
-    task_factors: Mapping[str, torch.Tensor],
+    task_factors: Factors | TaskRows,
     global_factors: Mapping[str, torch.Tensor] | None,
     base_model: str,
     out: str | Path,
     overwrite: bool = False,
     note: str | None = None,
+    only: Sequence[str] | None = None,
 ) -> dict[str, str]:
     """Write one PEFT adapter folder per task (and ``global`` when Theta exists); returns the name map.
 
     ``base_model`` becomes every adapter's ``base_model_name_or_path`` (a hub id or path a user can
     load); ``note`` (e.g. how the training weights differ from it) goes into the folder's README.md.
-    Shapes: task_factors name -> [D, ...] stacked; global_factors name -> [...].
+    ``only``: export these tasks (and ``global``, if named) only. Adapters are read and written one task
+    at a time. Shapes: task_factors name -> [D, ...] stacked, or a function of task ids (``TaskRows``);
+    global_factors name -> [...].
     """
-    names = safe_names(tasks)
+    wanted = list(tasks) + ([GLOBAL] if global_factors is not None else []) if only is None else list(only)
+    unknown = [t for t in wanted if t not in tasks and not (t == GLOBAL and global_factors is not None)]
+    if unknown:
+        raise ValueError(
+            f"unknown task(s) {unknown[:5]} to export; tasks: {list(tasks)[:10]}"
+            f"{'...' if len(tasks) > 10 else ''}{' and global' if global_factors is not None else ''}"
+        )
+    names = {**safe_names(tasks), GLOBAL: GLOBAL}
+    rows, index = rows_of(task_factors), {t: d for d, t in enumerate(tasks)}
     config = peft_config(lora, base_model)
     with atomic_folder(Path(out), "export", overwrite=overwrite) as tmp:
-        adapters = {task: {k: v[d] for k, v in task_factors.items()} for d, task in enumerate(tasks)}
-        folders = dict(names)
-        if global_factors is not None:
-            adapters[GLOBAL] = dict(global_factors)
-            folders[GLOBAL] = GLOBAL
-        for task, factors in adapters.items():
-            folder = tmp / folders[task]
+        folders = {}
+        for task in wanted:
+            factors = dict(global_factors) if task == GLOBAL else {k: v[0] for k, v in rows([index[task]]).items()}
+            folder = tmp / names[task]
             folder.mkdir()
             write_json(folder / "adapter_config.json", config)
             save_file(peft_state_dict(lora, factors), str(folder / "adapter_model.safetensors"))
+            folders[task] = names[task]
         write_json(tmp / "tasks.json", folders)
         (tmp / "README.md").write_text(
             f"# PEFT LoRA adapters exported by bora_pyro\n\nOne folder per task (tasks.json maps task names to "

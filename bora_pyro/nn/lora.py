@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +42,14 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
 _NAME_PREFIXES = ("model.decoder.", "model.", "transformer.", "gpt_neox.")
 
 Factors = Mapping[str, torch.Tensor]  # site-style names "<layer>.A" / "<layer>.B" -> stacked tensors
+TaskRows = Callable[[Sequence[int]], Factors]  # task ids -> their factors, stacked [P, ...] in that order
+
+
+def rows_of(factors: Factors | TaskRows) -> TaskRows:
+    """A row source: ``factors`` itself if it is a function of task ids, else rows of the stacked tensors."""
+    if callable(factors):
+        return factors
+    return lambda ids: {k: v[torch.as_tensor(list(ids), dtype=torch.long, device=v.device)] for k, v in factors.items()}
 
 
 def _is_conv1d(module: nn.Module) -> bool:

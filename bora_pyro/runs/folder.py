@@ -121,9 +121,10 @@ def write_fitted(
         save_adapters(
             tmp / ADAPTERS_FILE,
             corpus.tasks,
-            bora.export_factors(),
+            bora.iter_task_factors(export=True),  # in chunks of tasks: never every adapter at once
             bora.global_factors(),
             {"rank": bora.lora.rank, "alpha": bora.lora.alpha, "targets": list(bora.lora.targets), "tau": bora.tau},
+            shapes=bora.lora.shapes(),
         )
         save_file(bora.state_dict(), str(tmp / FIT_STATE_FILE))
         train_log(result).to_csv(tmp / TRAIN_LOG_FILE, index=False)

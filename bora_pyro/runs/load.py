@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -10,7 +12,7 @@ import torch
 from ..data.corpus import Corpus
 from ..evaluation.generation import generate
 from ..evaluation.perplexity import PerplexityReport, evaluate
-from ..io.artifacts import ADAPTERS_FILE, load_adapters, read_json
+from ..io.artifacts import ADAPTERS_FILE, AdapterFile, read_json
 from ..io.folders import recover
 from ..models.bora import BoRA
 from ..models.gates import GateConfig
@@ -20,34 +22,37 @@ from .spec import RunSpec
 
 @dataclass
 class LoadedRun:
-    """A run folder brought back to life: the spec, corpus, model, and the saved task factors."""
+    """A run folder brought back to life: the spec, corpus, model, and the saved adapters (read task by
+    task as needed: :meth:`rows`)."""
 
     path: Path
     spec: RunSpec
     corpus: Corpus
     bora: BoRA
     tokenizer: object
-    task_factors: dict[str, torch.Tensor]  # name -> [D, ...]
+    adapters: AdapterFile
     global_factors: dict[str, torch.Tensor] | None  # Theta (None for independent runs)
     status: str = COMPLETE
     base_model: dict | None = None  # the identity recorded at training (name, hub id, weights hash)
 
+    def rows(self, tasks: Sequence[int]) -> dict[str, torch.Tensor]:
+        """The saved factors of the tasks ``tasks`` (ids), on the model's device. Shapes: name -> [P, ...]."""
+        return {k: v.to(self.bora.device) for k, v in self.adapters.rows(tasks).items()}
+
+    @cached_property
+    def task_factors(self) -> dict[str, torch.Tensor]:
+        """Every task's saved factors at once, name -> [D, ...] (prefer :meth:`rows` for many tasks)."""
+        return self.rows(range(len(self.bora.tasks)))
+
     def generate(self, prompts: list[str], tasks: list[str], **options) -> list[str]:
         """Continue each prompt under its task's adapter ("global" = Theta); see :func:`generation.generate`."""
         return generate(
-            self.bora.lora,
-            self.tokenizer,
-            self.bora.tasks,
-            self.task_factors,
-            self.global_factors,
-            prompts,
-            tasks,
-            **options,
+            self.bora.lora, self.tokenizer, self.bora.tasks, self.rows, self.global_factors, prompts, tasks, **options
         )
 
     def evaluate(self, split: str = "test", batch_size: int | None = None) -> PerplexityReport:
         size = batch_size or self.spec.train.eval_batch_size
-        return evaluate(self.bora, self.corpus.split(split), size, factors=self.task_factors)
+        return evaluate(self.bora, self.corpus.split(split), size, factors=self.rows)
 
 
 def load_run(path: str | Path, device: str | None = None, trust_remote_code: bool = False) -> LoadedRun:
@@ -63,16 +68,18 @@ def load_run(path: str | Path, device: str | None = None, trust_remote_code: boo
     lm, tokenizer, identity, corpus = load_inputs(spec)
     config = read_json(path / CONFIG_FILE)
     check_base_model(path, config, identity)
-    tasks, factors, theta, _ = load_adapters(path / ADAPTERS_FILE)
-    if tuple(tasks) != corpus.tasks:
-        raise ValueError(f"{path}: adapter tasks {tasks} do not match the rebuilt corpus tasks {list(corpus.tasks)}")
+    adapters = AdapterFile(path / ADAPTERS_FILE)
+    if tuple(adapters.tasks) != corpus.tasks:
+        raise ValueError(
+            f"{path}: adapter tasks {adapters.tasks[:5]}... do not match the rebuilt corpus tasks "
+            f"{list(corpus.tasks)[:5]}..."
+        )
     bora = replace(spec, gates=GateConfig()).build_model(lm, corpus.tasks)  # gates are folded in the saved adapters
-    expected = bora.lora.shapes()
-    for name, shape in expected.items():
-        if name not in factors or tuple(factors[name].shape[1:]) != shape:
+    for name, shape in bora.lora.shapes().items():
+        if adapters.shapes.get(name) != shape:
             raise ValueError(
                 f"{path}: adapter tensor {name!r} is missing or has the wrong shape (expected [D, *{shape}])"
             )
-    factors = {k: v.to(bora.device) for k, v in factors.items()}
+    theta = adapters.global_factors()
     theta = None if theta is None else {k: v.to(bora.device) for k, v in theta.items()}
-    return LoadedRun(path, spec, corpus, bora, tokenizer, factors, theta, status, config.get("base_model"))
+    return LoadedRun(path, spec, corpus, bora, tokenizer, adapters, theta, status, config.get("base_model"))

@@ -50,3 +50,109 @@ def test_a_fit_with_a_disk_store_equals_the_fit_in_memory(make_corpus, tmp_path,
             assert len(list((tmp_path / "store").glob("*.safetensors"))) == 4 * 2 * 3  # 4 layers' A, B; moments
     for name, value in fitted["memory"].items():
         torch.testing.assert_close(fitted["disk"][name], value, atol=1e-6, rtol=0)
+
+
+def test_a_run_with_a_disk_store_writes_the_same_run_folder(tmp_path, monkeypatch, capsys):
+    import json
+
+    from safetensors.torch import load_file
+
+    from bora_pyro.cli import main
+    from bora_pyro.runs import train as run_training
+
+    from .conftest import synthetic_rows
+
+    data = tmp_path / "corpus.csv"
+    synthetic_rows({"north": 12, "south": 8, "east": 5}).to_csv(data, index=False)
+    args = [
+        "train",
+        "--model",
+        "tiny-random-llama",
+        "--data",
+        f"csv:{data}",
+        "--steps",
+        "6",
+        "--eval-every",
+        "3",
+        "--lr",
+        "0.01",
+        "--no-progress",
+    ]
+    assert main([*args, "--task-store", "memory", "--out", str(tmp_path / "memory")]) == 0
+    assert main([*args, "--task-store", "disk", "--out", str(tmp_path / "disk")]) == 0
+    for name, value in load_file(tmp_path / "memory" / "adapters.safetensors").items():
+        torch.testing.assert_close(
+            load_file(tmp_path / "disk" / "adapters.safetensors")[name], value, atol=1e-6, rtol=0
+        )
+    assert not (tmp_path / "disk.store").exists() and not (tmp_path / "disk" / "task_store").exists()
+    # a failure while scoring: the fitted task rows stay in the run folder, and evaluate completes it
+    with monkeypatch.context() as patch:
+        patch.setattr(run_training, "score_run", lambda *a, **k: (_ for _ in ()).throw(ValueError("simulated")))
+        assert main([*args, "--task-store", "disk", "--out", str(tmp_path / "failed")]) == 2
+    assert len(list((tmp_path / "failed" / "task_store").glob("*.safetensors"))) == 24
+    assert main(["evaluate", str(tmp_path / "failed")]) == 0
+    expected = json.loads((tmp_path / "memory" / "metrics.json").read_text())["test_ppl"]
+    assert json.loads((tmp_path / "failed" / "metrics.json").read_text())["test_ppl"] == pytest.approx(
+        expected, rel=1e-6
+    )
+    assert not (tmp_path / "failed" / "task_store").exists()
+
+
+@pytest.mark.parametrize(
+    "crash_at",
+    [
+        "store.rows-journaled:5",  # the rows' old values logged, the rows not yet written
+        "store.rows-written:7",  # a step half written back (the guide's rows, not yet their moments)
+        "checkpoint.slot-written:2",  # the tables flushed for a checkpoint that is not in place yet
+        "checkpoint.slot-renamed:2",  # a checkpoint in place, its undo log not yet started
+    ],
+)
+def test_a_kill_during_a_row_write_back_resumes_to_the_same_result(tmp_path, crash_at):
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from bora_pyro.cli import main
+    from bora_pyro.io.faults import CRASH_ENV
+
+    from .conftest import synthetic_rows
+
+    data = tmp_path / "corpus.csv"
+    synthetic_rows({"north": 12, "south": 8, "east": 5, "west": 4}).to_csv(data, index=False)
+    args = [
+        "train",
+        "--model",
+        "tiny-random-llama",
+        "--data",
+        f"csv:{data}",
+        "--steps",
+        "16",
+        "--eval-every",
+        "4",
+        "--batch-size",
+        "3",
+        "--lr",
+        "0.01",
+        "--checkpoint-every",
+        "3",
+        "--posterior-samples",
+        "0",
+        "--no-progress",
+    ]
+    assert main([*args, "--task-store", "memory", "--out", str(tmp_path / "straight")]) == 0
+    env = {**os.environ, CRASH_ENV: crash_at}
+    killed = subprocess.run(
+        [sys.executable, "-m", "bora_pyro.cli", *args, "--task-store", "disk", "--out", str(tmp_path / "disk")],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert killed.returncode == -9, killed.stderr
+    assert main(["train", "--resume", str(tmp_path / "disk")]) == 0
+    for name, value in load_file(tmp_path / "straight" / "adapters.safetensors").items():
+        torch.testing.assert_close(
+            load_file(tmp_path / "disk" / "adapters.safetensors")[name], value, atol=1e-6, rtol=0
+        )
+    assert (tmp_path / "disk" / "train_log.csv").read_text() == (tmp_path / "straight" / "train_log.csv").read_text()

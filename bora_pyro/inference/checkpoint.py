@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from ..io.faults import crash_point
 from ..io.folders import fsync_path
+from ..io.task_store import TaskStore
 
 CHECKPOINT_FORMAT = "bora_pyro.checkpoint/2"
 
@@ -94,12 +95,21 @@ def save_checkpoint(
     state: LoopState,
     best: dict[str, torch.Tensor],
     fingerprint: dict,
+    store: TaskStore | None = None,
 ) -> None:
-    """Write the active param store, ``optimizer`` and ``state`` to a new slot of ``folder``, then drop older slots."""
+    """Write the active param store, ``optimizer`` and ``state`` to a new slot of ``folder``, then drop older slots.
+
+    A disk task ``store``'s tables are not copied: they are flushed, the slot records the store's next
+    generation (and the rows the best validated state differs in), and the store then journals the
+    writes after this checkpoint (see ``io/task_store.py``)."""
+    store = store or TaskStore()
     folder.mkdir(parents=True, exist_ok=True)
     _remove_temporaries(folder)
-    tensors = {f"param/{n}": p.detach().cpu().contiguous() for n, p in pyro.get_param_store().named_parameters()}
+    params = pyro.get_param_store().named_parameters()
+    tensors = {f"param/{n}": p.detach().cpu().contiguous() for n, p in params if not store.holds(p)}
     tensors.update({f"best/{n}": v.cpu().contiguous() for n, v in best.items()})
+    best_rows = list(store.best.rows)
+    tensors.update({f"bestrow/{i}": store.best.rows[key] for i, key in enumerate(best_rows)})
     rng_json, rng_torch = _rng_state()
     tensors["rng/torch"] = rng_torch
     optim_json = None
@@ -107,11 +117,13 @@ def save_checkpoint(
         sd = optimizer.state_dict()
         for idx, slots in sd["state"].items():
             for key, value in slots.items():
-                tensors[f"optim/{idx}/{key}"] = torch.as_tensor(value).cpu().contiguous()
+                if not store.holds(value):  # a disk store's moments are its own files
+                    tensors[f"optim/{idx}/{key}"] = torch.as_tensor(value).cpu().contiguous()
         optim_json = {
             "param_groups": sd["param_groups"],
             "state_keys": {str(i): list(s) for i, s in sd["state"].items()},
         }
+    store.flush()  # the tables as of this checkpoint, on disk
     slot_name = f"step-{state.step:08d}-{os.urandom(4).hex()}"
     tmp = folder / f".tmp-{slot_name}"
     tmp.mkdir()
@@ -124,6 +136,8 @@ def save_checkpoint(
         "loop": state.__dict__,
         "rng": rng_json,
         "optimizer": optim_json,
+        "store_generation": store.generation + 1,
+        "best_rows": best_rows,
     }
     (tmp / "state.json").write_text(json.dumps(meta))
     for path in (tmp / "state.safetensors", tmp / "state.json", tmp):
@@ -132,6 +146,8 @@ def save_checkpoint(
     os.rename(tmp, folder / slot_name)
     fsync_path(folder)
     crash_point("checkpoint.slot-renamed")
+    if store.disk:
+        store.begin(store.generation + 1)
     for _, old in _slots(folder)[1:]:
         shutil.rmtree(old)
 
@@ -148,9 +164,13 @@ def fingerprint_differences(saved: dict, current: dict, prefix: str = "") -> lis
     return out
 
 
-def load_checkpoint(folder: Path, optimizer: torch.optim.Optimizer | None, fingerprint: dict) -> tuple[LoopState, dict]:
+def load_checkpoint(
+    folder: Path, optimizer: torch.optim.Optimizer | None, fingerprint: dict, store: TaskStore | None = None
+) -> tuple[LoopState, dict]:
     """Restore the active param store (in place), ``optimizer`` and RNG states from the newest complete
-    slot of ``folder``; returns (state, best)."""
+    slot of ``folder``; returns (state, best). A disk task ``store`` (opened on its files) is rolled back
+    to the slot's generation."""
+    store = store or TaskStore()
     folder = Path(folder)
     _remove_temporaries(folder)
     slots = _slots(folder) if folder.is_dir() else []
@@ -178,14 +198,22 @@ def load_checkpoint(folder: Path, optimizer: torch.optim.Optimizer | None, finge
             "resume with the same settings, data and base model"
         )
     tensors = load_file(str(slot / "state.safetensors"))
+    if store.disk:
+        store.rollback(meta["store_generation"])
+        store.begin(meta["store_generation"])
+        store.best.rows = {(name, row): tensors[f"bestrow/{i}"] for i, (name, row) in enumerate(meta["best_rows"])}
     with torch.no_grad():
         for name, param in pyro.get_param_store().named_parameters():
-            param.copy_(tensors[f"param/{name}"])
+            if not store.holds(param):
+                param.copy_(tensors[f"param/{name}"])
     best = {k[len("best/") :]: v for k, v in tensors.items() if k.startswith("best/")}
     if optimizer is not None and meta["optimizer"] is not None:
-        state = {
-            int(i): {k: tensors[f"optim/{i}/{k}"] for k in keys} for i, keys in meta["optimizer"]["state_keys"].items()
-        }
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        state = {}
+        for i, keys in meta["optimizer"]["state_keys"].items():
+            saved = {k: tensors[f"optim/{i}/{k}"] for k in keys if f"optim/{i}/{k}" in tensors}
+            held = optimizer.task_state(params[int(i)]) if len(saved) < len(keys) else {}  # a disk store's moments
+            state[int(i)] = {k: saved.get(k, held.get(k)) for k in keys}
         optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
     _set_rng_state(meta["rng"], tensors["rng/torch"])
     return LoopState(**meta["loop"]), best

@@ -95,16 +95,22 @@ class FitResult:
         return self.train_tokens / self.train_seconds if self.train_seconds > 0 else float("nan")
 
 
-def _snapshot() -> dict[str, torch.Tensor]:
-    """Copies of the active param store's (unconstrained) parameters."""
-    return {name: p.detach().clone() for name, p in pyro.get_param_store().named_parameters()}
+def _snapshot(store: TaskStore) -> dict[str, torch.Tensor]:
+    """Copies of the active param store's (unconstrained) parameters; a disk task store's tables are not
+    copied: from now on it records the rows before they change (``store.best``)."""
+    store.best.rows.clear()
+    params = pyro.get_param_store().named_parameters()
+    return {name: p.detach().clone() for name, p in params if not store.holds(p)}
 
 
 @torch.no_grad()
-def _restore(snapshot: dict[str, torch.Tensor]) -> None:
-    """Copy a :func:`_snapshot` back into the active param store's parameters (in place: the optimizer keeps them)."""
+def _restore(snapshot: dict[str, torch.Tensor], store: TaskStore) -> None:
+    """Copy a :func:`_snapshot` back into the active param store's parameters (in place: the optimizer keeps
+    them); a disk task store writes back the rows it recorded since the snapshot."""
     for name, p in pyro.get_param_store().named_parameters():
-        p.copy_(snapshot[name])
+        if not store.holds(p):
+            p.copy_(snapshot[name])
+    store.best.restore(store.guide_tables())
 
 
 Loss = Callable[[BoRA, Batch], torch.Tensor]
@@ -347,9 +353,13 @@ def fit(
     )
 
     with bora.param_scope():
-        state, best_state = LoopState(), _snapshot()
+        state, best_state = LoopState(), _snapshot(bora.task_store)
+        if bora.task_store.disk and checkpoint is not None and saved_step is None:
+            if resume:  # killed before its first checkpoint: the tables go back to their start
+                bora.task_store.rollback(0)
+            bora.task_store.begin(0)
         if saved_step is not None:
-            state, best_state = load_checkpoint(checkpoint, train_step.optimizer, fingerprint)
+            state, best_state = load_checkpoint(checkpoint, train_step.optimizer, fingerprint, bora.task_store)
             log.warning("resuming from %s at step %d", checkpoint, state.step)
         result = FitResult(config=config, lr=train_step.lr, state=state)
         batches = corpus.train.train_batch_indices(config.batch_size, seed=config.seed, start_step=state.step)
@@ -364,7 +374,7 @@ def fit(
 
         def save() -> None:
             if checkpoint is not None and world.is_main:
-                save_checkpoint(checkpoint, train_step.optimizer, state, best_state, fingerprint)
+                save_checkpoint(checkpoint, train_step.optimizer, state, best_state, fingerprint, bora.task_store)
 
         with StopRequests() as stop:
             for step in bar:
@@ -408,7 +418,7 @@ def fit(
                     if report.loglik_per_token > state.best_ll:
                         state.best_ll, best_state, state.best_step, state.bad_evals = (
                             report.loglik_per_token,
-                            _snapshot(),
+                            _snapshot(bora.task_store),
                             step,
                             0,
                         )
@@ -432,5 +442,5 @@ def fit(
                     log.info("early stop at step %d: no better validation for %d evaluations", step, state.bad_evals)
                     break
         bar.close()
-        _restore(best_state)
+        _restore(best_state, bora.task_store)
     return result

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 
 import torch
 
+from ..io.faults import crash_point
 from ..io.task_store import TaskStore
 
 
@@ -116,6 +117,11 @@ class TaskSparseAdamW(torch.optim.Optimizer):
                 p.grad.index_copy_(0, r, p.grad.index_select(0, r) * coef)
         return total
 
+    def task_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Fresh state of the task parameter ``p``: with a disk store, its moments are the store's tables
+        (reopened on their files when resuming)."""
+        return self._new_state(p, True)
+
     def _new_state(self, p: torch.Tensor, task: bool) -> dict[str, torch.Tensor]:
         """Zero moments and step counts; a task parameter's moments are tables of the task store, if any."""
         if task and self._store is not None:
@@ -132,7 +138,12 @@ class TaskSparseAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, rows: torch.Tensor | None = None) -> None:  # type: ignore[override]
-        """Update every parameter with a gradient; task parameters only on ``rows`` ([P] task ids; None: all)."""
+        """Update every parameter with a gradient; task parameters only on ``rows`` ([P] task ids; None: all).
+        A disk task store records those rows before they change (see ``io/task_store.py``)."""
+        if self._store is not None and self._store.disk:
+            if rows is None:
+                raise ValueError("a disk task store needs the rows a step changes (task subsampling)")
+            self._store.before_write(rows)
         for group in self.param_groups:
             options = {k: group[k] for k in ("lr", "betas", "eps", "weight_decay")}
             for p in group["params"]:
@@ -154,3 +165,4 @@ class TaskSparseAdamW(torch.optim.Optimizer):
                 _adamw_(x, grad_rows(p.grad, r), m, v, t, **options)
                 for target, rows_value in ((p, x), (state["exp_avg"], m), (state["exp_avg_sq"], v)):
                     target.index_copy_(0, r, rows_value)
+                    crash_point("store.rows-written")

@@ -27,7 +27,7 @@ from filelock import FileLock, Timeout
 from .faults import crash_point
 
 MARKER = ".bora_pyro.json"
-KINDS = ("run", "sweep", "export", "merged", "checkpoint")
+KINDS = ("run", "sweep", "export", "merged", "checkpoint", "store")
 
 
 def cache_dir() -> Path:

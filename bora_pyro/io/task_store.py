@@ -10,6 +10,12 @@ the steps touch, not with the number of tasks.
 A table file is a safetensors file holding one tensor, ``rows``, so safetensors readers (e.g.
 ``safe_open(...).get_slice("rows")[i]``) read single rows without loading the rest. It starts as a
 sparse file of zeros: a row takes disk space once it is written.
+
+A disk store's tables are changed in place, so it keeps two records of the rows a step is about to
+overwrite (their values before the first write since a point; :meth:`TaskStore.before_write`): in
+memory since the best validated state (to restore it without a copy of every row), and in an undo log
+on disk since the last checkpoint (``undo-<generation>.log``, written and flushed before the rows
+change): a resumed run rolls the tables back to its checkpoint, whatever moment a kill hit.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .folders import fsync_path
+from .faults import crash_point
+from .folders import fsync_path, mark
 
 STORES = ("memory", "disk", "auto")
 TABLE_SUFFIX = ".safetensors"
@@ -35,21 +42,31 @@ def table_bytes(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> i
     return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
 
 
-def _header(shape: tuple[int, ...], nbytes: int) -> bytes:
-    """A safetensors header for one float32 tensor ``rows``, padded to a multiple of 8 bytes."""
-    header = json.dumps({"rows": {"dtype": "F32", "shape": list(shape), "data_offsets": [0, nbytes]}}).encode()
+def _header(name: str, shape: tuple[int, ...], nbytes: int) -> bytes:
+    """A safetensors header for one float32 tensor ``rows`` (the table's name in the metadata), padded to a
+    multiple of 8 bytes."""
+    header = json.dumps(
+        {"__metadata__": {"table": name}, "rows": {"dtype": "F32", "shape": list(shape), "data_offsets": [0, nbytes]}}
+    ).encode()
     return header + b" " * (-len(header) % 8)
 
 
-def open_table(path: Path, shape: tuple[int, ...] | None = None) -> torch.Tensor:
-    """Memory-map the table file ``path`` (created as zeros of ``shape`` if it does not exist). Writes to
-    the returned tensor go to the file."""
+def table_name(path: Path) -> str:
+    """The name of the table stored in the file ``path``."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(length))["__metadata__"]["table"]
+
+
+def open_table(path: Path, shape: tuple[int, ...] | None = None, name: str = "") -> torch.Tensor:
+    """Memory-map the table file ``path`` (created as zeros of ``shape``, for table ``name``, if it does not
+    exist). Writes to the returned tensor go to the file."""
     path = Path(path)
     if not path.exists():
         if shape is None:
             raise FileNotFoundError(f"task table {path} not found")
         nbytes = table_bytes(shape)
-        header = _header(shape, nbytes)
+        header = _header(name, shape, nbytes)
         with open(path, "wb") as f:
             f.write(struct.pack("<Q", len(header)) + header)
             f.truncate(8 + len(header) + nbytes)  # a sparse file: no disk used until rows are written
@@ -64,6 +81,82 @@ def open_table(path: Path, shape: tuple[int, ...] | None = None) -> torch.Tensor
     return torch.from_numpy(array)
 
 
+class RowJournal:
+    """The values of some tables' rows before their first write since the journal was cleared, in memory."""
+
+    def __init__(self) -> None:
+        self.rows: dict[tuple[str, int], torch.Tensor] = {}
+
+    def record(self, tables: dict[str, torch.Tensor], rows: list[int]) -> None:
+        for name, table in tables.items():
+            for row in rows:
+                if (name, row) not in self.rows:
+                    self.rows[name, row] = table[row].clone()
+
+    @torch.no_grad()
+    def restore(self, tables: dict[str, torch.Tensor]) -> None:
+        """Write the recorded values back (the tables as they were when the journal was cleared)."""
+        for (name, row), value in self.rows.items():
+            tables[name][row] = value
+        self.rows.clear()
+
+
+CREATED = 2**64 - 1  # the row number of an undo-log entry that records a table's creation
+
+
+class UndoLog:
+    """A :class:`RowJournal` on disk, appended to and flushed before the rows change (write-ahead): entries
+    of (table name, row, the row's float32 values), or (table name, :data:`CREATED`) for a table created
+    since the checkpoint (undone by deleting it); a torn last entry (a kill while appending, before the
+    change) is ignored."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.logged = path, set()
+        self._file = open(path, "ab")
+
+    def record(self, tables: dict[str, torch.Tensor], rows: list[int]) -> None:
+        new = [(name, row) for name in tables for row in rows if (name, row) not in self.logged]
+        for name, row in new:
+            data = tables[name][row].contiguous().numpy().tobytes()
+            key = name.encode()
+            self._file.write(struct.pack("<IQQ", len(key), row, len(data)) + key + data)
+            self.logged.add((name, row))
+        if new:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            crash_point("store.rows-journaled")
+
+    def record_created(self, name: str) -> None:
+        key = name.encode()
+        self._file.write(struct.pack("<IQQ", len(key), CREATED, 0) + key)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+    @staticmethod
+    @torch.no_grad()
+    def replay(path: Path, tables: dict[str, torch.Tensor]) -> tuple[int, list[str]]:
+        """Write the logged values back into ``tables``, last entries first; returns the rows restored and
+        the tables created since the checkpoint (for the caller to delete)."""
+        data, entries, offset = Path(path).read_bytes(), [], 0
+        while offset + 20 <= len(data):
+            key_len, row, size = struct.unpack_from("<IQQ", data, offset)
+            end = offset + 20 + key_len + size
+            if end > len(data):
+                break  # torn by a kill while appending: its row was not changed yet
+            name = data[offset + 20 : offset + 20 + key_len].decode()
+            entries.append((name, row, data[offset + 20 + key_len : end]))
+            offset = end
+        created = [name for name, row, _ in entries if row == CREATED]
+        for name, row, values in reversed(entries):
+            if row != CREATED and name not in created:
+                table = tables[name]
+                table[row] = torch.frombuffer(bytearray(values), dtype=torch.float32).view(table.shape[1:])
+        return len(entries) - len(created), created
+
+
 class TaskStore:
     """Allocates per-task tables ``[D, ...]``: in memory (``"memory"``) or as memory-mapped files in
     ``folder`` (``"disk"``). Tables are created filled with zeros or with a given row.
@@ -71,16 +164,21 @@ class TaskStore:
     Args:
         kind: "memory" or "disk" (see :meth:`choose` for "auto").
         folder: where a disk store keeps its files (one per table, named after it).
+        reopen: a disk store's tables are the files already in ``folder``, with their values (a fitted run
+            folder's ``task_store/``); otherwise a table starts anew.
     """
 
-    def __init__(self, kind: str = "memory", folder: str | Path | None = None) -> None:
+    def __init__(self, kind: str = "memory", folder: str | Path | None = None, reopen: bool = False) -> None:
         if kind not in ("memory", "disk"):
             raise ValueError(f"task store must be 'memory' or 'disk', got {kind!r}")
         if kind == "disk" and folder is None:
             raise ValueError("a disk task store needs a folder for its files")
-        self.kind = kind
+        self.kind, self.reopen = kind, reopen
         self.folder = None if folder is None else Path(folder)
         self.tables: dict[str, torch.Tensor] = {}
+        self.best = RowJournal()  # the guide's rows as they were at the best validated state
+        self.generation = 0  # of the undo log: checkpoints made
+        self.undo: UndoLog | None = None
 
     @staticmethod
     def choose(kind: str, needed_bytes: int) -> str:
@@ -100,18 +198,81 @@ class TaskStore:
         """A new table ``name`` of ``shape`` [D, ...], zeros or every row equal to ``fill`` [...] (it replaces a
         table of that name: a new guide or optimizer starts its own)."""
         if self.disk:
-            self.folder.mkdir(parents=True, exist_ok=True)
+            if not self.folder.is_dir():
+                self.folder.mkdir(parents=True)
+                mark(self.folder, "store")
             path = self.path(name)
+            if self.reopen and path.exists():
+                self.tables[name] = open_table(path, tuple(shape))
+                return self.tables[name]
             if path.exists():
                 path.unlink()  # a leftover of an earlier, unfinished run of this store
-            table = open_table(path, tuple(shape))
+            if self.undo is not None:
+                self.undo.record_created(name)
+            table = open_table(path, tuple(shape), name)
         else:
             table = torch.zeros(shape)
         if fill is not None and bool((fill != 0).any()):
-            for start in range(0, shape[0], 256):  # in chunks: no [D, ...] temporary
-                table[start : start + 256] = fill.to(table)
+            with torch.no_grad():
+                for start in range(0, shape[0], 256):  # in chunks: no [D, ...] temporary
+                    table[start : start + 256] = fill.to(table)
         self.tables[name] = table
         return table
+
+    def guide_tables(self) -> dict[str, torch.Tensor]:
+        return {n: t for n, t in self.tables.items() if n.startswith("guide.")}
+
+    def before_write(self, rows: torch.Tensor) -> None:
+        """Record the rows ``rows`` of every table before a step overwrites them (see the module docstring)."""
+        if not self.disk:
+            return
+        ids = [int(r) for r in rows]
+        self.best.record(self.guide_tables(), ids)
+        if self.undo is not None:
+            self.undo.record(self.tables, ids)
+
+    def _undo_path(self, generation: int) -> Path:
+        return self.folder / f"undo-{generation}.log"
+
+    def begin(self, generation: int) -> None:
+        """Start journaling the writes after checkpoint ``generation`` (the tables hold its state)."""
+        self.close()
+        self.generation = generation
+        for old in self.folder.glob("undo-*.log"):
+            if old != self._undo_path(generation):
+                old.unlink()
+        self._undo_path(generation).unlink(missing_ok=True)
+        self.undo = UndoLog(self._undo_path(generation))
+
+    def rollback(self, generation: int) -> int:
+        """Undo the writes made after checkpoint ``generation`` (from its undo log); returns the rows restored."""
+        path = self._undo_path(generation)
+        for file in self.folder.glob(f"*{TABLE_SUFFIX}"):  # tables not opened yet (e.g. moments) roll back too
+            name = table_name(file)
+            if name not in self.tables:
+                self.tables[name] = open_table(file)
+        restored, created = UndoLog.replay(path, self.tables) if path.is_file() else (0, [])
+        for name in created:  # it did not exist at the checkpoint
+            del self.tables[name]
+            self.path(name).unlink(missing_ok=True)
+        self.flush()
+        return restored
+
+    def close(self) -> None:
+        """Stop journaling (the run is over: its tables are only read from now on)."""
+        if self.undo is not None:
+            self.undo.close()
+            self.undo = None
+
+    def holds(self, tensor: torch.Tensor) -> bool:
+        """True if ``tensor`` is (a view of the whole of) one of this disk store's tables."""
+        return self.disk and any(tensor.data_ptr() == t.data_ptr() for t in self.tables.values())
+
+    def link_into(self, folder: Path) -> None:
+        """Hard-link every table file into ``folder`` (no copy; the tables stay mapped)."""
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in self.tables:
+            os.link(self.path(name), folder / self.path(name).name)
 
     def flush(self) -> None:
         """Write every disk table's changed rows to its file and flush the files to disk."""

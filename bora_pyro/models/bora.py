@@ -115,6 +115,13 @@ class BoRA:
         if init is not None:
             self.start_from(init)
 
+    def use_task_store(self, store: TaskStore) -> None:
+        """Keep the task tables in ``store`` from now on (a fresh guide; forgets anything fitted so far)."""
+        self.task_store = store
+        with self.param_scope():
+            pyro.get_param_store().clear()
+        self.guide = self._make_guide(self.inference)
+
     def start_from(self, init: Mapping[str, torch.Tensor]) -> None:
         """Make ``init`` (name -> [*shape], every factor) the start of Theta and of every task, e.g. a
         fitted Theta or an imported PEFT adapter. Forgets anything fitted so far."""
@@ -127,9 +134,11 @@ class BoRA:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The fitted parameters (Theta, the guide's, the gates'), unconstrained, by Pyro parameter name;
-        copies on the CPU (what a run folder saves to complete or continue it later)."""
+        copies on the CPU (what a run folder saves to complete or continue it later). The tables of a disk
+        task store are left out: their files are the saved state."""
         with self.param_scope():
-            return {name: p.detach().cpu().clone() for name, p in pyro.get_param_store().named_parameters()}
+            params = pyro.get_param_store().named_parameters()
+            return {name: p.detach().cpu().clone() for name, p in params if not self.task_store.holds(p)}
 
     @torch.no_grad()
     def load_state_dict(self, state: Mapping[str, torch.Tensor], example_batch: Batch) -> None:
@@ -140,7 +149,7 @@ class BoRA:
             with torch.enable_grad():
                 guide_trace = poutine.trace(self.guide).get_trace(example_batch)
                 poutine.replay(self.model, trace=guide_trace)(example_batch)
-            params = dict(pyro.get_param_store().named_parameters())
+            params = {n: p for n, p in pyro.get_param_store().named_parameters() if not self.task_store.holds(p)}
             if set(params) != set(state):
                 missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
                 raise ValueError(

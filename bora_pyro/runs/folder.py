@@ -10,7 +10,8 @@ full disk, an interrupted process):
    stopped early, holding the best validated state so far);
 2. scoring then adds ``per_task.csv``, ``posterior.nc``, ``training_curve.png``, the gate report and
    the full ``metrics.json``, each file replaced atomically, and finally sets the status ``complete``
-   and removes ``fit_state.safetensors``. ``bora-pyro evaluate RUN`` finishes a ``trained`` run.
+   and removes ``fit_state.safetensors`` (and ``task_store/``: a disk task store's table files, the fitted
+   task rows, linked in at stage 1). ``bora-pyro evaluate RUN`` finishes a ``trained`` run.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import platform
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,7 @@ from ..io.folders import atomic_folder, atomic_write
 from ..models.bora import BoRA
 
 CONFIG_FILE, METRICS_FILE, STATUS_FILE = "config.json", "metrics.json", "status.json"
+TASK_STORE_FOLDER = "task_store"  # a disk task store's table files (the fitted task rows), until complete
 FIT_STATE_FILE, TRAIN_LOG_FILE, PER_TASK_FILE = "fit_state.safetensors", "train_log.csv", "per_task.csv"
 POSTERIOR_FILE, CURVE_FILE, GATES_FILE, GATES_FIGURE = "posterior.nc", "training_curve.png", "gates.csv", "gates.png"
 TRAINED, COMPLETE, INTERRUPTED, DIVERGED = "trained", "complete", "interrupted", "diverged"
@@ -127,6 +130,9 @@ def write_fitted(
             shapes=bora.lora.shapes(),
         )
         save_file(bora.state_dict(), str(tmp / FIT_STATE_FILE))
+        if bora.task_store.disk:  # its files are the fitted task rows: linked in, not copied
+            bora.task_store.flush()
+            bora.task_store.link_into(tmp / TASK_STORE_FOLDER)
         train_log(result).to_csv(tmp / TRAIN_LOG_FILE, index=False)
         write_json(tmp / METRICS_FILE, metrics)
         write_json(
@@ -174,6 +180,7 @@ def write_scores(out: Path, scores: Scores, title: str, wall_seconds: float) -> 
     write_json(out / STATUS_FILE, {**status, "status": COMPLETE, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     with contextlib.suppress(FileNotFoundError):
         (out / FIT_STATE_FILE).unlink()
+    shutil.rmtree(out / TASK_STORE_FOLDER, ignore_errors=True)
     for leftover in out.glob(".*.tmp-*"):  # temporaries of a write a crash interrupted
         leftover.unlink(missing_ok=True)
     return metrics

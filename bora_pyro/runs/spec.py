@@ -20,6 +20,7 @@ from ..data.corpus import CorpusConfig
 from ..inference.config import TrainConfig
 from ..io.artifacts import RUN_FORMAT, json_roundtrip, read_json
 from ..io.base_models import load_base_model, resolve_device
+from ..io.task_store import STORES, TaskStore, table_bytes
 from ..models.bora import BoRA
 from ..models.gates import GateConfig
 from ..models.guides import INFERENCE
@@ -55,6 +56,13 @@ class AdapterConfig:
         None,
         "start Theta and every task from this PEFT LoRA adapter folder (same rank and target modules)",
         metavar="DIR",
+    )
+    task_store: str = option(
+        "auto",
+        "where the MAP guide's per-task rows and their AdamW moments live: memory; disk (memory-mapped files in "
+        "RUN.store/, then RUN/task_store/: memory grows with the rows a step touches, not with the number of "
+        "tasks); auto (disk when they need more than 8 GB)",
+        choices=STORES,
     )
     task_subsampling: bool = option(
         True,
@@ -116,10 +124,27 @@ class RunSpec:
         """The base LM and tokenizer of this run, on its device."""
         return load_base_model(self.model, device=resolve_device(self.device), trust_remote_code=self.trust_remote_code)
 
-    def build_model(self, lm, tasks, init: Mapping | None = None) -> BoRA:
-        """The BoRA model of this run over ``lm`` (every run, adapted or resumed, is built here)."""
+    def task_store(
+        self, num_tasks: int, parameters_per_task: int, folder: Path | None, reopen: bool = False
+    ) -> TaskStore:
+        """The store of the task tables: "auto" picks disk when the guide's rows and their two moments need
+        more than :data:`AUTO_DISK_BYTES`; a disk store keeps its files in ``folder`` (None: in memory) and,
+        with ``reopen``, starts from the files there (a resumed run)."""
+        needed = 3 * table_bytes((num_tasks, parameters_per_task))
+        kind = "memory" if self.adapter.inference != "map" else TaskStore.choose(self.adapter.task_store, needed)
+        if kind == "disk" and folder is None:
+            kind = "memory"  # a model that is not trained here (a loaded run) creates no tables
+        if kind == "disk" and not self.adapter.task_subsampling:
+            raise ValueError("a disk task store needs task subsampling (a step must touch only its batch's tasks)")
+        return TaskStore(kind, folder if kind == "disk" else None, reopen=reopen)
+
+    def build_model(
+        self, lm, tasks, init: Mapping | None = None, store_folder: Path | None = None, reopen_store: bool = False
+    ) -> BoRA:
+        """The BoRA model of this run over ``lm`` (every run, adapted or resumed, is built here), its task
+        tables in a store chosen by :meth:`task_store` (files in ``store_folder`` for a disk store)."""
         a = self.adapter
-        return BoRA(
+        bora = BoRA(
             lm,
             tasks,
             rank=a.rank,
@@ -132,6 +157,10 @@ class RunSpec:
             init=init,
             task_subsampling=a.task_subsampling,
         )
+        store = self.task_store(len(tasks), bora.lora.num_parameters(), store_folder, reopen_store)
+        if store.disk:
+            bora.use_task_store(store)
+        return bora
 
     def to_dict(self) -> dict:
         top = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in SECTIONS}

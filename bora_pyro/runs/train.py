@@ -30,12 +30,14 @@ from ..io.artifacts import ADAPTERS_FILE, json_roundtrip, load_adapters, read_js
 from ..io.faults import crash_point
 from ..io.folders import atomic_folder, check_target, folder_lock, is_ours, recover
 from ..io.peft_import import import_peft
+from ..io.task_store import TaskStore
 from ..models.bora import BoRA
 from .folder import (
     COMPLETE,
     CONFIG_FILE,
     DIVERGED,
     INTERRUPTED,
+    TASK_STORE_FOLDER,
     TRAINED,
     check_base_model,
     fit_state,
@@ -59,6 +61,12 @@ class RunStopped(Exception):
     def __init__(self, status: str, message: str, exit_code: int) -> None:
         super().__init__(message)
         self.status, self.exit_code = status, exit_code
+
+
+def store_folder(run: str | Path) -> Path:
+    """Where a run's disk task store keeps its table files while it trains: ``<RUN>.store`` next to it."""
+    run = Path(run)
+    return run.parent / f"{run.name}.store"
 
 
 def checkpoint_folder(run: str | Path) -> Path:
@@ -155,7 +163,9 @@ def train_run(
                 check_target(out, overwrite, "run folder")
                 _refuse_earlier_checkpoint(out, overwrite)
         lm, _, identity, corpus = load_inputs(spec)
-        bora = spec.build_model(lm, corpus.tasks)
+        if world.is_main and not resume:
+            _remove_ours(store_folder(out))  # table files of an earlier, unfinished run
+        bora = spec.build_model(lm, corpus.tasks, store_folder=store_folder(out), reopen_store=resume)
         if spec.adapter.init_peft is not None:
             bora.start_from(import_peft(bora.lora, spec.adapter.init_peft))
         fingerprint = _fingerprint(spec, corpus, identity)
@@ -255,6 +265,10 @@ def _finish(
     }
     if world.is_main:
         write_fitted(out, config, bora, corpus, result, metrics, status, overwrite, fingerprint)
+        if bora.task_store.disk:  # its files are now linked into the run folder
+            bora.task_store.close()
+            bora.task_store.folder = out / TASK_STORE_FOLDER
+            _remove_ours(store_folder(out))
     crash_point("run.fitted")
     if status != TRAINED:
         raise _stopped(out, result)
@@ -274,6 +288,11 @@ def _finish(
     metrics = write_scores(out, scores, _title(spec, bora), time.perf_counter() - scored)
     _remove_checkpoints(out)
     return metrics
+
+
+def _remove_ours(folder: Path) -> None:
+    if folder.is_dir() and is_ours(folder):
+        shutil.rmtree(folder)
 
 
 def _stopped(out: Path, result: FitResult) -> RunStopped:
@@ -315,6 +334,8 @@ def complete_run(path: str | Path, trust_remote_code: bool = False, device: str 
         lm, _, identity, corpus = load_inputs(spec)
         check_base_model(path, read_json(path / CONFIG_FILE), identity)
         bora = spec.build_model(lm, corpus.tasks)
+        if (path / TASK_STORE_FOLDER).is_dir():  # the fitted task rows of a disk task store
+            bora.use_task_store(TaskStore("disk", path / TASK_STORE_FOLDER, reopen=True))
         bora.load_state_dict(fit_state(path), corpus.train.collate([0]).to(bora.device))
         started = time.perf_counter()
         scores = score_run(

@@ -166,3 +166,5 @@ class TaskSparseAdamW(torch.optim.Optimizer):
                 for target, rows_value in ((p, x), (state["exp_avg"], m), (state["exp_avg_sq"], v)):
                     target.index_copy_(0, r, rows_value)
                     crash_point("store.rows-written")
+        if self._store is not None and self._store.disk:
+            self._store.release()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import re
 import struct
@@ -61,6 +62,10 @@ def table_name(path: Path) -> str:
 def open_table(path: Path, shape: tuple[int, ...] | None = None, name: str = "") -> torch.Tensor:
     """Memory-map the table file ``path`` (created as zeros of ``shape``, for table ``name``, if it does not
     exist). Writes to the returned tensor go to the file."""
+    return _map_table(path, shape, name)[0]
+
+
+def _map_table(path: Path, shape: tuple[int, ...] | None, name: str) -> tuple[torch.Tensor, mmap.mmap]:
     path = Path(path)
     if not path.exists():
         if shape is None:
@@ -77,8 +82,10 @@ def open_table(path: Path, shape: tuple[int, ...] | None = None, name: str = "")
         raise ValueError(f"task table {path} has shape {tuple(meta['shape'])}, expected {tuple(shape)}")
     if meta["dtype"] != "F32":
         raise ValueError(f"task table {path} holds {meta['dtype']}, expected F32")
-    array = np.memmap(path, dtype=np.float32, mode="r+", offset=8 + length, shape=tuple(meta["shape"]))
-    return torch.from_numpy(array)
+    with open(path, "r+b") as f:
+        mapped = mmap.mmap(f.fileno(), 0)
+    array = np.frombuffer(mapped, dtype=np.float32, count=math.prod(meta["shape"]), offset=8 + length)
+    return torch.from_numpy(array.reshape(meta["shape"])), mapped
 
 
 class RowJournal:
@@ -176,6 +183,7 @@ class TaskStore:
         self.kind, self.reopen = kind, reopen
         self.folder = None if folder is None else Path(folder)
         self.tables: dict[str, torch.Tensor] = {}
+        self._maps: dict[str, mmap.mmap] = {}
         self.best = RowJournal()  # the guide's rows as they were at the best validated state
         self.generation = 0  # of the undo log: checkpoints made
         self.undo: UndoLog | None = None
@@ -203,13 +211,13 @@ class TaskStore:
                 mark(self.folder, "store")
             path = self.path(name)
             if self.reopen and path.exists():
-                self.tables[name] = open_table(path, tuple(shape))
+                self.tables[name], self._maps[name] = _map_table(path, tuple(shape), name)
                 return self.tables[name]
             if path.exists():
                 path.unlink()  # a leftover of an earlier, unfinished run of this store
             if self.undo is not None:
                 self.undo.record_created(name)
-            table = open_table(path, tuple(shape), name)
+            table, self._maps[name] = _map_table(path, tuple(shape), name)
         else:
             table = torch.zeros(shape)
         if fill is not None and bool((fill != 0).any()):
@@ -250,10 +258,10 @@ class TaskStore:
         for file in self.folder.glob(f"*{TABLE_SUFFIX}"):  # tables not opened yet (e.g. moments) roll back too
             name = table_name(file)
             if name not in self.tables:
-                self.tables[name] = open_table(file)
+                self.tables[name], self._maps[name] = _map_table(file, None, name)
         restored, created = UndoLog.replay(path, self.tables) if path.is_file() else (0, [])
         for name in created:  # it did not exist at the checkpoint
-            del self.tables[name]
+            del self.tables[name], self._maps[name]
             self.path(name).unlink(missing_ok=True)
         self.flush()
         return restored
@@ -263,6 +271,13 @@ class TaskStore:
         if self.undo is not None:
             self.undo.close()
             self.undo = None
+
+    def release(self) -> None:
+        """Drop the table pages this process has mapped in (``madvise(MADV_DONTNEED)``; what was written
+        stays in the page cache and goes to the files): memory holds the rows a step uses, not all the
+        rows steps have touched. Called after each optimizer step."""
+        for mapped in self._maps.values():
+            mapped.madvise(mmap.MADV_DONTNEED)
 
     def holds(self, tensor: torch.Tensor) -> bool:
         """True if ``tensor`` is (a view of the whole of) one of this disk store's tables."""

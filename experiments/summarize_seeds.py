@@ -1,0 +1,97 @@
+"""Summarise the runs of experiments/seeds.sh into experiments/results/ (tables, figures, light run files).
+
+.venv/bin/python experiments/summarize_seeds.py --runs runs --out experiments/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+
+from bora_pyro.seed_sweep import summarize_seeds
+
+LIGHT = ("config.json", "metrics.json", "per_task.csv", "train_log.csv", "status.json")
+
+
+def copy_light(source: Path, target: Path) -> None:
+    """The tables and figures of a results folder, and each run's small files (no adapters, no ArviZ file)."""
+    for path in source.rglob("*"):
+        keep = path.is_file() and (
+            path.parent == source and path.suffix in (".csv", ".md", ".png", ".json") or path.name in LIGHT
+        )
+        if keep:
+            (target / path.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target / path.relative_to(source))
+
+
+def metrics(folder: Path) -> dict:
+    return json.loads((folder / "metrics.json").read_text())
+
+
+def learned_table(runs: Path, grid: pd.DataFrame) -> str:
+    """Learned-tau VI runs (each guide-lr) against the grid's best tau, seed by seed."""
+    best = float(grid.loc[grid.valid_ppl_mean.idxmin(), "tau"])
+    lines = [
+        "| guide lr | seed | learned tau (median [5%, 95%]) | test ppl | task-macro | wall (s) | best grid tau "
+        f"({best:g}) test ppl, same seed | gap |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for folder in sorted(runs.glob("learned10/glr=*/seed=*")):
+        if not (folder / "metrics.json").is_file():
+            continue
+        m, seed = metrics(folder), int(folder.name.split("=")[1])
+        grid_run = runs / "seeds_books10" / f"seed={seed}" / "runs" / f"tau={best:g}" / "metrics.json"
+        ref = json.loads(grid_run.read_text())["test_ppl"] if grid_run.is_file() else float("nan")
+        q05, q50, q95 = m["tau_posterior_q05_q50_q95"]["all"]
+        lines.append(
+            f"| {folder.parent.name.split('=')[1]} | {seed} | {q50:.3g} [{q05:.3g}, {q95:.3g}] | "
+            f"{m['test_ppl']:.1f} | {m['test_macro_ppl']:.1f} | {m['wall_seconds']:.0f} | {ref:.1f} | "
+            f"{100 * (m['test_ppl'] / ref - 1):+.1f}% |"
+        )
+    return "\n".join(lines)
+
+
+def chapters_table(runs: Path) -> str:
+    lines = [
+        "| tau | tasks | test ppl | task-macro | base test ppl | train steps | wall (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for folder in sorted(runs.glob("chapters/tau=*")):
+        if (folder / "metrics.json").is_file():
+            m = metrics(folder)
+            lines.append(
+                f"| {folder.name.split('=')[1]} | {m['num_tasks']} | {m['test_ppl']:.1f} | "
+                f"{m['test_macro_ppl']:.1f} | {m['base_test_ppl']:.1f} | {m['steps']} | {m['wall_seconds']:.0f} |"
+            )
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> None:
+    runs, out = Path(args.runs), Path(args.out)
+    grid = None
+    for name in ("seeds_books10", "seeds_books71"):
+        if (runs / name).is_dir() and list((runs / name).glob("seed=*/runs/tau=*/metrics.json")):
+            stats = summarize_seeds(runs / name)
+            grid = stats if name == "seeds_books10" else grid
+            copy_light(runs / name, out / name)
+    if grid is not None and list(runs.glob("learned10/glr=*/seed=*/metrics.json")):
+        (out / "learned_tau_seeds.md").write_text(
+            "# Learned tau (VI) against the grid, ten books\n\n" + learned_table(runs, grid) + "\n"
+        )
+        copy_light(runs / "learned10", out / "learned_tau_seeds")
+    if list(runs.glob("chapters/tau=*/metrics.json")):
+        (out / "chapters.md").write_text(
+            "# 1,304 chapters of the Wycliffe Bible as tasks\n\n" + chapters_table(runs) + "\n"
+        )
+        copy_light(runs / "chapters", out / "chapters")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", default="runs")
+    parser.add_argument("--out", default="experiments/results")
+    main(parser.parse_args())

@@ -36,6 +36,32 @@ def synthetic_rows(docs_per_task: dict[str, int], seed: int = 0, words: int = 12
     return pd.DataFrame(rows)
 
 
+def train_args(data, out, *options: str) -> list[str]:
+    """Arguments of a quick ``bora-pyro train`` on the tiny random model, ``options`` appended.
+
+    Defaults: ``--model tiny-random-llama --data csv:DATA --steps 6 --eval-every 3 --no-progress
+    --posterior-samples 0 --out OUT``; everything else is the CLI's default. A later option wins over an
+    earlier one, so ``options`` may change a default (e.g. ``"--steps", "10"``).
+    """
+    return [
+        "train",
+        "--model",
+        "tiny-random-llama",
+        "--data",
+        f"csv:{data}",
+        "--steps",
+        "6",
+        "--eval-every",
+        "3",
+        "--no-progress",
+        "--posterior-samples",
+        "0",
+        "--out",
+        str(out),
+        *options,
+    ]
+
+
 @pytest.fixture
 def tiny_lm():
     return tiny_random_llama()

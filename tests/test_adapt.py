@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from bora_pyro.cli import main
 
-from .conftest import synthetic_rows
+from .conftest import synthetic_rows, train_args
 
 
 def test_adapt_new_tasks_keeps_theta_and_writes_a_run(tmp_path, capsys):
@@ -18,31 +18,7 @@ def test_adapt_new_tasks_keeps_theta_and_writes_a_run(tmp_path, capsys):
     rows[rows.task != "new"].to_csv(old, index=False)
     rows[rows.task == "new"].to_csv(new, index=False)
     source, adapted = tmp_path / "run", tmp_path / "adapted"
-    assert (
-        main(
-            [
-                "train",
-                "--model",
-                "tiny-random-llama",
-                "--data",
-                f"csv:{old}",
-                "--tau",
-                "10",
-                "--steps",
-                "8",
-                "--lr",
-                "0.05",
-                "--eval-every",
-                "4",
-                "--no-progress",
-                "--posterior-samples",
-                "0",
-                "--out",
-                str(source),
-            ]
-        )
-        == 0
-    )
+    assert main(train_args(old, source, "--tau", "10", "--steps", "8", "--lr", "0.05", "--eval-every", "4")) == 0
     assert (
         main(["adapt", str(source), "--data", f"csv:{new}", "--steps", "6", "--no-progress", "--out", str(adapted)])
         == 0
@@ -62,28 +38,6 @@ def test_adapt_new_tasks_keeps_theta_and_writes_a_run(tmp_path, capsys):
 def test_adapt_needs_a_finite_tau(tmp_path, capsys):
     data = tmp_path / "c.csv"
     synthetic_rows({"a": 6, "b": 5}).to_csv(data, index=False)
-    assert (
-        main(
-            [
-                "train",
-                "--model",
-                "tiny-random-llama",
-                "--data",
-                f"csv:{data}",
-                "--tau",
-                "0",
-                "--steps",
-                "2",
-                "--eval-every",
-                "2",
-                "--no-progress",
-                "--posterior-samples",
-                "0",
-                "--out",
-                str(tmp_path / "r"),
-            ]
-        )
-        == 0
-    )
+    assert main(train_args(data, tmp_path / "r", "--tau", "0", "--steps", "2", "--eval-every", "2")) == 0
     assert main(["adapt", str(tmp_path / "r"), "--data", f"csv:{data}", "--out", str(tmp_path / "a")]) == 2
     assert "fixed, finite tau > 0" in capsys.readouterr().err

@@ -10,9 +10,9 @@ from safetensors.torch import load_file
 
 from bora_pyro.cli import main
 
-from .conftest import synthetic_rows
+from .conftest import synthetic_rows, train_args
 
-TINY = ["--model", "tiny-random-llama", "--no-progress", "--eval-every", "5"]
+OPTIONS = ["--eval-every", "5", "--posterior-samples", "8"]  # 8: the CLI default
 
 
 @pytest.fixture
@@ -24,9 +24,7 @@ def corpus_csv(tmp_path):
 
 def test_train_writes_the_run_folder_and_evaluate_reproduces_it(tmp_path, corpus_csv, capsys):
     run = tmp_path / "run"
-    assert (
-        main(["train", *TINY, "--data", f"csv:{corpus_csv}", "--tau", "100", "--steps", "10", "--out", str(run)]) == 0
-    )
+    assert main(train_args(corpus_csv, run, *OPTIONS, "--tau", "100", "--steps", "10")) == 0
     for name in (
         "config.json",
         "metrics.json",
@@ -62,9 +60,7 @@ def test_train_writes_the_run_folder_and_evaluate_reproduces_it(tmp_path, corpus
 def test_pooled_and_independent_runs(tmp_path, corpus_csv):
     for tau in ("inf", "0"):
         run = tmp_path / f"run{tau}"
-        assert (
-            main(["train", *TINY, "--data", f"csv:{corpus_csv}", "--tau", tau, "--steps", "3", "--out", str(run)]) == 0
-        )
+        assert main(train_args(corpus_csv, run, *OPTIONS, "--tau", tau, "--steps", "3")) == 0
         metrics = json.loads((run / "metrics.json").read_text())
         assert metrics["mode"] == {"inf": "pooled", "0": "independent"}[tau]
         distance = pd.read_csv(run / "per_task.csv").distance_to_global
@@ -84,8 +80,7 @@ def test_pooled_and_independent_runs(tmp_path, corpus_csv):
 )
 def test_bad_input_gets_a_clear_error_and_writes_nothing(tmp_path, corpus_csv, capsys, args, message):
     run = tmp_path / "run"
-    base = ["train", "--model", "tiny-random-llama", "--data", f"csv:{corpus_csv}", "--out", str(run), "--no-progress"]
-    assert main(base + args) == 2
+    assert main(train_args(corpus_csv, run, *args)) == 2
     assert message in capsys.readouterr().err
     assert not run.exists()
     assert [p.name for p in tmp_path.iterdir()] == ["corpus.csv"]  # no half-written temporary folder either
@@ -95,7 +90,7 @@ def test_existing_run_folder_is_not_overwritten(tmp_path, corpus_csv, capsys):
     run = tmp_path / "run"
     run.mkdir()
     (run / "keep.txt").write_text("precious")
-    assert main(["train", *TINY, "--data", f"csv:{corpus_csv}", "--steps", "1", "--out", str(run)]) == 2
+    assert main(train_args(corpus_csv, run, *OPTIONS, "--steps", "1")) == 2
     assert "exists and is not empty" in capsys.readouterr().err
     assert (run / "keep.txt").read_text() == "precious"
 

@@ -15,31 +15,11 @@ from safetensors.torch import load_file
 from bora_pyro.cli import main
 from bora_pyro.distributed import World
 
-from .conftest import synthetic_rows
+from .conftest import synthetic_rows, train_args
 
 
-def train_args(data, out, *extra):
-    return [
-        "train",
-        "--model",
-        "tiny-random-llama",
-        "--data",
-        f"csv:{data}",
-        "--steps",
-        "6",
-        "--batch-size",
-        "4",
-        "--eval-every",
-        "3",
-        "--lr",
-        "0.02",
-        "--posterior-samples",
-        "2",
-        "--no-progress",
-        "--out",
-        str(out),
-        *extra,
-    ]
+def dp_args(data, out, *extra):
+    return train_args(data, out, "--batch-size", "4", "--lr", "0.02", "--posterior-samples", "2", *extra)
 
 
 # VI: the shards' float sums of Theta's near-zero gradients differ in rounding; Adam's first steps
@@ -50,7 +30,7 @@ def train_args(data, out, *extra):
 def test_two_gloo_processes_equal_one_process(tmp_path, extra, atol):
     data = tmp_path / "corpus.csv"
     synthetic_rows({"a": 12, "b": 8, "c": 5}).to_csv(data, index=False)
-    assert main(train_args(data, tmp_path / "single", *extra)) == 0
+    assert main(dp_args(data, tmp_path / "single", *extra)) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launched = subprocess.run(
         [
@@ -62,7 +42,7 @@ def test_two_gloo_processes_equal_one_process(tmp_path, extra, atol):
             "2",
             "-m",
             "bora_pyro.cli",
-            *train_args(data, tmp_path / "ddp", *extra),
+            *dp_args(data, tmp_path / "ddp", *extra),
             "--distributed",
         ],
         capture_output=True,

@@ -14,7 +14,7 @@ from bora_pyro.io.export import MAX_FOLDER_NAME, export_peft, safe_names
 from bora_pyro.nn.lora import MultiTaskLoRA
 from bora_pyro.runs import load_run
 
-from .conftest import synthetic_rows
+from .conftest import synthetic_rows, train_args
 
 peft = pytest.importorskip("peft")
 
@@ -23,29 +23,7 @@ def test_exported_adapters_give_the_same_logits_in_peft(tmp_path):
     data = tmp_path / "corpus.csv"
     synthetic_rows({"North/Sør": 10, "east": 6, "west": 4}).to_csv(data, index=False)
     run, out = tmp_path / "run", tmp_path / "peft"
-    assert (
-        main(
-            [
-                "train",
-                "--model",
-                "tiny-random-llama",
-                "--data",
-                f"csv:{data}",
-                "--steps",
-                "6",
-                "--eval-every",
-                "3",
-                "--lr",
-                "0.05",
-                "--no-progress",
-                "--posterior-samples",
-                "0",
-                "--out",
-                str(run),
-            ]
-        )
-        == 0
-    )
+    assert main(train_args(data, run, "--lr", "0.05")) == 0
     assert main(["export", str(run), "--format", "peft", "--out", str(out)]) == 0
     folders = json.loads((out / "tasks.json").read_text())
     assert folders == {"North/Sør": "North_S_r", "east": "east", "west": "west", "global": "global"}
@@ -90,29 +68,7 @@ def test_merged_export_equals_the_task_adapter(tmp_path):
     data = tmp_path / "corpus.csv"
     synthetic_rows({"a": 8, "b": 5}).to_csv(data, index=False)
     run = tmp_path / "run"
-    assert (
-        main(
-            [
-                "train",
-                "--model",
-                "tiny-random-llama",
-                "--data",
-                f"csv:{data}",
-                "--steps",
-                "6",
-                "--lr",
-                "0.05",
-                "--eval-every",
-                "6",
-                "--no-progress",
-                "--posterior-samples",
-                "0",
-                "--out",
-                str(run),
-            ]
-        )
-        == 0
-    )
+    assert main(train_args(data, run, "--lr", "0.05", "--eval-every", "6")) == 0
     assert main(["export", str(run), "--format", "merged", "--task", "b", "--out", str(tmp_path / "merged")]) == 0
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     loaded = load_run(run, device="cpu")
@@ -128,23 +84,7 @@ def test_export_of_some_tasks_reads_only_their_rows(tmp_path):
     data = tmp_path / "corpus.csv"
     synthetic_rows({"north": 10, "east": 6, "west": 4}).to_csv(data, index=False)
     run = tmp_path / "run"
-    args = [
-        "train",
-        "--model",
-        "tiny-random-llama",
-        "--data",
-        f"csv:{data}",
-        "--steps",
-        "4",
-        "--eval-every",
-        "2",
-        "--no-progress",
-        "--posterior-samples",
-        "0",
-        "--out",
-        str(run),
-    ]
-    assert main(args) == 0
+    assert main(train_args(data, run, "--steps", "4", "--eval-every", "2")) == 0
     assert main(["export", str(run), "--tasks", "west,global", "--out", str(tmp_path / "some")]) == 0
     assert json.loads((tmp_path / "some" / "tasks.json").read_text()) == {"west": "west", "global": "global"}
     assert sorted(p.name for p in (tmp_path / "some").iterdir() if p.is_dir()) == ["global", "west"]

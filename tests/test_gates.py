@@ -165,39 +165,14 @@ def test_cli_gated_run_writes_its_report_and_its_adapters_reproduce_it(tmp_path,
 
     from bora_pyro.cli import main
 
-    from .conftest import synthetic_rows
+    from .conftest import synthetic_rows, train_args
 
     data = tmp_path / "corpus.csv"
     synthetic_rows({"a": 12, "b": 8, "c": 5}).to_csv(data, index=False)
     run = tmp_path / "run"
-    assert (
-        main(
-            [
-                "train",
-                "--model",
-                "tiny-random-llama",
-                "--data",
-                f"csv:{data}",
-                "--steps",
-                "15",
-                "--batch-size",
-                "4",
-                "--no-progress",
-                "--posterior-samples",
-                "0",
-                "--rank-gates",
-                "per-task",
-                "--quant-gates",
-                "--rank-lambda",
-                "1e4",
-                "--guide-lr",
-                "0.5",
-                "--out",
-                str(run),
-            ]
-        )
-        == 0
-    )
+    options = ["--steps", "15", "--eval-every", "25", "--batch-size", "4"]  # 25: the CLI default
+    gates = ["--rank-gates", "per-task", "--quant-gates", "--rank-lambda", "1e4", "--guide-lr", "0.5"]
+    assert main(train_args(data, run, *options, *gates)) == 0
     report = pd.read_csv(run / "gates.csv")
     assert (run / "gates.png").is_file()
     metrics = json.loads((run / "metrics.json").read_text())

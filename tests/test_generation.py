@@ -9,7 +9,7 @@ from bora_pyro.cli import main
 from bora_pyro.evaluation.generation import generate
 from bora_pyro.runs import load_run
 
-from .conftest import synthetic_rows
+from .conftest import synthetic_rows, train_args
 
 
 @pytest.fixture(scope="module")
@@ -17,29 +17,7 @@ def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gen")
     data = tmp / "corpus.csv"
     synthetic_rows({"lord": 10, "king": 6, "gold": 4}).to_csv(data, index=False)
-    assert (
-        main(
-            [
-                "train",
-                "--model",
-                "tiny-random-llama",
-                "--data",
-                f"csv:{data}",
-                "--steps",
-                "15",
-                "--lr",
-                "0.05",
-                "--eval-every",
-                "15",
-                "--no-progress",
-                "--posterior-samples",
-                "0",
-                "--out",
-                str(tmp / "run"),
-            ]
-        )
-        == 0
-    )
+    assert main(train_args(data, tmp / "run", "--steps", "15", "--lr", "0.05", "--eval-every", "15")) == 0
     return load_run(tmp / "run", device="cpu")
 
 

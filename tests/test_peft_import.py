@@ -13,7 +13,7 @@ from bora_pyro.io.base_models import tiny_random_llama
 from bora_pyro.io.peft_import import import_peft
 from bora_pyro.runs import load_run
 
-from .conftest import synthetic_rows
+from .conftest import synthetic_rows, train_args
 
 peft = pytest.importorskip("peft")
 
@@ -54,31 +54,8 @@ def test_train_with_init_peft_records_it_and_starts_there(tmp_path):
     data = tmp_path / "corpus.csv"
     synthetic_rows({"a": 8, "b": 5}).to_csv(data, index=False)
     run = tmp_path / "run"
-    assert (
-        main(
-            [
-                "train",
-                "--model",
-                "tiny-random-llama",
-                "--data",
-                f"csv:{data}",
-                "--steps",
-                "2",
-                "--lr",
-                "1e-6",
-                "--eval-every",
-                "2",
-                "--no-progress",
-                "--posterior-samples",
-                "0",
-                "--init-peft",
-                str(tmp_path / "adapter"),
-                "--out",
-                str(run),
-            ]
-        )
-        == 0
-    )
+    options = ["--steps", "2", "--lr", "1e-6", "--eval-every", "2", "--init-peft", str(tmp_path / "adapter")]
+    assert main(train_args(data, run, *options)) == 0
     assert json.loads((run / "config.json").read_text())["adapter"]["init_peft"] == str(tmp_path / "adapter")
     loaded = load_run(run, device="cpu")
     expected = import_peft(loaded.bora.lora, tmp_path / "adapter")

@@ -17,35 +17,14 @@ from bora_pyro.cli import main
 from bora_pyro.inference.checkpoint import LoopState, checkpoint_step, load_checkpoint, save_checkpoint
 from bora_pyro.io.faults import CRASH_ENV
 
-from .conftest import synthetic_rows
+from .conftest import synthetic_rows, train_args
 
 STEPS = 24
 
 
-def train_args(data, out, *extra):
-    return [
-        "train",
-        "--model",
-        "tiny-random-llama",
-        "--data",
-        f"csv:{data}",
-        "--steps",
-        str(STEPS),
-        "--batch-size",
-        "4",
-        "--eval-every",
-        "8",
-        "--checkpoint-every",
-        "4",
-        "--lr",
-        "0.01",
-        "--posterior-samples",
-        "0",
-        "--no-progress",
-        "--out",
-        str(out),
-        *extra,
-    ]
+def resume_args(data, out, *extra):
+    options = ["--steps", str(STEPS), "--batch-size", "4", "--eval-every", "8", "--checkpoint-every", "4"]
+    return train_args(data, out, *options, "--lr", "0.01", *extra)
 
 
 def run_cli(args, crash_at: str | None = None) -> subprocess.CompletedProcess:
@@ -61,7 +40,7 @@ def straight(tmp_path_factory):
     folder = tmp_path_factory.mktemp("straight")
     data = folder / "corpus.csv"
     synthetic_rows({"a": 12, "b": 8, "c": 5}).to_csv(data, index=False)
-    assert main(train_args(data, folder / "run")) == 0
+    assert main(resume_args(data, folder / "run")) == 0
     return data, folder / "run"
 
 
@@ -88,7 +67,7 @@ def assert_same_run(run, reference):
 def test_killed_at_a_crash_point_then_resumed_equals_an_uninterrupted_run(tmp_path, straight, crash_at):
     data, reference = straight
     killed = tmp_path / "killed"
-    proc = run_cli(train_args(data, killed), crash_at)
+    proc = run_cli(resume_args(data, killed), crash_at)
     assert proc.returncode == -9, proc.stderr  # SIGKILL
     resumed = run_cli(["train", "--resume", str(killed)])
     assert resumed.returncode == 0, resumed.stderr
@@ -98,12 +77,12 @@ def test_killed_at_a_crash_point_then_resumed_equals_an_uninterrupted_run(tmp_pa
 def test_a_fresh_run_never_resumes_an_earlier_checkpoint(tmp_path, straight):
     data, reference = straight
     run = tmp_path / "run"
-    assert run_cli(train_args(data, run), "checkpoint.slot-renamed:3").returncode == -9
-    again = run_cli(train_args(data, run))
+    assert run_cli(resume_args(data, run), "checkpoint.slot-renamed:3").returncode == -9
+    again = run_cli(resume_args(data, run))
     assert again.returncode == 2
     assert f"holds a checkpoint at step 12 of an earlier run of '{run}'" in again.stderr
     assert "--resume" in again.stderr and "Traceback" not in again.stderr
-    assert run_cli(train_args(data, run, "--overwrite")).returncode == 0  # --overwrite discards it
+    assert run_cli(resume_args(data, run, "--overwrite")).returncode == 0  # --overwrite discards it
     assert_same_run(run, reference)
 
 
@@ -112,7 +91,7 @@ def test_resume_refuses_changed_data_naming_what_changed(tmp_path, straight):
     mine = tmp_path / "corpus.csv"
     mine.write_text(data.read_text())
     run = tmp_path / "run"
-    assert run_cli(train_args(mine, run), "checkpoint.slot-renamed:2").returncode == -9
+    assert run_cli(resume_args(mine, run), "checkpoint.slot-renamed:2").returncode == -9
     mine.write_text(mine.read_text().replace("lord", "lady"))
     resumed = run_cli(["train", "--resume", str(run)])
     assert resumed.returncode == 2

@@ -26,9 +26,7 @@ from bora_pyro.io.folders import MARKER, folder_lock
 from bora_pyro.runs import RunSpec
 from bora_pyro.runs import train as run_training
 
-from .conftest import synthetic_rows
-
-TINY = ["--model", "tiny-random-llama", "--no-progress", "--posterior-samples", "0"]
+from .conftest import synthetic_rows, train_args
 
 
 @pytest.fixture
@@ -39,9 +37,7 @@ def data(tmp_path):
 
 
 def train(data, out, *extra) -> int:
-    return main(
-        ["train", *TINY, "--data", f"csv:{data}", "--steps", "6", "--eval-every", "3", "--out", str(out), *extra]
-    )
+    return main(train_args(data, out, *extra))
 
 
 def edit_json(path: Path, **changes) -> None:
@@ -109,19 +105,7 @@ def test_overwrite_replaces_a_run_and_a_crash_mid_replacement_keeps_the_old_one(
     assert train(data, run) == 0
     old = load_file(run / "adapters.safetensors")
     env = {**os.environ, "BORA_PYRO_CRASH_AT": "folder.renamed-aside:1"}
-    args = [
-        "train",
-        *TINY,
-        "--data",
-        f"csv:{data}",
-        "--steps",
-        "4",
-        "--eval-every",
-        "2",
-        "--out",
-        str(run),
-        "--overwrite",
-    ]
+    args = train_args(data, run, "--steps", "4", "--eval-every", "2", "--overwrite")
     assert subprocess.run([sys.executable, "-m", "bora_pyro.cli", *args], env=env).returncode == -9
     assert not run.exists()  # killed between renaming the old folder aside and the new one in
     loaded = bora_pyro.load_run(run)  # reading recovers the old, complete folder
@@ -197,22 +181,9 @@ def test_concurrent_first_loads_convert_the_embedded_model_once(tmp_path, monkey
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_stops_after_the_step_and_the_run_resumes_to_the_same_end(tmp_path, data, signum):
-    args = [
-        "train",
-        *TINY,
-        "--data",
-        f"csv:{data}",
-        "--steps",
-        "40",
-        "--eval-every",
-        "5",
-        "--checkpoint-every",
-        "10",
-        "--batch-size",
-        "4",
-    ]
+    options = ["--steps", "40", "--eval-every", "5", "--checkpoint-every", "10", "--batch-size", "4"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bora_pyro.cli", *args, "--out", str(tmp_path / "run")],
+        [sys.executable, "-m", "bora_pyro.cli", *train_args(data, tmp_path / "run", *options)],
         stderr=subprocess.PIPE,
         text=True,
     )
@@ -230,7 +201,7 @@ def test_a_signal_stops_after_the_step_and_the_run_resumes_to_the_same_end(tmp_p
     status = json.loads((tmp_path / "run" / "status.json").read_text())
     assert status["status"] == "interrupted" and status["step"] < 40
     assert main(["train", "--resume", str(tmp_path / "run")]) == 0
-    assert main([*args, "--out", str(tmp_path / "straight")]) == 0
+    assert main(train_args(data, tmp_path / "straight", *options)) == 0
     for name, value in load_file(tmp_path / "straight" / "adapters.safetensors").items():
         torch.testing.assert_close(load_file(tmp_path / "run" / "adapters.safetensors")[name], value, atol=1e-6, rtol=0)
     assert (tmp_path / "run" / "train_log.csv").read_text() == (tmp_path / "straight" / "train_log.csv").read_text()
@@ -266,7 +237,7 @@ def poisoned_likelihood(bad_from: int, kind: str):
 def test_a_non_finite_step_is_not_applied_and_the_run_is_marked_diverged(tmp_path, data, capsys, monkeypatch, kind):
     monkeypatch.setattr(bora_pyro.models.bora, "lm_log_likelihood", poisoned_likelihood(6, kind))
     run = tmp_path / "run"
-    assert main(["train", *TINY, "--data", f"csv:{data}", "--steps", "20", "--eval-every", "2", "--out", str(run)]) == 1
+    assert main(train_args(data, run, "--steps", "20", "--eval-every", "2")) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert f"non-finite {'loss' if kind == 'loss' else 'gradient norm'}" in err and "not applied" in err

@@ -21,7 +21,7 @@ from bora_pyro.models import pyro_internals
 from bora_pyro.models.guides import make_guide
 from bora_pyro.runs import SECTIONS, RunSpec
 
-from .conftest import synthetic_rows
+from .conftest import synthetic_rows, train_args
 
 PACKAGE = Path(bora_pyro.__file__).parent
 # A module may import from its own package and from the packages before it, never from those after it.
@@ -166,31 +166,8 @@ def test_a_run_folders_config_json_reproduces_the_run(tmp_path, capsys):
     data = tmp_path / "corpus.csv"
     synthetic_rows({"north": 14, "south": 8, "east": 4}).to_csv(data, index=False)
     first, again, changed = tmp_path / "first", tmp_path / "again", tmp_path / "changed"
-    assert (
-        main(
-            [
-                "train",
-                "--model",
-                "tiny-random-llama",
-                "--data",
-                f"csv:{data}",
-                "--steps",
-                "6",
-                "--eval-every",
-                "3",
-                "--tau",
-                "30",
-                "--rank",
-                "4",
-                "--lr",
-                "0.01",
-                "--no-progress",
-                "--out",
-                str(first),
-            ]
-        )
-        == 0
-    )
+    options = ["--tau", "30", "--rank", "4", "--lr", "0.01", "--posterior-samples", "8"]  # 8: the CLI default
+    assert main(train_args(data, first, *options)) == 0
     assert main(["train", "--config", str(first / "config.json"), "--out", str(again)]) == 0
     for name, value in load_file(first / "adapters.safetensors").items():
         assert torch.equal(load_file(again / "adapters.safetensors")[name], value), name

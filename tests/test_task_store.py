@@ -60,26 +60,13 @@ def test_a_run_with_a_disk_store_writes_the_same_run_folder(tmp_path, monkeypatc
     from bora_pyro.cli import main
     from bora_pyro.runs import train as run_training
 
-    from .conftest import synthetic_rows
+    from .conftest import synthetic_rows, train_args
 
     data = tmp_path / "corpus.csv"
     synthetic_rows({"north": 12, "south": 8, "east": 5}).to_csv(data, index=False)
-    args = [
-        "train",
-        "--model",
-        "tiny-random-llama",
-        "--data",
-        f"csv:{data}",
-        "--steps",
-        "6",
-        "--eval-every",
-        "3",
-        "--lr",
-        "0.01",
-        "--no-progress",
-    ]
-    assert main([*args, "--task-store", "memory", "--out", str(tmp_path / "memory")]) == 0
-    assert main([*args, "--task-store", "disk", "--out", str(tmp_path / "disk")]) == 0
+    options = ["--lr", "0.01", "--posterior-samples", "8"]  # 8: the CLI default
+    assert main(train_args(data, tmp_path / "memory", *options, "--task-store", "memory")) == 0
+    assert main(train_args(data, tmp_path / "disk", *options, "--task-store", "disk")) == 0
     for name, value in load_file(tmp_path / "memory" / "adapters.safetensors").items():
         torch.testing.assert_close(
             load_file(tmp_path / "disk" / "adapters.safetensors")[name], value, atol=1e-6, rtol=0
@@ -88,7 +75,7 @@ def test_a_run_with_a_disk_store_writes_the_same_run_folder(tmp_path, monkeypatc
     # a failure while scoring: the fitted task rows stay in the run folder, and evaluate completes it
     with monkeypatch.context() as patch:
         patch.setattr(run_training, "score_run", lambda *a, **k: (_ for _ in ()).throw(ValueError("simulated")))
-        assert main([*args, "--task-store", "disk", "--out", str(tmp_path / "failed")]) == 2
+        assert main(train_args(data, tmp_path / "failed", *options, "--task-store", "disk")) == 2
     assert len(list((tmp_path / "failed" / "task_store").glob("*.safetensors"))) == 24
     assert main(["evaluate", str(tmp_path / "failed")]) == 0
     expected = json.loads((tmp_path / "memory" / "metrics.json").read_text())["test_ppl"]
@@ -117,34 +104,15 @@ def test_a_kill_during_a_row_write_back_resumes_to_the_same_result(tmp_path, cra
     from bora_pyro.cli import main
     from bora_pyro.io.faults import CRASH_ENV
 
-    from .conftest import synthetic_rows
+    from .conftest import synthetic_rows, train_args
 
     data = tmp_path / "corpus.csv"
     synthetic_rows({"north": 12, "south": 8, "east": 5, "west": 4}).to_csv(data, index=False)
-    args = [
-        "train",
-        "--model",
-        "tiny-random-llama",
-        "--data",
-        f"csv:{data}",
-        "--steps",
-        "16",
-        "--eval-every",
-        "4",
-        "--batch-size",
-        "3",
-        "--lr",
-        "0.01",
-        "--checkpoint-every",
-        "3",
-        "--posterior-samples",
-        "0",
-        "--no-progress",
-    ]
-    assert main([*args, "--task-store", "memory", "--out", str(tmp_path / "straight")]) == 0
+    options = ["--steps", "16", "--eval-every", "4", "--batch-size", "3", "--lr", "0.01", "--checkpoint-every", "3"]
+    assert main(train_args(data, tmp_path / "straight", *options, "--task-store", "memory")) == 0
     env = {**os.environ, CRASH_ENV: crash_at}
     killed = subprocess.run(
-        [sys.executable, "-m", "bora_pyro.cli", *args, "--task-store", "disk", "--out", str(tmp_path / "disk")],
+        [sys.executable, "-m", "bora_pyro.cli", *train_args(data, tmp_path / "disk", *options, "--task-store", "disk")],
         env=env,
         capture_output=True,
         text=True,

@@ -17,7 +17,7 @@ from bora_pyro.cli import main
 from bora_pyro.evaluation.predictive import posterior_draws, posterior_predictive, score_plug_in
 from bora_pyro.models.tau_prior import TauPrior
 
-from .conftest import synthetic_rows
+from .conftest import synthetic_rows, train_args
 
 
 def test_learned_tau_needs_vi(tiny_lm):
@@ -172,27 +172,14 @@ def test_calibration_of_a_uniform_predictor(make_corpus, tiny_lm):
 def test_runs_get_posterior_nc_and_diagnose_compares_three(tmp_path, capsys):
     data = tmp_path / "corpus.csv"
     synthetic_rows({"a": 10, "b": 6, "c": 4}).to_csv(data, index=False)
-    common = [
-        "train",
-        "--model",
-        "tiny-random-llama",
-        "--data",
-        f"csv:{data}",
-        "--steps",
-        "4",
-        "--eval-every",
-        "2",
-        "--no-progress",
-        "--posterior-samples",
-        "4",
-    ]
+    common = ["--steps", "4", "--eval-every", "2", "--posterior-samples", "4"]
     runs = {
         "tau10": ["--tau", "10"],
         "vi10": ["--tau", "10", "--inference", "vi"],
         "learned": ["--tau", "learn", "--inference", "vi"],
     }
     for name, extra in runs.items():
-        assert main(common + extra + ["--out", str(tmp_path / name)]) == 0
+        assert main(train_args(data, tmp_path / name, *common, *extra)) == 0
     idata = az.from_netcdf(tmp_path / "learned" / "posterior.nc")
     assert {"posterior", "log_likelihood", "constant_data", "elbo"} <= set(idata.groups())
     assert idata.posterior.distance.dims == ("chain", "draw", "task")

@@ -19,9 +19,9 @@ from pathlib import Path
 import pandas as pd
 
 from .io.artifacts import read_json, write_json
-from .io.folders import MARKER, folder_lock, is_ours, mark, protected
+from .io.folders import MARKER, folder_lock, mark
 from .runs import RunSpec
-from .sweep import collect, known_base_test_ppl, run_sweep, tau_label
+from .sweep import check_sweep_folder, collect, known_base_test_ppl, run_sweep, tau_label
 
 SEEDS_FILE = "seeds.json"
 
@@ -39,14 +39,7 @@ def parse_seeds(text: str) -> list[int]:
 
 def run_seed_sweep(spec: RunSpec, taus: Sequence[float], seeds: Sequence[int], out: str | Path) -> pd.DataFrame:
     """One sweep per training seed (each resumable) on ``spec``'s split, then :func:`summarize_seeds`."""
-    out = Path(out)
-    why = protected(out)
-    if why is not None:
-        raise FileExistsError(f"refusing to use {str(out)!r} as a sweep folder: it is {why}; choose a new folder")
-    if out.is_dir() and any(out.iterdir()) and not is_ours(out):
-        raise FileExistsError(
-            f"{str(out)!r} exists, is not empty and is not a bora_pyro sweep folder (no {MARKER}); choose another --out"
-        )
+    out = check_sweep_folder(out)
     with folder_lock(out):
         out.mkdir(parents=True, exist_ok=True)
         if not (out / MARKER).exists():

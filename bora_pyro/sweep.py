@@ -68,12 +68,9 @@ def known_base_test_ppl(folders: Sequence[Path]) -> list[float] | None:
     return None
 
 
-def run_sweep(
-    spec: RunSpec, taus: Sequence[float], out: str | Path, base_test_ppl: list[float] | None = None
-) -> pd.DataFrame:
-    """Train one run per tau (skipping finished ones, resuming or completing unfinished ones) and
-    summarise; returns the tau_sweep table. ``base_test_ppl``: the base model's per-task test perplexity
-    on this split, if known (else read from the sweep's first complete run)."""
+def check_sweep_folder(out: str | Path) -> Path:
+    """Refuse a sweep folder that could hold a user's files: a protected folder, or one not written by
+    bora_pyro (a sweep is resumed in place, never replaced)."""
     out = Path(out)
     why = protected(out)
     if why is not None:
@@ -82,6 +79,16 @@ def run_sweep(
         raise FileExistsError(
             f"{str(out)!r} exists, is not empty and is not a bora_pyro sweep folder (no {MARKER}); choose another --out"
         )
+    return out
+
+
+def run_sweep(
+    spec: RunSpec, taus: Sequence[float], out: str | Path, base_test_ppl: list[float] | None = None
+) -> pd.DataFrame:
+    """Train one run per tau (skipping finished ones, resuming or completing unfinished ones) and
+    summarise; returns the tau_sweep table. ``base_test_ppl``: the base model's per-task test perplexity
+    on this split, if known (else read from the sweep's first complete run)."""
+    out = check_sweep_folder(out)
     with folder_lock(out):
         out.mkdir(parents=True, exist_ok=True)
         settings = _spec_without_tau(spec)

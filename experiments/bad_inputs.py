@@ -126,40 +126,12 @@ def main_table() -> None:
     # a run killed after its fitted state was written, its checkpoint left behind; then the data changes
     mine = tmp / "mine.csv"
     mine.write_text(good.read_text())
-    killed = tmp / "killed"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bora_pyro.cli",
-            *train,
-            "--data",
-            f"csv:{mine}",
-            "--checkpoint-every",
-            "1",
-            "--out",
-            str(killed),
-        ],
-        env={**os.environ, CRASH_ENV: "checkpoint.slot-renamed:1"},
-        capture_output=True,
-    )
-    changed = tmp / "changed"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bora_pyro.cli",
-            *train,
-            "--data",
-            f"csv:{mine}",
-            "--checkpoint-every",
-            "1",
-            "--out",
-            str(changed),
-        ],
-        env={**os.environ, CRASH_ENV: "run.fitted:1"},
-        capture_output=True,
-    )
+    killed, changed = tmp / "killed", tmp / "changed"
+    for out, crash in ((killed, "checkpoint.slot-renamed:1"), (changed, "run.fitted:1")):
+        args = [*train, "--data", f"csv:{mine}", "--checkpoint-every", "1", "--out", str(out)]
+        subprocess.run(
+            [sys.executable, "-m", "bora_pyro.cli", *args], env={**os.environ, CRASH_ENV: crash}, capture_output=True
+        )
     mine.write_text(mine.read_text().replace("text number", "words numbered"))
     (tmp / "afile").write_text("not a folder")
     (tmp / "notsweep").mkdir()

@@ -44,15 +44,7 @@ CRASH_POINTS = {
 
 
 def command(data: Path, out: Path, overwrite: bool) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "bora_pyro.cli",
-        "train",
-        "--model",
-        "tiny-random-llama",
-        "--data",
-        f"csv:{data}",
+    options = [
         "--steps",
         "24",
         "--batch-size",
@@ -65,11 +57,9 @@ def command(data: Path, out: Path, overwrite: bool) -> list[str]:
         "0.01",
         "--posterior-samples",
         "2",
-        "--no-progress",
-        "--out",
-        str(out),
         *(["--overwrite"] if overwrite else []),
     ]
+    return [sys.executable, "-m", "bora_pyro.cli", *train_args(data, out, *options)]
 
 
 def run(args: list[str], crash: str | None = None, kill_after: float | None = None, started: Path | None = None) -> int:

@@ -23,7 +23,7 @@ import pandas as pd
 from ..data.corpus import Corpus
 from ..distributed import World
 from ..evaluation.perplexity import PerplexityReport
-from ..evaluation.scoring import score_run
+from ..evaluation.scoring import Scores, score_run
 from ..inference.checkpoint import checkpoint_step, fingerprint_differences
 from ..inference.svi import FitResult, fit
 from ..io.artifacts import ADAPTERS_FILE, json_roundtrip, load_adapters, read_json, write_json
@@ -273,21 +273,17 @@ def _finish(
     if status != TRAINED:
         raise _stopped(out, result)
     scored = time.perf_counter()
-    scores = score_run(
-        bora,
-        corpus,
-        spec.train.eval_batch_size,
-        spec.posterior_samples,
-        spec.train.seed,
-        train_log(result),
-        valid=result.best_valid,
-        base_test=base_test,
-    )
+    scores = _score(spec, bora, corpus, train_log(result), valid=result.best_valid, base_test=base_test)
     if not world.is_main:  # data-parallel: rank 0 alone writes the run folder
         return {**metrics, **scores.metrics}
     metrics = write_scores(out, scores, _title(spec, bora), time.perf_counter() - scored)
     _remove_checkpoints(out)
     return metrics
+
+
+def _score(spec: RunSpec, bora: BoRA, corpus: Corpus, log: pd.DataFrame, **known) -> Scores:
+    """Stage 2's computations, with the run's evaluation settings (``known``: reports already scored)."""
+    return score_run(bora, corpus, spec.train.eval_batch_size, spec.posterior_samples, spec.train.seed, log, **known)
 
 
 def _remove_ours(folder: Path) -> None:
@@ -338,14 +334,7 @@ def complete_run(path: str | Path, trust_remote_code: bool = False, device: str 
             bora.use_task_store(TaskStore("disk", path / TASK_STORE_FOLDER, reopen=True))
         bora.load_state_dict(fit_state(path), corpus.train.collate([0]).to(bora.device))
         started = time.perf_counter()
-        scores = score_run(
-            bora,
-            corpus,
-            spec.train.eval_batch_size,
-            spec.posterior_samples,
-            spec.train.seed,
-            pd.read_csv(path / "train_log.csv"),
-        )
+        scores = _score(spec, bora, corpus, pd.read_csv(path / "train_log.csv"))
         metrics = write_scores(path, scores, _title(spec, bora), time.perf_counter() - started)
     _remove_checkpoints(path)
     return metrics

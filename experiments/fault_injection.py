@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bora_pyro.io.faults import CRASH_ENV
-from tests.conftest import synthetic_rows
+from tests.conftest import synthetic_rows, train_args
 
 # crash points and how many times a run reaches each (k is drawn from 1..count)
 CRASH_POINTS = {

@@ -52,6 +52,12 @@ def run_seed_sweep(spec: RunSpec, taus: Sequence[float], seeds: Sequence[int], o
     return summarize_seeds(out)
 
 
+def _split_seed(out: Path) -> int | str:
+    """The split seed every run of ``out`` used (from their configs; "differing" if they did not share one)."""
+    seeds = {read_json(p)["corpus"]["seed"] for p in out.glob("seed=*/runs/tau=*/config.json")}
+    return seeds.pop() if len(seeds) == 1 else "differing"
+
+
 def _seeds(out: Path) -> list[int]:
     if (out / SEEDS_FILE).is_file():
         return list(read_json(out / SEEDS_FILE)["seeds"])
@@ -152,8 +158,7 @@ def summarize_seeds(out: str | Path) -> pd.DataFrame:
     lines = [
         "# tau sweep over training seeds",
         "",
-        f"Seeds: {sorted(table.seed.unique().tolist())}; one data split (split seed "
-        f"{read_json(out / SEEDS_FILE).get('split_seed') if (out / SEEDS_FILE).is_file() else '?'}). "
+        f"Seeds: {sorted(table.seed.unique().tolist())}; one data split (split seed {_split_seed(out)}). "
         f"Best tau on mean validation perplexity: **{tau_label(best)}**. Mean ± sd over seeds.",
         "",
         _markdown(shown),

@@ -332,7 +332,9 @@ class BoRA:
                 subsample = TaskSubsample.rows(tasks, len(self.tasks))
             factors = poutine.condition(self.prior.sample, data=values)(self.init, subsample)
         count = len(self.tasks) if tasks is None else len(tasks)
-        return {k: v.detach().expand(count, *v.shape[1:]).clone() for k, v in factors.items()}
+        factors = {k: v.detach().expand(count, *v.shape[1:]).clone() for k, v in factors.items()}
+        self.task_store.release()  # a disk store's pages of the rows read: reading all tasks in turn holds one chunk
+        return factors
 
     def _point_values(self) -> dict[str, torch.Tensor]:
         """The latent sites at the guide's median (their start before any fitting)."""

@@ -124,3 +124,11 @@ def test_a_kill_during_a_row_write_back_resumes_to_the_same_result(tmp_path, cra
             load_file(tmp_path / "disk" / "adapters.safetensors")[name], value, atol=1e-6, rtol=0
         )
     assert (tmp_path / "disk" / "train_log.csv").read_text() == (tmp_path / "straight" / "train_log.csv").read_text()
+
+
+def test_tables_are_made_on_the_parameters_device_and_a_disk_store_refuses_an_accelerator(tmp_path):
+    meta = torch.device("meta")  # stands for an accelerator: a tensor's device without its memory
+    assert TaskStore("memory").table("guide.x", (3, 2), device=meta).device == meta
+    with pytest.raises(ValueError, match=r"disk task store keeps the task rows on the CPU.*--task-store memory"):
+        TaskStore("disk", tmp_path / "store").table("guide.x", (3, 2), device=meta)
+    assert not (tmp_path / "store" / "guide.x.safetensors").exists()

@@ -127,8 +127,11 @@ class TaskSparseAdamW(torch.optim.Optimizer):
         if task and self._store is not None:
             i = self._task_params[id(p)]
             return {
-                "step": torch.zeros(p.shape[0]),
-                **{k: self._store.table(f"adamw.{i}.{k}", tuple(p.shape)) for k in ("exp_avg", "exp_avg_sq")},
+                "step": torch.zeros(p.shape[0], device=p.device),
+                **{
+                    k: self._store.table(f"adamw.{i}.{k}", tuple(p.shape), device=p.device)
+                    for k in ("exp_avg", "exp_avg_sq")
+                },
             }
         return {
             "step": torch.zeros(p.shape[0] if task else (), dtype=torch.float32, device=p.device),

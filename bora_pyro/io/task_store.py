@@ -205,10 +205,19 @@ class TaskStore:
     def path(self, name: str) -> Path:
         return self.folder / (re.sub(r"[^A-Za-z0-9._-]+", "_", name) + TABLE_SUFFIX)
 
-    def table(self, name: str, shape: tuple[int, ...], fill: torch.Tensor | None = None) -> torch.Tensor:
+    def table(
+        self, name: str, shape: tuple[int, ...], fill: torch.Tensor | None = None, device: torch.device | None = None
+    ) -> torch.Tensor:
         """A new table ``name`` of ``shape`` [D, ...], zeros or every row equal to ``fill`` [...] (it replaces a
-        table of that name: a new guide or optimizer starts its own)."""
+        table of that name: a new guide or optimizer starts its own), on ``device`` (the parameters' device; a
+        disk store's tables are on the CPU)."""
+        device = torch.device("cpu") if device is None else torch.device(device)
         if self.disk:
+            if device.type != "cpu":
+                raise ValueError(
+                    f"a disk task store keeps the task rows on the CPU; training on {device} with it is not "
+                    "implemented yet: use --task-store memory, or --device cpu"
+                )
             if not self.folder.is_dir():
                 self.folder.mkdir(parents=True)
                 mark(self.folder, "store")
@@ -222,7 +231,7 @@ class TaskStore:
                 self.undo.record_created(name)
             table, self._maps[name] = _map_table(path, tuple(shape), name)
         else:
-            table = torch.zeros(shape)
+            table = torch.zeros(shape, device=device)
         if fill is not None and bool((fill != 0).any()):
             with torch.no_grad():
                 for start in range(0, shape[0], 256):  # in chunks: no [D, ...] temporary

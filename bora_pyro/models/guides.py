@@ -111,7 +111,9 @@ class TaskDelta(AutoDelta):
             task = [f for f in site["cond_indep_stack"] if f.name == TASK_PLATE]
             if task:
                 rows = task[0].full_size or task[0].size
-                value = self.task_store.table(f"guide.{name}", (rows, *value.shape[1:]), fill=value[0])
+                value = self.task_store.table(
+                    f"guide.{name}", (rows, *value.shape[1:]), fill=value[0], device=value.device
+                )
             elif any(f.full_size not in (None, f.size) for f in site["cond_indep_stack"]):
                 raise ValueError(f"site {name!r} is subsampled by a plate other than the task plate")
             deep_setattr(self, name, PyroParam(value, site["fn"].support, site["fn"].event_dim))

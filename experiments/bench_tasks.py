@@ -230,6 +230,15 @@ def plot(summary: dict, configs: list[str], path: Path) -> None:
         fmt="o-",
         capsize=3,
     )
+    for axis, key in ((left, "step_s_median"), (right, "train_peak_rss_gib")):
+        for config in configs:  # which store each D got ("auto": memory-mapped files above 8 GB of tables)
+            axis.annotate(
+                summary[config]["store"],
+                (int(config), summary[config][key]),
+                fontsize=8,
+                textcoords="offset points",
+                xytext=(4, 6),
+            )
     left.axhline(summary["peft"]["step_s_median"], color="gray", ls="--", label="single-adapter PEFT")
     left.set_xscale("log")
     left.set_xlabel("tasks D")

@@ -146,26 +146,20 @@ def plot_seed_figures(out: Path, stats: pd.DataFrame, per_task: pd.DataFrame, ga
     for _, rows in by_task.groupby("task"):
         ax.plot([pos[t] for t in rows.tau], rows.test_ppl, color="tab:gray", lw=0.8, alpha=0.5)
     x = [pos[t] for t in stats.tau]
-    ax.errorbar(
-        x,
-        stats.test_ppl_mean,
-        yerr=stats.test_ppl_sd,
-        fmt="o-",
-        color="tab:blue",
-        lw=2.5,
-        capsize=4,
-        label="overall (token-weighted), mean ± sd",
-    )
-    ax.errorbar(
-        x,
-        stats.test_macro_ppl_mean,
-        yerr=stats.test_macro_ppl_sd,
-        fmt="s--",
-        color="tab:orange",
-        lw=2,
-        capsize=4,
-        label="task-macro, mean ± sd",
-    )
+    for column, fmt, color, width, label in (
+        ("test_ppl", "o-", "tab:blue", 2.5, "overall (token-weighted), mean ± sd"),
+        ("test_macro_ppl", "s--", "tab:orange", 2, "task-macro, mean ± sd"),
+    ):
+        ax.errorbar(
+            x,
+            stats[f"{column}_mean"],
+            yerr=stats[f"{column}_sd"],
+            fmt=fmt,
+            color=color,
+            lw=width,
+            capsize=4,
+            label=label,
+        )
     ax.plot([], [], color="tab:gray", lw=0.8, label="individual tasks (mean over seeds)")
     ax.axvline(pos[best], color="tab:green", ls=":", label=f"best τ on validation ({best:g})")
     ax.set_yscale("log")

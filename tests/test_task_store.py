@@ -132,3 +132,22 @@ def test_tables_are_made_on_the_parameters_device_and_a_disk_store_refuses_an_ac
     with pytest.raises(ValueError, match=r"disk task store keeps the task rows on the CPU.*--task-store memory"):
         TaskStore("disk", tmp_path / "store").table("guide.x", (3, 2), device=meta)
     assert not (tmp_path / "store" / "guide.x.safetensors").exists()
+
+
+@pytest.mark.parametrize("tau", ["0", "inf"])
+def test_a_disk_store_runs_the_classical_extremes_as_the_memory_store(tmp_path, tau):
+    """tau = inf (pooled) has no task rows at all, tau = 0 only task rows: both run with --task-store disk."""
+    from safetensors.torch import load_file
+
+    from bora_pyro.cli import main
+
+    from .conftest import synthetic_rows, train_args
+
+    data = tmp_path / "corpus.csv"
+    synthetic_rows({"north": 12, "south": 8, "east": 5}).to_csv(data, index=False)
+    for store in ("memory", "disk"):
+        assert main(train_args(data, tmp_path / store, "--tau", tau, "--lr", "0.01", "--task-store", store)) == 0
+    for name, value in load_file(tmp_path / "memory" / "adapters.safetensors").items():
+        torch.testing.assert_close(
+            load_file(tmp_path / "disk" / "adapters.safetensors")[name], value, atol=1e-6, rtol=0
+        )

@@ -24,7 +24,7 @@ from ..io.task_store import STORES, TaskStore, table_bytes
 from ..models.bora import BoRA
 from ..models.gates import GateConfig
 from ..models.guides import INFERENCE
-from ..models.prior import PriorConfig
+from ..models.prior import POOLED, PriorConfig
 from ..options import option, parse_csv
 
 TRUST_HELP = (
@@ -158,7 +158,7 @@ class RunSpec:
             task_subsampling=a.task_subsampling,
         )
         store = self.task_store(len(tasks), bora.lora.num_parameters(), store_folder, reopen_store)
-        if store.disk:
+        if store.disk and bora.mode != POOLED:  # tau = inf has no task rows: nothing to store
             bora.use_task_store(store)
         return bora
 

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from bora_pyro.io.task_store import STORES
+
 
 def disk_bytes(folder: Path) -> int:
     """Bytes on disk (allocated blocks: sparse files count what is written) under ``folder``."""
@@ -263,7 +265,7 @@ if __name__ == "__main__":
     parser.add_argument("--short", type=int, default=3)
     parser.add_argument("--long", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--task-store", default="auto", choices=("auto", "memory", "disk"))
+    parser.add_argument("--task-store", default="auto", choices=STORES)
     parser.add_argument("--adapters-up-to", type=int, default=10000, help="write the adapters file up to this D")
     parser.add_argument("--scratch", default=None, help="folder for the task store and files (default: the temp dir)")
     parser.add_argument("--out", default="experiments/results/bench_tasks")

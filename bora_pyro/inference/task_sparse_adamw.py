@@ -143,8 +143,7 @@ class TaskSparseAdamW(torch.optim.Optimizer):
     def step(self, rows: torch.Tensor | None = None) -> None:  # type: ignore[override]
         """Update every parameter with a gradient; task parameters only on ``rows`` ([P] task ids; None: all).
         A disk task store records those rows before they change (see ``io/task_store.py``)."""
-        journaled = self._store is not None and self._store.disk and bool(self._task_params)  # pooled: no rows
-        if journaled:
+        if self._store is not None and self._store.disk:
             if rows is None:
                 raise ValueError("a disk task store needs the rows a step changes (task subsampling)")
             self._store.before_write(rows)
@@ -170,5 +169,5 @@ class TaskSparseAdamW(torch.optim.Optimizer):
                 for target, rows_value in ((p, x), (state["exp_avg"], m), (state["exp_avg_sq"], v)):
                     target.index_copy_(0, r, rows_value)
                     crash_point("store.rows-written")
-        if journaled:
+        if self._store is not None and self._store.disk:
             self._store.release()

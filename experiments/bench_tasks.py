@@ -9,10 +9,14 @@ allocation cancel. The configurations are run in turn (A B C ... A B C ...) ``--
 median and the range of the slopes are reported. The task store is chosen as users get it ("auto":
 memory-mapped files above 8 GB of task tables), or forced with ``--task-store``. After the timed steps a
 D-task process also times a checkpoint (write time and size), writing the adapters file (streamed), and
-exporting one task from it as a PEFT adapter.
+exporting one task from it as a PEFT adapter. As ``fit`` does, each step is told the next step's tasks,
+whose rows a disk store starts reading while the step computes; a configuration ``D/no-prefetch`` (e.g.
+``--tasks 10,10000,10000/no-prefetch``) times the same steps without that read-ahead.
 
     .venv/bin/python experiments/bench_tasks.py --tasks 10,100,1000,10000,30000 --out experiments/results/bench_tasks
     .venv/bin/python experiments/bench_tasks.py --model tiny-random-llama --tasks 10,1000 --short 1 --long 3   # CI
+    .venv/bin/python experiments/bench_tasks.py --tasks 10,10000,10000/no-prefetch --adapters-up-to 0 \
+        --out experiments/results/bench_prefetch
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ def run_peft(args) -> dict:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     batches = make_batches(tokenizer, 1, args)
 
-    def step(batch) -> None:
+    def step(batch, upcoming) -> None:
         opt.zero_grad(set_to_none=True)
         (-token_log_probs(model(input_ids=batch.input_ids).logits, batch.labels).sum()).backward()
         opt.step()
@@ -77,10 +81,11 @@ def make_batches(tokenizer, num_tasks: int, args) -> list:
 
 
 def time_steps(step, batches, args) -> dict:
-    """Wall time to finish each step; the slope between --short and --long steps, and peak RSS."""
+    """Wall time to finish each step (``step(batch, next_batch)``; the last one's next batch is None); the
+    slope between --short and --long steps, and peak RSS."""
     start, done = time.perf_counter(), []
-    for batch in batches:
-        step(batch)
+    for batch, upcoming in zip(batches, [*batches[1:], None]):
+        step(batch, upcoming)
         done.append(time.perf_counter() - start)
     slope = (done[args.long - 1] - done[args.short - 1]) / (args.long - args.short)
     return {"step_s": slope, "peak_rss_bytes": peak_rss()}
@@ -91,7 +96,15 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run_bora(num_tasks: int, args) -> dict:
+def parse_config(config: str) -> tuple[int, bool]:
+    """ "D" or "D/no-prefetch" -> (D, whether steps read the next step's rows ahead)."""
+    tasks, _, variant = config.partition("/")
+    if variant not in ("", "no-prefetch"):
+        raise SystemExit(f"configuration {config!r}: expected D or D/no-prefetch")
+    return int(tasks), variant == ""
+
+
+def run_bora(config: str, args) -> dict:
     import bora_pyro
     from bora_pyro.inference import TrainConfig
     from bora_pyro.inference.checkpoint import LoopState, save_checkpoint
@@ -100,6 +113,7 @@ def run_bora(num_tasks: int, args) -> dict:
     from bora_pyro.io.export import export_peft
     from bora_pyro.runs.spec import AdapterConfig, RunSpec
 
+    num_tasks, prefetch = parse_config(config)
     work = Path(tempfile.mkdtemp(prefix="bench-tasks-", dir=args.scratch))
     try:
         lm, tokenizer = bora_pyro.load_base_model(args.model, device="cpu")
@@ -110,7 +124,13 @@ def run_bora(num_tasks: int, args) -> dict:
         if bora.task_store.disk:
             bora.task_store.begin(0)  # as a run that checkpoints: the undo log is written every step
         counter = iter(range(1, 10**9))
-        result = time_steps(lambda b: train_step(b, next(counter)), batches, args)
+        result = time_steps(
+            lambda b, upcoming: train_step(
+                b, next(counter), next_tasks=upcoming.task_index if prefetch and upcoming is not None else None
+            ),
+            batches,
+            args,
+        )
         result["train_peak_rss_bytes"] = peak_rss()  # the training steps' peak, before checkpoint and export
         result.update(
             store=bora.task_store.kind, store_disk_bytes=disk_bytes(work / "store") if bora.task_store.disk else 0
@@ -146,7 +166,7 @@ def run_bora(num_tasks: int, args) -> dict:
 
 def main(args) -> None:
     if args.one:
-        out = run_peft(args) if args.one == "peft" else run_bora(int(args.one), args)
+        out = run_peft(args) if args.one == "peft" else run_bora(args.one, args)
         print(json.dumps(out))
         return
     configs = ["peft"] + [str(d) for d in args.tasks.split(",")]
@@ -220,23 +240,28 @@ def plot(summary: dict, configs: list[str], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    d = [int(c) for c in configs]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.errorbar(
-        d,
-        [summary[c]["step_s_median"] for c in configs],
-        yerr=[
-            [summary[c]["step_s_median"] - summary[c]["step_s_min"] for c in configs],
-            [summary[c]["step_s_max"] - summary[c]["step_s_median"] for c in configs],
-        ],
-        fmt="o-",
-        capsize=3,
-    )
+    for prefetch in (True, False):
+        series = [c for c in configs if parse_config(c)[1] == prefetch]
+        if series:
+            left.errorbar(
+                [parse_config(c)[0] for c in series],
+                [summary[c]["step_s_median"] for c in series],
+                yerr=[
+                    [summary[c]["step_s_median"] - summary[c]["step_s_min"] for c in series],
+                    [summary[c]["step_s_max"] - summary[c]["step_s_median"] for c in series],
+                ],
+                fmt="o-" if prefetch else "x:",
+                capsize=3,
+                label="bora_pyro" if prefetch else "bora_pyro, no read-ahead of the next rows",
+            )
+    rss = [c for c in configs if parse_config(c)[1]]  # the read-ahead changes the time only
+    d = [parse_config(c)[0] for c in rss]
     for axis, key in ((left, "step_s_median"), (right, "train_peak_rss_gib")):
-        for config in configs:  # which store each D got ("auto": memory-mapped files above 8 GB of tables)
+        for config in rss:  # which store each D got ("auto": memory-mapped files above 8 GB of tables)
             axis.annotate(
                 summary[config]["store"],
-                (int(config), summary[config][key]),
+                (parse_config(config)[0], summary[config][key]),
                 fontsize=8,
                 textcoords="offset points",
                 xytext=(4, 6),
@@ -246,8 +271,8 @@ def plot(summary: dict, configs: list[str], path: Path) -> None:
     left.set_xlabel("tasks D")
     left.set_ylabel("seconds per step")
     left.legend()
-    right.plot(d, [summary[c]["train_peak_rss_gib"] for c in configs], "o-", label="peak RSS, training steps")
-    right.plot(d, [summary[c]["peak_rss_gib"] for c in configs], "s--", label="with checkpoint and export")
+    right.plot(d, [summary[c]["train_peak_rss_gib"] for c in rss], "o-", label="peak RSS, training steps")
+    right.plot(d, [summary[c]["peak_rss_gib"] for c in rss], "s--", label="with checkpoint and export")
     right.axhline(summary["peft"]["peak_rss_gib"], color="gray", ls="--", label="single-adapter PEFT")
     right.set_xscale("log")
     right.set_xlabel("tasks D")

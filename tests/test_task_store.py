@@ -3,6 +3,8 @@ safetensors, and memory that does not grow with the number of tasks."""
 
 from __future__ import annotations
 
+import mmap
+
 import pyro
 import pytest
 import torch
@@ -126,12 +128,52 @@ def test_a_kill_during_a_row_write_back_resumes_to_the_same_result(tmp_path, cra
     assert (tmp_path / "disk" / "train_log.csv").read_text() == (tmp_path / "straight" / "train_log.csv").read_text()
 
 
-def test_tables_are_made_on_the_parameters_device_and_a_disk_store_refuses_an_accelerator(tmp_path):
+def test_tables_are_made_on_the_parameters_device_but_disk_tables_stay_in_host_memory(tmp_path):
     meta = torch.device("meta")  # stands for an accelerator: a tensor's device without its memory
     assert TaskStore("memory").table("guide.x", (3, 2), device=meta).device == meta
-    with pytest.raises(ValueError, match=r"disk task store keeps the task rows on the CPU.*--task-store memory"):
-        TaskStore("disk", tmp_path / "store").table("guide.x", (3, 2), device=meta)
-    assert not (tmp_path / "store" / "guide.x.safetensors").exists()
+    assert TaskStore("disk", tmp_path / "store").table("guide.x", (3, 2), device=meta).device == torch.device("cpu")
+
+
+def test_prefetch_asks_the_kernel_for_exactly_the_pages_of_the_next_steps_rows(tmp_path):
+    store = TaskStore("disk", tmp_path)
+    table = store.table("guide.task.x", (50, 3, 700))  # rows of 8,400 bytes: not page-aligned
+    table.copy_(torch.randn(50, 3, 700))
+    mapping = store._maps["guide.task.x"]
+
+    class Recording:  # the map, with its madvise calls recorded
+        def __init__(self, mapped):
+            self.mapped, self.calls = mapped, []
+
+        def madvise(self, option, start=0, length=None):
+            self.calls.append((option, start, length))
+
+    mapping.map = recording = Recording(mapping.map)
+    store.prefetch(torch.tensor([4, 31]))
+    store.prefetch(None)  # every task: nothing to read ahead
+    assert len(recording.calls) == 2
+    for row, (option, start, length) in zip((4, 31), recording.calls):
+        assert option == mmap.MADV_WILLNEED and start % mmap.PAGESIZE == 0
+        data = recording.mapped[start : start + length]
+        assert table[row].numpy().tobytes() in data and len(data) < table[row].nbytes + mmap.PAGESIZE
+    recording.calls.clear()
+    TaskStore("memory").prefetch(torch.tensor([1]))  # a memory store reads nothing
+    assert not recording.calls
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_disk_store_on_an_accelerator_fits_as_the_memory_store_on_it(make_corpus, tmp_path):
+    corpus = make_corpus({"a": 10, "b": 6, "c": 5, "d": 4})
+    fitted = {}
+    for kind in ("memory", "disk"):
+        pyro.clear_param_store()
+        store = TaskStore(kind, tmp_path / "store" if kind == "disk" else None)
+        lm = tiny_random_llama()[0].to("cuda")
+        bora = bora_pyro.BoRA(lm, corpus.tasks, rank=2, alpha=4, task_store=store)
+        bora_pyro.fit(bora, corpus, steps=6, batch_size=3, eval_every=3, progress=False, lr=0.05)
+        fitted[kind] = bora.task_factors()
+        assert all(v.device.type == "cuda" for v in fitted[kind].values())
+    for name, value in fitted["memory"].items():
+        torch.testing.assert_close(fitted["disk"][name], value, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("tau", ["0", "inf"])

@@ -225,13 +225,23 @@ class TrainStep:
         self.params = list(named.values())
         self.optimizer = make_optimizer(named, bora.parameter_roles(), self.lr, config, bora.task_store)
 
-    def __call__(self, batch: Batch, step: int, stop_requested: bool = False, validate: bool = False) -> StepOutcome:
+    def __call__(
+        self,
+        batch: Batch,
+        step: int,
+        stop_requested: bool = False,
+        validate: bool = False,
+        next_tasks: torch.Tensor | None = None,
+    ) -> StepOutcome:
         """Run step ``step`` (1-based, for the schedule) on ``batch`` (this rank's share of the step's
-        batch, with ``step_task_index`` the whole step's tasks)."""
+        batch, with ``step_task_index`` the whole step's tasks). ``next_tasks`` ([next step's batch] task ids):
+        a disk task store starts reading their rows now, to have them when the next step comes."""
         bora, world, config, optimizer = self.bora, self.world, self.config, self.optimizer
         step_tasks = batch.task_index if batch.step_task_index is None else batch.step_task_index
         rows = bora.updated_tasks(step_tasks)
         start = time.perf_counter()
+        if next_tasks is not None and bora.task_store.disk:
+            bora.task_store.prefetch(bora.updated_tasks(next_tasks))
         with bora.param_scope():
             data = _DataTerm()
             with pyro.validation_enabled(validate), data:
@@ -376,14 +386,22 @@ def fit(
             if checkpoint is not None and world.is_main:
                 save_checkpoint(checkpoint, train_step.optimizer, state, best_state, fingerprint, bora.task_store)
 
+        def tasks_of(indices: list[int]) -> torch.Tensor:  # [step batch]
+            return torch.as_tensor([corpus.train.task_index[i] for i in indices])
+
+        upcoming = next(batches)
         with StopRequests() as stop:
             for step in bar:
-                indices = next(batches)
-                step_tasks = torch.as_tensor(
-                    [corpus.train.task_index[i] for i in indices], device=device
-                )  # [step batch]
+                indices, upcoming = upcoming, next(batches)
+                step_tasks = tasks_of(indices).to(device)  # [step batch]
                 batch = corpus.train.collate(world.shard(indices)).to(device).replace(step_task_index=step_tasks)
-                out = train_step(batch, step, stop.requested, validate and step == first_step)  # Pyro's checks once
+                out = train_step(
+                    batch,
+                    step,
+                    stop.requested,
+                    validate and step == first_step,  # Pyro's checks once
+                    next_tasks=tasks_of(upcoming) if step < config.steps else None,
+                )
                 if out.problem is not None:
                     result.status = "diverged"
                     where = (

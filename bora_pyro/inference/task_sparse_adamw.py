@@ -85,7 +85,8 @@ class TaskSparseAdamW(torch.optim.Optimizer):
         self._store = store
 
     def _rows_of(self, p: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor | None:
-        return rows if id(p) in self._task_params else None
+        """``rows`` on ``p``'s device for a task parameter (a disk store's table is in host memory), else None."""
+        return rows.to(p.device) if rows is not None and id(p) in self._task_params else None
 
     def _grads(self, rows: torch.Tensor | None) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         return [
@@ -95,11 +96,14 @@ class TaskSparseAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def grad_norm(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The global 2-norm of the gradients that :meth:`step` with these ``rows`` uses. -> []."""
+        grads = self._grads(rows)
+        if not grads:
+            return torch.zeros(())
+        device = grads[0][0].device if rows is None else rows.device  # the model's: a disk table's may differ
         norms = [
-            torch.linalg.vector_norm(_dense(p.grad) if r is None else grad_rows(p.grad, r))
-            for p, r in self._grads(rows)
+            torch.linalg.vector_norm(_dense(p.grad) if r is None else grad_rows(p.grad, r)).to(device) for p, r in grads
         ]
-        return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+        return torch.linalg.vector_norm(torch.stack(norms))
 
     @torch.no_grad()
     def clip_grad_norm_(
@@ -111,10 +115,11 @@ class TaskSparseAdamW(torch.optim.Optimizer):
         total = self.grad_norm(rows) if total is None else total
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
         for p, r in self._grads(rows):
+            scale = coef.to(p.device)
             if r is None or p.grad.is_sparse:
-                p.grad = p.grad * coef
+                p.grad = p.grad * scale
             else:
-                p.grad.index_copy_(0, r, p.grad.index_select(0, r) * coef)
+                p.grad.index_copy_(0, r, p.grad.index_select(0, r) * scale)
         return total
 
     def task_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -16,6 +16,11 @@ overwrite (their values before the first write since a point; :meth:`TaskStore.b
 memory since the best validated state (to restore it without a copy of every row), and in an undo log
 on disk since the last checkpoint (``undo-<generation>.log``, written and flushed before the rows
 change): a resumed run rolls the tables back to its checkpoint, whatever moment a kill hit.
+
+A disk store's tables stay in host memory on every device: with the model on an accelerator, a step's rows
+are gathered on the host and copied to the device, their gradients copied back, and the optimizer updates
+them on the host (a step touches a few tasks' rows: megabytes, not the table). While a step computes, the
+next step's rows are read from the disk into the page cache (:meth:`TaskStore.prefetch`).
 """
 
 from __future__ import annotations
@@ -65,7 +70,7 @@ def open_table(path: Path, shape: tuple[int, ...] | None = None, name: str = "")
     return _map_table(path, shape, name)[0]
 
 
-def _map_table(path: Path, shape: tuple[int, ...] | None, name: str) -> tuple[torch.Tensor, mmap.mmap]:
+def _map_table(path: Path, shape: tuple[int, ...] | None, name: str) -> tuple[torch.Tensor, _Mapping]:
     path = Path(path)
     if not path.exists():
         if shape is None:
@@ -88,7 +93,23 @@ def _map_table(path: Path, shape: tuple[int, ...] | None, name: str) -> tuple[to
     # (8 MB on a virtio disk), so a step touching 2,880 rows of 18 KB read gigabytes (2-5 s per step)
     mapped.madvise(mmap.MADV_RANDOM)
     array = np.frombuffer(mapped, dtype=np.float32, count=math.prod(meta["shape"]), offset=8 + length)
-    return torch.from_numpy(array.reshape(meta["shape"])), mapped
+    return torch.from_numpy(array.reshape(meta["shape"])), _Mapping(mapped, 8 + length)
+
+
+class _Mapping:
+    """A table file's memory map and the byte offset of its first row in it."""
+
+    def __init__(self, mapped: mmap.mmap, offset: int) -> None:
+        self.map, self.offset = mapped, offset
+
+    def will_need(self, table: torch.Tensor, rows: list[int]) -> None:
+        """Ask the kernel to start reading these rows of ``table`` (this file's tensor [D, ...]) into the page
+        cache (``madvise(MADV_WILLNEED)``: it returns before the reads finish)."""
+        row_bytes = table[0].numel() * table.element_size()
+        for row in rows:
+            start = self.offset + row * row_bytes
+            aligned = start - start % mmap.PAGESIZE
+            self.map.madvise(mmap.MADV_WILLNEED, aligned, start + row_bytes - aligned)
 
 
 class RowJournal:
@@ -186,7 +207,7 @@ class TaskStore:
         self.kind, self.reopen = kind, reopen
         self.folder = None if folder is None else Path(folder)
         self.tables: dict[str, torch.Tensor] = {}
-        self._maps: dict[str, mmap.mmap] = {}
+        self._maps: dict[str, _Mapping] = {}
         self.best = RowJournal()  # the guide's rows as they were at the best validated state
         self.generation = 0  # of the undo log: checkpoints made
         self.undo: UndoLog | None = None
@@ -209,15 +230,11 @@ class TaskStore:
         self, name: str, shape: tuple[int, ...], fill: torch.Tensor | None = None, device: torch.device | None = None
     ) -> torch.Tensor:
         """A new table ``name`` of ``shape`` [D, ...], zeros or every row equal to ``fill`` [...] (it replaces a
-        table of that name: a new guide or optimizer starts its own), on ``device`` (the parameters' device; a
-        disk store's tables are on the CPU)."""
+        table of that name: a new guide or optimizer starts its own), on ``device`` (the parameters' device).
+        A disk store's tables stay in host memory whatever the device: the model gathers a step's rows and
+        copies them to its device (``guides.gather_rows``), and the optimizer updates them on the host."""
         device = torch.device("cpu") if device is None else torch.device(device)
         if self.disk:
-            if device.type != "cpu":
-                raise ValueError(
-                    f"a disk task store keeps the task rows on the CPU; training on {device} with it is not "
-                    "implemented yet: use --task-store memory, or --device cpu"
-                )
             if not self.folder.is_dir():
                 self.folder.mkdir(parents=True)
                 mark(self.folder, "store")
@@ -288,8 +305,18 @@ class TaskStore:
         """Drop the table pages this process has mapped in (``madvise(MADV_DONTNEED)``; what was written
         stays in the page cache and goes to the files): memory holds the rows a step uses, not all the
         rows steps have touched. Called after each optimizer step."""
-        for mapped in self._maps.values():
-            mapped.madvise(mmap.MADV_DONTNEED)
+        for mapping in self._maps.values():
+            mapping.map.madvise(mmap.MADV_DONTNEED)
+
+    def prefetch(self, rows: torch.Tensor | None) -> None:
+        """Start reading the rows ``rows`` ([P] task ids) of every disk table from the disk while the current
+        step computes: a training step calls it with the next step's tasks, whose rows are then in the page
+        cache when that step reads them (a memory store, or None for every task: nothing to read ahead)."""
+        if not self.disk or rows is None:
+            return
+        ids = [int(r) for r in rows]
+        for name, mapping in self._maps.items():
+            mapping.will_need(self.tables[name], ids)
 
     def holds(self, tensor: torch.Tensor) -> bool:
         """True if ``tensor`` is (a view of the whole of) one of this disk store's tables."""

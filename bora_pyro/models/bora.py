@@ -25,7 +25,7 @@ from ..io.task_store import TaskStore
 from ..nn.gates import LayerGates
 from ..nn.lora import Factors, MultiTaskLoRA
 from .gates import GateConfig, Gates
-from .guides import guide_parameters, make_guide, task_sites
+from .guides import guide_parameters, make_guide, take_rows, task_sites
 from .likelihood import lm_log_likelihood, lm_logits
 from .prior import INDEPENDENT, POOLED, HierarchicalPrior, PriorConfig
 from .task_subsample import TASK_PLATE, TaskSubsample
@@ -328,8 +328,9 @@ class BoRA:
             subsample = None
             if tasks is not None:
                 rows = set(self.prior.task_sites())
-                values = {k: v.index_select(0, tasks) if k in rows else v for k, v in values.items()}
+                values = {k: take_rows(v, tasks) if k in rows else v for k, v in values.items()}
                 subsample = TaskSubsample.rows(tasks, len(self.tasks))
+            values = {k: v.to(self.device) for k, v in values.items()}  # a disk store's rows are on the host
             factors = poutine.condition(self.prior.sample, data=values)(self.init, subsample)
         count = len(self.tasks) if tasks is None else len(tasks)
         factors = {k: v.detach().expand(count, *v.shape[1:]).clone() for k, v in factors.items()}

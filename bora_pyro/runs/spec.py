@@ -17,6 +17,7 @@ from typing import Any
 
 from .. import __version__
 from ..data.corpus import CorpusConfig
+from ..distributed import World
 from ..inference.config import TrainConfig
 from ..io.artifacts import RUN_FORMAT, json_roundtrip, read_json
 from ..io.base_models import load_base_model, resolve_device
@@ -136,6 +137,14 @@ class RunSpec:
             kind = "memory"  # a model that is not trained here (a loaded run) creates no tables
         if kind == "disk" and not self.adapter.task_subsampling:
             raise ValueError("a disk task store needs task subsampling (a step must touch only its batch's tasks)")
+        processes = World.current().size
+        if kind == "disk" and processes > 1:
+            raise ValueError(
+                f"a disk task store belongs to one process, and this is one of {processes} data-parallel processes "
+                f"(--task-store {self.adapter.task_store}, {needed / 1e9:.1f} GB of task tables): every process "
+                "would write the same table files. Use --task-store memory, or one process (sharding the task "
+                "rows over processes is a design in docs/multi-node.md, not implemented)"
+            )
         return TaskStore(kind, folder if kind == "disk" else None, reopen=reopen)
 
     def build_model(

@@ -21,26 +21,6 @@ for LAMBDA in 100 1000; do
 done
 .venv/bin/bora-pyro train "${COMMON[@]}" --rank-gates --quant-gates weights --rank-lambda 100 --quant-lambda 100 \
     --gate-init 6 --out "$OUT/runs/rank+quant_lambda100_init6"
-.venv/bin/python - "$OUT" <<'PY'
-import json, sys
-from pathlib import Path
-
-import pandas as pd
-
-from bora_pyro.evaluation.plots import plot_gates
-
-out = Path(sys.argv[1])
-rows = []
-for name in ("plain", "rank", "rank+quant", "rank+quant_init6", "rank+quant_lambda100", "rank+quant_lambda100_init6",
-             "rank+quant_lambda1000"):
-    m = json.loads((out / "runs" / name / "metrics.json").read_text())
-    rows.append(f"| {name} | {m['test_ppl']:.1f} | {m['test_macro_ppl']:.1f} | {m.get('gates_mean_rank', 8):.2f} | "
-                f"{m.get('gates_rank_by_module', '')} | {m.get('gates_weight_bits', {32: 'all'})} | "
-                f"{m.get('gates_activation_bits', {32: 'all'})} | {m.get('relative_bops', 1.0):.3f} | {m['train_seconds']:.0f} |")
-    if (out / "runs" / name / "gates.csv").exists():
-        plot_gates(pd.read_csv(out / "runs" / name / "gates.csv"), out / f"gates_{name}.png", f"BoRA + B-LoRA gates: {name}")
-table = ("| run | test ppl | macro ppl | mean rank | rank by module | weight bits (layers) | activation bits (layers) "
-         "| relative BOPs | train s |\n|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows))
-(out / "summary.md").write_text(table + "\n")
-print(table)
-PY
+.venv/bin/python experiments/summarize_gates.py --out "$OUT" \
+  $(for NAME in plain rank rank+quant rank+quant_init6 rank+quant_lambda100 rank+quant_lambda100_init6 \
+      rank+quant_lambda1000; do echo "$NAME=$OUT/runs/$NAME"; done)

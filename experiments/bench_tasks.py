@@ -16,7 +16,7 @@ whose rows a disk store starts reading while the step computes; a configuration 
     .venv/bin/python experiments/bench_tasks.py --tasks 10,100,1000,10000,30000 --out experiments/results/bench_tasks
     .venv/bin/python experiments/bench_tasks.py --model tiny-random-llama --tasks 10,1000 --short 1 --long 3   # CI
     .venv/bin/python experiments/bench_tasks.py --tasks 10,10000,10000/no-prefetch --adapters-up-to 0 \
-        --out experiments/results/bench_prefetch
+        --out experiments/results/bench_tasks_prefetch
 """
 
 from __future__ import annotations

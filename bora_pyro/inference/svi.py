@@ -390,17 +390,19 @@ def fit(
             return torch.as_tensor([corpus.train.task_index[i] for i in indices])
 
         upcoming = next(batches)
+        upcoming_tasks = tasks_of(upcoming)
         with StopRequests() as stop:
             for step in bar:
-                indices, upcoming = upcoming, next(batches)
-                step_tasks = tasks_of(indices).to(device)  # [step batch]
+                indices, step_tasks = upcoming, upcoming_tasks.to(device)  # [step batch]
+                upcoming = next(batches)
+                upcoming_tasks = tasks_of(upcoming)
                 batch = corpus.train.collate(world.shard(indices)).to(device).replace(step_task_index=step_tasks)
                 out = train_step(
                     batch,
                     step,
                     stop.requested,
                     validate and step == first_step,  # Pyro's checks once
-                    next_tasks=tasks_of(upcoming) if step < config.steps else None,
+                    next_tasks=upcoming_tasks if step < config.steps else None,
                 )
                 if out.problem is not None:
                     result.status = "diverged"

@@ -81,9 +81,10 @@ class _GatherRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, full: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(index.to(full.device))
+        where = index.to(full.device)
+        ctx.save_for_backward(where)
         ctx.full_shape = full.shape
-        return take_rows(full, index)
+        return full.index_select(0, where).to(index.device)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:

@@ -124,7 +124,8 @@ def test_penalty_is_lambda_times_the_expected_open_gates(make_corpus):
 
 def test_gated_training_reports_rank_bits_and_bops(make_corpus):
     corpus = make_corpus()
-    bora = gated(corpus, rank_gates="shared", quant_gates="weights", rank_lambda=1e4, quant_lambda=1e4)
+    strong = {"rank_lambda": 1e4, "quant_lambda": 1e4, "gate_init": 3.0}  # start less open than the default
+    bora = gated(corpus, rank_gates="shared", quant_gates="weights", **strong)
     bora_pyro.fit(bora, corpus, steps=30, batch_size=4, eval_every=30, progress=False, guide_lr=0.2)
     report = bora.gates.report(bora.gate_values())
     assert list(report.columns[:7]) == ["layer", "block", "module", "rank", "weight_bits", "activation_bits", "bops"]
@@ -172,6 +173,7 @@ def test_cli_gated_run_writes_its_report_and_its_adapters_reproduce_it(tmp_path,
     run = tmp_path / "run"
     options = ["--steps", "15", "--eval-every", "25", "--batch-size", "4"]  # 25: the CLI default
     gates = ["--rank-gates", "per-task", "--quant-gates", "--rank-lambda", "1e4", "--guide-lr", "0.5"]
+    gates += ["--gate-init", "3"]  # started less open than the default, so that 15 steps close some gates
     assert main(train_args(data, run, *options, *gates)) == 0
     report = pd.read_csv(run / "gates.csv")
     assert (run / "gates.png").is_file()

@@ -198,11 +198,11 @@ def test_run_folders_of_the_previous_layout_still_load(legacy):
             "init_seed": 0,
             "parameterization": "centered",
             "rank_gates": "shared",
-            "gate_init": 6.0,
+            "gate_init": 4.5,
         },
     }
     spec = RunSpec.from_dict(old if legacy else RunSpec.from_dict(old).to_dict())
     assert spec.prior.tau == float("inf") and spec.prior.parameterization == "centered"
-    assert spec.gates.rank_gates == "shared" and spec.gates.gate_init == 6.0 and spec.adapter.rank == 4
+    assert spec.gates.rank_gates == "shared" and spec.gates.gate_init == 4.5 and spec.adapter.rank == 4
     assert spec.adapter.task_subsampling is False  # runs before the option used every task's prior term
     assert spec.corpus.long_documents == ("truncate" if legacy else "truncate")  # before chunking: documents were cut

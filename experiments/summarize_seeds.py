@@ -32,23 +32,38 @@ def metrics(folder: Path) -> dict:
     return json.loads((folder / "metrics.json").read_text())
 
 
-def learned_table(runs: Path, grid: pd.DataFrame) -> str:
-    """Learned-tau VI runs (each guide-lr) against the grid's best tau, seed by seed."""
+LEARNED = {
+    "seeds_books10": ("learned10", "learned_tau_seeds", "ten books"),
+    "seeds_books71": ("learned71", "learned_tau_seeds_books71", "all 71 books"),
+}
+
+
+def tau_cell(m: dict) -> str:
+    """A run's tau: "13.7 [13.6, 13.7]" (learned, one tau), "q_proj 12 [11, 13]; v_proj ..." (learned per module),
+    "10 (fixed)"."""
+    quantiles = m.get("tau_posterior_q05_q50_q95")
+    if quantiles is None:
+        return f"{float(m['tau']):g} (fixed)"
+    cells = {group: f"{q50:.3g} [{q05:.3g}, {q95:.3g}]" for group, (q05, q50, q95) in quantiles.items()}
+    return cells["all"] if list(cells) == ["all"] else "; ".join(f"{g} {c}" for g, c in cells.items())
+
+
+def learned_table(runs: Path, learned: str, grid_name: str, grid: pd.DataFrame) -> str:
+    """VI runs (each variant: guide lr, tau groups, a fixed tau) against the grid's best tau (MAP), seed by seed."""
     best = float(grid.loc[grid.valid_ppl_mean.idxmin(), "tau"])
     lines = [
-        "| guide lr | seed | learned tau (median [5%, 95%]) | test ppl | task-macro | wall (s) | best grid tau "
+        "| variant | seed | tau (learned: median [5%, 95%]) | test ppl | task-macro | wall (s) | best grid tau "
         f"({best:g}) test ppl, same seed | gap |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for folder in sorted(runs.glob("learned10/glr=*/seed=*")):
+    for folder in sorted(runs.glob(f"{learned}/*/seed=*")):
         if not (folder / "metrics.json").is_file():
             continue
         m, seed = metrics(folder), int(folder.name.split("=")[1])
-        grid_run = runs / "seeds_books10" / f"seed={seed}" / "runs" / f"tau={best:g}" / "metrics.json"
+        grid_run = runs / grid_name / f"seed={seed}" / "runs" / f"tau={best:g}" / "metrics.json"
         ref = json.loads(grid_run.read_text())["test_ppl"] if grid_run.is_file() else float("nan")
-        q05, q50, q95 = m["tau_posterior_q05_q50_q95"]["all"]
         lines.append(
-            f"| {folder.parent.name.split('=')[1]} | {seed} | {q50:.3g} [{q05:.3g}, {q95:.3g}] | "
+            f"| {folder.parent.name} | {seed} | {tau_cell(m)} | "
             f"{m['test_ppl']:.1f} | {m['test_macro_ppl']:.1f} | {m['wall_seconds']:.0f} | {ref:.1f} | "
             f"{100 * (m['test_ppl'] / ref - 1):+.1f}% |"
         )
@@ -72,17 +87,19 @@ def chapters_table(runs: Path) -> str:
 
 def main(args: argparse.Namespace) -> None:
     runs, out = Path(args.runs), Path(args.out)
-    grid = None
-    for name in ("seeds_books10", "seeds_books71"):
-        if (runs / name).is_dir() and list((runs / name).glob("seed=*/runs/tau=*/metrics.json")):
-            stats = summarize_seeds(runs / name)
-            grid = stats if name == "seeds_books10" else grid
-            copy_light(runs / name, out / name)
-    if grid is not None and list(runs.glob("learned10/glr=*/seed=*/metrics.json")):
+    sections = []
+    for name, (learned, results, label) in LEARNED.items():
+        if not ((runs / name).is_dir() and list((runs / name).glob("seed=*/runs/tau=*/metrics.json"))):
+            continue
+        grid = summarize_seeds(runs / name)
+        copy_light(runs / name, out / name)
+        if list(runs.glob(f"{learned}/*/seed=*/metrics.json")):
+            sections.append(f"## {label.capitalize()}\n\n" + learned_table(runs, learned, name, grid))
+            copy_light(runs / learned, out / results)
+    if sections:
         (out / "learned_tau_seeds.md").write_text(
-            "# Learned tau (VI) against the grid, ten books\n\n" + learned_table(runs, grid) + "\n"
+            "# Learned tau (VI) against the grid (MAP)\n\n" + "\n\n".join(sections) + "\n"
         )
-        copy_light(runs / "learned10", out / "learned_tau_seeds")
     if list(runs.glob("chapters/tau=*/metrics.json")):
         (out / "chapters.md").write_text(
             "# 1,304 chapters of the Wycliffe Bible as tasks\n\n" + chapters_table(runs) + "\n"

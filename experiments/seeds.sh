@@ -20,7 +20,7 @@ GLR=${GUIDE_LR:-0.05}
 vi() {  # learned tau (VI) with training seed $1 into folder $2 (skipped when finished), further options after
   local seed=$1 out=$2
   shift 2
-  [ -f "$out/metrics.json" ] && return 0
+  grep -qs '"status": "complete"' "$out/status.json" && return 0
   .venv/bin/bora-pyro train --tau learn --inference vi --guide-lr "$GLR" --seed "$seed" "${COMMON[@]}" "$@" --out "$out"
 }
 .venv/bin/bora-pyro sweep --taus 0,10,100,1000,inf --seeds 0,1,2 "${COMMON[@]}" --out "$R/seeds_books10"

@@ -28,6 +28,12 @@ def copy_light(source: Path, target: Path) -> None:
             shutil.copy2(path, target / path.relative_to(source))
 
 
+def complete(folder: Path) -> bool:
+    """The run is scored (a run marked trained already has a metrics.json, without the test scores)."""
+    status = folder / "status.json"
+    return status.is_file() and json.loads(status.read_text())["status"] == "complete"
+
+
 def metrics(folder: Path) -> dict:
     return json.loads((folder / "metrics.json").read_text())
 
@@ -57,7 +63,7 @@ def learned_table(runs: Path, learned: str, grid_name: str, grid: pd.DataFrame) 
         "|---|---|---|---|---|---|---|---|",
     ]
     for folder in sorted(runs.glob(f"{learned}/*/seed=*")):
-        if not (folder / "metrics.json").is_file():
+        if not complete(folder):
             continue
         m, seed = metrics(folder), int(folder.name.split("=")[1])
         grid_run = runs / grid_name / f"seed={seed}" / "runs" / f"tau={best:g}" / "metrics.json"
@@ -76,7 +82,7 @@ def chapters_table(runs: Path) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for folder in sorted(runs.glob("chapters/tau=*")):
-        if (folder / "metrics.json").is_file():
+        if complete(folder):
             m = metrics(folder)
             lines.append(
                 f"| {folder.name.split('=')[1]} | {m['num_tasks']} | {m['test_ppl']:.1f} | "
@@ -93,14 +99,14 @@ def main(args: argparse.Namespace) -> None:
             continue
         grid = summarize_seeds(runs / name)
         copy_light(runs / name, out / name)
-        if list(runs.glob(f"{learned}/*/seed=*/metrics.json")):
+        if any(complete(folder) for folder in runs.glob(f"{learned}/*/seed=*")):
             sections.append(f"## {label.capitalize()}\n\n" + learned_table(runs, learned, name, grid))
             copy_light(runs / learned, out / results)
     if sections:
         (out / "learned_tau_seeds.md").write_text(
             "# Learned tau (VI) against the grid (MAP)\n\n" + "\n\n".join(sections) + "\n"
         )
-    if list(runs.glob("chapters/tau=*/metrics.json")):
+    if any(complete(folder) for folder in runs.glob("chapters/tau=*")):
         (out / "chapters.md").write_text(
             "# 1,304 chapters of the Wycliffe Bible as tasks\n\n" + chapters_table(runs) + "\n"
         )

@@ -62,17 +62,24 @@ def learned_table(runs: Path, learned: str, grid_name: str, grid: pd.DataFrame) 
         f"({best:g}) test ppl, same seed | gap |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    gaps: dict[str, list[float]] = {}
     for folder in sorted(runs.glob(f"{learned}/*/seed=*")):
         if not complete(folder):
             continue
         m, seed = metrics(folder), int(folder.name.split("=")[1])
         grid_run = runs / grid_name / f"seed={seed}" / "runs" / f"tau={best:g}" / "metrics.json"
         ref = json.loads(grid_run.read_text())["test_ppl"] if grid_run.is_file() else float("nan")
+        gap = 100 * (m["test_ppl"] / ref - 1)
+        gaps.setdefault(folder.parent.name, []).append(gap)
         lines.append(
             f"| {folder.parent.name} | {seed} | {tau_cell(m)} | "
-            f"{m['test_ppl']:.1f} | {m['test_macro_ppl']:.1f} | {m['wall_seconds']:.0f} | {ref:.1f} | "
-            f"{100 * (m['test_ppl'] / ref - 1):+.1f}% |"
+            f"{m['test_ppl']:.1f} | {m['test_macro_ppl']:.1f} | {m['wall_seconds']:.0f} | {ref:.1f} | {gap:+.1f}% |"
         )
+    lines.append("")
+    for variant, values in gaps.items():
+        gap = pd.Series(values)
+        over = f"% ± {gap.std():.2f}% (mean ± sd over {len(gap)} seeds)" if len(gap) > 1 else "% (one seed)"
+        lines.append(f"* {variant}: gap {gap.mean():+.2f}{over}")
     return "\n".join(lines)
 
 

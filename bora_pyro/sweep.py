@@ -20,7 +20,7 @@ from .io.artifacts import read_json, write_json
 from .io.folders import MARKER, folder_lock, is_ours, mark, protected
 from .models.prior import LEARN, parse_tau
 from .runs import RunSpec, checkpoint_folder, resume_run, train_run
-from .runs.folder import COMPLETE, TRAINED, read_status
+from .runs.folder import COMPLETE, TRAINED, status_of
 
 log = logging.getLogger(__name__)
 
@@ -51,19 +51,12 @@ def _spec_without_tau(spec: RunSpec) -> dict:
     return d
 
 
-def _status(folder: Path) -> str | None:
-    try:
-        return read_status(folder)["status"]
-    except (FileNotFoundError, ValueError):
-        return None
-
-
 def known_base_test_ppl(folders: Sequence[Path]) -> list[float] | None:
     """The base model's per-task test perplexity from a complete run under ``folders`` (every run of a sweep
     shares the split and the base model, so it is scored once), or None."""
     for folder in folders:
         for run in sorted(Path(folder).glob("runs/tau=*")):
-            if _status(run) == COMPLETE and (run / "per_task.csv").is_file():
+            if status_of(run) == COMPLETE and (run / "per_task.csv").is_file():
                 return pd.read_csv(run / "per_task.csv").base_test_ppl.tolist()
     return None
 
@@ -100,7 +93,7 @@ def run_sweep(
         write_json(out / SWEEP_FILE, {"spec": settings, "taus": sorted(set(taus) | set(_finished_taus(out)))})
         for tau in taus:
             folder = out / "runs" / f"tau={tau_label(tau)}"
-            status = _status(folder)
+            status = status_of(folder)
             if status == COMPLETE:
                 log.warning("tau=%s already finished in %s: not rerun", tau_label(tau), folder)
                 continue
@@ -117,7 +110,7 @@ def run_sweep(
 
 
 def _finished_taus(out: Path) -> list[float]:
-    return [parse_tau(p.name.split("=", 1)[1]) for p in (out / "runs").glob("tau=*") if _status(p) == COMPLETE]
+    return [parse_tau(p.name.split("=", 1)[1]) for p in (out / "runs").glob("tau=*") if status_of(p) == COMPLETE]
 
 
 def collect(out: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The B-LoRA gates' start (log-alpha 3, the default when measured, against 6, the default since) on the second corpus: every book of the Wycliffe
-# Bible (71 tasks), with the settings of the 71-book tau grid in experiments/seeds.sh (tau = 100, seed 0, split
-# seed 0, 100 steps, training documents capped at 100 per book, 24 validation and test documents per book).
+# The B-LoRA gates' start (log-alpha 3, the default when measured, against 6, the default since) on the second
+# corpus: every book of the Wycliffe Bible (71 tasks), with the settings of the 71-book tau grid in
+# experiments/seeds.sh (tau = 100, seed 0, split seed 0, 100 steps, training documents capped at 100 per book,
+# 24 validation and test documents per book).
 # Rank and weight-precision gates at lambda = 100 (where they prune on the ten books), --guide-lr 0.1 as in
 # experiments/gates.sh. The reference is the grid's plain tau = 100 run of seed 0 (RUNS/seeds_books71): run
 # experiments/seeds.sh's third block first. About 30 minutes on a 2-core CPU.

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from bora_pyro.runs.folder import COMPLETE, status_of
 from bora_pyro.seed_sweep import summarize_seeds
 
 LIGHT = ("config.json", "metrics.json", "per_task.csv", "train_log.csv", "status.json")
@@ -30,8 +31,7 @@ def copy_light(source: Path, target: Path) -> None:
 
 def complete(folder: Path) -> bool:
     """The run is scored (a run marked trained already has a metrics.json, without the test scores)."""
-    status = folder / "status.json"
-    return status.is_file() and json.loads(status.read_text())["status"] == "complete"
+    return status_of(folder) == COMPLETE
 
 
 def metrics(folder: Path) -> dict:
@@ -78,8 +78,8 @@ def learned_table(runs: Path, learned: str, grid_name: str, grid: pd.DataFrame) 
     lines.append("")
     for variant, values in gaps.items():
         gap = pd.Series(values)
-        over = f"% ± {gap.std():.2f}% (mean ± sd over {len(gap)} seeds)" if len(gap) > 1 else "% (one seed)"
-        lines.append(f"* {variant}: gap {gap.mean():+.2f}{over}")
+        spread = f" ± {gap.std():.2f}% (mean ± sd over {len(gap)} seeds)" if len(gap) > 1 else " (one seed)"
+        lines.append(f"* {variant}: gap {gap.mean():+.2f}%{spread}")
     return "\n".join(lines)
 
 

@@ -60,6 +60,14 @@ def read_status(path: Path) -> dict[str, Any]:
     raise ValueError(f"{path} has neither {STATUS_FILE} nor {METRICS_FILE}: it is not a complete run folder")
 
 
+def status_of(path: Path) -> str | None:
+    """The status of a run folder (see :func:`read_status`), or None where there is no run folder yet."""
+    try:
+        return read_status(path)["status"]
+    except (FileNotFoundError, ValueError):
+        return None
+
+
 def train_log(result: FitResult) -> pd.DataFrame:
     """One row per step: the objective, training NLL and prior terms; the validation columns where validated."""
     losses = pd.DataFrame(result.losses)

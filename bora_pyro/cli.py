@@ -7,6 +7,11 @@ bora-pyro evaluate RUN [--split test]
 bora-pyro export   RUN --format peft|merged [--task NAME] --out DIR
 bora-pyro generate RUN --task NAME --prompt TEXT
 bora-pyro diagnose RUN [RUN ...]
+
+Exit codes: 0 done; 1 the fit diverged (the run folder holds its best validated state); 2 bad input or
+usage; 3 an operating-system error (disk full, no permission, a read-only folder); 4 a file bora_pyro
+wrote failed its check (changed since it was written, damaged, not finite); 75 another bora_pyro process
+holds the folder (try again later); 130 interrupted (Ctrl-C); 128 + N killed by signal N.
 """
 
 from __future__ import annotations
@@ -18,15 +23,18 @@ import signal
 import sys
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from .distributed import World, init_distributed
 from .evaluation.generation import task_indices
 from .evaluation.scoring import documents_line
 from .io.artifacts import read_json
 from .io.export import export_merged, export_peft
 from .io.folders import FolderBusy, check_target, folder_lock
+from .io.integrity import CorruptFile, update_manifest
 from .options import add_options, dest, parse_csv, section_values
 from .runs import SECTIONS, RunSpec, RunStopped, adapt_run, complete_run, load_run, resume_run, train_run
-from .runs.folder import COMPLETE, TRAINED, read_status
+from .runs.folder import COMPLETE, TRAINED, verified_status
 from .runs.spec import TRUST_HELP
 from .seed_sweep import parse_seeds, run_seed_sweep
 from .sweep import best_tau, parse_taus, run_sweep
@@ -186,6 +194,13 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="per-task and overall perplexity of a run on a split")
     p.add_argument("run", help="run folder written by 'bora-pyro train'")
     p.add_argument("--split", choices=("train", "valid", "test"), default="test")
+    p.add_argument(
+        "--data",
+        default=None,
+        metavar="C",
+        help="score this corpus (the run's tasks, read with the run's corpus settings) instead of the run's own, "
+        "which must be unchanged since training",
+    )
     p.add_argument("--device", default=None, help="override the run's device")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
@@ -193,7 +208,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _evaluate(a: argparse.Namespace) -> None:
-    if read_status(Path(a.run))["status"] == TRAINED:
+    if verified_status(Path(a.run))["status"] == TRAINED:
         print(f"{a.run} is trained but was never scored completely: scoring it now", file=sys.stderr)
         complete_run(a.run, a.trust_remote_code, a.device)
     run = load_run(a.run, device=a.device, trust_remote_code=a.trust_remote_code)
@@ -202,8 +217,8 @@ def _evaluate(a: argparse.Namespace) -> None:
             f"note: {a.run} is marked {run.status}: its adapters are the best validated state before it stopped",
             file=sys.stderr,
         )
-    report = run.evaluate(a.split)
-    if a.split != "train":
+    report = run.evaluate(a.split, data=a.data)
+    if a.split != "train" and a.data is None:
         print(documents_line(run.corpus.documents(), a.split), file=sys.stderr)
     if a.json:
         print(
@@ -242,8 +257,9 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _export(a: argparse.Namespace) -> None:
-    check_target(Path(a.out), a.overwrite, "export folder")  # before the model is loaded
-    with folder_lock(Path(a.out)):
+    kind = "export" if a.format == "peft" else "merged"
+    a.out = check_target(Path(a.out), a.overwrite, kind, sources=(Path(a.run),))  # before the model is loaded
+    with folder_lock(a.out):
         _export_locked(a)
 
 
@@ -319,16 +335,21 @@ def _diagnose(a: argparse.Namespace) -> None:
         name = Path(path).name
         if name in runs:
             name = str(path)
+        if Path(path).is_dir():
+            verified_status(Path(path))  # its posterior.nc is checked against the run's manifest
         runs[name] = diagnostics.load(path)
         print(f"== {path}")
         print(diagnostics.summary(runs[name]).to_string(float_format=lambda x: f"{x:.4g}"))
-        written = diagnostics.plot(runs[name], Path(path))
+        folder = Path(path) if Path(path).is_dir() else Path(path).parent
+        written = diagnostics.plot(runs[name], folder)
+        update_manifest(folder, [w.name for w in written])
         print("plots: " + ", ".join(str(w) for w in written))
     if len(runs) > 1:
         table = diagnostics.compare(runs)
         out = Path(a.out or a.runs[0])
         out.mkdir(parents=True, exist_ok=True)
         table.to_csv(out / "compare.csv")
+        update_manifest(out, ["compare.csv"])
         print("== az.compare (PSIS-LOO on held-out test documents; higher elpd_loo is better)")
         print(table.to_string(float_format=lambda x: f"{x:.4g}"))
         print(f"wrote {out / 'compare.csv'}")
@@ -353,6 +374,15 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         args.commands[args.command].set_defaults(**_config_defaults(args.config, args.trust_remote_code))
         args = parser.parse_args(argv)
     return args
+
+
+EXIT_USAGE, EXIT_OS, EXIT_CORRUPT, EXIT_BUSY = 2, 3, 4, 75  # see the module docstring (1: RunStopped's own)
+
+
+def _one_line(err: BaseException) -> str:
+    """An error's message on one line (a library's multi-line message folded)."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 2000 else text[:2000] + "..."
 
 
 def _terminate(signum: int, frame) -> None:
@@ -381,9 +411,19 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
-    except (ValueError, FileNotFoundError, FileExistsError, ModuleNotFoundError, KeyError, FolderBusy) as err:
-        print(f"bora-pyro {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except (CorruptFile, SafetensorError) as err:
+        print(f"bora-pyro {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_CORRUPT
+    except FolderBusy as err:
+        print(f"bora-pyro {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_BUSY
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, ModuleNotFoundError, KeyError) as err:
+        print(f"bora-pyro {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as err:  # the disk is full, a folder is read-only, no permission...
+        where = f" ({err.filename})" if err.filename and str(err.filename) not in str(err) else ""
+        print(f"bora-pyro {args.command}: system error: {_one_line(err)}{where}", file=sys.stderr)
+        return EXIT_OS
     finally:
         signal.signal(signal.SIGTERM, previous)
     return 0

@@ -98,7 +98,8 @@ def add_options(
             continue
         flag = f.metadata.get("flag", f"--{f.name.replace('_', '-')}")
         default = argparse.SUPPRESS if suppress_defaults else f.default
-        kwargs: dict[str, Any] = {"dest": dest(section, f.name), "default": default, "help": f.metadata["help"]}
+        help_text = f.metadata["help"].replace("%", "%%")  # argparse formats help with %: a literal % is %%
+        kwargs: dict[str, Any] = {"dest": dest(section, f.name), "default": default, "help": help_text}
         if _base_type(hints[f.name]) is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
             continue
@@ -120,3 +121,52 @@ def section_values(namespace: argparse.Namespace, cls: type, section: str) -> di
         if hasattr(namespace, key):
             out[f.name] = getattr(namespace, key)
     return out
+
+
+def _file_value(f: dataclasses.Field, hint: Any, value: Any, where: str) -> Any:
+    """A field's value as read from a JSON file, checked against its type: what the CLI would give for it.
+
+    JSON has no infinity, so floats are written as "inf" / "-inf" / "nan" (see ``io/artifacts.py``) and
+    read back here; a string for a field with a ``parse`` goes through the CLI's parser.
+    """
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    kinds = [a for a in args if a is not type(None)] if args and typing.get_origin(hint) is not tuple else [hint]
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{where} must not be null")
+    if isinstance(value, str) and "parse" in f.metadata:
+        try:
+            return f.metadata["parse"](value)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+    for kind in kinds:
+        origin = typing.get_origin(kind)
+        if kind is bool and isinstance(value, bool):
+            return value
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if kind is float and isinstance(value, str) and value in ("inf", "-inf", "nan"):
+            return float(value)
+        if kind is str and isinstance(value, str):
+            return value
+        if origin is tuple and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+    expected = " or ".join(getattr(k, "__name__", str(k)) for k in kinds) + (" or null" if optional else "")
+    raise ValueError(f"{where} must be {expected}, got {value!r}")
+
+
+def values_from_file(cls: type, values: Any, where: str) -> dict[str, Any]:
+    """The fields of ``cls`` in ``values`` (a mapping read from a JSON file), each checked against its type
+    (:func:`_file_value`); unknown keys and a value that is not a mapping are refused, naming ``where``."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{where} must be a JSON object of settings, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"{where}: unknown setting(s) {unknown}; known: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    return {k: _file_value(fields[k], hints[k], v, f"{where}.{k}") for k, v in values.items()}

@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from .io.artifacts import read_json, write_json
-from .io.folders import MARKER, folder_lock, is_ours, mark, protected
+from .io.folders import MARKER, folder_kind, folder_lock, mark, protected
 from .models.prior import LEARN, parse_tau
 from .runs import RunSpec, checkpoint_folder, resume_run, train_run
 from .runs.folder import COMPLETE, TRAINED, status_of
@@ -68,9 +68,12 @@ def check_sweep_folder(out: str | Path) -> Path:
     why = protected(out)
     if why is not None:
         raise FileExistsError(f"refusing to use {str(out)!r} as a sweep folder: it is {why}; choose a new folder")
-    if out.is_dir() and any(out.iterdir()) and not is_ours(out):
+    kind = folder_kind(out) if out.is_dir() and any(out.iterdir()) else "sweep"
+    if kind != "sweep":
+        what = "not a bora_pyro folder" if kind is None else f"a {kind} folder"
         raise FileExistsError(
-            f"{str(out)!r} exists, is not empty and is not a bora_pyro sweep folder (no {MARKER}); choose another --out"
+            f"{str(out)!r} exists, is not empty and is {what}: a sweep is written only into a new, empty or "
+            f"sweep folder (one with a {MARKER} of kind sweep); choose another --out"
         )
     return out
 

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pyro
@@ -79,3 +84,30 @@ def make_corpus(tmp_path, tiny_lm):
         return bora_pyro.load_corpus(f"csv:{path}", tokenizer=tiny_lm[1], **options)
 
     return build
+
+
+@contextlib.contextmanager
+def held_by_another_process(folder: Path):
+    """Hold ``folder``'s bora_pyro lock from a child process for the block (a process may retake its own)."""
+    script = (
+        "import time; from bora_pyro.io.folders import folder_lock;"
+        f"lock = folder_lock({str(folder)!r}); lock.__enter__(); print('held', flush=True); time.sleep(120)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def edit_run_file(path: Path, **changes) -> None:
+    """Change keys of a run folder's JSON file as if bora_pyro had written it so (the folder's manifest is
+    written anew): for tests of what a well-formed but hostile or outdated file gets."""
+    from bora_pyro.io.integrity import read_manifest, write_manifest
+
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    manifest = read_manifest(path.parent)
+    if manifest is not None:
+        write_manifest(path.parent, unhashed=manifest["unhashed"])

@@ -22,11 +22,11 @@ import bora_pyro
 from bora_pyro.cli import main
 from bora_pyro.io import base_models
 from bora_pyro.io.base_models import tiny_random_llama
-from bora_pyro.io.folders import MARKER, folder_lock
+from bora_pyro.io.folders import MARKER
 from bora_pyro.runs import RunSpec
 from bora_pyro.runs import train as run_training
 
-from .conftest import synthetic_rows, train_args
+from .conftest import edit_run_file, held_by_another_process, synthetic_rows, train_args
 
 
 @pytest.fixture
@@ -40,10 +40,6 @@ def train(data, out, *extra) -> int:
     return main(train_args(data, out, *extra))
 
 
-def edit_json(path: Path, **changes) -> None:
-    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
-
-
 # 1. trust_remote_code is never taken from a file
 
 
@@ -53,7 +49,7 @@ def edit_json(path: Path, **changes) -> None:
 def test_a_run_folder_cannot_grant_trust_remote_code(tmp_path, data, capsys, command):
     run = tmp_path / "run"
     assert train(data, run) == 0
-    edit_json(run / "config.json", trust_remote_code=True)
+    edit_run_file(run / "config.json", trust_remote_code=True)
     args = [a.replace("EXPORT", str(tmp_path / "export")) for a in command]
     capsys.readouterr()
     assert main([args[0], str(run), *args[1:]]) == 2
@@ -150,8 +146,8 @@ def test_a_failure_after_the_fit_loses_nothing_and_evaluate_completes_the_run(tm
 
 def test_a_folder_being_written_by_another_process_is_refused(tmp_path, data, capsys):
     run = tmp_path / "run"
-    with folder_lock(run):
-        assert train(data, run) == 2
+    with held_by_another_process(run):
+        assert train(data, run) == 75
     assert "is being written by another bora_pyro process" in capsys.readouterr().err
     assert not run.exists()
 
@@ -267,7 +263,7 @@ def test_the_run_records_its_base_model_and_refuses_other_weights(tmp_path, data
     assert recorded["name"] == "tiny-random-llama"
     assert recorded["weights_sha256"] == base_models.weights_sha256(tiny_random_llama()[0])
     assert recorded["weights_sha256"] != base_models.weights_sha256(tiny_random_llama(seed=1)[0])
-    edit_json(run / "config.json", base_model={**recorded, "weights_sha256": "0" * 64})
+    edit_run_file(run / "config.json", base_model={**recorded, "weights_sha256": "0" * 64})
     capsys.readouterr()
     assert main(["evaluate", str(run)]) == 2
     assert "was trained against other weights of 'tiny-random-llama'" in capsys.readouterr().err

@@ -63,8 +63,10 @@ class Split:
     ``input_ids[i]`` is document i's token ids; ``labels[i]`` the same with unscored positions
     set to -100; ``task_index[i]`` its task (index into ``tasks``). A source document longer than the
     token budget becomes several documents here (its chunks) or is cut: ``source_docs`` counts the
-    source documents, ``long_docs`` those that were longer than the budget, ``available_docs`` the
-    split's source documents before the per-task cap (``max_train_docs`` / ``max_eval_docs``).
+    source documents used (one chunk or more of each), ``long_docs`` those that were longer than the budget,
+    ``capped_docs`` those cut short by the per-task chunk cap of held-out splits (``max_eval_docs``: only
+    their first chunks are kept), ``available_docs`` the split's source documents before the per-task caps
+    (``max_train_docs`` / ``max_eval_docs``).
     """
 
     name: str
@@ -75,6 +77,7 @@ class Split:
     pad_token_id: int
     source_docs: int | None = None
     long_docs: int = 0
+    capped_docs: int = 0
     available_docs: int | None = None
 
     def __len__(self) -> int:

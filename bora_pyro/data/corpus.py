@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import string
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -55,8 +56,9 @@ class CorpusConfig:
     )
     max_eval_docs: int | None = option(
         8,
-        "cap on validation and on test documents per task ('none' = no cap; a CPU "
-        "convenience: every run says how many were scored)",
+        "cap on validation and on test documents per task, counted in chunks: a document longer than "
+        "--max-tokens counts each of its chunks ('none' = no cap; a CPU convenience: every run says how many "
+        "were scored)",
         parse=parse_optional_int,
     )
     task_prompt: str | None = option(None, "masked prompt before each document, e.g. '{task}: '")
@@ -97,11 +99,33 @@ class CorpusConfig:
             raise ValueError(f"long_documents must be one of {LONG_DOCUMENTS}, got {self.long_documents!r}")
         if self.ton_selection not in TON_SELECTIONS:
             raise ValueError(f"ton_selection must be one of {TON_SELECTIONS}, got {self.ton_selection!r}")
-        if self.task_prompt is not None and "{task}" not in self.task_prompt:
-            raise ValueError(f"task_prompt must contain '{{task}}', got {self.task_prompt!r}")
+        if self.task_prompt is not None:
+            check_task_prompt(self.task_prompt)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def check_task_prompt(prompt: str) -> None:
+    """A task prompt is text with the field ``{task}`` (at least once) and no other field: no positional or
+    other named field, attribute, index, conversion or format spec; literal braces are written ``{{`` and ``}}``."""
+    allowed = "the only field allowed is {task} (write a literal brace as {{ or }})"
+    if not isinstance(prompt, str):
+        raise ValueError(f"task_prompt must be text with the field {{task}} (or None), got {prompt!r}")
+    try:
+        fields = [
+            (name, spec, conversion)
+            for _, name, spec, conversion in string.Formatter().parse(prompt)
+            if name is not None
+        ]
+    except ValueError as err:
+        raise ValueError(f"task_prompt {prompt!r} is not a valid format string ({err}); {allowed}") from None
+    for name, spec, conversion in fields:
+        if (name, spec, conversion) != ("task", "", None):
+            field = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            raise ValueError(f"task_prompt {prompt!r} holds the field {field!r}; {allowed}")
+    if not fields:
+        raise ValueError(f"task_prompt must contain '{{task}}', got {prompt!r}; {allowed}")
 
 
 @dataclass(frozen=True)
@@ -131,11 +155,32 @@ class Corpus:
                 digest.update(np.asarray(ids + labels, dtype=np.int64).tobytes())
         return digest.hexdigest()
 
+    def split_digests(self) -> dict[str, dict[str, str]]:
+        """Per split (``"train"``, ``"valid"``, ``"test"``): task name -> SHA-256 (hex) of that task's documents
+        in the split (each document's length, token ids and labels, in order), so that a later run can name
+        which tasks of which split changed. A task's digest does not depend on the other tasks."""
+        out = {}
+        for name in ("train", "valid", "test"):
+            split = self.split(name)
+            digests = {task: hashlib.sha256() for task in self.tasks}
+            for task, ids, labels in zip(split.task_index, split.input_ids, split.labels):
+                digest = digests[self.tasks[task]]
+                digest.update(np.asarray([len(ids), *ids, *labels], dtype=np.int64).tobytes())
+            out[name] = {task: digest.hexdigest() for task, digest in digests.items()}
+        return out
+
     def documents(self) -> dict[str, dict[str, int]]:
         """Per split: the source documents used (after the per-task caps), those available before the
-        caps, how many were longer than ``max_tokens``, and the documents after chunking."""
+        caps, how many were longer than ``max_tokens``, how many of them were cut short by the held-out
+        splits' chunk cap (``max_eval_docs``), and the documents after chunking."""
         return {
-            name: {"used": s.source_docs, "available": s.available_docs, "long": s.long_docs, "chunks": len(s)}
+            name: {
+                "used": s.source_docs,
+                "available": s.available_docs,
+                "long": s.long_docs,
+                "capped": s.capped_docs,
+                "chunks": len(s),
+            }
             for name, s in ((n, self.split(n)) for n in ("train", "valid", "test"))
         }
 
@@ -163,7 +208,8 @@ def _documents(spec: str, tokenizer, config: CorpusConfig) -> dict[str, list[str
     if kind == "ton" and location:
         return ton_documents(location, config.ton_selection, config.num_tasks or 25, config.min_words)
     if sep and kind in ("csv", "jsonl", "datasets") and location:
-        return documents_by_task(read_table(kind, location), config.task_column, config.text_column, spec)
+        columns = (config.task_column, config.text_column)
+        return documents_by_task(read_table(kind, location, columns), *columns, spec)
     raise ValueError(f"unknown corpus {spec!r}; expected one of {list(CORPUS_FORMS)}")
 
 
@@ -181,20 +227,41 @@ def load_corpus(spec: str, tokenizer, **options) -> Corpus:
         docs = dict(list(docs.items())[: config.num_tasks])
     check_task_names(tuple(docs), spec)
     splits, available = split_per_task(
-        docs, config.valid_fraction, config.test_fraction, config.seed or 0, config.max_train_docs, config.max_eval_docs
+        docs,
+        config.valid_fraction,
+        config.test_fraction,
+        config.seed or 0,
+        config.max_train_docs,
+        config.max_eval_docs,
+        source=spec,
     )
     tasks = tuple(docs)
     tokenized = {
-        name: dataclasses.replace(
-            tokenize_split(name, tasks, rows, tokenizer, config.max_tokens, config.task_prompt, config.long_documents),
-            available_docs=available[name],
-        )
+        name: dataclasses.replace(_tokenize(name, tasks, rows, tokenizer, config), available_docs=available[name])
         for name, rows in splits.items()
     }
     corpus = Corpus(spec, tasks, tokenized["train"], tokenized["valid"], tokenized["test"], config)
-    assert np.all(corpus.train.docs_per_task() > 0), "every task must have training documents"
+    _check_has_tasks(corpus)
     _report_long_documents(corpus)
     return corpus
+
+
+def _tokenize(name: str, tasks: tuple[str, ...], rows: list[tuple[int, str]], tokenizer, config: CorpusConfig) -> Split:
+    """One split tokenised; valid and test keep at most ``max_eval_docs`` chunks per task (only the text those
+    chunks need is tokenised), train every chunk of its documents."""
+    cap = None if name == "train" else config.max_eval_docs
+    return tokenize_split(
+        name, tasks, rows, tokenizer, config.max_tokens, config.task_prompt, config.long_documents, cap
+    )
+
+
+def _check_has_tasks(corpus: Corpus) -> None:
+    """A corpus needs tasks (``split_per_task`` gives each of them training documents)."""
+    if not corpus.tasks:
+        raise ValueError(
+            f"{corpus.name}: no task has documents; check the data (and --books, --num-tasks, --max-tokens: "
+            "bible-chapters leaves out chapters too short for three documents of --max-tokens tokens)"
+        )
 
 
 def _report_long_documents(corpus: Corpus) -> None:
@@ -206,13 +273,18 @@ def _report_long_documents(corpus: Corpus) -> None:
     budget = corpus.config.max_tokens
     if corpus.config.long_documents == "split":
         chunks = sum(len(s) - s.source_docs + s.long_docs for s in long.values())
+        capped = sum(s.capped_docs for s in long.values())
         log.warning(
             "%s: %s documents are longer than max_tokens=%d tokens: split into %d consecutive chunks "
-            "(each a document of its task; --long-documents truncate cuts them instead)",
+            "(each a document of its task; --long-documents truncate cuts them instead)%s",
             corpus.name,
             counts,
             budget,
             chunks,
+            f"; valid and test keep at most {corpus.config.max_eval_docs} chunks per task (--max-eval-docs), "
+            f"so {capped} of their documents were cut short"
+            if capped
+            else "",
         )
     else:
         log.warning(

@@ -7,6 +7,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from .messages import shown_dict
+
 SPLITS = ("train", "valid", "test")
 
 
@@ -17,12 +19,14 @@ def split_per_task(
     seed: int,
     max_train_docs: int | None = None,
     max_eval_docs: int | None = None,
+    source: str = "documents",
 ) -> tuple[dict[str, list[tuple[int, str]]], dict[str, int]]:
     """Split every task's documents into train / valid / test.
 
     Each task gets at least one document in each split (so a task needs >= 3 documents).
     ``max_train_docs`` / ``max_eval_docs`` cap the documents per task kept in train and in each of
-    valid and test (after the split, so held-out sets never leak into training).
+    valid and test (after the split, so held-out sets never leak into training). ``source`` (the corpus spec)
+    starts the error message.
 
     Returns: ({"train" | "valid" | "test": [(task_index, text), ...]}, task index in the mapping's order;
     {split: number of documents before the caps}).
@@ -30,8 +34,9 @@ def split_per_task(
     too_small = {task: len(docs) for task, docs in docs_by_task.items() if len(docs) < 3}
     if too_small:
         raise ValueError(
-            f"tasks with too few documents to split into train/valid/test (need >= 3): {too_small}; "
-            "drop them or lower max_tokens so the text makes more documents"
+            f"{source}: tasks with too few documents to split into train/valid/test (need >= 3): "
+            f"{shown_dict(too_small)}; "
+            "drop them or give them more documents (the bible corpora: a lower max_tokens packs their text into more)"
         )
     out: dict[str, list[tuple[int, str]]] = {name: [] for name in SPLITS}
     available = dict.fromkeys(SPLITS, 0)

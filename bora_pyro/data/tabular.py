@@ -5,7 +5,8 @@ or text is exactly what the file holds, so ``NA``, ``null``, ``NaN``, ``001`` or
 are names and texts, never missing values or numbers. In JSON lines a string is its content, a
 number or boolean its JSON text as written (``7`` -> ``"7"``, ``1.50`` -> ``"1.50"``, ``true`` ->
 ``"true"``), an object or array its JSON text, and ``null`` (or an absent key) is a missing value: an
-error for a task, an empty (dropped) text.
+error for a task, an empty (dropped) text. A line that repeats the task or text key, nests too deeply to
+parse, or holds an unpaired surrogate escape (``"\\ud800"``, not a character) is refused, naming the line.
 
 The frames read here are indexed by where each row starts in its source ("line" for files, 1-based
 "row" for ``datasets``), so that errors can say where to look.
@@ -19,22 +20,30 @@ import io
 import json
 import logging
 import shlex
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import pandas as pd
 
+from .messages import shown_dict, shown_list, shown_rows
+
 log = logging.getLogger(__name__)
 
 
-def read_table(kind: str, location: str) -> pd.DataFrame:
-    """Read a table: ``kind`` is "csv", "jsonl" or "datasets" (a hub name or a saved dataset folder)."""
+def read_table(kind: str, location: str, columns: Sequence[str] | None = None) -> pd.DataFrame:
+    """Read a table: ``kind`` is "csv", "jsonl" or "datasets" (a hub name or a saved dataset folder).
+
+    ``columns``: the columns wanted (None: all); JSON lines and ``datasets`` keep only those, so that a file of
+    many sparse keys cannot make a frame of rows x keys. Every column the source has is in ``frame.attrs["columns"]``.
+    """
     if kind in ("csv", "jsonl"):
         path = Path(location)
         if not path.is_file():
             raise FileNotFoundError(f"{kind} corpus file not found: {str(path)!r}")
         text = _read_utf8(path)
-        return _read_csv_text(path, text) if kind == "csv" else _read_jsonl_text(path, text)
-    return _read_datasets(location)
+        return _read_csv_text(path, text) if kind == "csv" else _read_jsonl_text(path, text, columns)
+    return _read_datasets(location, columns)
 
 
 def _read_utf8(path: Path) -> str:
@@ -55,26 +64,28 @@ def _read_utf8(path: Path) -> str:
 
 
 def _read_csv_text(path: Path, text: str) -> pd.DataFrame:
-    """A CSV table (header row, then one row per line or quoted multi-line record), every cell as text."""
+    """A CSV table (header row, then one row per line or quoted multi-line record; blank lines are skipped),
+    every cell as text."""
     old_limit = csv.field_size_limit(max(csv.field_size_limit(), len(text)))  # documents may be long
     try:
         reader = csv.reader(io.StringIO(text, newline=""))
-        header = next(reader, None)
+        header = next((record for record in reader if record), None)
         if header is None:
             raise ValueError(
                 f"{path}: the file is empty; expected a header row naming the columns, then one row per document"
             )
-        repeated = sorted({c for c in header if header.count(c) > 1})
+        repeated = [name for name, n in Counter(header).items() if n > 1]
         if repeated:
-            raise ValueError(f"{path}: the header names column(s) {repeated} more than once; rename them")
+            raise ValueError(f"{path}: the header names column(s) {shown_list(repeated)} more than once; rename them")
         rows, lines = [], []
         start = reader.line_num + 1
         for record in reader:
-            if record:  # blank lines are skipped
+            if record:
                 if len(record) != len(header):
                     raise ValueError(
                         f"{path}: line {start} has {len(record)} field(s) but the header has {len(header)} "
-                        f"({header}); put fields that contain commas, quotes or line breaks in double quotes"
+                        f"({shown_list(header)}); put fields that contain commas, quotes or line breaks in double "
+                        "quotes"
                     )
                 rows.append(record)
                 lines.append(start)
@@ -86,27 +97,85 @@ def _read_csv_text(path: Path, text: str) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=header, index=pd.Index(lines, name="line"), dtype=object)
 
 
-def _read_jsonl_text(path: Path, text: str) -> pd.DataFrame:
-    """A JSON-lines table: one JSON object per line (blank lines skipped), values as text (module docstring)."""
-    records, lines = [], []
+class _Object(dict):
+    """A parsed JSON object that remembers the keys it repeats (``json`` would keep the last value silently)."""
+
+    def __init__(self, pairs: list[tuple[str, object]]) -> None:
+        super().__init__(pairs)
+        self.repeated = [key for key, n in Counter(key for key, _ in pairs).items() if n > 1]
+
+
+def _read_jsonl_text(path: Path, text: str, columns: Sequence[str] | None = None) -> pd.DataFrame:
+    """A JSON-lines table: one JSON object per line (blank lines skipped), values as text (module docstring);
+    only ``columns`` are kept (None: all), every key seen is in ``attrs["columns"]``."""
+    records, lines, keys = [], [], {}
     for number, line in enumerate(io.StringIO(text, newline=""), 1):
-        if not line.strip():
-            continue
-        try:  # numbers (and NaN/Infinity) stay the text they are written as
-            record = json.loads(line.rstrip(), parse_int=str, parse_float=str, parse_constant=str)
-        except json.JSONDecodeError as err:
+        if line.strip():
+            record = _json_record(path, number, line, columns)
+            keys.update(dict.fromkeys(record))
+            records.append({key: _json_value(path, number, key, record[key]) for key in _kept(record, columns)})
+            lines.append(number)
+    frame = pd.DataFrame(records, index=pd.Index(lines, name="line"), columns=_kept(keys, columns), dtype=object)
+    frame.attrs["columns"] = list(keys)
+    return frame
+
+
+def _kept(keys: Iterable[str], columns: Sequence[str] | None) -> list[str]:
+    return [key for key in keys if columns is None or key in columns]
+
+
+def _json_record(path: Path, number: int, line: str, columns: Sequence[str] | None) -> _Object:
+    """Line ``number`` of a JSON-lines file parsed: an object whose wanted keys are not repeated."""
+    try:  # numbers (and NaN/Infinity) stay the text they are written as
+        record = json.loads(
+            line.rstrip(), parse_int=str, parse_float=str, parse_constant=str, object_pairs_hook=_Object
+        )
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{path}: line {number} is not valid JSON ({err.msg}, column {err.colno}): {line.strip()[:80]!r}; "
+            "a JSON-lines file holds one JSON object per line"
+        ) from None
+    except RecursionError:
+        raise ValueError(
+            f"{path}: line {number} nests JSON arrays or objects too deeply to read; a JSON-lines corpus holds "
+            'one flat object per line, e.g. {"task": "a", "text": "..."}'
+        ) from None
+    if not isinstance(record, dict):
+        raise ValueError(
+            f"{path}: line {number} is a JSON {_json_kind(line)}, not an object; a JSON-lines "
+            'corpus holds one object per line, e.g. {"task": "a", "text": "..."}'
+        )
+    repeated = _kept(record.repeated, columns)
+    if repeated:
+        raise ValueError(
+            f"{path}: line {number} gives the key(s) {shown_list(repeated)} more than once; give each key once per line"
+        )
+    return record
+
+
+def _json_kind(line: str) -> str:
+    """What kind of JSON value a line that is not an object holds (numbers are parsed as text, so told by the
+    line's first character)."""
+    return {"[": "list", '"': "string", "n": "null", "t": "boolean", "f": "boolean"}.get(line.lstrip()[:1], "number")
+
+
+def _json_value(path: Path, number: int, key: str, value: object) -> str | None:
+    """A value of line ``number`` as text (:func:`_json_text`); one that is not a valid Unicode text (an
+    unpaired surrogate escape such as ``\\ud800``) is refused."""
+    try:
+        text = _json_text(value)
+    except RecursionError:
+        raise ValueError(f"{path}: line {number}: the {key!r} value nests arrays or objects too deeply") from None
+    if text is not None:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
             raise ValueError(
-                f"{path}: line {number} is not valid JSON ({err.msg}, column {err.colno}): {line.strip()[:80]!r}; "
-                "a JSON-lines file holds one JSON object per line"
+                f"{path}: line {number}: the {key!r} value holds {text[err.start]!r}, an unpaired UTF-16 surrogate "
+                "escape that is no character; escape characters outside the BMP as a surrogate pair or write them "
+                "as UTF-8"
             ) from None
-        if not isinstance(record, dict):
-            raise ValueError(
-                f"{path}: line {number} is a JSON {type(record).__name__}, not an object; a JSON-lines "
-                'corpus holds one object per line, e.g. {"task": "a", "text": "..."}'
-            )
-        records.append({key: _json_text(value) for key, value in record.items()})
-        lines.append(number)
-    return pd.DataFrame(records, index=pd.Index(lines, name="line"), dtype=object)
+    return text
 
 
 def _json_text(value: object) -> str | None:
@@ -118,7 +187,7 @@ def _json_text(value: object) -> str | None:
     return json.dumps(value, ensure_ascii=False)
 
 
-def _read_datasets(location: str) -> pd.DataFrame:
+def _read_datasets(location: str, columns: Sequence[str] | None = None) -> pd.DataFrame:
     """A Hugging Face ``datasets`` source (hub name or local folder) as a frame (rows numbered from 1);
     never runs code from the source.
 
@@ -142,42 +211,79 @@ def _read_datasets(location: str) -> pd.DataFrame:
         ds = datasets.load_dataset(location, split="train", trust_remote_code=False)
     if isinstance(ds, datasets.DatasetDict):
         ds = ds["train"]
-    frame = ds.to_pandas()
+    present = list(ds.column_names)
+    frame = ds.select_columns(_kept(present, columns) or present).to_pandas()  # none wanted: said as missing
     frame.index = pd.RangeIndex(1, len(frame) + 1, name="row")
+    frame.attrs["columns"] = present
     return frame
 
 
 def documents_by_task(frame: pd.DataFrame, task_column: str, text_column: str, source: str) -> dict[str, list[str]]:
-    """Group texts by task, in order of first appearance; empty/whitespace texts are dropped (counted)."""
+    """Group texts by task, in order of first appearance.
+
+    Empty and whitespace-only texts are dropped, said in one warning line that names their rows and tasks;
+    a task that has no text left is an error that names it (it would otherwise vanish).
+    """
     if len(frame) == 0:
-        raise ValueError(f"{source}: the table has no rows")
-    missing = [c for c in (task_column, text_column) if c not in frame.columns]
+        raise ValueError(f"{source}: the table has no rows: no document to train on")
+    present = frame.attrs.get("columns", list(frame.columns))
+    missing = [c for c in (task_column, text_column) if c not in present]
     if missing:
         raise ValueError(
-            f"{source}: missing column(s) {missing}; columns present: {list(frame.columns)} "
+            f"{source}: missing column(s) {missing}; columns present: {shown_list(present, 20)} "
             "(choose them with --task-column / --text-column)"
         )
-    tasks = frame[task_column]
+    names = _task_names(frame, task_column, source)
     texts = frame[text_column]
-    bad_task = tasks.isna() | (tasks.astype(str).str.strip() == "")
-    if bad_task.any():
-        where = frame.index[bad_task.to_numpy()]
-        shown = ", ".join(str(i) for i in where[:10]) + (", ..." if len(where) > 10 else "")
-        raise ValueError(
-            f"{source}: {len(where)} row(s) have an empty or missing {task_column!r} value ({where.name or 'row'} "
-            f"{shown}); every row needs a task name"
-        )
-    empty = texts.isna() | (texts.astype(str).str.strip() == "")
-    if empty.all():
-        raise ValueError(f"{source}: every {text_column!r} value is empty")
+    empty = (texts.isna() | (texts.astype(str).str.strip() == "")).to_numpy()
     if empty.any():
-        log.warning("%s: dropped %d empty or whitespace-only text(s)", source, int(empty.sum()))
-    names = tasks.astype(str).str.strip()
-    raw = tasks.astype(str)
-    clashes = {n: sorted(set(raw[names == n])) for n in names.unique() if raw[names == n].nunique() > 1}
-    if clashes:
-        raise ValueError(f"{source}: task names that differ only by surrounding spaces: {clashes}")
+        _report_empty_texts(frame, names, empty, text_column, source)
     out: dict[str, list[str]] = {}
     for task, text in zip(names[~empty], texts[~empty].astype(str)):
         out.setdefault(task, []).append(text.strip())
     return out
+
+
+def _where(frame: pd.DataFrame, mask) -> str:
+    """Where the rows of ``mask`` start in the source, e.g. ``line 2, 5`` (the frame's index, see module docstring)."""
+    return shown_rows(frame.index[mask], frame.index.name or "row")
+
+
+def _task_names(frame: pd.DataFrame, task_column: str, source: str) -> pd.Series:
+    """Every row's task name, surrounding spaces stripped; a missing or empty name, or two names that differ
+    only by surrounding spaces, is an error naming the rows."""
+    tasks = frame[task_column]
+    raw = tasks.astype(str)
+    names = raw.str.strip()
+    bad = (tasks.isna() | (names == "")).to_numpy()
+    if bad.any():
+        raise ValueError(
+            f"{source}: {int(bad.sum())} row(s) have an empty or missing {task_column!r} value ({_where(frame, bad)}); "
+            "every row needs a task name"
+        )
+    variants = raw.groupby(names.to_numpy(), sort=False).unique()
+    clashes = {name: sorted(spelt) for name, spelt in variants.items() if len(spelt) > 1}
+    if clashes:
+        raise ValueError(f"{source}: task names that differ only by surrounding spaces: {shown_dict(clashes)}")
+    return names
+
+
+def _report_empty_texts(frame: pd.DataFrame, names: pd.Series, empty, text_column: str, source: str) -> None:
+    """Refuse tasks whose every text is empty (naming them and their rows); otherwise warn, in one line, which
+    rows were dropped and of which tasks."""
+    kept = set(names[~empty])
+    emptied = [task for task in dict.fromkeys(names[empty]) if task not in kept]
+    if emptied:
+        rows = empty & names.isin(emptied).to_numpy()
+        hint = f" (every {text_column!r} value is empty: is --text-column right?)" if empty.all() else ""
+        raise ValueError(
+            f"{source}: task(s) {shown_list(emptied)} have no text: every {text_column!r} value of theirs is empty or "
+            f"whitespace-only ({_where(frame, rows)}){hint}; give them text or remove their rows"
+        )
+    log.warning(
+        "%s: dropped %d empty or whitespace-only text(s) (%s) of task(s) %s; each of these tasks keeps other texts",
+        source,
+        int(empty.sum()),
+        _where(frame, empty),
+        shown_list(dict.fromkeys(names[empty])),
+    )

@@ -26,7 +26,11 @@ def read_ton(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Talk of Norway file not found: {str(path)!r} (download ton.csv and pass ton:PATH)")
-    frame = pd.read_csv(path, low_memory=False)
+    try:
+        frame = pd.read_csv(path, low_memory=False)
+    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        reason = " ".join(str(err).split())[:300]
+        raise ValueError(f"{path}: not a readable Talk of Norway CSV file (UTF-8, comma-separated): {reason}") from None
     missing = [c for c in _REQUIRED if c not in frame.columns]
     if missing:
         raise ValueError(

@@ -127,9 +127,13 @@ def score_run(
 def documents_line(documents: dict[str, dict[str, int]], split: str = "test") -> str:
     """One line saying how many of a split's documents were scored (caps are a CPU convenience)."""
     d = documents[split]
-    if d["available"] is None or d["used"] == d["available"]:
+    cut = d.get("capped", 0)
+    short = f", {cut} of them only in part (their first chunks)" if cut else ""
+    if (d["available"] is None or d["used"] == d["available"]) and not cut:
         return f"{split}: every one of its {d['used']} held-out documents was scored"
+    if d["available"] is None or d["used"] == d["available"]:
+        return f"{split}: its {d['used']} held-out documents were scored{short} (--max-eval-docs caps chunks per task)"
     return (
-        f"{split}: {d['used']} of its {d['available']} held-out documents were scored (capped per task by "
+        f"{split}: {d['used']} of its {d['available']} held-out documents were scored{short} (capped per task by "
         "--max-eval-docs; --max-eval-docs none scores them all)"
     )

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from .folders import atomic_write
+from .integrity import CorruptFile
 
 ADAPTERS_FILE = "adapters.safetensors"
 ADAPTERS_FORMAT = "bora_pyro.adapters/1"
@@ -120,10 +121,10 @@ class AdapterFile:
         except FileNotFoundError:
             raise FileNotFoundError(f"{self.path} not found") from None
         except Exception as err:
-            raise ValueError(f"{self.path} is not a readable safetensors file ({err})") from None
+            raise CorruptFile(f"{self.path} is not a readable safetensors file ({err})") from None
         meta = self._file.metadata() or {}
         if meta.get("format") != ADAPTERS_FORMAT:
-            raise ValueError(
+            raise CorruptFile(
                 f"{self.path} is not a bora_pyro adapter file (format {meta.get('format')!r}, "
                 f"expected {ADAPTERS_FORMAT!r})"
             )

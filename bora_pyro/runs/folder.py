@@ -9,9 +9,15 @@ full disk, an interrupted process):
    ``status.json`` with the status ``trained`` (or ``interrupted`` / ``diverged`` when the fit
    stopped early, holding the best validated state so far);
 2. scoring then adds ``per_task.csv``, ``posterior.nc``, ``training_curve.png``, the gate report and
-   the full ``metrics.json``, each file replaced atomically, and finally sets the status ``complete``
-   and removes ``fit_state.safetensors`` (and ``task_store/``: a disk task store's table files, the fitted
-   task rows, linked in at stage 1). ``bora-pyro evaluate RUN`` finishes a ``trained`` run.
+   the full ``metrics.json``, each file replaced atomically, sets the status ``complete``, writes the
+   new manifest and removes ``fit_state.safetensors`` (and ``task_store/``: a disk task store's table
+   files, the fitted task rows, linked in at stage 1). ``bora-pyro evaluate RUN`` finishes a ``trained`` run.
+
+Each stage ends with ``manifest.json`` (``io/integrity.py``): the digest of every file, checked by every
+command that reads the folder (:func:`verified_status`), so a changed or damaged file is refused, never
+used. While stage 2 runs, the journal file ``.scoring`` says so: a folder that holds it was interrupted
+while being scored, counts as ``trained`` and is checked on its stage-1 files only (stage 2 rewrites
+the others).
 """
 
 from __future__ import annotations
@@ -34,14 +40,37 @@ from ..evaluation.scoring import Scores
 from ..inference.svi import FitResult
 from ..io.artifacts import ADAPTERS_FILE, RUN_FORMAT, read_json, save_adapters, write_json
 from ..io.base_models import describe_base_model
-from ..io.folders import atomic_folder, atomic_write
+from ..io.folders import atomic_folder, atomic_write, fsync_path, reading
+from ..io.integrity import MANIFEST, CorruptFile, update_manifest, verify
 from ..models.bora import BoRA
 
-CONFIG_FILE, METRICS_FILE, STATUS_FILE = "config.json", "metrics.json", "status.json"
+CONFIG_FILE, METRICS_FILE, STATUS_FILE, CORPUS_FILE = "config.json", "metrics.json", "status.json", "corpus.json"
 TASK_STORE_FOLDER = "task_store"  # a disk task store's table files (the fitted task rows), until complete
 FIT_STATE_FILE, TRAIN_LOG_FILE, PER_TASK_FILE = "fit_state.safetensors", "train_log.csv", "per_task.csv"
 POSTERIOR_FILE, CURVE_FILE, GATES_FILE, GATES_FIGURE = "posterior.nc", "training_curve.png", "gates.csv", "gates.png"
 TRAINED, COMPLETE, INTERRUPTED, DIVERGED = "trained", "complete", "interrupted", "diverged"
+
+SCORING = ".scoring"  # present while stage 2 writes: the folder counts as trained
+STAGE1_FILES = (CONFIG_FILE, CORPUS_FILE, ADAPTERS_FILE, FIT_STATE_FILE, TRAIN_LOG_FILE)  # what stage 2 never rewrites
+DIAGNOSE_FILES = ("tau_posterior.png", "distance_forest.png", "elbo_trace.png", "compare.csv")
+RUN_ENTRIES = (  # every name the tool writes in a run folder (see folders.foreign_entries)
+    CONFIG_FILE,
+    CORPUS_FILE,
+    METRICS_FILE,
+    STATUS_FILE,
+    TASK_STORE_FOLDER,
+    FIT_STATE_FILE,
+    TRAIN_LOG_FILE,
+    PER_TASK_FILE,
+    POSTERIOR_FILE,
+    CURVE_FILE,
+    GATES_FILE,
+    GATES_FIGURE,
+    ADAPTERS_FILE,
+    MANIFEST,
+    SCORING,
+    *DIAGNOSE_FILES,
+)
 
 log = logging.getLogger(__name__)
 STATUSES = (TRAINED, COMPLETE, INTERRUPTED, DIVERGED)
@@ -49,10 +78,17 @@ STATUSES = (TRAINED, COMPLETE, INTERRUPTED, DIVERGED)
 
 def read_status(path: Path) -> dict[str, Any]:
     """``{"status": ..., "message": ..., ...}`` of a run folder; a folder written before statuses existed
-    is ``complete`` if it has its metrics."""
+    is ``complete`` if it has its metrics; one whose scoring was interrupted is ``trained``."""
     path = Path(path)
     if (path / STATUS_FILE).is_file():
-        return read_json(path / STATUS_FILE)
+        status = read_json(path / STATUS_FILE)
+        if not isinstance(status, dict) or status.get("status") not in STATUSES:
+            raise CorruptFile(
+                f"{path / STATUS_FILE} is not a run status (a JSON object whose 'status' is one of {STATUSES})"
+            )
+        if (path / SCORING).exists():
+            return {**status, "status": TRAINED, "message": "its scoring was interrupted"}
+        return status
     if (path / METRICS_FILE).is_file():
         return {"status": COMPLETE, "message": None}
     if not (path / CONFIG_FILE).is_file():
@@ -66,6 +102,25 @@ def status_of(path: Path) -> str | None:
         return read_status(path)["status"]
     except (FileNotFoundError, ValueError):
         return None
+
+
+def verified_status(path: Path) -> dict[str, Any]:
+    """The status of the run folder ``path`` after the checks every command makes before it reads one:
+    an interrupted replacement recovered (under the folder's lock, see ``folders.reading``), then every
+    file checked against the manifest (a folder being scored: its stage-1 files). Raises
+    :class:`CorruptFile` naming a changed file, FileNotFoundError if it is no run folder."""
+    with reading(path, "run folder") as path:
+        if not path.is_dir():
+            raise FileNotFoundError(f"run folder {str(path)!r} does not exist")
+        scoring = (path / SCORING).exists()
+        if verify(path, only=STAGE1_FILES if scoring else None) is None:
+            log.warning(
+                "%s has no %s (written before bora_pyro recorded digests): its files are not checked", path, MANIFEST
+            )
+        status = read_status(path)
+        if status["status"] == TRAINED and not (path / FIT_STATE_FILE).is_file():
+            raise CorruptFile(f"{path} is marked trained but its fitted state {FIT_STATE_FILE} is missing")
+        return status
 
 
 def train_log(result: FitResult) -> pd.DataFrame:
@@ -124,11 +179,14 @@ def write_fitted(
     status: str,
     overwrite: bool,
     fingerprint: str | None = None,
+    sources: tuple[Path, ...] = (),
 ) -> None:
     """Stage 1: write the whole folder with the fitted state (atomically), status ``status``
-    (``fingerprint``: the digest of what the run's checkpoints must match, see ``runs.fingerprint_id``)."""
-    with atomic_folder(out, "run", overwrite=overwrite) as tmp:
+    (``fingerprint``: the digest of what the run's checkpoints must match, see ``runs.fingerprint_id``;
+    ``sources``: folders the run was made from, which it must not replace)."""
+    with atomic_folder(out, "run", overwrite, RUN_ENTRIES, sources, unhashed=(TASK_STORE_FOLDER,)) as tmp:
         write_json(tmp / CONFIG_FILE, config)
+        write_json(tmp / CORPUS_FILE, {"sha256": corpus.content_sha256(), "splits": corpus.split_digests()})
         save_adapters(
             tmp / ADAPTERS_FILE,
             corpus.tasks,
@@ -169,6 +227,9 @@ def write_scores(out: Path, scores: Scores, title: str, wall_seconds: float) -> 
     and drop the fitted state. Returns the full metrics."""
     from ..evaluation.plots import plot_gates, plot_training_curve  # matplotlib: imported when a run is written
 
+    journal = out / SCORING
+    journal.touch()
+    fsync_path(out)
     with atomic_write(out / PER_TASK_FILE) as tmp:
         scores.per_task.to_csv(tmp, index=False)
     if scores.idata is not None:
@@ -186,6 +247,10 @@ def write_scores(out: Path, scores: Scores, title: str, wall_seconds: float) -> 
     write_json(out / METRICS_FILE, metrics)
     status = read_json(out / STATUS_FILE)
     write_json(out / STATUS_FILE, {**status, "status": COMPLETE, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    written = (PER_TASK_FILE, POSTERIOR_FILE, GATES_FILE, GATES_FIGURE, CURVE_FILE, METRICS_FILE, STATUS_FILE)
+    update_manifest(out, [name for name in written if (out / name).is_file()], (FIT_STATE_FILE, TASK_STORE_FOLDER))
+    journal.unlink()
+    fsync_path(out)
     with contextlib.suppress(FileNotFoundError):
         (out / FIT_STATE_FILE).unlink()
     shutil.rmtree(out / TASK_STORE_FOLDER, ignore_errors=True)
@@ -206,6 +271,31 @@ def check_base_model(path: Path, config: dict, loaded: dict) -> None:
             f"(sha256 {recorded[:12]}... recorded, {loaded['weights_sha256'][:12]}... loaded): the base model "
             "changed since (another revision, conversion or file); load the exact weights it was trained on"
         )
+
+
+def corpus_changes(path: Path, corpus: Corpus) -> list[str]:
+    """What differs between the corpus a run was trained on (its corpus.json) and ``corpus``, one phrase per
+    split (e.g. "test: tasks 'a', 'b' changed, 'c' missing"); empty if nothing (or nothing was recorded)."""
+    file = Path(path) / CORPUS_FILE
+    if not file.is_file():
+        return []
+    recorded, now = read_json(file)["splits"], corpus.split_digests()
+    changes = []
+    for split in ("train", "valid", "test"):
+        before, after = recorded.get(split, {}), now.get(split, {})
+        parts = {
+            "changed": [t for t in before if t in after and before[t] != after[t]],
+            "missing": [t for t in before if t not in after],
+            "new": [t for t in after if t not in before],
+        }
+        said = [f"{len(n)} task(s) {label} ({_first(n)})" for label, n in parts.items() if n]
+        if said:
+            changes.append(f"{split}: " + "; ".join(said))
+    return changes
+
+
+def _first(names: list[str], k: int = 3) -> str:
+    return ", ".join(map(repr, names[:k])) + (", ..." if len(names) > k else "")
 
 
 def load_inputs(spec) -> tuple[object, object, dict, Corpus]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
@@ -9,14 +10,15 @@ from pathlib import Path
 
 import torch
 
-from ..data.corpus import Corpus
+from ..data.batching import Split
+from ..data.corpus import Corpus, load_corpus
 from ..evaluation.generation import generate
 from ..evaluation.perplexity import PerplexityReport, evaluate
 from ..io.artifacts import ADAPTERS_FILE, AdapterFile, read_json
-from ..io.folders import recover
+from ..io.folders import resolve
 from ..models.bora import BoRA
 from ..models.gates import GateConfig
-from .folder import COMPLETE, CONFIG_FILE, check_base_model, load_inputs, read_status
+from .folder import COMPLETE, CONFIG_FILE, check_base_model, corpus_changes, load_inputs, verified_status
 from .spec import RunSpec
 
 
@@ -50,21 +52,44 @@ class LoadedRun:
             self.bora.lora, self.tokenizer, self.bora.tasks, self.rows, self.global_factors, prompts, tasks, **options
         )
 
-    def evaluate(self, split: str = "test", batch_size: int | None = None) -> PerplexityReport:
+    def evaluate(self, split: str = "test", batch_size: int | None = None, data: str | None = None) -> PerplexityReport:
+        """Perplexity of the run's adapters on ``split`` of its own corpus, which must be the data it was
+        trained on (a change is named and refused), or of the corpus ``data`` (other data, asked for)."""
         size = batch_size or self.spec.train.eval_batch_size
-        return evaluate(self.bora, self.corpus.split(split), size, factors=self.rows)
+        return evaluate(self.bora, self.split(split, data), size, factors=self.rows)
+
+    def split(self, name: str, data: str | None = None) -> Split:
+        """The split ``name`` to score: of the run's corpus (checked unchanged since training), or of the
+        corpus ``data`` (read with the run's corpus settings; its tasks must be the run's)."""
+        if data is None:
+            changes = corpus_changes(self.path, self.corpus)
+            if changes:
+                raise ValueError(
+                    f"the corpus {self.spec.data!r} changed since {self.path} was trained ({'; '.join(changes)}); "
+                    f"to score it as other data, pass --data {self.spec.data}"
+                )
+            return self.corpus.split(name)
+        other = load_corpus(data, self.tokenizer, **self.spec.corpus.to_dict()).split(name)
+        if set(other.tasks) != set(self.bora.tasks):
+            missing, extra = set(self.bora.tasks) - set(other.tasks), set(other.tasks) - set(self.bora.tasks)
+            raise ValueError(
+                f"{data} must hold the run's tasks: missing {sorted(missing)[:5]}, not in the run {sorted(extra)[:5]}"
+            )
+        index = {task: d for d, task in enumerate(self.bora.tasks)}
+        return dataclasses.replace(
+            other, tasks=self.bora.tasks, task_index=tuple(index[other.tasks[t]] for t in other.task_index)
+        )
 
 
 def load_run(path: str | Path, device: str | None = None, trust_remote_code: bool = False) -> LoadedRun:
     """Rebuild a run from its folder: same base model (the weights it was trained on: checked), same
     corpus split, the saved adapters. ``trust_remote_code``: your permission for a model that needs it
     (never taken from the folder)."""
-    path = Path(path)
-    recover(path)
+    path = resolve(path, "run folder")
+    status = verified_status(path)["status"]  # recovered under the lock, every file checked
     spec = RunSpec.from_run_folder(path, trust_remote_code)
     if device is not None:
         spec = replace(spec, device=device)
-    status = read_status(path)["status"]
     lm, tokenizer, identity, corpus = load_inputs(spec)
     config = read_json(path / CONFIG_FILE)
     check_base_model(path, config, identity)

@@ -10,6 +10,7 @@ config.json, and the Python API reads the same objects: adding an option is addi
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,7 +27,7 @@ from ..models.bora import BoRA
 from ..models.gates import GateConfig
 from ..models.guides import INFERENCE
 from ..models.prior import POOLED, PriorConfig
-from ..options import option, parse_csv
+from ..options import option, parse_csv, values_from_file
 
 TRUST_HELP = (
     "allow the model's own Python code (from its hub repository) to run; off by default, only for models "
@@ -75,8 +76,8 @@ class AdapterConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"rank must be an integer >= 1, got {self.rank!r}")
-        if not self.alpha > 0:
-            raise ValueError(f"alpha must be > 0, got {self.alpha!r}")
+        if not (self.alpha > 0 and math.isfinite(self.alpha)):
+            raise ValueError(f"alpha must be a finite number > 0, got {self.alpha!r}")
         if self.inference not in INFERENCE:
             raise ValueError(f"inference must be one of {INFERENCE}, got {self.inference!r}")
         if self.targets is not None:
@@ -180,6 +181,8 @@ class RunSpec:
         """The spec saved in a file (a run folder's config.json, a checkpoint's spec.json, a --config file;
         folders of earlier versions included). A file never grants ``trust_remote_code``: a spec that asks
         for it is refused unless the caller (the user, e.g. with ``--trust-remote-code``) grants it too."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"{source}: a run's settings are a JSON object, got {type(d).__name__}")
         if d.get("trust_remote_code") and not trust_remote_code:
             raise RemoteCodeRefused(
                 f"{source} was made with --trust-remote-code (model {d.get('model')!r} runs Python code from its "
@@ -190,7 +193,12 @@ class RunSpec:
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)} - set(FILE_ONLY_KEYS)
         if unknown:
             raise ValueError(f"{source}: unknown setting(s) {sorted(unknown)}; the sections are {sorted(SECTIONS)}")
-        sections = {name: dict(d.pop(name, None) or {}) for name in SECTIONS}
+        sections = {name: d.pop(name, None) for name in SECTIONS}
+        sections = {name: {} if values is None else values for name, values in sections.items()}
+        for name, values in sections.items():
+            if not isinstance(values, dict):
+                raise ValueError(f"{source}: {name} must be a JSON object of settings, got {values!r}")
+            sections[name] = dict(values)
         if "bora_pyro_version" in d and "long_documents" not in sections["corpus"]:
             sections["corpus"]["long_documents"] = "truncate"  # written before long documents were split
         if "init_seed" in sections["adapter"] or "tau" in sections["adapter"]:  # a run folder of an earlier version
@@ -199,16 +207,16 @@ class RunSpec:
             for name, cls_ in _LEGACY_ADAPTER_KEYS.items():
                 names = {f.name for f in dataclasses.fields(cls_)}
                 sections[name].update({k: sections["adapter"].pop(k) for k in list(sections["adapter"]) if k in names})
-        built = {}
-        for name, section_cls in SECTIONS.items():
-            known = {f.name for f in dataclasses.fields(section_cls)}
-            extra = set(sections[name]) - known
-            if extra:
-                raise ValueError(f"{source}: unknown {name} setting(s) {sorted(extra)}; known: {sorted(known)}")
-            built[name] = section_cls(**sections[name])
-        top = {k: v for k, v in d.items() if k not in FILE_ONLY_KEYS}
-        top["trust_remote_code"] = bool(top.get("trust_remote_code", False)) and trust_remote_code
-        return cls(**top, **built)
+        try:
+            built = {
+                name: section_cls(**values_from_file(section_cls, sections[name], f"{source}: {name}"))
+                for name, section_cls in SECTIONS.items()
+            }
+            top = values_from_file(cls, {k: v for k, v in d.items() if k not in FILE_ONLY_KEYS}, f"{source}:")
+            top["trust_remote_code"] = bool(top.get("trust_remote_code", False)) and trust_remote_code
+            return cls(**top, **built)
+        except ValueError as err:
+            raise ValueError(str(err) if str(err).startswith(source) else f"{source}: {err}") from None
 
     @classmethod
     def from_run_folder(cls, path: str | Path, trust_remote_code: bool = False) -> RunSpec:

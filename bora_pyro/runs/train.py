@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -28,15 +27,16 @@ from ..inference.checkpoint import checkpoint_step, fingerprint_differences
 from ..inference.svi import FitResult, fit
 from ..io.artifacts import ADAPTERS_FILE, json_roundtrip, load_adapters, read_json, write_json
 from ..io.faults import crash_point
-from ..io.folders import atomic_folder, check_target, folder_lock, is_ours, recover
+from ..io.folders import atomic_folder, check_target, folder_kind, folder_lock, recover, remove_ours, resolve
 from ..io.peft_import import import_peft
-from ..io.task_store import TaskStore
+from ..io.task_store import TABLE_SUFFIX, TaskStore
 from ..models.bora import BoRA
 from .folder import (
     COMPLETE,
     CONFIG_FILE,
     DIVERGED,
     INTERRUPTED,
+    RUN_ENTRIES,
     TASK_STORE_FOLDER,
     TRAINED,
     check_base_model,
@@ -46,12 +46,16 @@ from .folder import (
     run_config,
     train_log,
     training_metrics,
+    verified_status,
     write_fitted,
     write_scores,
 )
 from .spec import RunSpec
 
 log = logging.getLogger(__name__)
+
+CHECKPOINT_ENTRIES = ("step-*", ".tmp-*")  # a checkpoint folder's slots, written after its manifest
+STORE_ENTRIES = (f"*{TABLE_SUFFIX}", "undo-*.log")  # a disk task store's tables and undo logs
 
 
 class RunStopped(Exception):
@@ -113,9 +117,11 @@ def _refuse_earlier_checkpoint(out: Path, overwrite: bool) -> None:
             f"{folder} holds {held} of an earlier run of {str(out)!r}: continue it with "
             f"'bora-pyro train --resume {out}', or pass --overwrite to discard it"
         )
-    if not is_ours(folder):
-        raise FileExistsError(f"{folder} was not written by bora_pyro; move it away to train into {str(out)!r}")
-    shutil.rmtree(folder)
+    if not remove_ours(folder, "checkpoint", CHECKPOINT_ENTRIES):
+        raise FileExistsError(
+            f"{folder} is not a checkpoint folder holding only what bora_pyro wrote; move it away to train "
+            f"into {str(out)!r}"
+        )
 
 
 def _start_checkpoints(out: Path, spec: RunSpec, fingerprint: dict, resume: bool) -> Path:
@@ -153,18 +159,18 @@ def train_run(
     fit was interrupted or diverged.
     """
     started = time.perf_counter()
-    out = Path(out)
+    out = resolve(out, "run folder")
     world = World.current()
     with _writer(out):
         if world.is_main:
             recover(out)
             if not resume:
                 _refuse_resumable(out, overwrite)
-                check_target(out, overwrite, "run folder")
+                check_target(out, overwrite, "run", RUN_ENTRIES)
                 _refuse_earlier_checkpoint(out, overwrite)
         lm, _, identity, corpus = load_inputs(spec)
         if world.is_main and not resume:
-            _remove_ours(store_folder(out))  # table files of an earlier, unfinished run
+            remove_ours(store_folder(out), "store", STORE_ENTRIES)  # table files of an earlier, unfinished run
         bora = spec.build_model(lm, corpus.tasks, store_folder=store_folder(out), reopen_store=resume)
         if spec.adapter.init_peft is not None:
             bora.start_from(import_peft(bora.lora, spec.adapter.init_peft))
@@ -204,7 +210,9 @@ def adapt_run(
     ``data`` (and ``corpus_options`` / ``train_options``) describe the new tasks and their training.
     """
     started = time.perf_counter()
-    out, source = Path(out), Path(source)
+    out, source = resolve(out, "run folder"), resolve(source, "run folder")
+    check_target(out, overwrite, "run", RUN_ENTRIES, sources=(source,))
+    verified_status(source)
     base = RunSpec.from_run_folder(source, trust_remote_code)
     tau = base.prior.tau
     _, _, theta, _ = load_adapters(source / ADAPTERS_FILE)
@@ -221,18 +229,18 @@ def adapt_run(
         adapter=replace(base.adapter, inference="map"),
     )
     with _writer(out):
-        check_target(out, overwrite, "run folder")
+        check_target(out, overwrite, "run", RUN_ENTRIES, sources=(source,))
         lm, _, identity, corpus = load_inputs(spec)
         check_base_model(source, read_json(source / CONFIG_FILE), identity)
         bora = spec.build_model(lm, corpus.tasks, init=theta)
         result = fit(bora, corpus, freeze_global=True, **spec.train.to_dict())
         config = run_config(spec.to_dict(), corpus, identity, {"adapted_from": str(source)})
-        return _finish(spec, bora, corpus, result, out, config, started, overwrite)
+        return _finish(spec, bora, corpus, result, out, config, started, overwrite, sources=(source,))
 
 
 def _refuse_resumable(out: Path, overwrite: bool) -> None:
     """A folder holding an interrupted run is continued with --resume, not silently restarted."""
-    if overwrite or not out.is_dir() or not is_ours(out):
+    if overwrite or not out.is_dir() or folder_kind(out) != "run":
         return
     with contextlib.suppress(FileNotFoundError, ValueError):
         status = read_status(out)["status"]
@@ -254,6 +262,7 @@ def _finish(
     overwrite: bool,
     fingerprint: str | None = None,
     base_test: PerplexityReport | None = None,
+    sources: tuple[Path, ...] = (),
 ) -> dict:
     """Write the fitted state (stage 1), then score and complete the folder (stage 2; every rank scores,
     rank 0 writes). Raises :class:`RunStopped` for a fit that stopped early, after stage 1."""
@@ -264,11 +273,11 @@ def _finish(
         "wall_seconds": time.perf_counter() - started,
     }
     if world.is_main:
-        write_fitted(out, config, bora, corpus, result, metrics, status, overwrite, fingerprint)
+        write_fitted(out, config, bora, corpus, result, metrics, status, overwrite, fingerprint, sources)
         if bora.task_store.disk:  # its files are now linked into the run folder
             bora.task_store.close()
             bora.task_store.folder = out / TASK_STORE_FOLDER
-            _remove_ours(store_folder(out))
+            remove_ours(store_folder(out), "store", STORE_ENTRIES)
     crash_point("run.fitted")
     if status != TRAINED:
         raise _stopped(out, result)
@@ -286,11 +295,6 @@ def _score(spec: RunSpec, bora: BoRA, corpus: Corpus, log: pd.DataFrame, **known
     return score_run(bora, corpus, spec.train.eval_batch_size, spec.posterior_samples, spec.train.seed, log, **known)
 
 
-def _remove_ours(folder: Path) -> None:
-    if folder.is_dir() and is_ours(folder):
-        shutil.rmtree(folder)
-
-
 def _stopped(out: Path, result: FitResult) -> RunStopped:
     where = f"{out} holds the best validated state (step {result.best_step}), marked {result.status}"
     step = checkpoint_step(checkpoint_folder(out))
@@ -305,9 +309,7 @@ def _stopped(out: Path, result: FitResult) -> RunStopped:
 
 
 def _remove_checkpoints(out: Path) -> None:
-    folder = checkpoint_folder(out)
-    if folder.is_dir() and is_ours(folder):
-        shutil.rmtree(folder)
+    remove_ours(checkpoint_folder(out), "checkpoint", CHECKPOINT_ENTRIES)
 
 
 def _title(spec: RunSpec, bora: BoRA) -> str:
@@ -317,10 +319,9 @@ def _title(spec: RunSpec, bora: BoRA) -> str:
 def complete_run(path: str | Path, trust_remote_code: bool = False, device: str | None = None) -> dict:
     """Score a run folder marked ``trained`` (its scoring failed or was interrupted) and mark it complete;
     returns its metrics (a complete run's as they are)."""
-    path = Path(path)
+    path = resolve(path, "run folder")
     with folder_lock(path):
-        recover(path)
-        status = read_status(path)["status"]
+        status = verified_status(path)["status"]
         if status == COMPLETE:
             return read_json(path / "metrics.json")
         if status != TRAINED:
@@ -343,9 +344,9 @@ def complete_run(path: str | Path, trust_remote_code: bool = False, device: str 
 def resume_run(run: str | Path, trust_remote_code: bool = False) -> dict:
     """Continue an interrupted run from its checkpoint, or complete a run whose scoring did not finish;
     a complete run is left as it is. Returns the metrics."""
-    run = Path(run)
+    run = resolve(run, "run folder")
     recover(run)
-    state = read_status(run) if (run / CONFIG_FILE).is_file() else {}
+    state = verified_status(run) if (run / CONFIG_FILE).is_file() else {}
     status = state.get("status")
     folder = checkpoint_folder(run)
     resumable = (folder / "spec.json").is_file()

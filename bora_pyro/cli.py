@@ -385,6 +385,13 @@ def _one_line(err: BaseException) -> str:
     return text if len(text) <= 2000 else text[:2000] + "..."
 
 
+def _out_of_memory(err: BaseException) -> bool:
+    """A failed allocation (host or accelerator), as opposed to a bug."""
+    import torch
+
+    return isinstance(err, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(err)
+
+
 def _terminate(signum: int, frame) -> None:
     raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C: temporary files are removed on the way out
 
@@ -420,6 +427,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, ModuleNotFoundError, KeyError) as err:
         print(f"bora-pyro {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_USAGE
+    except (MemoryError, RuntimeError) as err:
+        if not _out_of_memory(err):
+            raise  # a bug: its traceback is what a report needs
+        print(f"bora-pyro {args.command}: system error: out of memory ({_one_line(err)[:300]})", file=sys.stderr)
+        return EXIT_OS
     except OSError as err:  # the disk is full, a folder is read-only, no permission...
         where = f" ({err.filename})" if err.filename and str(err.filename) not in str(err) else ""
         print(f"bora-pyro {args.command}: system error: {_one_line(err)}{where}", file=sys.stderr)

@@ -1,10 +1,12 @@
 """Checkpoints and resumption: a run killed at any moment (SIGKILL, also inside a checkpoint save or
-the run folder's write) and resumed ends exactly where an uninterrupted run ends; stale checkpoints
-are never resumed by accident; a changed corpus or setting is named."""
+the run folder's write) and resumed ends exactly where an uninterrupted run ends, from the older slot
+if the newest is damaged; stale checkpoints are never resumed by accident; a changed corpus or setting
+is named."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -13,11 +15,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bora_pyro.cli import main
+from bora_pyro.cli import EXIT_CORRUPT, main
 from bora_pyro.inference.checkpoint import LoopState, checkpoint_step, load_checkpoint, save_checkpoint
 from bora_pyro.io.faults import CRASH_ENV
+from bora_pyro.io.task_store import UndoLog
 
 from .conftest import synthetic_rows, train_args
+from .test_checkpoint_fallback import delete_state_json, drop_sha256, flip_a_byte
 
 STEPS = 24
 
@@ -98,22 +102,62 @@ def test_resume_refuses_changed_data_naming_what_changed(tmp_path, straight):
     assert "corpus_sha256 changed since it was started" in resumed.stderr
 
 
-def test_checkpoint_slots_keep_the_newest_complete_one(tmp_path):
+def test_checkpoint_slots_keep_the_two_newest_complete_ones(tmp_path):
     folder = tmp_path / "ckpt"
-    for step in (4, 8):
+    for step in (4, 8, 12):
         save_checkpoint(folder, None, LoopState(step=step), {}, {"run": 1})
-    assert checkpoint_step(folder) == 8 and len(list(folder.glob("step-*"))) == 1
-    (folder / ".tmp-step-00000012-dead").mkdir()  # a save killed half-way
+    assert checkpoint_step(folder) == 12 and len(list(folder.glob("step-*"))) == 2
+    (folder / ".tmp-step-00000016-dead").mkdir()  # a save killed half-way
     state, _ = load_checkpoint(folder, None, {"run": 1})
-    assert state.step == 8 and not list(folder.glob(".tmp-*"))
+    assert state.step == 12 and not list(folder.glob(".tmp-*"))
     with pytest.raises(ValueError, match="belongs to a different run: run differs"):
         load_checkpoint(folder, None, {"run": 2})
-    (slot,) = folder.glob("step-*")
-    raw = bytearray((slot / "state.safetensors").read_bytes())
-    raw[-1] ^= 0xFF
-    (slot / "state.safetensors").write_bytes(bytes(raw))
-    with pytest.raises(ValueError, match="corrupted: state.safetensors does not match its checksum"):
-        load_checkpoint(folder, None, {"run": 1})
+
+
+def killed_with_two_slots(data, run, store: str) -> tuple:
+    """A run (task store ``store``, a checkpoint every step) killed inside its sixth save: slots at steps 5
+    and 4, newest first."""
+    args = resume_args(data, run, "--task-store", store, "--checkpoint-every", "1")
+    proc = run_cli(args, "checkpoint.tensors-written:6")
+    assert proc.returncode == -9, proc.stderr
+    slots = sorted((run.parent / f"{run.name}.checkpoint").glob("step-*"), reverse=True)
+    assert [s.name[: len("step-00000005")] for s in slots] == ["step-00000005", "step-00000004"]
+    return tuple(slots)
+
+
+def rows_logged(log) -> set:
+    return {(name, row) for name, row, _ in UndoLog.entries(log)}
+
+
+@pytest.mark.parametrize("damage", [flip_a_byte, delete_state_json, drop_sha256])
+@pytest.mark.parametrize("store", ["memory", "disk"])
+def test_a_damaged_newest_slot_resumes_from_the_older_one_to_the_uninterrupted_result(
+    tmp_path, straight, caplog, store, damage
+):
+    data, reference = straight
+    run = tmp_path / "run"
+    newest, older = killed_with_two_slots(data, run, store)
+    if store == "disk":  # back to step 4 takes both logs: step 6 (flushed) wrote rows that step 5 did not
+        logs = [run.parent / f"{run.name}.store" / f"undo-{g}.log" for g in (4, 5)]
+        assert rows_logged(logs[1]) - rows_logged(logs[0])
+    why = damage(newest)
+    with caplog.at_level(logging.WARNING):
+        assert main(["train", "--resume", str(run)]) == 0
+    (warning,) = [r.getMessage() for r in caplog.records if "damaged checkpoint" in r.getMessage()]
+    assert str(newest) in warning and why in warning and f"older slot {older.name} at step 4 instead" in warning
+    assert_same_run(run, reference)
+
+
+def test_no_intact_checkpoint_slot_is_one_clear_error(tmp_path, straight, capsys):
+    data, _ = straight
+    run = tmp_path / "run"
+    newest, older = killed_with_two_slots(data, run, "memory")
+    whys = [delete_state_json(newest), flip_a_byte(older)]
+    assert main(["train", "--resume", str(run)]) == EXIT_CORRUPT
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert f"no intact checkpoint in {newest.parent}" in line
+    assert f"{newest.name}: {whys[0]}" in line and f"{older.name}: {whys[1]}" in line
+    assert newest.exists() and older.exists()
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path, capsys):

@@ -17,6 +17,13 @@ memory since the best validated state (to restore it without a copy of every row
 on disk since the last checkpoint (``undo-<generation>.log``, written and flushed before the rows
 change): a resumed run rolls the tables back to its checkpoint, whatever moment a kill hit.
 
+The log of the generation before is kept too (a checkpoint folder keeps two slots, and the older one is
+the fallback for a damaged newer one): rolling back to generation ``g`` replays the logs of ``g`` and of
+every later generation there is, newest first, so each row ends at its value before its first write
+since checkpoint ``g``. A rollback that would need a log that is gone is refused
+(:meth:`TaskStore.missing_logs`); :meth:`TaskStore.begin` deletes the logs newer than its generation
+before its own, so a kill at any moment leaves logs that take the tables back to either kept slot.
+
 A disk store's tables stay in host memory on every device: with the model on an accelerator, a step's rows
 are gathered on the host and copied to the device, their gradients copied back, and the optimizer updates
 them on the host (a step touches a few tasks' rows: megabytes, not the table). While a step computes, the
@@ -25,6 +32,7 @@ next step's rows are read from the disk into the page cache (:meth:`TaskStore.pr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import mmap
@@ -38,6 +46,7 @@ import torch
 
 from .faults import crash_point
 from .folders import fsync_path, mark
+from .integrity import CorruptFile
 
 STORES = ("memory", "disk", "auto")
 TABLE_SUFFIX = ".safetensors"
@@ -167,10 +176,8 @@ class UndoLog:
         self._file.close()
 
     @staticmethod
-    @torch.no_grad()
-    def replay(path: Path, tables: dict[str, torch.Tensor]) -> tuple[int, list[str]]:
-        """Write the logged values back into ``tables``, last entries first; returns the rows restored and
-        the tables created since the checkpoint (for the caller to delete)."""
+    def entries(path: Path) -> list[tuple[str, int, bytes]]:
+        """The entries (table name, row, values) of the log ``path``, in the order they were written."""
         data, entries, offset = Path(path).read_bytes(), [], 0
         while offset + 20 <= len(data):
             key_len, row, size = struct.unpack_from("<IQQ", data, offset)
@@ -180,12 +187,23 @@ class UndoLog:
             name = data[offset + 20 : offset + 20 + key_len].decode()
             entries.append((name, row, data[offset + 20 + key_len : end]))
             offset = end
-        created = [name for name, row, _ in entries if row == CREATED]
+        return entries
+
+    @staticmethod
+    @torch.no_grad()
+    def replay(paths: list[Path], tables: dict[str, torch.Tensor]) -> tuple[int, list[str]]:
+        """Write the values logged in ``paths`` (the logs of consecutive generations, oldest first) back into
+        ``tables``, last entries first; returns the rows restored and the tables created since the first
+        log's checkpoint (for the caller to delete: their rows are not restored)."""
+        entries = [entry for path in paths for entry in UndoLog.entries(path)]
+        created = {name for name, row, _ in entries if row == CREATED}
+        restored = 0
         for name, row, values in reversed(entries):
             if row != CREATED and name not in created:
                 table = tables[name]
                 table[row] = torch.frombuffer(bytearray(values), dtype=torch.float32).view(table.shape[1:])
-        return len(entries) - len(created), created
+                restored += 1
+        return restored, sorted(created)
 
 
 class TaskStore:
@@ -271,26 +289,51 @@ class TaskStore:
     def _undo_path(self, generation: int) -> Path:
         return self.folder / f"undo-{generation}.log"
 
+    def _undo_logs(self) -> dict[int, Path]:
+        """The undo logs in the store's folder, by generation."""
+        logs = {}
+        for path in self.folder.glob("undo-*.log"):
+            with contextlib.suppress(ValueError):
+                logs[int(path.name[len("undo-") : -len(".log")])] = path
+        return logs
+
+    def missing_logs(self, generation: int) -> list[Path]:
+        """The undo logs that rolling back to checkpoint ``generation`` needs and that are gone: those of it and
+        of every later generation up to the newest log there is (none if that is older: the tables hold the
+        checkpoint's state, flushed before it was put in place)."""
+        logs = self._undo_logs()
+        return [self._undo_path(g) for g in range(generation, max(logs, default=-1) + 1) if g not in logs]
+
     def begin(self, generation: int) -> None:
-        """Start journaling the writes after checkpoint ``generation`` (the tables hold its state)."""
+        """Start journaling the writes after checkpoint ``generation`` (the tables hold its state). The log of
+        the generation before stays (the older checkpoint slot rolls back through it); every other log is
+        deleted, newest first, so a kill half-way never leaves a newer log without this generation's old one."""
         self.close()
         self.generation = generation
-        for old in self.folder.glob("undo-*.log"):
-            if old != self._undo_path(generation):
-                old.unlink()
-        self._undo_path(generation).unlink(missing_ok=True)
+        for g, path in sorted(self._undo_logs().items(), reverse=True):
+            if g != generation - 1:
+                path.unlink()
         self.undo = UndoLog(self._undo_path(generation))
+        fsync_path(self.folder)
 
     def rollback(self, generation: int) -> int:
-        """Undo the writes made after checkpoint ``generation`` (from its undo log); returns the rows restored."""
-        path = self._undo_path(generation)
+        """Undo the writes made after checkpoint ``generation`` (from the undo logs of it and of every later
+        generation, newest first); returns the rows restored. Refused if a log it needs is gone."""
+        missing = self.missing_logs(generation)
+        if missing:
+            raise CorruptFile(
+                f"cannot roll the task tables in {self.folder} back to checkpoint generation {generation}: "
+                f"{', '.join(p.name for p in missing)} {'is' if len(missing) == 1 else 'are'} gone"
+            )
         for file in self.folder.glob(f"*{TABLE_SUFFIX}"):  # tables not opened yet (e.g. moments) roll back too
             name = table_name(file)
             if name not in self.tables:
                 self.tables[name], self._maps[name] = _map_table(file, None, name)
-        restored, created = UndoLog.replay(path, self.tables) if path.is_file() else (0, [])
-        for name in created:  # it did not exist at the checkpoint
-            del self.tables[name], self._maps[name]
+        logs = [path for g, path in sorted(self._undo_logs().items()) if g >= generation]
+        restored, created = UndoLog.replay(logs, self.tables)
+        for name in created:  # it did not exist at the checkpoint (nor since a rollback killed half-way)
+            self.tables.pop(name, None)
+            self._maps.pop(name, None)
             self.path(name).unlink(missing_ok=True)
         self.flush()
         return restored

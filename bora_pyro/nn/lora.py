@@ -216,10 +216,19 @@ class MultiTaskLoRA:
         if missing:
             names = sorted({n.rsplit(".", 1)[-1] for n, m in self.lm.named_modules() if _is_adaptable(m)})
             raise ValueError(f"target modules {missing} not found in the model; linear layers it has: {names}")
+        wrapped = []
         for path, module in matches:
             if not _is_adaptable(module):
                 raise ValueError(f"target {path!r} is a {type(module).__name__}, not a linear layer")
-            layer = MultiTaskLoRALinear(module, self.rank, self.alpha)
+            wrapped.append((path, MultiTaskLoRALinear(module, self.rank, self.alpha)))
+        narrowest = min(wrapped, key=lambda item: min(item[1].in_features, item[1].out_features))
+        width = min(narrowest[1].in_features, narrowest[1].out_features)
+        if self.rank > width:  # B A has rank <= min(in, out): a larger r only costs memory
+            raise ValueError(
+                f"rank {self.rank} exceeds the width {width} of the adapted layer {narrowest[0]!r} "
+                f"(in {narrowest[1].in_features}, out {narrowest[1].out_features}); use a rank <= {width}"
+            )
+        for path, layer in wrapped:  # the model is changed only once every target is known to fit
             parent_path, _, child = path.rpartition(".")
             setattr(self.lm.get_submodule(parent_path) if parent_path else self.lm, child, layer)
             name = _short_name(path)

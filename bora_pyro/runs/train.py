@@ -28,6 +28,7 @@ from ..inference.svi import FitResult, fit
 from ..io.artifacts import ADAPTERS_FILE, json_roundtrip, load_adapters, read_json, write_json
 from ..io.faults import crash_point
 from ..io.folders import atomic_folder, check_target, folder_kind, folder_lock, recover, remove_ours, resolve
+from ..io.integrity import CorruptFile
 from ..io.peft_import import import_peft
 from ..io.task_store import TABLE_SUFFIX, TaskStore
 from ..models.bora import BoRA
@@ -110,9 +111,12 @@ def _refuse_earlier_checkpoint(out: Path, overwrite: bool) -> None:
     folder = checkpoint_folder(out)
     if not folder.exists():
         return
-    step = checkpoint_step(folder)
     if not overwrite:
-        held = f"a checkpoint at step {step}" if step is not None else "the settings"
+        try:
+            step = checkpoint_step(folder)
+            held = f"a checkpoint at step {step}" if step is not None else "the settings"
+        except CorruptFile:
+            held = "a damaged checkpoint"
         raise FileExistsError(
             f"{folder} holds {held} of an earlier run of {str(out)!r}: continue it with "
             f"'bora-pyro train --resume {out}', or pass --overwrite to discard it"

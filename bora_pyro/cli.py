@@ -17,6 +17,7 @@ holds the folder (try again later); 130 interrupted (Ctrl-C); 128 + N killed by 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import signal
@@ -26,11 +27,11 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from .distributed import World, init_distributed
-from .evaluation.generation import task_indices
+from .evaluation.generation import check_sampling, task_indices
 from .evaluation.scoring import documents_line
 from .io.artifacts import read_json
 from .io.export import export_merged, export_peft
-from .io.folders import FolderBusy, check_target, folder_lock
+from .io.folders import FolderBusy, check_target, folder_kind, folder_lock
 from .io.integrity import CorruptFile, update_manifest
 from .options import add_options, dest, parse_csv, section_values
 from .runs import SECTIONS, RunSpec, RunStopped, adapt_run, complete_run, load_run, resume_run, train_run
@@ -270,7 +271,7 @@ def _export_locked(a: argparse.Namespace) -> None:
             raise ValueError("--format merged needs --task NAME (or --task global)")
         (d,) = task_indices(run.bora.tasks, [a.task], run.global_factors is not None)
         factors = run.global_factors if d == len(run.bora.tasks) else {k: v[0] for k, v in run.rows([d]).items()}
-        export_merged(run.bora.lora, run.tokenizer, factors, a.out, overwrite=a.overwrite)
+        export_merged(run.bora.lora, run.tokenizer, factors, a.out, overwrite=a.overwrite, task=a.task)
         print(f"wrote {a.out}: {run.spec.model} with the adapter of task {a.task!r} merged in")
         return
     base = run.base_model or {}
@@ -307,6 +308,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def _generate(a: argparse.Namespace) -> None:
+    check_sampling(a.max_new_tokens, a.temperature, a.top_p, a.seed)  # before the run is loaded
     run = load_run(a.run, device=a.device, trust_remote_code=a.trust_remote_code)
     text = run.generate(
         [a.prompt],
@@ -335,21 +337,24 @@ def _diagnose(a: argparse.Namespace) -> None:
         name = Path(path).name
         if name in runs:
             name = str(path)
-        if Path(path).is_dir():
-            verified_status(Path(path))  # its posterior.nc is checked against the run's manifest
-        runs[name] = diagnostics.load(path)
-        print(f"== {path}")
-        print(diagnostics.summary(runs[name]).to_string(float_format=lambda x: f"{x:.4g}"))
-        folder = Path(path) if Path(path).is_dir() else Path(path).parent
-        written = diagnostics.plot(runs[name], folder)
-        update_manifest(folder, [w.name for w in written])
+        folder = Path(path).parent if Path(path).is_file() else Path(path)
+        loose = folder.exists() and folder_kind(folder) != "run"  # a posterior file of its own, not in a run
+        with contextlib.nullcontext() if loose else folder_lock(folder):  # the plots go into the run folder
+            if not loose:
+                verified_status(folder)  # recovered; its posterior.nc checked against the run's manifest
+            runs[name] = diagnostics.load(path)
+            print(f"== {path}")
+            print(diagnostics.summary(runs[name]).to_string(float_format=lambda x: f"{x:.4g}"))
+            written = diagnostics.plot(runs[name], folder)
+            update_manifest(folder, [w.name for w in written])
         print("plots: " + ", ".join(str(w) for w in written))
     if len(runs) > 1:
         table = diagnostics.compare(runs)
         out = Path(a.out or a.runs[0])
         out.mkdir(parents=True, exist_ok=True)
-        table.to_csv(out / "compare.csv")
-        update_manifest(out, ["compare.csv"])
+        with folder_lock(out):
+            table.to_csv(out / "compare.csv")
+            update_manifest(out, ["compare.csv"])
         print("== az.compare (PSIS-LOO on held-out test documents; higher elpd_loo is better)")
         print(table.to_string(float_format=lambda x: f"{x:.4g}"))
         print(f"wrote {out / 'compare.csv'}")

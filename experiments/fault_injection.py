@@ -7,13 +7,21 @@ continued as a user would: ``bora-pyro train --resume RUN``, or, when nothing wa
 command again. A quarter of the attempts replace an earlier, different run (another seed) with
 ``--overwrite``. The final run folder must equal the uninterrupted run's (adapters to 1e-6, the same train_log.csv).
 
-    .venv/bin/python experiments/fault_injection.py --attempts 40 > experiments/results/fault_injection.md
+The other writing verbs get the same treatment (``--verb-attempts``): ``export`` (a first export and the
+replacement of an earlier one), ``evaluate`` completing a run whose scoring never finished, and ``adapt``,
+each killed at a crash point inside its writes, checked right after the kill (the target is absent, or the
+old or the new folder, complete: every file matches its manifest), then run again and compared with an
+uninterrupted run of the same command.
+
+    .venv/bin/python experiments/fault_injection.py --attempts 40 --verb-attempts 30 \\
+        > experiments/results/fault_injection.md
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import json
 import os
 import random
 import shutil
@@ -28,6 +36,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bora_pyro.io.faults import CRASH_ENV
+from bora_pyro.io.integrity import read_manifest, verify
 from tests.conftest import synthetic_rows, train_args
 
 # crash points and how many times a run reaches each (k is drawn from 1..count)
@@ -88,6 +97,76 @@ def same_run(run: Path, reference: Path) -> bool:
     return close and (run / "train_log.csv").read_text() == (reference / "train_log.csv").read_text()
 
 
+VERB_POINTS = {  # crash points each verb reaches, with how many times
+    "export": {"folder.written": 1, "folder.renamed-aside": 1, "folder.renamed-in": 1, "file.written": 6},
+    "evaluate": {"file.written": 8},
+    "adapt": {"folder.written": 1, "folder.renamed-in": 1, "file.written": 8, "run.fitted": 1},
+}
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "bora_pyro.cli", *args]
+
+
+def intact(folder: Path) -> str:
+    """ "absent", or "complete" when every file matches the folder's manifest (else what is wrong)."""
+    if not folder.exists():
+        return "absent"
+    try:
+        return "complete" if verify(folder) is not None else "no manifest"
+    except ValueError as err:
+        return f"DAMAGED: {err}"
+
+
+def same_export(a: Path, b: Path) -> bool:
+    """Two export folders hold the same files with the same bytes (digests from their manifests)."""
+    return read_manifest(a)["files"] == read_manifest(b)["files"]
+
+
+def verb_commands(work: Path, data: Path, source: Path, verb: str, out: Path) -> list[str]:
+    if verb == "export":
+        return cli("export", str(source), "--out", str(out), "--overwrite")
+    if verb == "adapt":
+        return cli("adapt", str(source), "--data", f"csv:{data}", "--out", str(out), "--steps", "6", "--no-progress")
+    return cli("evaluate", str(out))
+
+
+def verb_attempts(args: argparse.Namespace, work: Path, data: Path, source: Path, rng: random.Random) -> list[tuple]:
+    """Kill export / evaluate / adapt at their crash points, check the target, rerun, compare."""
+    references = {}
+    for verb in VERB_POINTS:
+        out = work / f"ref-{verb}"
+        if verb == "evaluate":  # a run whose scoring never finished: killed right after its fitted state
+            run(command(data, out, False), crash="run.fitted:1")
+            shutil.copytree(out, work / "trained")
+        run(verb_commands(work, data, source, verb, out))
+        references[verb] = out
+    rows = []
+    for attempt in range(args.verb_attempts):
+        verb = list(VERB_POINTS)[attempt % len(VERB_POINTS)]
+        point = rng.choice(sorted(VERB_POINTS[verb]))
+        crash = f"{point}:{rng.randint(1, VERB_POINTS[verb][point])}"
+        out = work / f"{verb}{attempt}"
+        replacing = verb == "export" and attempt % 2 == 1
+        if verb == "evaluate":
+            shutil.copytree(work / "trained", out)
+        elif replacing:
+            shutil.copytree(references["export"], out)
+            crash = crash.replace("folder.renamed-aside", "folder.renamed-aside")
+        elif point == "folder.renamed-aside":
+            crash = "folder.renamed-in:1"
+        code = run(verb_commands(work, data, source, verb, out), crash=crash)
+        after_kill = intact(out) if code != 0 else "finished"
+        run(verb_commands(work, data, source, verb, out))
+        if verb == "export":
+            equal = same_export(out, references["export"])
+        else:
+            scores = [json.loads((f / "metrics.json").read_text()).get("test_ppl") for f in (out, references[verb])]
+            equal = same_run(out, references[verb]) and intact(out) == "complete" and scores[0] == scores[1]
+        rows.append((verb, crash, "yes" if replacing else "no", after_kill, "yes" if equal else "NO"))
+    return rows
+
+
 def main(args: argparse.Namespace) -> None:
     rng = random.Random(args.seed)
     work = Path(tempfile.mkdtemp(prefix="bora-faults-"))
@@ -137,6 +216,7 @@ def main(args: argparse.Namespace) -> None:
         counts[outcome] += 1
         counts["equal to the uninterrupted run" if equal else "DIFFERENT from the uninterrupted run"] += 1
         rows.append((attempt, "yes" if overwrite else "no", how, outcome, "yes" if equal else "NO"))
+    verb_rows = verb_attempts(args, work, data, reference, rng) if args.verb_attempts else []
     killed = args.attempts - counts["finished before the kill"]
     print(
         f"# Fault injection: {args.attempts} attempts, {killed} runs killed "
@@ -153,6 +233,17 @@ def main(args: argparse.Namespace) -> None:
     print("|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(str(v) for v in row) + " |")
+    if verb_rows:
+        damaged = sum(not r[3].startswith(("absent", "complete", "finished")) for r in verb_rows)
+        equal = sum(r[4] == "yes" for r in verb_rows)
+        print(
+            f"\n## export, evaluate and adapt: {len(verb_rows)} kills, {damaged} left a damaged target, "
+            f"{equal} of {len(verb_rows)} equal to the uninterrupted command after a rerun\n"
+        )
+        print("| verb | killed at | replacing an earlier export | target right after the kill | equal after a rerun |")
+        print("|---|---|---|---|---|")
+        for row in verb_rows:
+            print("| " + " | ".join(str(v) for v in row) + " |")
     shutil.rmtree(work, ignore_errors=True)
 
 
@@ -160,6 +251,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--attempts", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--verb-attempts", type=int, default=30, help="kills of export, evaluate and adapt")
     parser.add_argument(
         "--training-seconds",
         type=float,

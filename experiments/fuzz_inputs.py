@@ -1,12 +1,14 @@
-"""Fuzz `bora-pyro train` with generated bad corpus files, end to end, and tabulate what each case got.
+"""Fuzz `bora-pyro train` with generated bad corpus files and config files, end to end; tabulate each case.
 
-    OMP_NUM_THREADS=1 .venv/bin/python experiments/fuzz_inputs.py [--cases 800] [--seed 0]
+    OMP_NUM_THREADS=1 .venv/bin/python experiments/fuzz_inputs.py [--cases 800] [--configs 600] [--seed 0]
 
 The CSV and JSON-lines files come from the ``hypothesis`` strategies of ``tests/test_fuzz_data.py`` (good
 rows damaged in headers, keys, quoting, cell types, encodings and bytes; empty, binary and huge files).
 Each one is trained on by the CLI in this process (the tiny random model, ``--steps 1``) inside a sandbox
 that is its working directory, HOME, TMPDIR and bora_pyro cache. Every case must end in a run (exit 0) or
-one clear error line (its last line on stderr, naming the command); an exception escaping the CLI, or a
+one clear error line (its last line on stderr, naming the command). The ``--config`` files come from the
+strategy of ``tests/test_fuzz_config.py`` and are trained on a small good corpus, the command line bounding
+the time (``--steps 1 --num-particles 1 --posterior-samples 0``). An exception escaping the CLI, or a
 traceback in its output, is counted as a traceback, and every file that appears or changes in the sandbox
 outside the case's run folder (its data file excepted) is counted as written outside. The lock files that
 bora_pyro keeps in its cache (``locks/``, one per folder it writes) are counted on their own line.
@@ -18,6 +20,7 @@ import argparse
 import contextlib
 import hashlib
 import io
+import json
 import logging
 import os
 import shutil
@@ -33,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' strat
 
 from bora_pyro.cli import main
 from tests.conftest import train_args
+from tests.test_fuzz_config import config_files
 from tests.test_fuzz_data import FUZZ, corpus_files
 
 LOCKS = Path("cache") / "locks"
@@ -69,9 +73,14 @@ class Case:
     def _train(self, log_stream: logging.StreamHandler) -> tuple[int | str, str]:
         out = io.StringIO()
         log_stream.setStream(out)
+        if self.kind == "config":  # settings from the file, a good corpus, the time bounded
+            bounds = ("--config", str(self.data), "--steps", "1", "--num-particles", "1", "--posterior-samples", "0")
+            argv = train_args(self.folder.parents[1] / "corpus.csv", self.run, *bounds)
+        else:
+            argv = train_args(self.data, self.run, "--steps", "1", "--data", f"{self.kind}:{self.data}")
         try:
             with contextlib.redirect_stderr(out), contextlib.redirect_stdout(out):
-                code = main(train_args(self.data, self.run, "--steps", "1", "--data", f"{self.kind}:{self.data}"))
+                code = main(argv)
         except BaseException as escaped:  # what a user would see as a traceback
             return "traceback", f"{type(escaped).__name__}: {escaped}"
         text = out.getvalue()
@@ -88,8 +97,9 @@ class Case:
         return self.outcome == 0 or (self.outcome != "traceback" and self.last_line.startswith("bora-pyro train: "))
 
 
-def run_cases(sandbox: Path, cases: int, rng_seed: int) -> list[Case]:
-    """Generate ``cases`` corpus files with the tests' strategy and run each through the CLI."""
+def run_cases(sandbox: Path, cases: int, configs: int, rng_seed: int) -> list[Case]:
+    """Generate ``cases`` corpus files and ``configs`` config files with the tests' strategies and run each
+    through the CLI."""
     handler = logging.StreamHandler(io.StringIO())
     handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
     logging.basicConfig(level=logging.WARNING, handlers=[handler])  # main()'s basicConfig is then a no-op
@@ -104,9 +114,22 @@ def run_cases(sandbox: Path, cases: int, rng_seed: int) -> list[Case]:
         if not needs_a_look(case):
             shutil.rmtree(case.folder)  # keep only what needs a look
 
+    @seed(rng_seed)
+    @settings(FUZZ, max_examples=configs, phases=[Phase.generate])
+    @given(config=config_files())
+    def one_config(config: object) -> None:
+        case = Case(sandbox, len(done), "config", json.dumps(config).encode(), handler)
+        done.append(case)
+        if not needs_a_look(case):
+            shutil.rmtree(case.folder)
+
+    (sandbox / "corpus.csv").write_bytes(WARM_UP)
     Case(sandbox, -1, "csv", WARM_UP, handler)  # imports and one-time caches (matplotlib's) before counting
     shutil.rmtree(sandbox / "cases")
-    one()
+    if cases:
+        one()
+    if configs:
+        one_config()
     return done
 
 
@@ -118,14 +141,18 @@ def table(done: list[Case], seconds: float) -> str:
     by_outcome: dict[str, list[Case]] = defaultdict(list)
     for case in done:
         by_outcome[f"exit {case.outcome}" if case.outcome != "traceback" else "traceback"].append(case)
-    rows = ["| outcome | cases | csv | jsonl | most common last line (file paths shortened) |", "|---|---|---|---|---|"]
+    rows = [
+        "| outcome | cases | csv | jsonl | config | most common last line (file paths shortened) |",
+        "|---|---|---|---|---|---|",
+    ]
     for outcome, cases in sorted(by_outcome.items()):
         kinds = Counter(c.kind for c in cases)
         common = Counter(_shorten(c) for c in cases).most_common(1)[0][0]
-        rows.append(f"| {outcome} | {len(cases)} | {kinds['csv']} | {kinds['jsonl']} | `{common}` |")
+        counts = f"{kinds['csv']} | {kinds['jsonl']} | {kinds['config']}"
+        rows.append(f"| {outcome} | {len(cases)} | {counts} | `{common}` |")
     summary = [
         (
-            "cases (generated CSV / JSON-lines files)",
+            "cases (generated CSV / JSON-lines corpus files and config files)",
             f"{len(done)} ({len({(c.kind, c.digest) for c in done})} distinct)",
         ),
         ("tracebacks (must be 0)", sum(c.outcome == "traceback" for c in done)),
@@ -151,6 +178,7 @@ def _shorten(case: Case) -> str:
 def main_fuzz() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=800, help="generated files (some repeat: 800 gave 668 distinct)")
+    parser.add_argument("--configs", type=int, default=600, help="generated --config files")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     sandbox = Path(tempfile.mkdtemp(prefix="bora-fuzz-")).resolve()
@@ -160,8 +188,9 @@ def main_fuzz() -> None:
     tempfile.tempdir = str(sandbox / "tmp")
     os.chdir(sandbox / "cwd")
     start = time.perf_counter()
-    done = run_cases(sandbox, args.cases, args.seed)
-    print(f"`OMP_NUM_THREADS=1 .venv/bin/python experiments/fuzz_inputs.py --cases {args.cases} --seed {args.seed}`\n")
+    done = run_cases(sandbox, args.cases, args.configs, args.seed)
+    command = f"experiments/fuzz_inputs.py --cases {args.cases} --configs {args.configs} --seed {args.seed}"
+    print(f"`OMP_NUM_THREADS=1 .venv/bin/python {command}`\n")
     print(table(done, time.perf_counter() - start))
     if any(needs_a_look(c) for c in done):
         print(f"the cases that need a look are kept in {sandbox}")

@@ -111,3 +111,23 @@ def edit_run_file(path: Path, **changes) -> None:
     manifest = read_manifest(path.parent)
     if manifest is not None:
         write_manifest(path.parent, unhashed=manifest["unhashed"])
+
+
+def train_once(root: Path, docs_per_task: dict[str, int], *options: str) -> Path:
+    """Train a quick run ``root/run`` on ``root/corpus.csv`` (synthetic rows of ``docs_per_task``); returns
+    ``root``. For module-scoped fixtures: tests damage copies (:func:`copy_run`), never this one."""
+    from bora_pyro.cli import main
+
+    data = root / "corpus.csv"
+    synthetic_rows(docs_per_task).to_csv(data, index=False)
+    assert main(train_args(data, root / "run", "--steps", "2", "--eval-every", "2", *options)) == 0
+    return root
+
+
+def copy_run(trained: Path, into: Path) -> Path:
+    """A copy of ``trained``'s run folder and corpus in ``into``, for a test to damage; returns the run."""
+    import shutil
+
+    shutil.copytree(trained / "run", into / "run")
+    shutil.copy(trained / "corpus.csv", into / "corpus.csv")
+    return into / "run"

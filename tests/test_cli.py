@@ -73,7 +73,7 @@ def test_pooled_and_independent_runs(tmp_path, corpus_csv):
     [
         (["--model", "no-such-model"], "cannot load model 'no-such-model'"),
         (["--data", "nonsense"], "unknown corpus 'nonsense'"),
-        (["--tau", "-3"], "tau must be a number >= 0, 'inf' or 'learn', got '-3'"),
+        (["--tau", "-3"], "tau must be 0, a number in [1e-30, 1e+30], 'inf' or 'learn'"),
         (["--rank", "0"], "rank must be an integer >= 1, got 0"),
         (["--steps", "0"], "steps must be an integer >= 1, got 0"),
     ],

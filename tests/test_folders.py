@@ -113,7 +113,7 @@ def test_a_marker_that_claims_another_kind_is_refused(place, capsys):
     (place / "run" / MARKER).write_text('{"kind": "export"}')
     before = digest(place / "run")
     assert main(train_args(place / "corpus.csv", place / "run", "--steps", "2", "--overwrite")) == 2
-    assert "is a export folder" in capsys.readouterr().err
+    assert "is an export folder" in capsys.readouterr().err
     assert digest(place / "run") == before
 
 

@@ -4,7 +4,6 @@ byte of any of them (the manifest included) is refused, never used; a changed co
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 
@@ -12,23 +11,19 @@ from bora_pyro.cli import main
 from bora_pyro.io.integrity import MANIFEST, CorruptFile, read_manifest
 from bora_pyro.runs.folder import verified_status
 
-from .conftest import synthetic_rows, train_args
+from .conftest import copy_run, synthetic_rows, train_args, train_once
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("trained")
-    data = root / "corpus.csv"
-    synthetic_rows({"north": 14, "south": 8, "east": 4}).to_csv(data, index=False)
-    assert main(train_args(data, root / "run", "--steps", "2", "--eval-every", "2", "--posterior-samples", "2")) == 0
-    return root
+    return train_once(
+        tmp_path_factory.mktemp("trained"), {"north": 14, "south": 8, "east": 4}, "--posterior-samples", "2"
+    )
 
 
 @pytest.fixture
 def run(trained, tmp_path):
-    shutil.copytree(trained / "run", tmp_path / "run")
-    shutil.copy(trained / "corpus.csv", tmp_path / "corpus.csv")
-    return tmp_path / "run"
+    return copy_run(trained, tmp_path)
 
 
 def test_every_file_of_a_run_is_in_its_manifest(run):

@@ -24,6 +24,7 @@ with warnings.catch_warnings():
     import arviz as az
 
 from ..data.batching import Split
+from ..io.integrity import CorruptFile
 from ..models.bora import BoRA
 from . import plots
 from .predictive import DrawSummary
@@ -78,7 +79,59 @@ def to_inference_data(
     return idata
 
 
+# what every posterior.nc that bora_pyro writes holds: group -> a variable in it
+EXPECTED_GROUPS = {"posterior": "norm", "log_likelihood": "docs", "constant_data": "train_tokens"}
+_UNREADABLE = (OSError, ValueError, KeyError, IndexError, TypeError, RuntimeError)  # what damage raises in h5py/xarray
+
+
+def _read_hdf5(file: Path) -> None:
+    """Read every attribute and value of an HDF5 file (raises on damage): h5netcdf, when it fails to open
+    a damaged file, prints a traceback from its destructor; h5py reports the damage cleanly."""
+    import h5py
+
+    def read(name: str, item: h5py.Group | h5py.Dataset) -> None:
+        dict(item.attrs)
+        if isinstance(item, h5py.Dataset):
+            item[()]
+
+    with h5py.File(file, "r") as f:
+        dict(f.attrs)
+        f.visititems(read)
+
+
+def _read(file: Path) -> az.InferenceData:
+    """Read a netCDF file into memory, or raise :class:`CorruptFile` naming it."""
+    try:
+        _read_hdf5(file)
+        with az.rc_context({"data.load": "eager"}):  # every value read now: damage surfaces here, not later
+            return az.from_netcdf(file)
+    except _UNREADABLE as err:
+        raise CorruptFile(
+            f"{file} is not a readable netCDF file ({type(err).__name__}: {' '.join(str(err).split())[:200]}): it is "
+            "damaged or not bora_pyro's; train the run again with --posterior-samples N to write it anew"
+        ) from None
+
+
+def _check_groups(file: Path, idata: az.InferenceData) -> None:
+    """Refuse a netCDF file without the groups and variables bora_pyro writes (see :data:`EXPECTED_GROUPS`)."""
+    missing = [
+        f"{group}.{var}"
+        for group, var in EXPECTED_GROUPS.items()
+        if group not in idata.groups() or var not in idata[group].data_vars
+    ]
+    if missing:
+        raise CorruptFile(
+            f"{file} is not a posterior written by bora_pyro: it lacks {', '.join(missing)} (it has groups "
+            f"{idata.groups()}); train the run again with --posterior-samples N to write it anew"
+        )
+
+
 def load(path: str | Path) -> az.InferenceData:
+    """The ArviZ data of a run folder (its posterior.nc) or of a posterior.nc file, read into memory.
+
+    Raises FileNotFoundError if there is none, :class:`CorruptFile` naming the file if it cannot be read
+    or lacks what bora_pyro writes (see :data:`EXPECTED_GROUPS`).
+    """
     path = Path(path)
     file = path / POSTERIOR_FILE if path.is_dir() else path
     if not file.is_file():
@@ -86,7 +139,9 @@ def load(path: str | Path) -> az.InferenceData:
             f"{file} not found: train the run with posterior samples (bora-pyro train ... "
             "--posterior-samples N) to get ArviZ diagnostics"
         )
-    return az.from_netcdf(file)
+    idata = _read(file)
+    _check_groups(file, idata)
+    return idata
 
 
 def summary(idata: az.InferenceData) -> pd.DataFrame:

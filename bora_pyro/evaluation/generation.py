@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Mapping, Sequence
 
 import torch
 
 from ..data.task_names import GLOBAL
 from ..nn.lora import Factors, MultiTaskLoRA, TaskRows, rows_of
+
+SHOWN = 10  # known task names listed in an error message
+
+
+def _listing(names: Sequence[str]) -> str:
+    """The first ``SHOWN`` names, and how many there are in all when there are more."""
+    names = list(names)
+    return f"{names}" if len(names) <= SHOWN else f"{names[:SHOWN]} ... ({len(names)} in all)"
 
 
 def task_indices(tasks: Sequence[str], wanted: Sequence[str], has_global: bool) -> list[int]:
@@ -18,8 +28,41 @@ def task_indices(tasks: Sequence[str], wanted: Sequence[str], has_global: bool) 
     unknown = sorted({w for w in wanted if w not in index})
     if unknown:
         extra = f" and '{GLOBAL}' (Theta)" if has_global else f" ('{GLOBAL}' does not exist: this run has no Theta)"
-        raise ValueError(f"unknown task(s) {unknown}; known tasks: {list(tasks)}{extra}")
+        raise ValueError(f"unknown task(s) {_listing(unknown)}; known tasks: {_listing(tasks)}{extra}")
     return [index[w] for w in wanted]
+
+
+def _is_int(value: object) -> bool:
+    """An integer (Python's or NumPy's), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float, seed: int) -> None:
+    """Refuse options ``generate`` cannot use, naming the value and what is allowed."""
+    if not (_is_int(max_new_tokens) and max_new_tokens >= 1):
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if not (isinstance(temperature, numbers.Real) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if not (isinstance(top_p, numbers.Real) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be a number in (0, 1] (the nucleus' probability mass), got {top_p!r}")
+    if not (_is_int(seed) and 0 <= seed < 2**64):
+        raise ValueError(f"seed must be an integer from 0 to 2**64 - 1, got {seed!r}")
+
+
+def check_prompts(prompts: Sequence[str], tasks: Sequence[str], has_bos: bool) -> None:
+    """One task per prompt, both lists of strings, at least one prompt; an empty prompt needs a BOS token."""
+    for name, values in (("prompts", prompts), ("tasks", tasks)):
+        if isinstance(values, str) or not all(isinstance(v, str) for v in values):
+            raise ValueError(f"{name} must be a list of strings, got {values!r:.80}")
+    if not prompts:
+        raise ValueError("need at least one prompt to generate from, got none")
+    if len(prompts) != len(tasks):
+        raise ValueError(f"need one task per prompt: got {len(prompts)} prompts and {len(tasks)} tasks")
+    if not has_bos and any(p == "" for p in prompts):
+        raise ValueError(
+            f"prompt {list(prompts).index('')} is empty and the tokenizer has no BOS token to start from: "
+            "give at least one character"
+        )
 
 
 @torch.no_grad()
@@ -40,12 +83,11 @@ def generate(
     """Continue every prompt under its own task's adapter, all prompts in one left-padded batch.
 
     Only the prompts' tasks' adapters are read. Shapes: task_factors name -> [D, ...] stacked, or a function
-    of task ids (``TaskRows``); global_factors name -> [...] (used for task "global").
+    of task ids (``TaskRows``); global_factors name -> [...] (used for task "global"). Options it cannot
+    use (``top_p`` outside (0, 1], a ``temperature`` <= 0, no prompt, an unknown task...) are a ValueError.
     """
-    if len(prompts) != len(tasks):
-        raise ValueError(f"need one task per prompt: got {len(prompts)} prompts and {len(tasks)} tasks")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    check_prompts(prompts, tasks, tokenizer.bos_token_id is not None)
+    check_sampling(max_new_tokens, temperature, top_p, seed)
     index = task_indices(task_names, tasks, global_factors is not None)
     used = sorted(set(index))
     wanted = [d for d in used if d < len(task_names)]

@@ -84,7 +84,13 @@ class TrainConfig:
     def learning_rate(self, tau: float | str) -> float:
         """The learning rate used at precision ``tau`` (see ``lr_tau_scaling``; a learned tau keeps ``lr``)."""
         if self.lr_tau_scaling and isinstance(tau, float) and 0 < tau < math.inf:
-            return self.lr * tau / self.lr_tau_reference
+            lr = self.lr * tau / self.lr_tau_reference
+            if not 0 < lr < 1e30:
+                raise ValueError(
+                    f"--lr-tau-scaling gives the learning rate lr * tau / lr_tau_reference = {self.lr:g} * {tau:g} / "
+                    f"{self.lr_tau_reference:g} = {lr:g}, not a usable step size; change lr or lr_tau_reference"
+                )
+            return lr
         return self.lr
 
     def lr_factor(self, step: int) -> float:

@@ -345,6 +345,13 @@ def fit(
     world.check_batch_size(config.batch_size)
     if corpus.tasks != bora.tasks:
         raise ValueError(f"corpus tasks {list(corpus.tasks)} differ from the model's tasks {list(bora.tasks)}")
+    if config.batch_size > max(
+        len(corpus.train), 1024
+    ):  # a small corpus may repeat documents in a batch, within reason
+        raise ValueError(
+            f"batch_size {config.batch_size} exceeds the {len(corpus.train)} training documents; use at most "
+            f"{len(corpus.train)}"
+        )
     checkpoint = Path(checkpoint) if checkpoint is not None else None
     saved_step = checkpoint_step(checkpoint) if checkpoint is not None else None
     if saved_step is not None and not resume:

@@ -138,11 +138,21 @@ class AdapterFile:
     def rows(self, tasks: torch.Tensor | Sequence[int]) -> dict[str, torch.Tensor]:
         """The factors of ``tasks`` (task ids). Shapes: -> name -> [P, ...]."""
         ids = [int(t) for t in tasks]
-        return {n: torch.stack([self._file.get_slice(f"task.{n}")[i] for i in ids]) for n in self.names}
+        rows = {n: torch.stack([self._file.get_slice(f"task.{n}")[i] for i in ids]) for n in self.names}
+        for name, value in rows.items():
+            bad = ~torch.isfinite(value).flatten(1).all(dim=1)  # [P]
+            if bool(bad.any()):
+                task = self.tasks[ids[int(bad.nonzero()[0])]]
+                raise CorruptFile(f"{self.path}: the factor {name!r} of task {task!r} holds non-finite values")
+        return rows
 
     def global_factors(self) -> dict[str, torch.Tensor] | None:
         """Theta (None if the run has none). Shapes: name -> [...]."""
-        return {n: self._file.get_tensor(f"global.{n}") for n in self._global} or None
+        theta = {n: self._file.get_tensor(f"global.{n}") for n in self._global}
+        for name, value in theta.items():
+            if not bool(torch.isfinite(value).all()):
+                raise CorruptFile(f"{self.path}: the global factor (Theta) {name!r} holds non-finite values")
+        return theta or None
 
 
 def load_adapters(path: Path) -> tuple[list[str], dict[str, torch.Tensor], dict[str, torch.Tensor] | None, dict]:

@@ -27,15 +27,50 @@ EMBEDDED_MODELS = (SMOLLM2, TINY_LLAMA)
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` picks CUDA, then Apple MPS, then CPU; anything else is passed to ``torch.device``."""
-    if str(device) != "auto":
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
+def available_devices() -> list[str]:
+    """The ``device`` values this machine accepts: ``auto``, ``cpu`` and each accelerator it has
+    (``cuda``, ``cuda:0``..., ``xpu``..., ``mps``)."""
+    names = ["auto", "cpu"]
+    for kind in ("cuda", "xpu"):
+        backend = getattr(torch, kind, None)
+        if backend is not None and backend.is_available():
+            names += [kind, *(f"{kind}:{i}" for i in range(backend.device_count()))]
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+        names.append("mps")
+    return names
+
+
+def _usable(device: torch.device) -> bool:
+    """Whether this machine has ``device``: the CPU or an accelerator that is present, at a valid index."""
+    if device.type in ("cuda", "xpu"):
+        backend = getattr(torch, device.type, None)
+        return backend is not None and backend.is_available() and (device.index or 0) < backend.device_count()
+    return device.index in (None, 0) and device.type in available_devices()
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` picks CUDA, then Apple MPS, then CPU; anything else must be a device this machine has.
+
+    Raises ValueError naming the value and the devices available here (see :func:`available_devices`).
+    """
+    text = str(device)
+    if text == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        resolved = torch.device(text)
+    except RuntimeError:
+        raise ValueError(
+            f"device {text!r} is not a device name; use one of: {', '.join(available_devices())}"
+        ) from None
+    if not _usable(resolved):
+        raise ValueError(
+            f"device {text!r} is not available on this machine; use one of: {', '.join(available_devices())}"
+        )
+    return resolved
 
 
 def byte_tokenizer():
@@ -148,6 +183,7 @@ def load_base_model(
         dtype: weight dtype of the frozen base model.
         trust_remote_code: passed to ``from_pretrained``; off unless you trust the model's code.
     """
+    device = resolve_device(device)  # an unusable device is refused before the model is loaded
     if name == TINY_LLAMA:
         lm, tokenizer = tiny_random_llama()
     elif name == SMOLLM2:
@@ -163,7 +199,7 @@ def load_base_model(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
-    lm = lm.to(device=resolve_device(device), dtype=dtype)
+    lm = lm.to(device=device, dtype=dtype)
     lm.eval()
     for p in lm.parameters():
         p.requires_grad_(False)

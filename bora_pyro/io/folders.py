@@ -33,6 +33,8 @@ from .faults import crash_point
 log = logging.getLogger(__name__)
 
 MARKER = ".bora_pyro.json"
+JOURNAL = ".scoring"  # present while the tool rewrites files of a complete folder (a run's stage 2)
+TEMPORARY = ".*.tmp-[0-9]*"  # atomic_write's temporaries: .STEM.tmp-PID.SUFFIX
 KINDS = ("run", "sweep", "export", "merged", "checkpoint", "store")
 
 
@@ -88,12 +90,14 @@ def foreign_entries(folder: Path, own: Iterable[str] = ()) -> list[str]:
         manifest = read_manifest(folder) or {}
         files, unhashed = set(manifest.get("files", {})), set(manifest.get("unhashed", []))
     tops = {rel.split("/")[0] for rel in files}
-    patterns = (MARKER, MANIFEST, ".*.tmp-*", *own)
+    patterns = (MARKER, MANIFEST, JOURNAL, TEMPORARY, *own)
     foreign = []
     for entry in sorted(folder.iterdir()):
-        if entry.name in unhashed or any(fnmatch.fnmatchcase(entry.name, pat) for pat in patterns):
+        if entry.is_symlink():  # the tool writes no links: one is the user's
+            foreign.append(entry.name)
+        elif entry.name in unhashed or any(fnmatch.fnmatchcase(entry.name, pat) for pat in patterns):
             continue
-        if entry.name not in tops:
+        elif entry.name not in tops:
             foreign.append(entry.name)
         elif entry.is_dir() and not entry.is_symlink():
             inside = (str(p.relative_to(folder)) for p in entry.rglob("*") if not p.is_dir() or p.is_symlink())
@@ -104,6 +108,20 @@ def foreign_entries(folder: Path, own: Iterable[str] = ()) -> list[str]:
 def is_ours(folder: Path, kind: str, own: Iterable[str] = ()) -> bool:
     """True for a folder of ``kind`` that holds nothing but what bora_pyro wrote (see :func:`foreign_entries`)."""
     return folder_kind(folder) == kind and not foreign_entries(folder, own)
+
+
+def _a(kind: str) -> str:
+    """ "a run", "an export"."""
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
+
+
+def why_not_ours(folder: Path, kind: str, own: Iterable[str] = ()) -> str:
+    """Why ``folder`` is not a ``kind`` folder holding only what the tool wrote (see :func:`is_ours`)."""
+    found = folder_kind(folder)
+    if found != kind:
+        return f"it is not a bora_pyro {kind} folder ({'no marker' if found is None else f'{_a(found)} folder'})"
+    foreign = foreign_entries(folder, own)
+    return f"it holds entries bora_pyro did not write ({', '.join(map(repr, foreign[:5]))})"
 
 
 def resolve(path: str | Path, what: str = "folder") -> Path:
@@ -187,8 +205,8 @@ def check_target(
         )
     if found != kind:
         raise FileExistsError(
-            f"--overwrite replaces a {kind} folder only with a {kind} folder, and {shown!r} is a {found} folder; "
-            "choose another --out"
+            f"--overwrite replaces {_a(kind)} folder only with {_a(kind)} folder, and {shown!r} is {_a(found)} "
+            "folder; choose another --out"
         )
     foreign = foreign_entries(target, own)
     if foreign:
@@ -197,7 +215,24 @@ def check_target(
             f"write ({', '.join(repr(f) for f in foreign[:5])}{', ...' if len(foreign) > 5 else ''}); --overwrite "
             "would delete them: move them away or choose another --out"
         )
+    _check_unchanged(target, shown)
     return target
+
+
+def _check_unchanged(target: Path, shown: str) -> None:
+    """Refuse to replace a folder whose files were changed since the tool wrote them (edits are the user's);
+    a folder the tool was rewriting when it stopped (its journal present) is its own."""
+    from .integrity import CorruptFile, verify
+
+    if (target / JOURNAL).exists():
+        return
+    try:
+        verify(target)
+    except CorruptFile as err:
+        raise FileExistsError(
+            f"--overwrite replaces only what bora_pyro wrote, and a file of {shown!r} was changed since ({err}); "
+            "move the folder away or choose another --out"
+        ) from None
 
 
 def remove_ours(folder: Path, kind: str, own: Iterable[str] = ()) -> bool:
@@ -207,12 +242,7 @@ def remove_ours(folder: Path, kind: str, own: Iterable[str] = ()) -> bool:
     if not folder.is_dir() or folder.is_symlink():
         return False
     if not is_ours(folder, kind, own):
-        log.warning(
-            "%s was left in place: it is not a %s folder holding only what bora_pyro wrote (%s)",
-            folder,
-            kind,
-            ", ".join(foreign_entries(folder, own)[:5]) or f"kind {folder_kind(folder)}",
-        )
+        log.warning("%s was left in place: %s", folder, why_not_ours(folder, kind, own))
         return False
     shutil.rmtree(folder)
     return True
@@ -329,13 +359,25 @@ def atomic_folder(
         check_target(target, overwrite, kind, own, sources)  # again, now that no other process can write it
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
-            mark(tmp, kind)
-            yield tmp
-            write_manifest(tmp, unhashed=unhashed)
+            with _naming(target):
+                mark(tmp, kind)
+                yield tmp
+                write_manifest(tmp, unhashed=unhashed)
             crash_point("folder.written")
             replace_folder(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """An OSError that names no file (a full disk while writing) is re-raised naming ``path``."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is not None or err.errno is None:
+            raise
+        raise OSError(err.errno, err.strerror, str(path)) from err
 
 
 @contextlib.contextmanager
@@ -344,8 +386,9 @@ def atomic_write(path: Path) -> Iterator[Path]:
     path = Path(path)
     tmp = path.parent / f".{path.stem}.tmp-{os.getpid()}{path.suffix}"  # the suffix kept: writers pick formats by it
     try:
-        yield tmp
-        fsync_path(tmp)
+        with _naming(path):
+            yield tmp
+            fsync_path(tmp)
         crash_point("file.written")
         os.replace(tmp, path)
     finally:

@@ -139,6 +139,8 @@ def verify(folder: Path, only: Iterable[str] | None = None) -> dict | None:
         if wanted is not None and rel not in wanted:
             continue
         path = folder / rel
+        if path.is_symlink():
+            raise CorruptFile(f"{path} is a symbolic link where bora_pyro wrote a file: the folder was changed since")
         if not path.is_file():
             raise CorruptFile(f"{path} is missing: {folder} lists it in {MANIFEST}, so the folder is incomplete")
         if path.stat().st_size != entry.get("bytes") or sha256_file(path) != entry["sha256"]:

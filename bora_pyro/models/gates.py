@@ -57,6 +57,14 @@ def expected_open(log_alpha: torch.Tensor) -> torch.Tensor:
     return nested(prob_open(log_alpha)).sum(-1)
 
 
+FLOAT32_MAX = torch.finfo(torch.float32).max  # the gates' parameters and penalty are float32
+
+
+def _float32(value: float) -> bool:
+    """Whether ``value`` is a real number that float32 holds without becoming inf (NaN and bools are not)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and abs(value) <= FLOAT32_MAX
+
+
 @dataclass(frozen=True)
 class GateConfig:
     """Which B-LoRA gates a BoRA model has (every field is a CLI option)."""
@@ -89,10 +97,10 @@ class GateConfig:
             raise ValueError(f"quantisation gates must be one of {QUANT_MODES} (or off), got {self.quant_gates!r}")
         for name in ("rank_lambda", "quant_lambda"):
             value = getattr(self, name)
-            if not (value >= 0 and math.isfinite(value)):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if not math.isfinite(self.gate_init):
-            raise ValueError(f"gate_init must be a finite number, got {self.gate_init!r}")
+            if not (_float32(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0 (at most {FLOAT32_MAX:.2g}), got {value!r}")
+        if not _float32(self.gate_init):
+            raise ValueError(f"gate_init must be a finite number (|x| <= {FLOAT32_MAX:.2g}), got {self.gate_init!r}")
 
     @property
     def enabled(self) -> bool:

@@ -48,16 +48,22 @@ def prior_mode(tau: Tau) -> str:
     return HIERARCHICAL
 
 
+TAU_RANGE = (1e-30, 1e30)  # finite precisions whose scale tau^-1/2 and its square stay normal float32 numbers
+
+
 def parse_tau(value: str | float) -> Tau:
-    """Parse a precision: a number >= 0, 'inf', or 'learn'. Raises with the bad value named."""
+    """Parse a precision: 0, a number in :data:`TAU_RANGE`, 'inf', or 'learn'. Raises with the bad value named."""
     if isinstance(value, str) and value.strip().lower() == LEARN:
         return LEARN
+    allowed = f"0, a number in [{TAU_RANGE[0]:g}, {TAU_RANGE[1]:g}], 'inf' or 'learn'"
+    if isinstance(value, bool):
+        raise ValueError(f"tau must be {allowed}, got {value!r}")
     try:
         tau = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"tau must be a number >= 0, 'inf' or 'learn', got {value!r}") from None
-    if math.isnan(tau) or tau < 0:
-        raise ValueError(f"tau must be a number >= 0, 'inf' or 'learn', got {value!r}")
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"tau must be {allowed}, got {value!r}") from None
+    if not (tau == 0 or math.isinf(tau) and tau > 0 or TAU_RANGE[0] <= tau <= TAU_RANGE[1]):
+        raise ValueError(f"tau must be {allowed} (0 and inf are the exact limits), got {value!r}")
     return tau
 
 

@@ -28,6 +28,31 @@ def module_type(factor_name: str) -> str:
     return factor_name.rsplit(".", 2)[-2]
 
 
+FLOAT32 = torch.finfo(torch.float32)  # tau and its prior's parameters are float32 tensors
+MAX_LOC = 87.0  # e^LOC (tau's median and start value) is a positive float32 number for |LOC| < 87
+TAU_PRIOR_FORMS = f"'lognormal:LOC,SCALE' (|LOC| < {MAX_LOC:g}, SCALE > 0) or 'gamma:SHAPE,RATE' (both > 0)"
+
+
+def _not_positive_float32(name: str, value: float) -> str | None:
+    """Why ``value`` is not a number float32 holds as a positive normal number (not rounded to 0 or inf)."""
+    if math.isfinite(value) and FLOAT32.tiny <= value <= FLOAT32.max:
+        return None
+    return f"{name}={value!r} must be a finite number > 0 (float32: {FLOAT32.tiny:.2g} to {FLOAT32.max:.2g})"
+
+
+def _out_of_range(kind: str, a: float, b: float) -> str | None:
+    """What is wrong with the parameters (a, b) of a ``kind`` prior, or None if they are fine. The start
+    value of tau (the median e^LOC, or the mean SHAPE/RATE) must be a positive float32 number too."""
+    if kind == "lognormal":
+        if not abs(a) < MAX_LOC:  # NaN fails too
+            return f"LOC={a!r} must be finite with |LOC| < {MAX_LOC:g} (e^LOC, tau's median, is a float32 number)"
+        return _not_positive_float32("SCALE", b)
+    problem = _not_positive_float32("SHAPE", a) or _not_positive_float32("RATE", b)
+    if problem is not None:
+        return f"gamma needs positive parameters: {problem}"
+    return _not_positive_float32("the mean SHAPE/RATE", a / b)
+
+
 @dataclass(frozen=True)
 class TauPrior:
     """A LogNormal or Gamma hyperprior on tau, shared by all factors or one per module type."""
@@ -39,22 +64,25 @@ class TauPrior:
 
     def __post_init__(self) -> None:
         if self.kind not in TAU_PRIORS:
-            raise ValueError(f"tau prior must be one of {TAU_PRIORS}, got {self.kind!r}")
+            raise ValueError(f"tau prior must be one of {TAU_PRIORS}, got {self.kind!r}; allowed: {TAU_PRIOR_FORMS}")
         if self.groups not in TAU_GROUPS:
             raise ValueError(f"tau groups must be one of {TAU_GROUPS}, got {self.groups!r}")
-        if not self.b > 0 or (self.kind == "gamma" and not self.a > 0):
-            raise ValueError(f"{self.kind} tau prior needs positive parameters, got ({self.a}, {self.b})")
+        problem = _out_of_range(self.kind, self.a, self.b)
+        if problem is not None:
+            raise ValueError(
+                f"tau prior '{self.kind}:{self.a!r},{self.b!r}' is invalid: {problem}; allowed: {TAU_PRIOR_FORMS}"
+            )
 
     @classmethod
     def parse(cls, text: str, groups: str = "global") -> TauPrior:
-        """Parse ``"lognormal:4.6,2"`` / ``"gamma:2,0.02"``."""
-        kind, _, params = text.partition(":")
+        """Parse ``"lognormal:4.6,2"`` / ``"gamma:2,0.02"``; anything else is a ValueError naming the form."""
+        kind, colon, params = str(text).partition(":")
         try:
             a, b = (float(v) for v in params.split(","))
         except ValueError:
-            raise ValueError(
-                f"tau prior must look like 'lognormal:LOC,SCALE' or 'gamma:SHAPE,RATE', got {text!r}"
-            ) from None
+            a = b = None
+        if not colon or a is None:
+            raise ValueError(f"tau prior must look like {TAU_PRIOR_FORMS}; got {text!r}")
         return cls(kind.strip().lower(), a, b, groups)
 
     def group_names(self, factor_names: Sequence[str]) -> list[str]:

@@ -40,7 +40,7 @@ from ..evaluation.scoring import Scores
 from ..inference.svi import FitResult
 from ..io.artifacts import ADAPTERS_FILE, RUN_FORMAT, read_json, save_adapters, write_json
 from ..io.base_models import describe_base_model
-from ..io.folders import atomic_folder, atomic_write, fsync_path, reading
+from ..io.folders import JOURNAL, atomic_folder, atomic_write, fsync_path, reading
 from ..io.integrity import MANIFEST, CorruptFile, update_manifest, verify
 from ..models.bora import BoRA
 
@@ -50,27 +50,32 @@ FIT_STATE_FILE, TRAIN_LOG_FILE, PER_TASK_FILE = "fit_state.safetensors", "train_
 POSTERIOR_FILE, CURVE_FILE, GATES_FILE, GATES_FIGURE = "posterior.nc", "training_curve.png", "gates.csv", "gates.png"
 TRAINED, COMPLETE, INTERRUPTED, DIVERGED = "trained", "complete", "interrupted", "diverged"
 
-SCORING = ".scoring"  # present while stage 2 writes: the folder counts as trained
+SCORING = JOURNAL  # present while stage 2 writes: the folder counts as trained
 STAGE1_FILES = (CONFIG_FILE, CORPUS_FILE, ADAPTERS_FILE, FIT_STATE_FILE, TRAIN_LOG_FILE)  # what stage 2 never rewrites
 DIAGNOSE_FILES = ("tau_posterior.png", "distance_forest.png", "elbo_trace.png", "compare.csv")
-RUN_ENTRIES = (  # every name the tool writes in a run folder (see folders.foreign_entries)
+STAGE2_FILES = (PER_TASK_FILE, POSTERIOR_FILE, GATES_FILE, GATES_FIGURE, CURVE_FILE, METRICS_FILE, STATUS_FILE)
+DIAGNOSE_FILES = ("tau_posterior.png", "distance_forest.png", "elbo_trace.png", "compare.csv")
+LEGACY_ENTRIES = (  # every name the tool wrote in a run folder before manifests (see folders.foreign_entries)
     CONFIG_FILE,
     CORPUS_FILE,
-    METRICS_FILE,
-    STATUS_FILE,
     TASK_STORE_FOLDER,
     FIT_STATE_FILE,
     TRAIN_LOG_FILE,
-    PER_TASK_FILE,
-    POSTERIOR_FILE,
-    CURVE_FILE,
-    GATES_FILE,
-    GATES_FIGURE,
     ADAPTERS_FILE,
-    MANIFEST,
-    SCORING,
+    *STAGE2_FILES,
     *DIAGNOSE_FILES,
 )
+
+
+def run_entries(path: Path) -> tuple[str, ...]:
+    """The names the tool may have written in the run folder ``path`` outside its manifest: the fitted state
+    and task store of a cleanup a crash cut short, the stage-2 files while the journal says stage 2 was
+    writing; for a folder without a manifest (an older version's), every name it wrote."""
+    path = Path(path)
+    if not (path / MANIFEST).is_file():
+        return LEGACY_ENTRIES
+    return (FIT_STATE_FILE, TASK_STORE_FOLDER, *(STAGE2_FILES if (path / SCORING).exists() else ()))
+
 
 log = logging.getLogger(__name__)
 STATUSES = (TRAINED, COMPLETE, INTERRUPTED, DIVERGED)
@@ -184,7 +189,7 @@ def write_fitted(
     """Stage 1: write the whole folder with the fitted state (atomically), status ``status``
     (``fingerprint``: the digest of what the run's checkpoints must match, see ``runs.fingerprint_id``;
     ``sources``: folders the run was made from, which it must not replace)."""
-    with atomic_folder(out, "run", overwrite, RUN_ENTRIES, sources, unhashed=(TASK_STORE_FOLDER,)) as tmp:
+    with atomic_folder(out, "run", overwrite, run_entries(out), sources, unhashed=(TASK_STORE_FOLDER,)) as tmp:
         write_json(tmp / CONFIG_FILE, config)
         write_json(tmp / CORPUS_FILE, {"sha256": corpus.content_sha256(), "splits": corpus.split_digests()})
         save_adapters(
@@ -219,7 +224,19 @@ def fit_state(path: Path) -> dict[str, torch.Tensor]:
     file = Path(path) / FIT_STATE_FILE
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found: the run's fitted state is needed to score it")
-    return load_file(str(file))
+    state = load_file(str(file))
+    for name, value in state.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CorruptFile(f"{file}: the fitted parameter {name!r} holds non-finite values; it cannot be scored")
+    return state
+
+
+def read_metrics(path: Path) -> dict[str, Any]:
+    """A run folder's metrics.json (a JSON object, else :class:`CorruptFile`)."""
+    metrics = read_json(Path(path) / METRICS_FILE)
+    if not isinstance(metrics, dict):
+        raise CorruptFile(f"{Path(path) / METRICS_FILE} is not a JSON object of metrics")
+    return metrics
 
 
 def write_scores(out: Path, scores: Scores, title: str, wall_seconds: float) -> dict:
@@ -242,13 +259,13 @@ def write_scores(out: Path, scores: Scores, title: str, wall_seconds: float) -> 
             plot_gates(scores.gates, tmp, f"{title}: B-LoRA gates")
     with atomic_write(out / CURVE_FILE) as tmp:
         plot_training_curve(pd.read_csv(out / TRAIN_LOG_FILE), tmp, title)
-    metrics = {**read_json(out / METRICS_FILE), **scores.metrics}
+    metrics = {**read_metrics(out), **scores.metrics}
     metrics["wall_seconds"] = metrics.get("wall_seconds", 0.0) + wall_seconds
     write_json(out / METRICS_FILE, metrics)
     status = read_json(out / STATUS_FILE)
     write_json(out / STATUS_FILE, {**status, "status": COMPLETE, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-    written = (PER_TASK_FILE, POSTERIOR_FILE, GATES_FILE, GATES_FIGURE, CURVE_FILE, METRICS_FILE, STATUS_FILE)
-    update_manifest(out, [name for name in written if (out / name).is_file()], (FIT_STATE_FILE, TASK_STORE_FOLDER))
+    written = [name for name in STAGE2_FILES if (out / name).is_file()]
+    update_manifest(out, written, (FIT_STATE_FILE, TASK_STORE_FOLDER))
     journal.unlink()
     fsync_path(out)
     with contextlib.suppress(FileNotFoundError):

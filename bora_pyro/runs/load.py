@@ -95,8 +95,11 @@ def load_run(path: str | Path, device: str | None = None, trust_remote_code: boo
     check_base_model(path, config, identity)
     adapters = AdapterFile(path / ADAPTERS_FILE)
     if tuple(adapters.tasks) != corpus.tasks:
+        changes = corpus_changes(path, corpus)
         raise ValueError(
-            f"{path}: adapter tasks {adapters.tasks[:5]}... do not match the rebuilt corpus tasks "
+            f"the corpus {spec.data!r} changed since {path} was trained ({'; '.join(changes)})"
+            if changes
+            else f"{path}: adapter tasks {adapters.tasks[:5]}... do not match the rebuilt corpus tasks "
             f"{list(corpus.tasks)[:5]}..."
         )
     bora = replace(spec, gates=GateConfig()).build_model(lm, corpus.tasks)  # gates are folded in the saved adapters

@@ -225,6 +225,8 @@ class RunSpec:
         if not path.is_dir():
             raise FileNotFoundError(f"run folder {str(path)!r} does not exist")
         config = read_json(path / "config.json")
+        if not isinstance(config, dict):
+            raise ValueError(f"{path / 'config.json'} is not a JSON object of settings")
         if config.get("format") != RUN_FORMAT:
             raise ValueError(
                 f"{path} was written by bora_pyro {config.get('bora_pyro_version', '?')} in run format "

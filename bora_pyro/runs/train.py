@@ -27,7 +27,16 @@ from ..inference.checkpoint import checkpoint_step, fingerprint_differences
 from ..inference.svi import FitResult, fit
 from ..io.artifacts import ADAPTERS_FILE, json_roundtrip, load_adapters, read_json, write_json
 from ..io.faults import crash_point
-from ..io.folders import atomic_folder, check_target, folder_kind, folder_lock, recover, remove_ours, resolve
+from ..io.folders import (
+    atomic_folder,
+    check_target,
+    folder_kind,
+    folder_lock,
+    recover,
+    remove_ours,
+    resolve,
+    why_not_ours,
+)
 from ..io.integrity import CorruptFile
 from ..io.peft_import import import_peft
 from ..io.task_store import TABLE_SUFFIX, TaskStore
@@ -37,14 +46,15 @@ from .folder import (
     CONFIG_FILE,
     DIVERGED,
     INTERRUPTED,
-    RUN_ENTRIES,
     TASK_STORE_FOLDER,
     TRAINED,
     check_base_model,
     fit_state,
     load_inputs,
+    read_metrics,
     read_status,
     run_config,
+    run_entries,
     train_log,
     training_metrics,
     verified_status,
@@ -123,8 +133,8 @@ def _refuse_earlier_checkpoint(out: Path, overwrite: bool) -> None:
         )
     if not remove_ours(folder, "checkpoint", CHECKPOINT_ENTRIES):
         raise FileExistsError(
-            f"{folder} is not a checkpoint folder holding only what bora_pyro wrote; move it away to train "
-            f"into {str(out)!r}"
+            f"{folder} cannot be discarded: {why_not_ours(folder, 'checkpoint', CHECKPOINT_ENTRIES)}; move it "
+            f"away to train into {str(out)!r}"
         )
 
 
@@ -170,7 +180,7 @@ def train_run(
             recover(out)
             if not resume:
                 _refuse_resumable(out, overwrite)
-                check_target(out, overwrite, "run", RUN_ENTRIES)
+                check_target(out, overwrite, "run", run_entries(out))
                 _refuse_earlier_checkpoint(out, overwrite)
         lm, _, identity, corpus = load_inputs(spec)
         if world.is_main and not resume:
@@ -215,7 +225,7 @@ def adapt_run(
     """
     started = time.perf_counter()
     out, source = resolve(out, "run folder"), resolve(source, "run folder")
-    check_target(out, overwrite, "run", RUN_ENTRIES, sources=(source,))
+    check_target(out, overwrite, "run", run_entries(out), sources=(source,))
     verified_status(source)
     base = RunSpec.from_run_folder(source, trust_remote_code)
     tau = base.prior.tau
@@ -233,7 +243,7 @@ def adapt_run(
         adapter=replace(base.adapter, inference="map"),
     )
     with _writer(out):
-        check_target(out, overwrite, "run", RUN_ENTRIES, sources=(source,))
+        check_target(out, overwrite, "run", run_entries(out), sources=(source,))
         lm, _, identity, corpus = load_inputs(spec)
         check_base_model(source, read_json(source / CONFIG_FILE), identity)
         bora = spec.build_model(lm, corpus.tasks, init=theta)
@@ -327,7 +337,7 @@ def complete_run(path: str | Path, trust_remote_code: bool = False, device: str 
     with folder_lock(path):
         status = verified_status(path)["status"]
         if status == COMPLETE:
-            return read_json(path / "metrics.json")
+            return read_metrics(path)
         if status != TRAINED:
             raise ValueError(f"{path} is marked {status}: only a run marked trained can be completed")
         spec = RunSpec.from_run_folder(path, trust_remote_code)
@@ -349,32 +359,33 @@ def resume_run(run: str | Path, trust_remote_code: bool = False) -> dict:
     """Continue an interrupted run from its checkpoint, or complete a run whose scoring did not finish;
     a complete run is left as it is. Returns the metrics."""
     run = resolve(run, "run folder")
-    recover(run)
-    state = verified_status(run) if (run / CONFIG_FILE).is_file() else {}
-    status = state.get("status")
-    folder = checkpoint_folder(run)
-    resumable = (folder / "spec.json").is_file()
-    own = (
-        status == COMPLETE
-        and (folder / "fingerprint.json").is_file()
-        and state.get("fingerprint") == fingerprint_id(read_json(folder / "fingerprint.json"))
-    )
-    if status == COMPLETE and (own or not resumable):  # the checkpoint, if any, is this complete run's own
-        if not resumable:
-            log.warning("nothing to resume: %s is already complete", run)
-        _remove_checkpoints(run)
-        return read_json(run / "metrics.json")
-    if resumable:
-        spec = RunSpec.from_dict(read_json(folder / "spec.json"), trust_remote_code, str(folder))
-        return train_run(spec, run, resume=True)
-    if status == TRAINED:
-        return complete_run(run, trust_remote_code)
-    if status in (INTERRUPTED, DIVERGED):
-        raise FileNotFoundError(
-            f"{run} is marked {status} and has no checkpoint ({folder} not found): nothing to "
-            "resume; it holds its best validated state (bora-pyro evaluate works on it)"
+    with _writer(run):  # another process writing it: exit 75, not "nothing to resume"
+        recover(run)
+        state = verified_status(run) if (run / CONFIG_FILE).is_file() else {}
+        status = state.get("status")
+        folder = checkpoint_folder(run)
+        resumable = (folder / "spec.json").is_file()
+        own = (
+            status == COMPLETE
+            and (folder / "fingerprint.json").is_file()
+            and state.get("fingerprint") == fingerprint_id(read_json(folder / "fingerprint.json"))
         )
-    raise FileNotFoundError(
-        f"nothing to resume for {str(run)!r}: {folder / 'spec.json'} not found "
-        "(train with --checkpoint-every N to make runs resumable)"
-    )
+        if status == COMPLETE and (own or not resumable):  # the checkpoint, if any, is this complete run's own
+            if not resumable:
+                log.warning("nothing to resume: %s is already complete", run)
+            _remove_checkpoints(run)
+            return read_metrics(run)
+        if resumable:
+            spec = RunSpec.from_dict(read_json(folder / "spec.json"), trust_remote_code, str(folder))
+            return train_run(spec, run, resume=True)
+        if status == TRAINED:
+            return complete_run(run, trust_remote_code)
+        if status in (INTERRUPTED, DIVERGED):
+            raise FileNotFoundError(
+                f"{run} is marked {status} and has no checkpoint ({folder} not found): nothing to "
+                "resume; it holds its best validated state (bora-pyro evaluate works on it)"
+            )
+        raise FileNotFoundError(
+            f"nothing to resume for {str(run)!r}: {folder / 'spec.json'} not found "
+            "(train with --checkpoint-every N to make runs resumable)"
+        )

@@ -36,7 +36,9 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bora_pyro.io.faults import CRASH_ENV
+from bora_pyro.io.folders import folder_kind
 from bora_pyro.io.integrity import read_manifest, verify
+from bora_pyro.runs.folder import verified_status
 from tests.conftest import synthetic_rows, train_args
 
 # crash points and how many times a run reaches each (k is drawn from 1..count)
@@ -113,6 +115,8 @@ def intact(folder: Path) -> str:
     if not folder.exists():
         return "absent"
     try:
+        if folder_kind(folder) == "run":  # the run-level check: a run being scored is checked on its stage-1 files
+            return f"intact, {verified_status(folder)['status']}"
         return "complete" if verify(folder) is not None else "no manifest"
     except ValueError as err:
         return f"DAMAGED: {err}"
@@ -127,7 +131,18 @@ def verb_commands(work: Path, data: Path, source: Path, verb: str, out: Path) ->
     if verb == "export":
         return cli("export", str(source), "--out", str(out), "--overwrite")
     if verb == "adapt":
-        return cli("adapt", str(source), "--data", f"csv:{data}", "--out", str(out), "--steps", "6", "--no-progress")
+        return cli(
+            "adapt",
+            str(source),
+            "--data",
+            f"csv:{data}",
+            "--out",
+            str(out),
+            "--steps",
+            "6",
+            "--no-progress",
+            "--overwrite",
+        )
     return cli("evaluate", str(out))
 
 
@@ -162,7 +177,7 @@ def verb_attempts(args: argparse.Namespace, work: Path, data: Path, source: Path
             equal = same_export(out, references["export"])
         else:
             scores = [json.loads((f / "metrics.json").read_text()).get("test_ppl") for f in (out, references[verb])]
-            equal = same_run(out, references[verb]) and intact(out) == "complete" and scores[0] == scores[1]
+            equal = same_run(out, references[verb]) and intact(out) == "intact, complete" and scores[0] == scores[1]
         rows.append((verb, crash, "yes" if replacing else "no", after_kill, "yes" if equal else "NO"))
     return rows
 
@@ -234,7 +249,7 @@ def main(args: argparse.Namespace) -> None:
     for row in rows:
         print("| " + " | ".join(str(v) for v in row) + " |")
     if verb_rows:
-        damaged = sum(not r[3].startswith(("absent", "complete", "finished")) for r in verb_rows)
+        damaged = sum(not r[3].startswith(("absent", "complete", "intact", "finished")) for r in verb_rows)
         equal = sum(r[4] == "yes" for r in verb_rows)
         print(
             f"\n## export, evaluate and adapt: {len(verb_rows)} kills, {damaged} left a damaged target, "

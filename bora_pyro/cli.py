@@ -209,10 +209,11 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _evaluate(a: argparse.Namespace) -> None:
-    if verified_status(Path(a.run))["status"] == TRAINED:
+    run = load_run(a.run, device=a.device, trust_remote_code=a.trust_remote_code)  # recovered and checked once
+    if run.status == TRAINED:
         print(f"{a.run} is trained but was never scored completely: scoring it now", file=sys.stderr)
         complete_run(a.run, a.trust_remote_code, a.device)
-    run = load_run(a.run, device=a.device, trust_remote_code=a.trust_remote_code)
+        run = load_run(a.run, device=a.device, trust_remote_code=a.trust_remote_code)
     if run.status != COMPLETE:
         print(
             f"note: {a.run} is marked {run.status}: its adapters are the best validated state before it stopped",

@@ -15,7 +15,6 @@ store the older slot is one more undo-log generation back (see ``io/task_store.p
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -31,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from ..io.faults import crash_point
 from ..io.folders import fsync_path
-from ..io.integrity import CorruptFile, sha256_file
+from ..io.integrity import CorruptFile, json_digest, sha256_file
 from ..io.task_store import TaskStore
 
 log = logging.getLogger(__name__)
@@ -86,9 +85,8 @@ def _remove_temporaries(folder: Path) -> None:
 
 
 def _fields_digest(meta: dict) -> str:
-    """The SHA-256 of the fields of ``state.json`` but this digest itself, as JSON with sorted keys."""
-    body = {key: value for key, value in meta.items() if key != "json_sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    """The SHA-256 of the fields of ``state.json`` but this digest itself (see ``integrity.json_digest``)."""
+    return json_digest({key: value for key, value in meta.items() if key != "json_sha256"})
 
 
 def _checked_meta(slot: Path) -> dict:

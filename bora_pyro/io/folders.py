@@ -352,11 +352,11 @@ def atomic_folder(
     """
     from .integrity import write_manifest
 
-    target = check_target(target, overwrite, kind, own, sources)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with folder_lock(target):
+    target = resolve(target, f"{kind} folder")
+    with folder_lock(target):  # checked once no other process can write it (the lock lives in the cache)
         recover(target)
-        check_target(target, overwrite, kind, own, sources)  # again, now that no other process can write it
+        check_target(target, overwrite, kind, own, sources)
+        target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
             with _naming(target):

@@ -47,20 +47,11 @@ def write_manifest(folder: Path, names: Iterable[str] | None = None, unhashed: I
     """Write ``folder/manifest.json`` atomically: the digest of every file under ``names`` (default: every
     entry of the folder but the manifest itself, its marker included), and for the entries ``unhashed``
     (e.g. memory-mapped tables too large to hash) only that they are the tool's. Returns the manifest."""
-    from .folders import atomic_write
-
     folder = Path(folder)
     unhashed = sorted(set(unhashed))
     if names is None:  # the marker included: a changed kind is a changed folder
         names = [p.name for p in folder.iterdir() if p.name != MANIFEST and p.name not in unhashed]
-    files = {
-        rel: {"sha256": sha256_file(folder / rel), "bytes": (folder / rel).stat().st_size}
-        for rel in _files(folder, sorted(names))
-    }
-    manifest = {"format": MANIFEST_FORMAT, "files": files, "unhashed": unhashed}
-    with atomic_write(folder / MANIFEST) as tmp:
-        tmp.write_text(_canonical({**manifest, "sha256": _digest(manifest)}) + "\n")
-    return manifest
+    return _write(folder, {"format": MANIFEST_FORMAT, "files": _entries(folder, names), "unhashed": unhashed})
 
 
 def update_manifest(folder: Path, written: Iterable[str], dropped: Iterable[str] = ()) -> dict:
@@ -75,19 +66,26 @@ def update_manifest(folder: Path, written: Iterable[str], dropped: Iterable[str]
     kept = [rel for rel in previous["files"] if rel.split("/")[0] not in written | dropped]
     manifest = {
         "format": MANIFEST_FORMAT,
-        "files": {
-            **{rel: previous["files"][rel] for rel in kept},
-            **{
-                rel: {"sha256": sha256_file(folder / rel), "bytes": (folder / rel).stat().st_size}
-                for rel in _files(folder, sorted(written))
-            },
-        },
+        "files": {**{rel: previous["files"][rel] for rel in kept}, **_entries(folder, written)},
         "unhashed": sorted(set(previous.get("unhashed", [])) - dropped),
     }
+    return _write(folder, manifest)
+
+
+def _entries(folder: Path, names: Iterable[str]) -> dict[str, dict]:
+    """The manifest entries (digest and size) of every file under the entries ``names`` of ``folder``."""
+    return {
+        rel: {"sha256": sha256_file(folder / rel), "bytes": (folder / rel).stat().st_size}
+        for rel in _files(folder, sorted(names))
+    }
+
+
+def _write(folder: Path, manifest: dict) -> dict:
+    """Write ``manifest`` (with its own digest) as the folder's manifest.json, atomically; returns it."""
     from .folders import atomic_write
 
     with atomic_write(folder / MANIFEST) as tmp:
-        tmp.write_text(_canonical({**manifest, "sha256": _digest(manifest)}) + "\n")
+        tmp.write_text(_canonical({**manifest, "sha256": json_digest(manifest)}) + "\n")
     return manifest
 
 
@@ -96,8 +94,9 @@ def _canonical(value: dict) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
-def _digest(manifest: dict) -> str:
-    return hashlib.sha256(_canonical(manifest).encode()).hexdigest()
+def json_digest(value: dict) -> str:
+    """The SHA-256 of a JSON object's canonical form (what a file that carries its own digest records)."""
+    return hashlib.sha256(_canonical(value).encode()).hexdigest()
 
 
 def read_manifest(folder: Path) -> dict | None:
@@ -116,7 +115,7 @@ def read_manifest(folder: Path) -> dict | None:
     files = body.get("files")
     if (
         body.get("format") != MANIFEST_FORMAT
-        or manifest.get("sha256") != _digest(body)
+        or manifest.get("sha256") != json_digest(body)
         or not isinstance(files, dict)
         or not all(isinstance(v, dict) and isinstance(v.get("sha256"), str) for v in files.values())
     ):

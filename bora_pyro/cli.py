@@ -20,22 +20,31 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import signal
 import sys
 from pathlib import Path
 
 from safetensors import SafetensorError
 
+from .data.formats import parse_messages
 from .distributed import World, init_distributed
 from .evaluation.generation import check_sampling, task_indices
-from .evaluation.scoring import documents_line
+from .evaluation.scoring import documents_line, scored_tasks_line
 from .io.artifacts import read_json
 from .io.export import export_merged, export_peft
 from .io.folders import FolderBusy, check_target, folder_kind, folder_lock
 from .io.integrity import CorruptFile, update_manifest
 from .options import add_options, dest, parse_csv, section_values
 from .runs import SECTIONS, RunSpec, RunStopped, adapt_run, complete_run, load_run, resume_run, train_run
-from .runs.folder import COMPLETE, TRAINED, verified_status
+from .runs.folder import (
+    COMPLETE,
+    GENERATION_FILE,
+    GENERATION_TASKS_FILE,
+    TRAINED,
+    verified_status,
+    write_generation_scores,
+)
 from .runs.spec import TRUST_HELP
 from .seed_sweep import parse_seeds, run_seed_sweep
 from .sweep import best_tau, parse_taus, run_sweep
@@ -142,12 +151,17 @@ def _train(a: argparse.Namespace) -> None:
     if not World.current().is_main:
         return
     print(f"wrote {a.out}")
-    print(
-        f"test perplexity: {metrics['test_ppl']:.2f} (task-macro {metrics['test_macro_ppl']:.2f}); "
-        f"base model: {metrics['base_test_ppl']:.2f} (task-macro {metrics['base_test_macro_ppl']:.2f})"
-    )
+    if math.isnan(float(metrics["test_ppl"])):
+        print("test perplexity: none (no task has test documents)")
+    else:
+        print(
+            f"test perplexity: {metrics['test_ppl']:.2f} (task-macro {metrics['test_macro_ppl']:.2f}); "
+            f"base model: {metrics['base_test_ppl']:.2f} (task-macro {metrics['base_test_macro_ppl']:.2f})"
+        )
     if "documents" in metrics:
         print(documents_line(metrics["documents"], "test"))
+    if scored_tasks_line(metrics):
+        print(scored_tasks_line(metrics))
     print(
         f"{metrics['steps']} steps in {metrics['train_seconds']:.0f} s of training "
         f"({metrics['train_tokens_per_second']:.0f} tokens/s), {metrics['wall_seconds']:.0f} s in all"
@@ -202,6 +216,16 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         help="score this corpus (the run's tasks, read with the run's corpus settings) instead of the run's own, "
         "which must be unchanged since training",
     )
+    p.add_argument(
+        "--generate",
+        type=int,
+        default=None,
+        metavar="N",
+        help="also answer the first N held-out examples of each task greedily (mixed-task batches) and score the "
+        f"answers with chrF and exact match (sacrebleu): written to RUN/{GENERATION_FILE} and "
+        f"RUN/{GENERATION_TASKS_FILE} (prompt-completion or messages data)",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=64, help="--generate: tokens generated per answer at most")
     p.add_argument("--device", default=None, help="override the run's device")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
@@ -209,6 +233,13 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _evaluate(a: argparse.Namespace) -> None:
+    if a.generate is not None:  # before the run is loaded
+        if a.generate < 1 or a.max_new_tokens < 1:
+            raise ValueError(f"--generate and --max-new-tokens must be >= 1, got {a.generate} and {a.max_new_tokens}")
+        if a.data is not None or a.split == "train":
+            raise ValueError(
+                "--generate answers the run's own held-out examples: use it without --data, on valid or test"
+            )
     run = load_run(a.run, device=a.device, trust_remote_code=a.trust_remote_code)  # recovered and checked once
     if run.status == TRAINED:
         print(f"{a.run} is trained but was never scored completely: scoring it now", file=sys.stderr)
@@ -222,17 +253,31 @@ def _evaluate(a: argparse.Namespace) -> None:
     report = run.evaluate(a.split, data=a.data)
     if a.split != "train" and a.data is None:
         print(documents_line(run.corpus.documents(), a.split), file=sys.stderr)
+    generated = None if a.generate is None else _score_generations(a, run)
     if a.json:
-        print(
-            json.dumps(
-                {"split": a.split, **report.summary(), "per_task": report.to_frame().to_dict(orient="records")},
-                default=float,
-                indent=2,
-            )
-        )
+        summary = {"split": a.split, **report.summary(), "per_task": report.to_frame().to_dict(orient="records")}
+        if generated is not None:
+            summary["generation"] = {**generated.metrics(), "per_task": generated.per_task.to_dict(orient="records")}
+        print(json.dumps(summary, default=float, indent=2))
         return
     print(report.to_frame().to_string(index=False, float_format=lambda x: f"{x:.2f}"))
     print(f"{a.split}: token-weighted perplexity {report.token_weighted:.2f}, task-macro {report.task_macro:.2f}")
+    if generated is not None:
+        print(generated.per_task.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+        print(
+            f"{a.split}, {len(generated.examples)} greedy answers: chrF {generated.chrf:.2f} (task-macro "
+            f"{generated.chrf_macro:.2f}), exact match {generated.exact_match:.3f}; "
+            f"wrote {Path(a.run) / GENERATION_FILE}"
+        )
+
+
+def _score_generations(a: argparse.Namespace, run):
+    """``evaluate --generate N``: score the answers and write them into the run folder (under its lock)."""
+    scores = run.generation_scores(a.generate, a.split, a.max_new_tokens)
+    with folder_lock(run.path):
+        verified_status(run.path)
+        write_generation_scores(run.path, scores)
+    return scores
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
@@ -286,6 +331,7 @@ def _export_locked(a: argparse.Namespace) -> None:
         overwrite=a.overwrite,
         note=base.get("note"),
         only=a.tasks,
+        input_format=run.corpus.input_format,
     )
     print(
         f"wrote {len(folders)} PEFT adapters to {a.out} (task -> folder map in tasks.json); load one with "
@@ -297,7 +343,19 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="continue a prompt with one task's adapter ('global' = Theta)")
     p.add_argument("run", help="run folder written by 'bora-pyro train'")
     p.add_argument("--task", required=True, help="task name, or 'global'")
-    p.add_argument("--prompt", required=True)
+    given = p.add_mutually_exclusive_group(required=True)
+    given.add_argument(
+        "--prompt",
+        help="text to continue (a text run) or to answer (a prompt-completion run; a conversational run: as the "
+        "user's message), encoded as in training: BOS, the run's task prompt, its chat template",
+    )
+    given.add_argument(
+        "--messages",
+        type=_messages_option,
+        metavar="JSON",
+        help='a conversation to answer (conversational runs), e.g. \'[{"role": "user", "content": "Hi"}]\': '
+        "rendered with the run's chat template and its generation prompt",
+    )
     p.add_argument("--max-new-tokens", type=int, default=50)
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-p", type=float, default=0.95)
@@ -311,8 +369,14 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 def _generate(a: argparse.Namespace) -> None:
     check_sampling(a.max_new_tokens, a.temperature, a.top_p, a.seed)  # before the run is loaded
     run = load_run(a.run, device=a.device, trust_remote_code=a.trust_remote_code)
+    conversational = run.corpus.input_format.conversational
+    if a.messages is not None and not conversational:
+        raise ValueError(
+            f"{a.run} was trained on {run.corpus.input_format.data_format} data, not conversations: give --prompt TEXT"
+        )
+    prompt = a.messages or ([{"role": "user", "content": a.prompt}] if conversational else a.prompt)
     text = run.generate(
-        [a.prompt],
+        [prompt],
         [a.task],
         max_new_tokens=a.max_new_tokens,
         do_sample=not a.greedy,
@@ -320,7 +384,15 @@ def _generate(a: argparse.Namespace) -> None:
         top_p=a.top_p,
         seed=a.seed,
     )[0]
-    print(a.prompt + text)
+    print(a.prompt + text if run.corpus.input_format.data_format == "text" else text)
+
+
+def _messages_option(text: str) -> list[dict]:
+    """``--messages JSON``: a conversation, checked like a corpus' messages cell."""
+    try:
+        return list(parse_messages(text, "--messages", "messages", "generate"))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix("generate: --messages: ")) from None
 
 
 def _add_diagnose(sub: argparse._SubParsersAction) -> None:

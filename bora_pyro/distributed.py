@@ -8,7 +8,10 @@ ranks' gradients (``all_reduce``) then gives exactly the gradient of the single-
 
     mean_r [ log prior + (N / b) sum_{shard r} log L ] = log prior + (N / B) sum_{batch} log L,
 
-so the optimiser steps, and the parameters, are those of one process on the same global batches.
+so the optimiser steps, and the parameters, are those of one process on the same global batches. Under a
+task sampling other than proportional every rank weights its examples by the same per-task importance
+weights (``Batch.task_weight``) and the step's task-sparse prior terms from the whole step's tasks
+(``Batch.step_task_index``), so the same holds with (N / b) w_d in place of N / b.
 Evaluation scores a share of the batches on each rank and sums the per-document results.
 """
 

@@ -39,6 +39,11 @@ def parse_optional_float(text: str) -> float | None:
     return None if text.strip().lower() == "none" else float(text)
 
 
+def parse_optional_str(text: str) -> str | None:
+    """ "none" -> None, else the text (a column name that can be switched off)."""
+    return None if text.strip().lower() == "none" else text
+
+
 def parse_csv(text: str) -> tuple[str, ...]:
     """ "a, b,c" -> ("a", "b", "c")."""
     return tuple(item.strip() for item in text.split(",") if item.strip())

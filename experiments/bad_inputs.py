@@ -81,7 +81,18 @@ def main_table() -> None:
         "dupes.csv": pd.DataFrame(rows + [{"task": "a ", "text": "spaced name"}]),
         "blank.csv": pd.DataFrame(rows + [{"task": "a", "text": "   "}, {"task": "b", "text": None}]),
         "global.csv": pd.DataFrame(rows + [{"task": "global", "text": "a task named like Theta"}]),
+        "splits.csv": pd.DataFrame([{**row, "split": "train" if i else "holdout"} for i, row in enumerate(rows)]),
+        "messages.csv": pd.DataFrame(
+            [
+                {
+                    "task": "a",
+                    "messages": json.dumps([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]),
+                }
+            ]
+            + [{"task": "a", "messages": '[{"role": "user", "content": ]'}]
+        ),
     }
+    variants["chat.csv"] = variants["messages.csv"].iloc[[0, 0, 0, 0]]
     for name, frame in variants.items():
         frame.to_csv(tmp / name, index=False)
     pd.DataFrame(rows + [{"task": "a", "text": "café"}]).to_csv(tmp / "latin1.csv", index=False, encoding="latin1")
@@ -145,7 +156,19 @@ def main_table() -> None:
             "empty / whitespace texts (run continues)",
             train + ["--data", f"csv:{tmp / 'blank.csv'}", "--out", str(tmp / "r2")],
         ),
-        ("a task with too few documents", train + ["--data", f"csv:{tmp / 'few.csv'}", "--out", str(tmp / "r")]),
+        (
+            "tasks of 1 and 2 documents (trained, said unscored)",
+            train + ["--data", f"csv:{tmp / 'few.csv'}", "--out", str(tmp / "r3")],
+        ),
+        (
+            "a split column value that is no split",
+            train + ["--data", f"csv:{tmp / 'splits.csv'}", "--out", str(tmp / "r")],
+        ),
+        ("invalid JSON in a messages cell", train + ["--data", f"csv:{tmp / 'messages.csv'}", "--out", str(tmp / "r")]),
+        (
+            "messages data, the tokenizer has no chat template",
+            train + ["--data", f"csv:{tmp / 'chat.csv'}", "--out", str(tmp / "r")],
+        ),
         ("non-UTF-8 CSV (Latin-1)", train + ["--data", f"csv:{tmp / 'latin1.csv'}", "--out", str(tmp / "r")]),
         ("malformed JSON line", train + ["--data", f"jsonl:{tmp / 'broken.jsonl'}", "--out", str(tmp / "r")]),
         ("JSON null task", train + ["--data", f"jsonl:{tmp / 'nulltask.jsonl'}", "--out", str(tmp / "r")]),

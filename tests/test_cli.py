@@ -38,10 +38,12 @@ def test_train_writes_the_run_folder_and_evaluate_reproduces_it(tmp_path, corpus
     assert metrics["steps"] == 10 and metrics["mode"] == "hierarchical"
     assert metrics["test_ppl"] < metrics["base_test_ppl"]  # 10 steps on 26 docs already help a random model
     per_task = pd.read_csv(run / "per_task.csv")
-    assert list(per_task.columns[:6]) == [
+    assert list(per_task.columns[:8]) == [
         "task",
         "n_train_docs",
         "n_train_tokens",
+        "n_test_docs",
+        "n_test_tokens",
         "test_ppl",
         "valid_ppl",
         "base_test_ppl",

@@ -11,6 +11,7 @@ import pytest
 import bora_pyro
 from bora_pyro.cli import main
 from bora_pyro.data import IGNORE_INDEX
+from bora_pyro.data.input_format import InputFormat
 from bora_pyro.data.tabular import read_table
 from bora_pyro.data.tokenize import tokenize_split
 
@@ -102,7 +103,7 @@ NORMAL = [(0, "short"), (0, "the lord seide to his puple " * 3), (1, "and thei w
 @pytest.mark.parametrize("long_documents", ["split", "truncate"])
 def test_tokenisation_equals_the_whole_text_tokenised(tiny_lm, long_documents):
     tokenizer = tiny_lm[1]
-    split = tokenize_split("t", ("a", "b"), NORMAL, tokenizer, 24, "{task}: ", long_documents)
+    split = tokenize_split("t", ("a", "b"), NORMAL, tokenizer, 24, InputFormat(task_prompt="{task}: "), long_documents)
     expected = old_tokenize(tokenizer, [(("a", "b")[t], text) for t, text in NORMAL], 24, "{task}: ", long_documents)
     assert list(zip(split.input_ids, split.labels)) == expected
     assert split.long_docs == 3 and split.source_docs == 4 and split.capped_docs == 0
@@ -111,13 +112,15 @@ def test_tokenisation_equals_the_whole_text_tokenised(tiny_lm, long_documents):
 def test_a_huge_document_is_tokenised_only_as_far_as_it_is_used(tiny_lm):
     huge = "in the bigynnyng god made of nouyt heuene and erthe " * 60_000  # 3 MB on one line
     counting = CountingTokenizer(tiny_lm[1])
-    cut = tokenize_split("t", ("a",), [(0, huge)], counting, 32, "{task}: ", "truncate")
+    cut = tokenize_split("t", ("a",), [(0, huge)], counting, 32, InputFormat(task_prompt="{task}: "), "truncate")
     assert counting.characters < 2_000 and len(cut) == 1 and cut.long_docs == 1
     assert list(zip(cut.input_ids, cut.labels)) == old_tokenize(
         tiny_lm[1], [("a", huge[:100])], 32, "{task}: ", "truncate"
     )
     counting.characters = 0
-    capped = tokenize_split("t", ("a",), [(0, huge), (0, "more")], counting, 32, "{task}: ", "split", 5)
+    capped = tokenize_split(
+        "t", ("a",), [(0, huge), (0, "more")], counting, 32, InputFormat(task_prompt="{task}: "), "split", 5
+    )
     assert counting.characters < 5_000 and len(capped) == 5
     assert (capped.source_docs, capped.long_docs, capped.capped_docs) == (1, 1, 1)
     full = old_tokenize(tiny_lm[1], [("a", huge[:1000])], 32, "{task}: ", "split")
@@ -127,7 +130,7 @@ def test_a_huge_document_is_tokenised_only_as_far_as_it_is_used(tiny_lm):
 def test_the_chunk_cap_keeps_every_chunk_it_allows_and_counts_per_task(tiny_lm):
     tokenizer = tiny_lm[1]
     docs = [(0, "a" * 30), (0, "b" * 30), (1, "c" * 10)]  # 30 + EOS over chunks of 8: 4 chunks each
-    split = tokenize_split("t", ("x", "y"), docs, tokenizer, 10, "{task}", "split", 6)
+    split = tokenize_split("t", ("x", "y"), docs, tokenizer, 10, InputFormat(task_prompt="{task}"), "split", 6)
     expected = old_tokenize(tokenizer, [("x", "a" * 30), ("x", "b" * 30), ("y", "c" * 10)], 10, "{task}", "split")
     assert list(zip(split.input_ids, split.labels)) == expected[:6] + expected[8:]
     assert split.docs_per_task().tolist() == [6, 2] and split.capped_docs == 1 and split.source_docs == 3
@@ -140,7 +143,14 @@ def test_max_eval_docs_caps_held_out_chunks_and_says_so(tmp_path, tiny_lm, caplo
     with caplog.at_level("WARNING"):
         corpus = bora_pyro.load_corpus(f"csv:{path}", tiny_lm[1], max_tokens=32, max_eval_docs=3)
     assert len(corpus.valid) == len(corpus.test) == 3
-    assert corpus.documents()["test"] == {"used": 1, "available": 1, "long": 1, "capped": 1, "chunks": 3}
+    assert corpus.documents()["test"] == {
+        "used": 1,
+        "available": 1,
+        "long": 1,
+        "capped": 1,
+        "prompt_cut": 0,
+        "chunks": 3,
+    }
     assert len(corpus.train) == 10 * 65  # train keeps every chunk: 1999 bytes (stripped) + EOS over chunks of 31
     assert "valid and test keep at most 3 chunks per task (--max-eval-docs), so 2 of their documents" in caplog.text
     uncapped = bora_pyro.load_corpus(f"csv:{path}", tiny_lm[1], max_tokens=32, max_eval_docs=None)
@@ -258,8 +268,8 @@ def test_csv_blank_lines_before_the_header_are_skipped(tmp_path):
 
 def test_messages_about_many_or_long_names_stay_short(tmp_path, tiny_lm):
     path = tmp_path / "c.csv"
-    path.write_text("task,text\n" + "".join(f"{'t' * 500}{i},x\n" for i in range(500)))
-    with pytest.raises(ValueError, match=r"too few documents.*\.\.\. \(500 in all\)\}; drop them") as err:
+    path.write_text("task,text\n" + "".join(f"{'t' * 500}{i},\n" for i in range(500)))
+    with pytest.raises(ValueError, match=r"\.\.\. \(500 in all\)\] have no text") as err:
         bora_pyro.load_corpus(f"csv:{path}", tiny_lm[1])
     assert len(str(err.value)) < 2000
     path.write_text(",".join(f"c{i}" * 100 for i in range(2000)) + "\n" + "x\n")

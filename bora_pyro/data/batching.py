@@ -15,6 +15,8 @@ from functools import cached_property
 import numpy as np
 import torch
 
+from .sampling import iid_batch_indices, importance_weights
+
 IGNORE_INDEX = -100  # label value of tokens that are not scored (padding, prompt, first token)
 
 
@@ -31,6 +33,9 @@ class Batch:
         step_task_index: [step batch], the task of every example of the whole step when this batch is one
         rank's shard of it (every rank then samples and weights the step's task sites alike); None: the
         batch is the whole step.
+        task_weight: [tasks], the importance weight w_d = (n_d / N) / q_d of each task's documents under the
+        step's task sampling (``data.sampling``): example b's log-likelihood carries (num_docs / batch) w_d, and
+        the task-sparse prior estimate is reweighted alike; None: proportional sampling (every weight 1).
     """
 
     input_ids: torch.Tensor
@@ -41,6 +46,11 @@ class Batch:
     num_docs: int
     docs_per_task: torch.Tensor | None = None
     step_task_index: torch.Tensor | None = None
+    task_weight: torch.Tensor | None = None
+
+    def example_weight(self) -> torch.Tensor | None:
+        """Each example's importance weight ``task_weight[task_index]`` (None: every weight 1). Shapes: -> [batch]."""
+        return None if self.task_weight is None else self.task_weight[self.task_index]
 
     def to(self, device: torch.device | str) -> Batch:
         moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -66,7 +76,8 @@ class Split:
     source documents used (one chunk or more of each), ``long_docs`` those that were longer than the budget,
     ``capped_docs`` those cut short by the per-task chunk cap of held-out splits (``max_eval_docs``: only
     their first chunks are kept), ``available_docs`` the split's source documents before the per-task caps
-    (``max_train_docs`` / ``max_eval_docs``).
+    (``max_train_docs`` / ``max_eval_docs``), ``prompt_cut_docs`` the examples whose prompt was cut from the
+    left (or left out) so that their completion fits the token budget.
     """
 
     name: str
@@ -79,6 +90,7 @@ class Split:
     long_docs: int = 0
     capped_docs: int = 0
     available_docs: int | None = None
+    prompt_cut_docs: int = 0  # examples whose prompt was cut from the left (or dropped) to fit the token budget
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -114,13 +126,23 @@ class Split:
         tasks = torch.as_tensor([self.task_index[i] for i in indices], dtype=torch.long)
         return Batch(input_ids, mask, labels, tasks, index, len(self), self._docs_per_task)
 
-    def train_batch_indices(self, batch_size: int, seed: int = 0, start_step: int = 0) -> Iterator[list[int]]:
-        """Endless mixed-task batches of document indices drawn uniformly, reshuffled every epoch.
+    def train_batch_indices(
+        self, batch_size: int, seed: int = 0, start_step: int = 0, temperature: float = 1.0
+    ) -> Iterator[list[int]]:
+        """Endless mixed-task batches of document indices. ``temperature`` 1 (proportional sampling): drawn
+        uniformly, reshuffled every epoch; otherwise each example independently, its task with probability
+        ∝ n_d^(1 / temperature) (inf: uniform over tasks), then one of the task's documents uniformly
+        (``data.sampling``; weigh them with :meth:`task_weights`).
 
         Deterministic given ``seed``; ``start_step`` skips that many batches (for resuming).
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if temperature != 1.0:
+            yield from iid_batch_indices(
+                np.asarray(self.task_index), len(self.tasks), batch_size, temperature, seed, start_step
+            )
+            return
         rng = np.random.default_rng(seed)
         order: list[int] = []
         step = 0
@@ -132,9 +154,18 @@ class Split:
                 yield chosen
             step += 1
 
-    def train_batches(self, batch_size: int, seed: int = 0, start_step: int = 0) -> Iterator[Batch]:
-        """:meth:`train_batch_indices`, collated."""
-        return (self.collate(chosen) for chosen in self.train_batch_indices(batch_size, seed, start_step))
+    def task_weights(self, temperature: float = 1.0) -> torch.Tensor | None:
+        """``Batch.task_weight`` of batches drawn by :meth:`train_batch_indices` at ``temperature`` (None at 1).
+        Shapes: -> [tasks]."""
+        return importance_weights(self.docs_per_task(), temperature)
+
+    def train_batches(
+        self, batch_size: int, seed: int = 0, start_step: int = 0, temperature: float = 1.0
+    ) -> Iterator[Batch]:
+        """:meth:`train_batch_indices`, collated and weighted (:meth:`task_weights`)."""
+        weight = self.task_weights(temperature)
+        for chosen in self.train_batch_indices(batch_size, seed, start_step, temperature):
+            yield self.collate(chosen).replace(task_weight=weight)
 
     def eval_batches(self, batch_size: int) -> Iterator[Batch]:
         """All documents once, in batches of similar length (length bucketing cuts padding)."""

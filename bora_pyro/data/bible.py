@@ -48,16 +48,24 @@ def _bible(translation: str):
         ) from err
 
 
+def chapter_verses_by_id(translation: str = "wyc") -> dict[int, str]:
+    """Every verse of a translation that has text, in canonical order: {verse id (BBCCCVVV): text}."""
+    bible = _bible(translation)
+    books = {book.value for book in bible.short_titles}
+    verses = {}
+    for verse_id in bible.get_verse_ids():
+        text = _VERSE_NUMBER.sub("", bible.get_scripture(verse_id)).strip()
+        if verse_id // 1_000_000 in books and text:
+            verses[verse_id] = text
+    return verses
+
+
 def chapter_verses(translation: str = "wyc") -> dict[tuple[str, int], list[str]]:
     """All chapters of a translation, in canonical order: {(book title, chapter): [verse text, ...]}."""
-    bible = _bible(translation)
-    titles = {book.value: title for book, title in bible.short_titles.items()}
+    titles = {book.value: title for book, title in _bible(translation).short_titles.items()}
     chapters: dict[tuple[str, int], list[str]] = {}
-    for verse_id in bible.get_verse_ids():  # BBCCCVVV
-        title = titles.get(verse_id // 1_000_000)
-        text = _VERSE_NUMBER.sub("", bible.get_scripture(verse_id)).strip()
-        if title and text:
-            chapters.setdefault((title, verse_id // 1000 % 1000), []).append(text)
+    for verse_id, text in chapter_verses_by_id(translation).items():
+        chapters.setdefault((titles[verse_id // 1_000_000], verse_id // 1000 % 1000), []).append(text)
     return chapters
 
 

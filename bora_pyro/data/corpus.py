@@ -6,6 +6,12 @@ Corpus specs:
     ``csv:PATH``, ``jsonl:PATH``  a table with a task column and a text column
     ``datasets:NAME_OR_PATH`` a Hugging Face ``datasets`` hub name or a saved dataset folder
     ``ton:PATH``              Talk of Norway (ton.csv): one task per speaker, the paper's selection
+    ``bible-translate``       an instruction corpus: one task per target translation of very unequal size,
+                              prompt = a verse in modern English, completion = the same verse in the task's one
+
+A table's rows may be text, prompt-completion pairs or conversations (``formats.py``), from a file or passed
+from Python (a pandas DataFrame, a list of dicts, a ``datasets.Dataset`` or ``DatasetDict``); a ``split`` column
+(or a DatasetDict's splits) is used as given.
 """
 
 from __future__ import annotations
@@ -19,18 +25,31 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ..options import option, parse_csv, parse_optional_int
+from ..options import option, parse_csv, parse_optional_int, parse_optional_str
 from .batching import Split
 from .bible import bible_books, bible_chapters
+from .bible_translate import bible_translate
+from .chat import read_chat_template
+from .formats import COMPLETION, CONVERSATIONAL, DATA_FORMATS, MESSAGES, PROMPT
+from .input_format import InputFormat
+from .messages import shown_list
 from .split import split_per_task
-from .tabular import documents_by_task, read_table
+from .tabular import Grouped, documents_by_task, python_frame, read_table
 from .talk_of_norway import TON_SELECTIONS, ton_documents
 from .task_names import check_task_names
 from .tokenize import LONG_DOCUMENTS, tokenize_split
 
 log = logging.getLogger(__name__)
 
-CORPUS_FORMS = ("bible-books", "bible-chapters", "ton:PATH", "csv:PATH", "jsonl:PATH", "datasets:NAME_OR_PATH")
+CORPUS_FORMS = (
+    "bible-books",
+    "bible-chapters",
+    "bible-translate",
+    "ton:PATH",
+    "csv:PATH",
+    "jsonl:PATH",
+    "datasets:NAME_OR_PATH",
+)
 
 
 @dataclass(frozen=True)
@@ -61,9 +80,36 @@ class CorpusConfig:
         "were scored)",
         parse=parse_optional_int,
     )
-    task_prompt: str | None = option(None, "masked prompt before each document, e.g. '{task}: '")
+    holdout_min_docs: int = option(
+        3,
+        "tasks with fewer documents keep them all for training under the random split (they have no held-out "
+        "score); larger ones get at least one in each split",
+    )
+    task_prompt: str | None = option(
+        None, "masked prompt before each document (a conversation: its first user message), e.g. '{task}: '"
+    )
     task_column: str = option("task", "csv/jsonl/datasets: the task column")
-    text_column: str = option("text", "csv/jsonl/datasets: the text column")
+    text_column: str = option("text", "csv/jsonl/datasets: the text column (text format)")
+    data_format: str = option(
+        "auto",
+        "text (a text column), prompt-completion (prompt and completion columns: texts, or message lists), "
+        "messages (a messages column: conversations in the chat template); auto detects it from the columns",
+        choices=DATA_FORMATS,
+    )
+    completion_only_loss: bool = option(
+        True,
+        "loss on the completion / assistant turns only; --no-completion-only-loss scores the prompt and "
+        "template tokens too (the task prompt and BOS stay context)",
+    )
+    chat_template: str | None = option(
+        None, "Jinja chat template file for messages data (default: the tokenizer's own)", metavar="FILE"
+    )
+    split_column: str | None = option(
+        "split",
+        "column of each row's split (train, valid or validation, test), used as given where the table has it "
+        "('none' = ignore it and split at random)",
+        parse=parse_optional_str,
+    )
     translation: str = option("wyc", "bible-books, bible-chapters: pythonbible version (wyc, kjv...)")
     translations: tuple[str, ...] | None = option(
         None,
@@ -101,6 +147,12 @@ class CorpusConfig:
             raise ValueError(f"ton_selection must be one of {TON_SELECTIONS}, got {self.ton_selection!r}")
         if self.task_prompt is not None:
             check_task_prompt(self.task_prompt)
+        if not isinstance(self.holdout_min_docs, int) or self.holdout_min_docs < 3:
+            raise ValueError(
+                f"holdout_min_docs must be an integer >= 3 (one document for each split), got {self.holdout_min_docs!r}"
+            )
+        if self.data_format not in DATA_FORMATS:
+            raise ValueError(f"data_format must be one of {DATA_FORMATS}, got {self.data_format!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -130,7 +182,8 @@ def check_task_prompt(prompt: str) -> None:
 
 @dataclass(frozen=True)
 class Corpus:
-    """A tokenised multi-task corpus: task names and the three splits."""
+    """A tokenised multi-task corpus: task names, the three splits, the input format, and the held-out
+    documents as given (``heldout["test"]``: the prompts and references ``evaluate --generate`` uses)."""
 
     name: str
     tasks: tuple[str, ...]
@@ -138,6 +191,8 @@ class Corpus:
     valid: Split
     test: Split
     config: CorpusConfig = field(default_factory=CorpusConfig)
+    input_format: InputFormat = field(default_factory=InputFormat)
+    heldout: dict[str, tuple] = field(default_factory=dict)  # "valid" / "test": ((task index, document), ...)
 
     def split(self, name: str) -> Split:
         if name not in ("train", "valid", "test"):
@@ -179,6 +234,7 @@ class Corpus:
                 "available": s.available_docs,
                 "long": s.long_docs,
                 "capped": s.capped_docs,
+                "prompt_cut": s.prompt_cut_docs,
                 "chunks": len(s),
             }
             for name, s in ((n, self.split(n)) for n in ("train", "valid", "test"))
@@ -198,34 +254,73 @@ class Corpus:
         return rows
 
 
-def _documents(spec: str, tokenizer, config: CorpusConfig) -> dict[str, list[str]]:
-    if spec == "bible-books":
-        return bible_books(tokenizer, config.max_tokens, config.translation, config.books)
-    if spec == "bible-chapters":
+def _documents(data: object, tokenizer, config: CorpusConfig) -> Grouped:
+    """The documents of the corpus ``data`` (a spec, or a table passed from Python) by task."""
+    if not isinstance(data, str):
+        return _table_documents(python_frame(data, None, config.split_column), config, corpus_name(data))
+    if data == "bible-books":
+        return Grouped(bible_books(tokenizer, config.max_tokens, config.translation, config.books), None, "text")
+    if data == "bible-chapters":
         books = None if config.books in (None, ("all",)) else config.books
-        return bible_chapters(tokenizer, config.max_tokens, config.translations or (config.translation,), books)
-    kind, sep, location = spec.partition(":")
+        chapters = bible_chapters(tokenizer, config.max_tokens, config.translations or (config.translation,), books)
+        return Grouped(chapters, None, "text")
+    if data == "bible-translate":
+        return bible_translate(config.translations)
+    kind, sep, location = data.partition(":")
     if kind == "ton" and location:
-        return ton_documents(location, config.ton_selection, config.num_tasks or 25, config.min_words)
+        return Grouped(
+            ton_documents(location, config.ton_selection, config.num_tasks or 25, config.min_words), None, "text"
+        )
     if sep and kind in ("csv", "jsonl", "datasets") and location:
-        columns = (config.task_column, config.text_column)
-        return documents_by_task(read_table(kind, location, columns), *columns, spec)
-    raise ValueError(f"unknown corpus {spec!r}; expected one of {list(CORPUS_FORMS)}")
+        columns = (config.task_column, config.text_column, PROMPT, COMPLETION, MESSAGES, config.split_column)
+        return _table_documents(read_table(kind, location, columns, config.split_column), config, data)
+    raise ValueError(f"unknown corpus {data!r}; expected one of {list(CORPUS_FORMS)}")
 
 
-def load_corpus(spec: str, tokenizer, **options) -> Corpus:
-    """Load, split (per task, seeded) and tokenise a multi-task corpus.
+def _table_documents(frame, config: CorpusConfig, source: str) -> Grouped:
+    return documents_by_task(
+        frame, config.task_column, config.text_column, source, config.data_format, config.split_column
+    )
+
+
+def corpus_name(data: object) -> str:
+    """The name of a corpus: its spec, or ``<DataFrame>`` (etc.) for data passed from Python."""
+    return data if isinstance(data, str) else f"<{type(data).__name__}>"
+
+
+def input_format_of(grouped: Grouped, tokenizer, config: CorpusConfig) -> InputFormat:
+    """The input format of a corpus: its documents' format with the configured task prompt, loss mask and
+    (conversational formats) chat template."""
+    conversational = grouped.data_format in ("messages", CONVERSATIONAL)
+    if config.data_format == "text" and grouped.data_format != "text":
+        raise ValueError(f"--data-format text: this corpus holds {grouped.data_format} examples, not texts")
+    return InputFormat(
+        grouped.data_format,
+        config.task_prompt,
+        config.completion_only_loss,
+        read_chat_template(config.chat_template, tokenizer) if conversational else None,
+        bos=tokenizer.bos_token_id is not None,
+    )
+
+
+def load_corpus(data: object, tokenizer, **options) -> Corpus:
+    """Load, split (as given, or per task, seeded) and tokenise a multi-task corpus.
 
     Args:
-        spec: see the module docstring (``"bible-books"``, ``"csv:PATH"``, ...).
+        data: a corpus spec (the module docstring: ``"bible-books"``, ``"csv:PATH"``, ...), or a table
+            passed from Python: a pandas DataFrame, a list of dicts (one per row), or a ``datasets.Dataset``
+            / ``DatasetDict`` (its splits are used as given), in any format of ``formats.py``.
         tokenizer: the base model's tokenizer.
         **options: fields of :class:`CorpusConfig` (``max_tokens``, ``seed``, ``max_train_docs``...).
     """
     config = CorpusConfig(**options)
-    docs = _documents(spec, tokenizer, config)
+    name = corpus_name(data)
+    grouped = _documents(data, tokenizer, config)
+    docs, given = grouped.docs, grouped.splits
     if config.num_tasks is not None:
         docs = dict(list(docs.items())[: config.num_tasks])
-    check_task_names(tuple(docs), spec)
+    check_task_names(tuple(docs), name)
+    input_format = input_format_of(grouped, tokenizer, config)
     splits, available = split_per_task(
         docs,
         config.valid_fraction,
@@ -233,26 +328,63 @@ def load_corpus(spec: str, tokenizer, **options) -> Corpus:
         config.seed or 0,
         config.max_train_docs,
         config.max_eval_docs,
-        source=spec,
+        source=name,
+        holdout_min_docs=config.holdout_min_docs,
+        given=given,
     )
     tasks = tuple(docs)
     tokenized = {
-        name: dataclasses.replace(_tokenize(name, tasks, rows, tokenizer, config), available_docs=available[name])
-        for name, rows in splits.items()
+        split: dataclasses.replace(
+            _tokenize(split, tasks, rows, tokenizer, config, input_format), available_docs=available[split]
+        )
+        for split, rows in splits.items()
     }
-    corpus = Corpus(spec, tasks, tokenized["train"], tokenized["valid"], tokenized["test"], config)
+    heldout = {split: tuple(splits[split]) for split in ("valid", "test")}
+    corpus = Corpus(
+        name, tasks, tokenized["train"], tokenized["valid"], tokenized["test"], config, input_format, heldout
+    )
     _check_has_tasks(corpus)
+    _report_splits(corpus, given is not None)
     _report_long_documents(corpus)
     return corpus
 
 
-def _tokenize(name: str, tasks: tuple[str, ...], rows: list[tuple[int, str]], tokenizer, config: CorpusConfig) -> Split:
+def _tokenize(
+    name: str, tasks: tuple[str, ...], rows: list, tokenizer, config: CorpusConfig, input_format: InputFormat
+) -> Split:
     """One split tokenised; valid and test keep at most ``max_eval_docs`` chunks per task (only the text those
-    chunks need is tokenised), train every chunk of its documents."""
+    chunks need is tokenised), train every chunk of its documents. Valid and test are always scored on the
+    completions (assistant turns) only, whatever the training loss: so runs trained either way compare."""
     cap = None if name == "train" else config.max_eval_docs
-    return tokenize_split(
-        name, tasks, rows, tokenizer, config.max_tokens, config.task_prompt, config.long_documents, cap
-    )
+    if name != "train":
+        input_format = dataclasses.replace(input_format, completion_only_loss=True)
+    return tokenize_split(name, tasks, rows, tokenizer, config.max_tokens, input_format, config.long_documents, cap)
+
+
+def _report_splits(corpus: Corpus, given: bool) -> None:
+    """Say where the split came from, and which tasks have no held-out documents (no held-out score)."""
+    counts = {s: corpus.split(s).docs_per_task() for s in ("train", "valid", "test")}
+    if given:
+        log.info(
+            "%s: the split is the data's own (%s)",
+            corpus.name,
+            ", ".join(f"{int(c.sum())} {s}" for s, c in counts.items()),
+        )
+    unscored = [t for d, t in enumerate(corpus.tasks) if counts["test"][d] == 0]
+    if unscored:
+        reason = (
+            "the data's split gives them none"
+            if given
+            else f"fewer than --holdout-min-docs {corpus.config.holdout_min_docs} documents: all kept for training"
+        )
+        log.warning(
+            "%s: %d of %d task(s) have no test documents (%s): %s; they are trained, but have no test score",
+            corpus.name,
+            len(unscored),
+            len(corpus.tasks),
+            reason,
+            shown_list(unscored),
+        )
 
 
 def _check_has_tasks(corpus: Corpus) -> None:
@@ -266,6 +398,15 @@ def _check_has_tasks(corpus: Corpus) -> None:
 
 def _report_long_documents(corpus: Corpus) -> None:
     """Say how many documents were longer than the token budget and what was done with them."""
+    cut = {s: corpus.split(s) for s in ("train", "valid", "test") if corpus.split(s).prompt_cut_docs}
+    if cut:
+        log.warning(
+            "%s: %s examples are longer than max_tokens=%d tokens: their prompts were cut from the left (left out "
+            "where the completion alone does not fit) so that the completion is kept",
+            corpus.name,
+            ", ".join(f"{s.prompt_cut_docs} of {s.source_docs} {name}" for name, s in cut.items()),
+            corpus.config.max_tokens,
+        )
     long = {s: corpus.split(s) for s in ("train", "valid", "test") if corpus.split(s).long_docs}
     if not long:
         return

@@ -23,16 +23,24 @@ import shlex
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 import pandas as pd
 
+from .formats import Document, detect_format, format_columns, format_name, parse_examples
 from .messages import shown_dict, shown_list, shown_rows
 
 log = logging.getLogger(__name__)
 
+SPLIT_NAMES = {"train": "train", "valid": "valid", "validation": "valid", "dev": "valid", "test": "test"}
 
-def read_table(kind: str, location: str, columns: Sequence[str] | None = None) -> pd.DataFrame:
-    """Read a table: ``kind`` is "csv", "jsonl" or "datasets" (a hub name or a saved dataset folder).
+
+def read_table(
+    kind: str, location: str, columns: Sequence[str] | None = None, split_column: str | None = "split"
+) -> pd.DataFrame:
+    """Read a table: ``kind`` is "csv", "jsonl" or "datasets" (a hub name or a saved dataset folder; a
+    DatasetDict's splits become ``split_column``, see :func:`dataset_frame`).
 
     ``columns``: the columns wanted (None: all); JSON lines and ``datasets`` keep only those, so that a file of
     many sparse keys cannot make a frame of rows x keys. Every column the source has is in ``frame.attrs["columns"]``.
@@ -43,7 +51,7 @@ def read_table(kind: str, location: str, columns: Sequence[str] | None = None) -
             raise FileNotFoundError(f"{kind} corpus file not found: {str(path)!r}")
         text = _read_utf8(path)
         return _read_csv_text(path, text) if kind == "csv" else _read_jsonl_text(path, text, columns)
-    return _read_datasets(location, columns)
+    return _read_datasets(location, columns, split_column)
 
 
 def _read_utf8(path: Path) -> str:
@@ -187,7 +195,9 @@ def _json_text(value: object) -> str | None:
     return json.dumps(value, ensure_ascii=False)
 
 
-def _read_datasets(location: str, columns: Sequence[str] | None = None) -> pd.DataFrame:
+def _read_datasets(
+    location: str, columns: Sequence[str] | None = None, split_column: str | None = "split"
+) -> pd.DataFrame:
     """A Hugging Face ``datasets`` source (hub name or local folder) as a frame (rows numbered from 1);
     never runs code from the source.
 
@@ -205,12 +215,47 @@ def _read_datasets(location: str, columns: Sequence[str] | None = None) -> pd.Da
             "a data source; point datasets: at the data files' folder (csv, json, parquet...) without the script, "
             "or at a dataset saved with save_to_disk"
         )
-    if path.is_dir() and (path / "dataset_info.json").exists():
+    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
         ds = datasets.load_from_disk(location)
     else:
-        ds = datasets.load_dataset(location, split="train", trust_remote_code=False)
+        ds = datasets.load_dataset(location, trust_remote_code=False)
+    return dataset_frame(ds, columns, split_column, f"datasets:{location}")
+
+
+def dataset_frame(
+    ds, columns: Sequence[str] | None = None, split_column: str | None = "split", source: str = "dataset"
+) -> pd.DataFrame:
+    """A ``datasets.Dataset`` or ``DatasetDict`` as a frame (rows numbered from 1). A DatasetDict's splits
+    become the ``split_column`` (train, validation or valid, test; a dict of only ``train`` gives no split
+    column: the run splits it); with ``split_column`` None, only its ``train`` split is read."""
+    import datasets
+
     if isinstance(ds, datasets.DatasetDict):
-        ds = ds["train"]
+        names = list(ds)
+        unknown = [name for name in names if name.lower() not in SPLIT_NAMES]
+        if split_column is None or names == ["train"]:
+            if "train" not in ds:
+                raise ValueError(f"{source}: has no 'train' split (splits: {shown_list(names)})")
+            return dataset_frame(ds["train"], columns, None, source)
+        if unknown:
+            raise ValueError(
+                f"{source}: split(s) {shown_list(unknown)} are not train, validation (or valid) or test; keep "
+                "those three (e.g. DatasetDict({'train': ..., 'test': ...})) or pass one Dataset with a split column"
+            )
+        parts = []
+        for name in names:
+            if split_column in ds[name].column_names:
+                raise ValueError(
+                    f"{source}: split {name!r} already has a column {split_column!r}; the DatasetDict's split names "
+                    "would replace it (rename it, or give --split-column another name)"
+                )
+            part = dataset_frame(ds[name], columns, None, source)
+            part[split_column] = name.lower()
+            parts.append(part)
+        frame = pd.concat(parts, ignore_index=True)
+        frame.index = pd.RangeIndex(1, len(frame) + 1, name="row")
+        frame.attrs["columns"] = [*parts[0].attrs["columns"], split_column]
+        return frame
     present = list(ds.column_names)
     frame = ds.select_columns(_kept(present, columns) or present).to_pandas()  # none wanted: said as missing
     frame.index = pd.RangeIndex(1, len(frame) + 1, name="row")
@@ -218,30 +263,92 @@ def _read_datasets(location: str, columns: Sequence[str] | None = None) -> pd.Da
     return frame
 
 
-def documents_by_task(frame: pd.DataFrame, task_column: str, text_column: str, source: str) -> dict[str, list[str]]:
-    """Group texts by task, in order of first appearance.
+def python_frame(data: object, columns: Sequence[str] | None, split_column: str | None) -> pd.DataFrame:
+    """Data passed from Python as a frame: a pandas DataFrame, a list of dicts (one per row), or a
+    ``datasets.Dataset`` / ``DatasetDict``; rows are numbered from 1."""
+    if isinstance(data, pd.DataFrame):
+        frame = data.copy()
+    elif isinstance(data, (list, tuple)):
+        bad = next((i for i, row in enumerate(data) if not isinstance(row, dict)), None)
+        if bad is not None:
+            raise ValueError(f"row {bad + 1} of the data is {type(data[bad]).__name__}, not a dict of column values")
+        frame = pd.DataFrame(list(data), dtype=object)
+    elif type(data).__module__.startswith("datasets"):
+        return dataset_frame(data, columns, split_column, f"<{type(data).__name__}>")
+    else:
+        raise ValueError(
+            f"data must be a corpus name, a pandas DataFrame, a list of dicts or a datasets Dataset / DatasetDict, "
+            f"got {type(data).__name__}"
+        )
+    frame.index = pd.RangeIndex(1, len(frame) + 1, name="row")
+    frame.attrs["columns"] = [str(c) for c in frame.columns]
+    return frame
 
-    Empty and whitespace-only texts are dropped, said in one warning line that names their rows and tasks;
-    a task that has no text left is an error that names it (it would otherwise vanish).
+
+class Grouped(NamedTuple):
+    """A table's documents grouped by task, in order of first appearance: ``docs`` task -> documents; ``splits``
+    task -> each document's given split (train / valid / test), None when the table gives none; the format."""
+
+    docs: dict[str, list[Document]]
+    splits: dict[str, list[str]] | None
+    data_format: str
+
+
+def documents_by_task(
+    frame: pd.DataFrame,
+    task_column: str,
+    text_column: str,
+    source: str,
+    data_format: str = "auto",
+    split_column: str | None = None,
+) -> Grouped:
+    """Group a table's documents (:mod:`.formats`: text, prompt-completion or messages) by task.
+
+    Rows with nothing to train on (an empty text or completion, a conversation without an assistant turn)
+    are dropped, said in one warning line that names their rows and tasks; a task that has no document left
+    is an error that names it (it would otherwise vanish). ``split_column``: where the table has that column,
+    each row's split (train, valid or validation, test) is used as given.
     """
     if len(frame) == 0:
         raise ValueError(f"{source}: the table has no rows: no document to train on")
     present = frame.attrs.get("columns", list(frame.columns))
-    missing = [c for c in (task_column, text_column) if c not in present]
+    data_format = detect_format(present, data_format, text_column, source)
+    wanted = (task_column, *format_columns(data_format, text_column))
+    missing = [c for c in wanted if c not in present]
     if missing:
         raise ValueError(
             f"{source}: missing column(s) {missing}; columns present: {shown_list(present, 20)} "
-            "(choose them with --task-column / --text-column)"
+            "(choose them with --task-column / --text-column, or the format with --data-format)"
         )
     names = _task_names(frame, task_column, source)
-    texts = frame[text_column]
-    empty = (texts.isna() | (texts.astype(str).str.strip() == "")).to_numpy()
+    documents = parse_examples(frame, data_format, text_column, source)
+    empty = np.array([d is None for d in documents], dtype=bool)
     if empty.any():
-        _report_empty_texts(frame, names, empty, text_column, source)
-    out: dict[str, list[str]] = {}
-    for task, text in zip(names[~empty], texts[~empty].astype(str)):
-        out.setdefault(task, []).append(text.strip())
-    return out
+        _report_empty(frame, names, empty, format_columns(data_format, text_column), source)
+    given = _given_splits(frame, split_column, source) if split_column and split_column in present else None
+    out: dict[str, list[Document]] = {}
+    splits: dict[str, list[str]] = {}
+    for row, (task, document) in enumerate(zip(names, documents)):
+        if document is not None:
+            out.setdefault(task, []).append(document)
+            if given is not None:
+                splits.setdefault(task, []).append(given[row])
+    return Grouped(out, splits if given is not None else None, format_name([d for d in documents if d is not None]))
+
+
+def _given_splits(frame: pd.DataFrame, column: str, source: str) -> list[str]:
+    """Every row's split named in ``column``: train, valid (or validation, dev), test (case and surrounding
+    spaces ignored); anything else is an error naming the rows."""
+    values = frame[column].astype(str).str.strip().str.lower()
+    names = values.map(SPLIT_NAMES)
+    bad = names.isna().to_numpy()
+    if bad.any():
+        raise ValueError(
+            f"{source}: the {column!r} column holds {shown_list(dict.fromkeys(frame[column][bad].astype(str)))} "
+            f"({_where(frame, bad)}); expected train, valid (or validation) or test (--split-column none ignores "
+            "the column)"
+        )
+    return names.tolist()
 
 
 def _where(frame: pd.DataFrame, mask) -> str:
@@ -268,22 +375,36 @@ def _task_names(frame: pd.DataFrame, task_column: str, source: str) -> pd.Series
     return names
 
 
-def _report_empty_texts(frame: pd.DataFrame, names: pd.Series, empty, text_column: str, source: str) -> None:
-    """Refuse tasks whose every text is empty (naming them and their rows); otherwise warn, in one line, which
-    rows were dropped and of which tasks."""
+def _report_empty(frame: pd.DataFrame, names: pd.Series, empty, columns: tuple[str, ...], source: str) -> None:
+    """Refuse tasks whose every document is empty (naming them and their rows); otherwise warn, in one line,
+    which rows were dropped and of which tasks."""
     kept = set(names[~empty])
     emptied = [task for task in dict.fromkeys(names[empty]) if task not in kept]
+    what = " or ".join(repr(c) for c in columns)
+    text = columns[0] != "messages" and len(columns) == 1
     if emptied:
         rows = empty & names.isin(emptied).to_numpy()
-        hint = f" (every {text_column!r} value is empty: is --text-column right?)" if empty.all() else ""
-        raise ValueError(
-            f"{source}: task(s) {shown_list(emptied)} have no text: every {text_column!r} value of theirs is empty or "
-            f"whitespace-only ({_where(frame, rows)}){hint}; give them text or remove their rows"
+        hint = f" (every {what} value is empty: is --text-column right?)" if empty.all() and text else ""
+        reason = (
+            f"have no text: every {what} value of theirs is empty or whitespace-only"
+            if text
+            else f"have nothing to train on: every {what} value of theirs is empty, or a conversation without an "
+            "assistant turn"
         )
+        raise ValueError(
+            f"{source}: task(s) {shown_list(emptied)} {reason} ({_where(frame, rows)}){hint}; give them text or "
+            "remove their rows"
+        )
+    dropped = (
+        "empty or whitespace-only text(s)"
+        if text
+        else f"row(s) with nothing to train on (an empty {what} value, or a conversation without an assistant turn)"
+    )
     log.warning(
-        "%s: dropped %d empty or whitespace-only text(s) (%s) of task(s) %s; each of these tasks keeps other texts",
+        "%s: dropped %d %s (%s) of task(s) %s; each of these tasks keeps other documents",
         source,
         int(empty.sum()),
+        dropped,
         _where(frame, empty),
         shown_list(dict.fromkeys(names[empty])),
     )

@@ -8,6 +8,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from ..data.formats import Messages
+from ..data.input_format import InputFormat
 from ..data.task_names import GLOBAL
 from ..nn.lora import Factors, MultiTaskLoRA, TaskRows, rows_of
 
@@ -49,16 +51,21 @@ def check_sampling(max_new_tokens: int, temperature: float, top_p: float, seed: 
         raise ValueError(f"seed must be an integer from 0 to 2**64 - 1, got {seed!r}")
 
 
-def check_prompts(prompts: Sequence[str], tasks: Sequence[str], has_bos: bool) -> None:
-    """One task per prompt, both lists of strings, at least one prompt; an empty prompt needs a BOS token."""
-    for name, values in (("prompts", prompts), ("tasks", tasks)):
-        if isinstance(values, str) or not all(isinstance(v, str) for v in values):
-            raise ValueError(f"{name} must be a list of strings, got {values!r:.80}")
+def check_prompts(prompts: Sequence[str | Messages], tasks: Sequence[str], input_format: InputFormat) -> None:
+    """One task per prompt, at least one prompt; prompts are texts (or message lists for a conversational
+    format); an empty text prompt needs a BOS token."""
+    kind = "message lists" if input_format.conversational else "strings"
+    if isinstance(tasks, str) or not all(isinstance(t, str) for t in tasks):
+        raise ValueError(f"tasks must be a list of strings, got {tasks!r:.80}")
+    if isinstance(prompts, str) or not all(
+        isinstance(p, (list, tuple)) if input_format.conversational else isinstance(p, str) for p in prompts
+    ):
+        raise ValueError(f"prompts must be a list of {kind} ({input_format.describe()}), got {prompts!r:.80}")
     if not prompts:
         raise ValueError("need at least one prompt to generate from, got none")
     if len(prompts) != len(tasks):
         raise ValueError(f"need one task per prompt: got {len(prompts)} prompts and {len(tasks)} tasks")
-    if not has_bos and any(p == "" for p in prompts):
+    if not input_format.conversational and not input_format.bos and any(p == "" for p in prompts):
         raise ValueError(
             f"prompt {list(prompts).index('')} is empty and the tokenizer has no BOS token to start from: "
             "give at least one character"
@@ -72,21 +79,25 @@ def generate(
     task_names: Sequence[str],
     task_factors: Factors | TaskRows,
     global_factors: Mapping[str, torch.Tensor] | None,
-    prompts: Sequence[str],
+    prompts: Sequence[str | Messages],
     tasks: Sequence[str],
     max_new_tokens: int = 50,
     do_sample: bool = True,
     temperature: float = 0.8,
     top_p: float = 0.95,
     seed: int = 0,
+    input_format: InputFormat | None = None,
 ) -> list[str]:
     """Continue every prompt under its own task's adapter, all prompts in one left-padded batch.
 
-    Only the prompts' tasks' adapters are read. Shapes: task_factors name -> [D, ...] stacked, or a function
+    Each prompt is encoded as in training (``input_format``, the run's: BOS, task prompt, chat template with
+    its generation prompt; None: a text run without task prompt), so a prompt's ids are those it has in
+    training. Only the prompts' tasks' adapters are read. Shapes: task_factors name -> [D, ...] stacked, or a function
     of task ids (``TaskRows``); global_factors name -> [...] (used for task "global"). Options it cannot
     use (``top_p`` outside (0, 1], a ``temperature`` <= 0, no prompt, an unknown task...) are a ValueError.
     """
-    check_prompts(prompts, tasks, tokenizer.bos_token_id is not None)
+    input_format = input_format or InputFormat(bos=tokenizer.bos_token_id is not None)
+    check_prompts(prompts, tasks, input_format)
     check_sampling(max_new_tokens, temperature, top_p, seed)
     index = task_indices(task_names, tasks, global_factors is not None)
     used = sorted(set(index))
@@ -96,8 +107,7 @@ def generate(
         theta = {k: v.unsqueeze(0).to(lora.device) for k, v in global_factors.items()}
         factors = theta if factors is None else {k: torch.cat([v, theta[k]]) for k, v in factors.items()}
     index = [used.index(d) for d in index]
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    encoded = [bos + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    encoded = [input_format.prompt_ids(tokenizer, p, task) for p, task in zip(prompts, tasks)]
     width = max(len(e) for e in encoded)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     input_ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=lora.device)  # left padding

@@ -35,23 +35,33 @@ class PerplexityReport:
     seconds: float
 
     @property
+    def scored(self) -> np.ndarray:
+        """Whether each task has scored tokens in the split (a task may have no held-out documents). Shape: [tasks]."""
+        return self.tokens > 0
+
+    @property
     def per_task(self) -> np.ndarray:
-        """exp(-loglik_d / tokens_d) for each task. Shape: [tasks]."""
-        return np.exp(-self.loglik / np.maximum(self.tokens, 1))
+        """exp(-loglik_d / tokens_d) for each task; NaN for a task without scored tokens. Shape: [tasks]."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self.scored, np.exp(-self.loglik / np.maximum(self.tokens, 1)), np.nan)
 
     @property
     def token_weighted(self) -> float:
-        """exp(- total log-likelihood / total tokens): every token counts the same."""
-        return float(np.exp(-self.loglik.sum() / max(self.tokens.sum(), 1)))
+        """exp(- total log-likelihood / total tokens): every token counts the same (NaN: nothing scored)."""
+        return float(np.exp(-self.loglik_per_token))
 
     @property
     def task_macro(self) -> float:
-        """exp(- mean over tasks of the per-token log-likelihood): every task counts the same."""
-        return float(np.exp(-np.mean(self.loglik / np.maximum(self.tokens, 1))))
+        """exp(- mean over the scored tasks of the per-token log-likelihood): every task counts the same."""
+        if not self.scored.any():
+            return float("nan")
+        return float(np.exp(-np.mean(self.loglik[self.scored] / self.tokens[self.scored])))
 
     @property
     def loglik_per_token(self) -> float:
-        return float(self.loglik.sum() / max(self.tokens.sum(), 1))
+        """Log-likelihood per scored token (NaN: nothing scored)."""
+        total = self.tokens.sum()
+        return float(self.loglik.sum() / total) if total > 0 else float("nan")
 
     @property
     def tokens_per_second(self) -> float:

@@ -145,9 +145,10 @@ def score_plug_in(
         correct.view(-1).index_add_(0, flat, (top == target)[scored].double().cpu())
         brier.index_add_(0, task, brier_tok[scored].double().cpu())
         tokens.index_add_(0, task, torch.ones_like(task, dtype=torch.float64))
-    ece = ((confidence - correct).abs().sum(-1) / tokens.clamp_min(1)).numpy()
-    per_task = pd.DataFrame({"task": split.tasks, "ece": ece, "brier": (brier / tokens.clamp_min(1)).numpy()})
-    total = tokens.sum().clamp_min(1)
+    per_token = tokens.where(tokens > 0, torch.nan)  # a task without scored tokens has no calibration: NaN
+    ece = ((confidence - correct).abs().sum(-1) / per_token).numpy()
+    per_task = pd.DataFrame({"task": split.tasks, "ece": ece, "brier": (brier / per_token).numpy()})
+    total = tokens.sum() if tokens.sum() > 0 else torch.tensor(torch.nan, dtype=torch.float64)
     overall = {
         "ece": float((confidence.sum(0) - correct.sum(0)).abs().sum() / total),
         "brier": float(brier.sum() / total),

@@ -36,6 +36,8 @@ def _per_task_frame(
             "task": corpus.tasks,
             "n_train_docs": corpus.train.docs_per_task(),
             "n_train_tokens": corpus.train.tokens_per_task(),
+            "n_test_docs": corpus.test.docs_per_task(),
+            "n_test_tokens": corpus.test.tokens_per_task(),
             "test_ppl": reports["test"].per_task,
             "valid_ppl": reports["valid"].per_task,
             "base_test_ppl": reports["base_test"].per_task,
@@ -118,15 +120,32 @@ def score_run(
         "test_brier": calib["brier"],
         "posterior_samples": posterior_samples,
         "documents": corpus.documents(),
+        "test_scored_tasks": int(reports["test"].scored.sum()),
+        "data_format": corpus.input_format.describe(),
         **({} if gates is None else gate_metrics(gates)),
     }
     per_task = _per_task_frame(corpus, reports, bora.distance_to_global(), calib_per_task)
     return Scores(metrics, per_task, idata, gates)
 
 
+def scored_tasks_line(metrics: dict) -> str | None:
+    """One line naming how many tasks have a test score, when some have no test documents (else None)."""
+    scored, tasks = metrics.get("test_scored_tasks"), metrics.get("num_tasks")
+    if scored is None or tasks is None or scored == tasks:
+        return None
+    return (
+        f"{scored} of {tasks} tasks have test documents and a test score; the other {tasks - scored} are trained "
+        "but unscored (test_ppl empty in per_task.csv; see --holdout-min-docs or the data's split)"
+    )
+
+
 def documents_line(documents: dict[str, dict[str, int]], split: str = "test") -> str:
     """One line saying how many of a split's documents were scored (caps are a CPU convenience)."""
     d = documents[split]
+    if d["used"] == 0:
+        return (
+            f"{split}: no held-out documents (every task is too small to hold one out, or the data's split gives none)"
+        )
     cut = d.get("capped", 0)
     short = f", {cut} of them only in part (their first chunks)" if cut else ""
     if (d["available"] is None or d["used"] == d["available"]) and not cut:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from ..data.sampling import check_task_sampling, parse_task_sampling
 from ..options import option, parse_optional_int
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -27,6 +28,15 @@ class TrainConfig:
 
     steps: int = option(100, "optimisation steps")
     batch_size: int = option(8, "documents per step (the global batch under data parallelism)")
+    task_sampling: str = option(
+        "proportional",
+        "how a step draws its documents: proportional (each document alike, in epochs), uniform (each task "
+        "alike), temperature:T (task probability proportional to size^(1/T), T >= 1 typical; "
+        "temperature:inf = uniform); "
+        "the likelihood is reweighted so the posterior stays the same, only the gradient noise changes",
+        parse=check_task_sampling,
+        metavar="MODE",
+    )
     lr: float = option(1e-3, "AdamW learning rate of the LoRA weights and Theta")
     guide_lr: float = option(
         1e-2,
@@ -68,6 +78,9 @@ class TrainConfig:
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):
                 raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        if not isinstance(self.task_sampling, str):
+            raise ValueError(f"task_sampling must be a string, got {self.task_sampling!r}")
+        parse_task_sampling(self.task_sampling)
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.weight_decay < 0:
@@ -80,6 +93,11 @@ class TrainConfig:
             raise ValueError(f"checkpoint_every must be >= 1 or None, got {self.checkpoint_every!r}")
         if self.patience is not None and self.patience < 1:
             raise ValueError(f"patience must be >= 1 or None, got {self.patience!r}")
+
+    @property
+    def temperature(self) -> float:
+        """The task-sampling temperature T of ``task_sampling`` (1: proportional, inf: uniform)."""
+        return parse_task_sampling(self.task_sampling)
 
     def learning_rate(self, tau: float | str) -> float:
         """The learning rate used at precision ``tau`` (see ``lr_tau_scaling``; a learned tau keeps ``lr``)."""

@@ -190,9 +190,11 @@ class StepOutcome:
 
     ``loss_per_token``: the whole objective (negative log joint for MAP, negative ELBO for VI) per
     training token; ``nll_per_token``: the batch's negative log-likelihood per scored token (its
-    perplexity is ``exp`` of it); ``prior_per_token``: the rest of the objective (the prior's, or KL,
-    and gate terms) per training token. ``problem`` is set when the loss or gradient was not finite:
-    the step was then NOT applied. ``stop``: a stop (signal) was requested on some rank.
+    perplexity is ``exp`` of it; under a task sampling other than proportional, both sums importance-weighted
+    by ``Batch.task_weight``: an estimate of the training split's, comparable across samplings);
+    ``prior_per_token``: the rest of the objective (the prior's, or KL, and gate terms) per training token.
+    ``problem`` is set when the loss or gradient was not finite: the step was then NOT applied.
+    ``stop``: a stop (signal) was requested on some rank.
     """
 
     loss_per_token: float
@@ -246,21 +248,29 @@ class TrainStep:
             data = _DataTerm()
             with pyro.validation_enabled(validate), data:
                 loss = self.loss_fn(bora, batch)
-            loglik = data.loglik.detach().sum() if data.loglik is not None else loss.new_zeros(())
+            loglik = data.loglik.detach() if data.loglik is not None else loss.new_zeros(len(batch))  # [batch]
+            tokens = scored_tokens(batch.labels)  # [batch]
+            weight = batch.example_weight()  # [batch]: importance weights of the task sampling (None: all 1)
+            if weight is not None:  # the training split's NLL per token estimated without the sampling's bias
+                loglik, weighted_tokens = weight * loglik, (weight * tokens).sum()
+            else:
+                weighted_tokens = tokens.sum().to(loss)
             scale = batch.num_docs / len(batch)  # the likelihood's minibatch scale in the objective
-            # sums over ranks: the objective and its data term (means over ranks), NLL, scored tokens, stop votes
+            # sums over ranks: the objective and its data term (means over ranks), (weighted) NLL and scored
+            # tokens, scored tokens, stop votes
             totals = world.sum(
                 torch.stack(
                     [
                         loss.detach() / world.size,
-                        -scale * loglik / world.size,
-                        -loglik,
-                        scored_tokens(batch.labels).sum().to(loss),
+                        -scale * loglik.sum() / world.size,
+                        -loglik.sum(),
+                        weighted_tokens,
+                        tokens.sum().to(loss),
                         loss.new_tensor(float(stop_requested)),
                     ]
                 )
             )
-            loss_value, data_value, nll, tokens, stops = totals.tolist()
+            loss_value, data_value, nll, nll_tokens, tokens, stops = totals.tolist()
             problem = None if math.isfinite(loss_value) else f"non-finite loss ({loss_value})"
             if problem is None and optimizer is not None:
                 for group in optimizer.param_groups:
@@ -277,7 +287,7 @@ class TrainStep:
                     optimizer.step(rows)
         return StepOutcome(
             loss_value / self.total_tokens,
-            nll / max(tokens, 1),
+            nll / nll_tokens if nll_tokens > 0 else nll,
             (loss_value - data_value) / self.total_tokens,
             int(tokens),
             time.perf_counter() - start,
@@ -352,6 +362,12 @@ def fit(
             f"batch_size {config.batch_size} exceeds the {len(corpus.train)} training documents; use at most "
             f"{len(corpus.train)}"
         )
+    if len(corpus.valid) == 0:
+        log.warning(
+            "no validation documents (every task is too small to hold one out, or the data's split gives none): "
+            "the last state is kept%s",
+            "; --patience does not apply" if config.patience is not None else "",
+        )
     checkpoint = Path(checkpoint) if checkpoint is not None else None
     saved_step = checkpoint_step(checkpoint) if checkpoint is not None else None
     if saved_step is not None and not resume:
@@ -379,7 +395,11 @@ def fit(
             state, best_state = load_checkpoint(checkpoint, train_step.optimizer, fingerprint, bora.task_store)
             log.warning("resuming from %s at step %d", checkpoint, state.step)
         result = FitResult(config=config, lr=train_step.lr, state=state)
-        batches = corpus.train.train_batch_indices(config.batch_size, seed=config.seed, start_step=state.step)
+        batches = corpus.train.train_batch_indices(
+            config.batch_size, seed=config.seed, start_step=state.step, temperature=config.temperature
+        )
+        task_weight = corpus.train.task_weights(config.temperature)  # [tasks] or None (proportional)
+        task_weight = None if task_weight is None else task_weight.to(device)
         validate, first_step = is_validation_enabled(), state.step + 1
         bar = tqdm(
             range(state.step + 1, config.steps + 1),
@@ -403,7 +423,11 @@ def fit(
                 indices, step_tasks = upcoming, upcoming_tasks.to(device)  # [step batch]
                 upcoming = next(batches)
                 upcoming_tasks = tasks_of(upcoming)
-                batch = corpus.train.collate(world.shard(indices)).to(device).replace(step_task_index=step_tasks)
+                batch = (
+                    corpus.train.collate(world.shard(indices))
+                    .to(device)
+                    .replace(step_task_index=step_tasks, task_weight=task_weight)
+                )
                 out = train_step(
                     batch,
                     step,
@@ -442,7 +466,7 @@ def fit(
                 }
                 if step % config.eval_every == 0 or step == config.steps:
                     report = _validate(bora, corpus, config, state, step)
-                    if report.loglik_per_token > state.best_ll:
+                    if report.loglik_per_token > state.best_ll or not report.scored.any():  # none: keep the last
                         state.best_ll, best_state, state.best_step, state.bad_evals = (
                             report.loglik_per_token,
                             _snapshot(bora.task_store),

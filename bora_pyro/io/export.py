@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..data.input_format import InputFormat
 from ..data.task_names import GLOBAL, check_task_names
 from ..nn.lora import Factors, MultiTaskLoRA, TaskRows, rows_of
 from .artifacts import write_json
@@ -25,7 +26,7 @@ from .folders import MARKER, atomic_folder
 from .integrity import MANIFEST, CorruptFile
 
 MAX_FOLDER_NAME = 100  # bytes (ASCII characters); file systems allow 255
-TASKS_FILE, README = "tasks.json", "README.md"
+TASKS_FILE, README, INPUT_FORMAT_FILE = "tasks.json", "README.md", "input_format.json"
 OWN_FILES = (TASKS_FILE, README, MANIFEST, MARKER)  # what an export folder holds besides the adapters
 WINDOWS_DEVICES = {"con", "prn", "aux", "nul", *(f"{p}{i}" for p in ("com", "lpt") for i in range(1, 10))}
 
@@ -136,8 +137,13 @@ def export_peft(
     overwrite: bool = False,
     note: str | None = None,
     only: Sequence[str] | None = None,
+    input_format: InputFormat | None = None,
 ) -> dict[str, str]:
     """Write one PEFT adapter folder per task (and ``global`` when Theta exists); returns the name map.
+
+    Each folder also holds the input format the adapter was trained on (``input_format.json``: data format,
+    the task's prompt text, BOS, chat template) and a README.md model card saying how to build that input,
+    so that a server feeds it what training did.
 
     ``base_model`` becomes every adapter's ``base_model_name_or_path`` (a hub id or path a user can
     load); ``note`` (e.g. how the training weights differ from it) goes into the folder's README.md.
@@ -160,15 +166,54 @@ def export_peft(
             folder.mkdir()
             write_json(folder / "adapter_config.json", config)
             save_file(peft_state_dict(lora, factors), str(folder / "adapter_model.safetensors"))
+            if input_format is not None:
+                write_json(folder / INPUT_FORMAT_FILE, {"task": task, **served_format(input_format, task)})
+                (folder / README).write_text(model_card(task, base_model, input_format, note), encoding="utf-8")
             folders[task] = names[task]
         write_json(tmp / TASKS_FILE, folders)
         (tmp / README).write_text(
             f"# PEFT LoRA adapters exported by bora_pyro\n\nOne folder per task (tasks.json maps task names to "
             f"folders){', plus global (Theta)' if global_factors is not None else ''}. Base model: `{base_model}`"
             f'{f" ({note})" if note else ""}.\n\n    base = AutoModelForCausalLM.from_pretrained("{base_model}")\n'
-            f'    model = peft.PeftModel.from_pretrained(base, "<folder>")\n'
+            f'    model = peft.PeftModel.from_pretrained(base, "<folder>")\n\nEach folder\'s README.md and '
+            f"{INPUT_FORMAT_FILE} say the input format its adapter was trained on (task prompt, chat template).\n"
         )
     return folders
+
+
+def served_format(input_format: InputFormat, task: str) -> dict:
+    """What a server needs to build ``task``'s input as in training: the format, its prompt text, BOS, template."""
+    return {
+        **input_format.to_dict(),
+        "task_prompt_text": input_format.task_text(task),
+        "where_the_task_prompt_goes": "start of the first non-system message"
+        if input_format.conversational
+        else "after BOS, before the prompt or text",
+    }
+
+
+def model_card(task: str, base_model: str, input_format: InputFormat, note: str | None) -> str:
+    """A short README.md for one exported adapter (PEFT's convention: YAML front matter, then text)."""
+    prompt = input_format.task_text(task)
+    if input_format.conversational:
+        how = (
+            "Render the conversation with the chat template in `input_format.json` (the tokenizer's own when "
+            "the run used it) and `add_generation_prompt=True`"
+            + (f", with `{prompt}` put before the content of its first non-system message" if prompt else "")
+            + "; do not add another BOS token."
+        )
+    else:
+        bos = "the tokenizer's BOS token, then " if input_format.bos else ""
+        task_prompt = f"the task prompt `{prompt}`, then " if prompt else ""
+        how = f"Feed {bos}{task_prompt}the prompt, tokenised without special tokens."
+    front = f"---\nbase_model: {base_model}\nlibrary_name: peft\ntags:\n- lora\n- bora_pyro\n---\n\n"
+    return (
+        f"{front}# {task}: a BoRA LoRA adapter exported by bora_pyro\n\n"
+        f"Trained on {input_format.describe()}. Base model: `{base_model}`{f' ({note})' if note else ''}.\n\n"
+        f"## Input format\n\n{how}\n\n"
+        f'    base = AutoModelForCausalLM.from_pretrained("{base_model}")\n'
+        f'    model = peft.PeftModel.from_pretrained(base, "<this folder>")\n'
+    )
 
 
 def _merged_weight(wrapped: torch.nn.Module, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:

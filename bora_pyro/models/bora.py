@@ -4,7 +4,8 @@
 
 ``BoRA.model(batch)`` samples the task factors under :class:`HierarchicalPrior` and adds the
 minibatch log-likelihood as ``pyro.factor("loglik", ...)`` inside
-``pyro.plate("docs", num_docs, subsample=batch.doc_index)``, which scales it by num_docs / batch.
+``pyro.plate("docs", num_docs, subsample=batch.doc_index)``, which scales it by num_docs / batch (times
+each example's importance weight under a task sampling other than proportional, ``Batch.task_weight``).
 """
 
 from __future__ import annotations
@@ -301,8 +302,9 @@ class BoRA:
 
     def model(self, batch: Batch) -> None:
         """The Pyro model: task-factor sites under the prior (the batch's tasks, see ``task_subsampling``),
-        then the scaled log-likelihood factor."""
+        then the scaled log-likelihood factor (each example's weighted by its importance weight, if any)."""
         subsample = self.task_subsample(batch)
+        weight = batch.example_weight()  # [batch] or None
         factors = self.prior.sample(self.init, subsample)  # name -> [D or P, *shape]
         if subsample is not None:
             batch = batch.replace(task_index=subsample.local)  # each example's position among the present tasks
@@ -311,7 +313,8 @@ class BoRA:
         else:
             loglik = self.log_likelihood(factors, batch)  # [batch]
         with pyro.plate("docs", batch.num_docs, subsample=batch.doc_index):
-            pyro.factor("loglik", loglik)
+            with poutine.scale(scale=1.0 if weight is None else weight):
+                pyro.factor("loglik", loglik)
 
     @torch.no_grad()
     def task_factors(

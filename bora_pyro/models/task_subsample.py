@@ -8,10 +8,13 @@ d carries 1 / n_d of its task's prior term (n_d = training documents of task d),
     sum_d log p(theta_d | Theta)  ~=  sum_{d in batch} (N / B) (c_d / n_d) log p(theta_d | Theta)
 
 with c_d the batch's documents of task d: unbiased (E[c_d] = B n_d / N) and touching only the tasks
-present. The step then costs the same for D = 1 or D = 1000 tasks: only the present tasks' factors
-are looked up, evaluated and updated (``pyro.plate("tasks", D, subsample=present)``; the guides'
-parameters are indexed by the plate). A batch that holds every training document gives the exact
-full prior (all weights 1).
+present. Under another task sampling (``data.sampling``: task d drawn with probability q_d, each example
+weighted by its task's importance weight w_d = (n_d / N) / q_d, ``Batch.task_weight``) the weight is
+(N / B) (c_d w_d / n_d) = c_d / (B q_d), unbiased again (E[c_d] = B q_d).
+
+The step costs the same for D = 1 or D = 1000 tasks: only the present tasks' factors are looked up,
+evaluated and updated (``pyro.plate("tasks", D, subsample=present)``; the guides' parameters are indexed
+by the plate). A batch that holds every training document gives the exact full prior (all weights 1).
 """
 
 from __future__ import annotations
@@ -43,8 +46,8 @@ class TaskSubsample:
 
     @classmethod
     def of(cls, batch: Batch, num_tasks: int) -> TaskSubsample:
-        """The tasks of the step and their weights (N / B) (c_d / n_d) (B, c_d: the whole step's
-        documents); needs ``batch.docs_per_task``."""
+        """The tasks of the step and their weights (N / B) (c_d / n_d), times w_d under a task sampling
+        other than proportional (B, c_d: the whole step's documents); needs ``batch.docs_per_task``."""
         if batch.docs_per_task is None:
             raise ValueError(
                 "task subsampling needs batch.docs_per_task (the training documents of each task): "
@@ -60,6 +63,8 @@ class TaskSubsample:
         if not torch.equal(index[local.clamp(max=index.numel() - 1)], batch.task_index):
             raise ValueError("batch.step_task_index must hold the task of every example of the batch")
         weight = batch.num_docs / step.numel() * counts / batch.docs_per_task[index]
+        if batch.task_weight is not None:
+            weight = weight * batch.task_weight[index]
         return cls(index, local, weight.to(torch.get_default_dtype()), num_tasks)
 
     @classmethod

@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import __version__
 from ..data.corpus import Corpus, load_corpus
+from ..evaluation.generation_scores import GenerationScores
 from ..evaluation.scoring import Scores
 from ..inference.svi import FitResult
 from ..io.artifacts import ADAPTERS_FILE, RUN_FORMAT, read_json, save_adapters, write_json
@@ -52,9 +53,9 @@ TRAINED, COMPLETE, INTERRUPTED, DIVERGED = "trained", "complete", "interrupted",
 
 SCORING = JOURNAL  # present while stage 2 writes: the folder counts as trained
 STAGE1_FILES = (CONFIG_FILE, CORPUS_FILE, ADAPTERS_FILE, FIT_STATE_FILE, TRAIN_LOG_FILE)  # what stage 2 never rewrites
-DIAGNOSE_FILES = ("tau_posterior.png", "distance_forest.png", "elbo_trace.png", "compare.csv")
 STAGE2_FILES = (PER_TASK_FILE, POSTERIOR_FILE, GATES_FILE, GATES_FIGURE, CURVE_FILE, METRICS_FILE, STATUS_FILE)
 DIAGNOSE_FILES = ("tau_posterior.png", "distance_forest.png", "elbo_trace.png", "compare.csv")
+GENERATION_FILE, GENERATION_TASKS_FILE = "generation.csv", "generation_per_task.csv"  # evaluate --generate
 LEGACY_ENTRIES = (  # every name the tool wrote in a run folder before manifests (see folders.foreign_entries)
     CONFIG_FILE,
     CORPUS_FILE,
@@ -191,7 +192,14 @@ def write_fitted(
     ``sources``: folders the run was made from, which it must not replace)."""
     with atomic_folder(out, "run", overwrite, run_entries(out), sources, unhashed=(TASK_STORE_FOLDER,)) as tmp:
         write_json(tmp / CONFIG_FILE, config)
-        write_json(tmp / CORPUS_FILE, {"sha256": corpus.content_sha256(), "splits": corpus.split_digests()})
+        write_json(
+            tmp / CORPUS_FILE,
+            {
+                "sha256": corpus.content_sha256(),
+                "splits": corpus.split_digests(),
+                "input_format": corpus.input_format.to_dict(),
+            },
+        )
         save_adapters(
             tmp / ADAPTERS_FILE,
             corpus.tasks,
@@ -274,6 +282,16 @@ def write_scores(out: Path, scores: Scores, title: str, wall_seconds: float) -> 
     for leftover in out.glob(".*.tmp-*"):  # temporaries of a write a crash interrupted
         leftover.unlink(missing_ok=True)
     return metrics
+
+
+def write_generation_scores(path: Path, scores: GenerationScores) -> None:
+    """``evaluate --generate``: the answers and their scores (each file atomically, then the manifest; the
+    caller holds the folder's lock)."""
+    with atomic_write(path / GENERATION_FILE) as tmp:
+        scores.examples.to_csv(tmp, index=False)
+    with atomic_write(path / GENERATION_TASKS_FILE) as tmp:
+        scores.per_task.to_csv(tmp, index=False)
+    update_manifest(path, [GENERATION_FILE, GENERATION_TASKS_FILE])
 
 
 def check_base_model(path: Path, config: dict, loaded: dict) -> None:

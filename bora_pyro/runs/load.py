@@ -9,10 +9,12 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from ..data.batching import Split
 from ..data.corpus import Corpus, load_corpus
 from ..evaluation.generation import generate
+from ..evaluation.generation_scores import GenerationScores, heldout_examples, score_generations
 from ..evaluation.perplexity import PerplexityReport, evaluate
 from ..io.artifacts import ADAPTERS_FILE, AdapterFile, read_json
 from ..io.folders import resolve
@@ -46,10 +48,37 @@ class LoadedRun:
         """Every task's saved factors at once, name -> [D, ...] (prefer :meth:`rows` for many tasks)."""
         return self.rows(range(len(self.bora.tasks)))
 
-    def generate(self, prompts: list[str], tasks: list[str], **options) -> list[str]:
-        """Continue each prompt under its task's adapter ("global" = Theta); see :func:`generation.generate`."""
+    def generate(self, prompts: list, tasks: list[str], **options) -> list[str]:
+        """Answer or continue each prompt (a text, or a message list for conversational runs) under its task's
+        adapter ("global" = Theta), encoded as in training; see :func:`generation.generate`."""
         return generate(
-            self.bora.lora, self.tokenizer, self.bora.tasks, self.rows, self.global_factors, prompts, tasks, **options
+            self.bora.lora,
+            self.tokenizer,
+            self.bora.tasks,
+            self.rows,
+            self.global_factors,
+            prompts,
+            tasks,
+            input_format=self.corpus.input_format,
+            **options,
+        )
+
+    def generation_scores(
+        self, per_task: int, split: str = "test", max_new_tokens: int = 64, batch_size: int | None = None
+    ) -> GenerationScores:
+        """chrF and exact match of greedy answers to the first ``per_task`` examples of each task in ``split``
+        (valid or test) of the run's corpus (see :mod:`generation_scores`)."""
+        if split not in self.corpus.heldout:
+            raise ValueError(
+                f"--generate answers held-out examples: the split must be 'valid' or 'test', got {split!r}"
+            )
+        self.split(split)  # the corpus is the one trained on (a change is named and refused)
+        examples = heldout_examples(self.bora.tasks, self.corpus.heldout[split], per_task)
+        return score_generations(
+            lambda prompts, tasks: self.generate(prompts, tasks, max_new_tokens=max_new_tokens, do_sample=False),
+            examples,
+            batch_size or self.spec.train.eval_batch_size,
+            progress=lambda it: tqdm(it, desc="generate", unit="batch", disable=None),
         )
 
     def evaluate(self, split: str = "test", batch_size: int | None = None, data: str | None = None) -> PerplexityReport:

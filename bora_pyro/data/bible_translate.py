@@ -57,7 +57,8 @@ def bible_translate(translations: tuple[str, ...] | None = None) -> Grouped:
     """The corpus' conversational prompt-completion examples by task, with their fixed splits.
 
     Test and validation verses are drawn (seeded, fixed) from the short verses aligned in every task's
-    translation, the same for every task; each task's training verses from the rest of its own aligned ones.
+    translation, the same for every task; each task's training verses from the rest of its own aligned ones
+    (a verse whose English text is that of a held-out verse is never trained on).
     Spaces are collapsed (some texts hold double spaces)."""
     sizes = parse_translation_sizes(translations)
     source = {i: " ".join(t.split()) for i, t in chapter_verses_by_id(SOURCE).items()}
@@ -73,10 +74,10 @@ def bible_translate(translations: tuple[str, ...] | None = None) -> Grouped:
     order = np.random.default_rng(0).permutation(len(common))
     test = sorted(common[k] for k in order[:TEST_VERSES])
     valid = sorted(common[k] for k in order[TEST_VERSES : TEST_VERSES + VALID_VERSES])
-    held = set(test) | set(valid)
+    held = {source[i] for i in (*test, *valid)}  # texts: a verse repeated elsewhere is held out too
     docs, splits = {}, {}
     for t, (name, size) in enumerate(sizes.items()):
-        rest = [i for i in aligned[name] if i not in held]
+        rest = [i for i in aligned[name] if source[i] not in held]
         if size > len(rest):
             raise ValueError(
                 f"bible-translate: {name} has {len(rest)} aligned short verses to train on, {size} were asked"

@@ -162,6 +162,8 @@ def _train(a: argparse.Namespace) -> None:
         print(documents_line(metrics["documents"], "test"))
     if scored_tasks_line(metrics):
         print(scored_tasks_line(metrics))
+    if "data_format" in metrics:
+        print(f"data: {metrics['data_format']}")
     print(
         f"{metrics['steps']} steps in {metrics['train_seconds']:.0f} s of training "
         f"({metrics['train_tokens_per_second']:.0f} tokens/s), {metrics['wall_seconds']:.0f} s in all"
@@ -250,6 +252,10 @@ def _evaluate(a: argparse.Namespace) -> None:
             f"note: {a.run} is marked {run.status}: its adapters are the best validated state before it stopped",
             file=sys.stderr,
         )
+    if a.generate is not None and run.corpus.input_format.data_format == "text":
+        raise ValueError(
+            f"--generate scores answers to prompts: {a.run} was trained on text data, not prompt-completion or messages"
+        )
     report = run.evaluate(a.split, data=a.data)
     if a.split != "train" and a.data is None:
         print(documents_line(run.corpus.documents(), a.split), file=sys.stderr)
@@ -258,7 +264,7 @@ def _evaluate(a: argparse.Namespace) -> None:
         summary = {"split": a.split, **report.summary(), "per_task": report.to_frame().to_dict(orient="records")}
         if generated is not None:
             summary["generation"] = {**generated.metrics(), "per_task": generated.per_task.to_dict(orient="records")}
-        print(json.dumps(summary, default=float, indent=2))
+        print(json.dumps(_json_safe(summary), default=float, indent=2))
         return
     print(report.to_frame().to_string(index=False, float_format=lambda x: f"{x:.2f}"))
     print(f"{a.split}: token-weighted perplexity {report.token_weighted:.2f}, task-macro {report.task_macro:.2f}")
@@ -269,6 +275,17 @@ def _evaluate(a: argparse.Namespace) -> None:
             f"{generated.chrf_macro:.2f}), exact match {generated.exact_match:.3f}; "
             f"wrote {Path(a.run) / GENERATION_FILE}"
         )
+
+
+def _json_safe(value):
+    """``value`` with every NaN float as null (strict JSON has no NaN: a task without held-out documents)."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
 
 
 def _score_generations(a: argparse.Namespace, run):
@@ -317,7 +334,15 @@ def _export_locked(a: argparse.Namespace) -> None:
             raise ValueError("--format merged needs --task NAME (or --task global)")
         (d,) = task_indices(run.bora.tasks, [a.task], run.global_factors is not None)
         factors = run.global_factors if d == len(run.bora.tasks) else {k: v[0] for k, v in run.rows([d]).items()}
-        export_merged(run.bora.lora, run.tokenizer, factors, a.out, overwrite=a.overwrite, task=a.task)
+        export_merged(
+            run.bora.lora,
+            run.tokenizer,
+            factors,
+            a.out,
+            overwrite=a.overwrite,
+            task=a.task,
+            input_format=run.corpus.input_format,
+        )
         print(f"wrote {a.out}: {run.spec.model} with the adapter of task {a.task!r} merged in")
         return
     base = run.base_model or {}

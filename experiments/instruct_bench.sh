@@ -32,7 +32,7 @@ for seed in $SEEDS; do
     for i in "${!extra[@]}"; do extra[$i]=${extra[$i]//_/ }; done
     start=$(date +%s)
     "$BORA" train "${COMMON[@]}" "${extra[@]}" --seed "$seed" --out "$run" --overwrite
-    "$BORA" evaluate "$run" --generate 24 --max-new-tokens 48 > "$run.evaluate.txt"
+    "$BORA" evaluate "$run" --generate 24 --max-new-tokens 40 > "$run.evaluate.txt"
     echo "$(( $(date +%s) - start ))" > "$run.seconds"
     tail -2 "$run.evaluate.txt"
   done

@@ -71,6 +71,11 @@ def _mean_sd(values: pd.Series, digits: int) -> str:
     return f"{values.mean():.{digits}f} ± {values.std():.{digits}f}"
 
 
+def _plain(table: pd.DataFrame) -> str:
+    """A config without a task prompt: its base-model scores are those of the plain prompts."""
+    return next(c for c in LABELS if c in set(table.config) and c != "pooled_prompt")
+
+
 def overall(table: pd.DataFrame) -> str:
     per_run = table.groupby(["config", "seed"]).first().reset_index()
     lines = [
@@ -78,8 +83,8 @@ def overall(table: pd.DataFrame) -> str:
         "wall s per run |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    base = per_run.run_base_test_ppl.iloc[0]
-    lines.append(f"| SmolLM2-135M-Instruct, no adapter | | {base:.1f} | | | | | |")
+    base = per_run[per_run.config == _plain(per_run)].run_base_test_ppl.iloc[0]
+    lines.append(f"| SmolLM2-135M-Instruct, no adapter | | {base:.2f} | | | | | |")
     for config in [c for c in LABELS if c in set(per_run.config)]:
         runs_ = per_run[per_run.config == config]
         tasks = table[table.config == config].groupby("seed")
@@ -91,17 +96,24 @@ def overall(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def per_task(table: pd.DataFrame, value: str, digits: int) -> str:
+def per_task(table: pd.DataFrame, value: str, digits: int, base: str | None = None) -> str:
+    """One row per task (largest first), one column per config (means over seeds); ``base``: a first column
+    of the base model's value."""
     means = table.groupby(["task", "config"])[value].mean().unstack()
     sizes = table.groupby("task").n_train.first().sort_values(ascending=False)
     configs = [c for c in LABELS if c in means.columns]
+    first = table[table.config == _plain(table)].groupby("task")[base].first() if base else None
     lines = [
-        "| task (training pairs) | " + " | ".join(LABELS[c] for c in configs) + " |",
-        "|---|" + "---|" * len(configs),
+        "| task (training pairs) | "
+        + ("no adapter | " if base else "")
+        + " | ".join(LABELS[c] for c in configs)
+        + " |",
+        "|---|" + "---|" * (len(configs) + bool(base)),
     ]
     for task, n in sizes.items():
         cells = " | ".join(f"{means.loc[task, c]:.{digits}f}" for c in configs)
-        lines.append(f"| {task} ({n}) | {cells} |")
+        lead = f"{first[task]:.{digits}f} | " if base else ""
+        lines.append(f"| {task} ({n}) | {lead}{cells} |")
     return "\n".join(lines)
 
 
@@ -122,6 +134,32 @@ def gains(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def plot_gains(table: pd.DataFrame, out: Path) -> None:
+    """Test perplexity of each method relative to independent adapters (τ = 0), per task, against task size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    means = table.groupby(["task", "config"]).test_ppl.mean().unstack()
+    sizes = table.groupby("task").n_train.first()
+    if "tau0" not in means.columns:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for config in [c for c in LABELS if c in means.columns and c != "tau0"]:
+        gain = (100 * (1 - means[config] / means["tau0"]))[sizes.sort_values().index]
+        ax.plot(sizes[gain.index], gain, "o-" if config == "tau10" else "o--", label=LABELS[config])
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("training pairs of the task")
+    ax.set_ylabel("test perplexity gain over τ = 0 (%)")
+    ax.set_title("bible-translate, SmolLM2-135M-Instruct")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", type=Path)
@@ -134,7 +172,7 @@ def main() -> None:
         "## Overall\n\n"
         + overall(table)
         + "\n\n## Test perplexity on the completions, per task\n\n"
-        + per_task(table, "test_ppl", 2)
+        + per_task(table, "test_ppl", 2, "base_test_ppl")
         + "\n\n## chrF of 24 greedy answers per task\n\n"
         + per_task(table, "chrf", 1)
         + "\n\n## Test-perplexity gain of τ = 10, per task (positive: τ = 10 is better)\n\n"
@@ -144,6 +182,7 @@ def main() -> None:
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(text)
     table.to_csv(a.out.with_suffix(".csv"), index=False)
+    plot_gains(table, a.out.with_suffix(".png"))
     print(text)
 
 

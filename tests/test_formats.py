@@ -392,3 +392,81 @@ def test_a_corpus_of_only_tiny_tasks_trains_and_keeps_its_last_state(tmp_path, c
     assert all(float(v.abs().sum()) > 0 for name, v in adapters.items() if name.endswith(".B"))  # B starts at 0
     table = pd.read_csv(tmp_path / "run" / "per_task.csv")
     assert table[["test_ppl", "test_ece", "test_brier"]].isna().all().all()
+
+
+def test_a_run_keeps_the_chat_template_it_was_trained_with(tmp_path, capsys):
+    """Editing or deleting the --chat-template file after training changes nothing: every command renders with
+    the copy in the run folder; merged and PEFT exports carry it."""
+    template = tmp_path / "chat.jinja"
+    template.write_text(TEMPLATE)
+    rows = [{"task": "x", "messages": conversation(i)} for i in range(8)]
+    data = tmp_path / "c.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp_path / "run"
+    main(train_args_jsonl(data, run, "--chat-template", str(template), "--task-prompt", "[{task}] "))
+    assert (run / "chat_template.jinja").read_text() == TEMPLATE
+    template.write_text("{{ 'changed' }}")
+    loaded = bora_pyro.load_run(run)
+    assert loaded.corpus.input_format.chat_template == TEMPLATE
+    assert main(["evaluate", str(run)]) == 0  # the corpus is unchanged: the template is the trained one
+    template.unlink()
+    assert main(["export", str(run), "--format", "merged", "--task", "x", "--out", str(tmp_path / "merged")]) == 0
+    config = json.loads((tmp_path / "merged" / "tokenizer_config.json").read_text())
+    saved = config.get("chat_template") or (tmp_path / "merged" / "chat_template.jinja").read_text()
+    assert saved == TEMPLATE
+    assert json.loads((tmp_path / "merged" / "input_format.json").read_text())["task_prompt_text"] == "[x] "
+    with pytest.raises(ValueError, match="prompts must be a list of message lists|has role None"):
+        loaded.generate([[{"content": "no role"}]], ["x"])
+
+
+def test_the_task_prompt_goes_into_the_first_user_message_never_a_scored_turn(chat_lm):
+    _, tokenizer = chat_lm
+    messages = (
+        {"role": "system", "content": "S"},
+        {"role": "assistant", "content": "Welcome"},
+        {"role": "user", "content": "u"},
+        {"role": "assistant", "content": "ans"},
+    )
+    fmt = InputFormat("messages", task_prompt="[{task}] ", chat_template=TEMPLATE)
+    ((ids, labels),) = encode_document(tokenizer, Example(None, messages), 512, "T", None, fmt).chunks
+    assert scored_text(tokenizer, ids, labels) == "Welcome<eos>\nans<eos>\n"
+    assert "<|user|>[T] u" in tokenizer.decode(ids)
+    assert fmt.task_text("global") == ""  # Theta was trained under no task prompt
+
+
+def test_a_template_that_rewrites_turns_trains_on_everything_without_completion_only_loss(chat_lm):
+    _, tokenizer = chat_lm
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}{{ messages | length }}"
+    rows = [{"task": "a", "messages": conversation(i)} for i in range(3)]
+    corpus = bora_pyro.load_corpus(rows, tokenizer, completion_only_loss=False, split_column=None)
+    ids, labels = corpus.train.input_ids[0], corpus.train.labels[0]
+    assert list(labels[1:]) == list(ids[1:])  # every token but the first is scored
+
+
+@pytest.mark.parametrize(
+    "data, options, message",
+    [
+        (
+            pd.DataFrame([["a", "x", "y"]] * 4, columns=["task", "text", "text"]),
+            {},
+            r"column\(s\) \['text'\] more than",
+        ),
+        ([{"task": "a", "text": "x"}] * 4, {"split_column": "fold"}, r"--split-column 'fold' is not a column"),
+    ],
+)
+def test_python_tables_and_split_columns_are_checked(tiny_lm, data, options, message):
+    with pytest.raises(ValueError, match=message):
+        bora_pyro.load_corpus(data, tiny_lm[1], **options)
+
+
+def test_evaluate_json_has_null_for_tasks_without_test_documents(tmp_path, capsys):
+    from .conftest import train_args
+
+    rows = [{"task": "big", "text": f"words {i}"} for i in range(12)] + [{"task": "one", "text": "alone"}]
+    path = tmp_path / "c.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    main(train_args(path, tmp_path / "run"))
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "run"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)  # strict JSON: no NaN
+    assert [row["perplexity"] for row in out["per_task"] if row["task"] == "one"] == [None]

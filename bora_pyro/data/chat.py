@@ -60,6 +60,21 @@ def render(tokenizer, template: str, messages: Sequence[dict], add_generation_pr
     return text
 
 
+def _generation_prompt(tokenizer, template: str, messages: Messages) -> str:
+    """The rendering of ``messages`` with the generation prompt; before a first message, what the template
+    gives for no messages (nothing, for a template that cannot render an empty conversation)."""
+    if messages:
+        return render(tokenizer, template, messages, True)
+    try:
+        return render(tokenizer, template, messages, True)
+    except ValueError:
+        return ""
+
+
+class NotIncremental(ValueError):
+    """The template rewrites earlier turns when a conversation grows."""
+
+
 class _Segments:
     """Consecutive renderings of a growing conversation, kept as the text each one adds."""
 
@@ -69,7 +84,7 @@ class _Segments:
 
     def add(self, text: str, scored: bool) -> None:
         if not text.startswith(self.done):
-            raise ValueError(
+            raise NotIncremental(
                 "the chat template does not render a conversation as an extension of its beginning (it rewrites "
                 "earlier turns), so the assistant turns cannot be told from the rest; give a template that does "
                 "with --chat-template FILE, or train on every token with --no-completion-only-loss"
@@ -98,7 +113,7 @@ def chat_segments(
     for k, message in enumerate(prompt):
         if message.get("role") == ASSISTANT:
             segments.add(render(tokenizer, template, prompt[:k], False) if k else "", False)
-            segments.add(render(tokenizer, template, prompt[:k], True), False)
+            segments.add(_generation_prompt(tokenizer, template, prompt[:k]), False)
             segments.add(render(tokenizer, template, prompt[: k + 1], False), completion is None)
     segments.add(render(tokenizer, template, prompt, False), False)
     if completion is not None or add_generation_prompt:

@@ -29,7 +29,7 @@ from ..options import option, parse_csv, parse_optional_int, parse_optional_str
 from .batching import Split
 from .bible import bible_books, bible_chapters
 from .bible_translate import bible_translate
-from .chat import read_chat_template
+from .chat import NotIncremental, read_chat_template
 from .formats import COMPLETION, CONVERSATIONAL, DATA_FORMATS, MESSAGES, PROMPT
 from .input_format import InputFormat
 from .messages import shown_list
@@ -292,6 +292,12 @@ def input_format_of(grouped: Grouped, tokenizer, config: CorpusConfig) -> InputF
     """The input format of a corpus: its documents' format with the configured task prompt, loss mask and
     (conversational formats) chat template."""
     conversational = grouped.data_format in ("messages", CONVERSATIONAL)
+    if config.chat_template is not None and not conversational:
+        log.warning(
+            "--chat-template %s is not used: this corpus holds %s data, not conversations",
+            config.chat_template,
+            grouped.data_format,
+        )
     if config.data_format == "text" and grouped.data_format != "text":
         raise ValueError(f"--data-format text: this corpus holds {grouped.data_format} examples, not texts")
     return InputFormat(
@@ -356,8 +362,16 @@ def _tokenize(
     chunks need is tokenised), train every chunk of its documents. Valid and test are always scored on the
     completions (assistant turns) only, whatever the training loss: so runs trained either way compare."""
     cap = None if name == "train" else config.max_eval_docs
-    if name != "train":
-        input_format = dataclasses.replace(input_format, completion_only_loss=True)
+    if name != "train" and not input_format.completion_only_loss:
+        scored = dataclasses.replace(input_format, completion_only_loss=True)
+        try:
+            return tokenize_split(name, tasks, rows, tokenizer, config.max_tokens, scored, config.long_documents, cap)
+        except NotIncremental:
+            log.warning(
+                "%s is scored on every token, as trained: the chat template rewrites earlier turns, so its "
+                "completions cannot be told apart",
+                name,
+            )
     return tokenize_split(name, tasks, rows, tokenizer, config.max_tokens, input_format, config.long_documents, cap)
 
 

@@ -15,6 +15,7 @@ lines, ``datasets`` and Python objects.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
@@ -22,6 +23,8 @@ import numpy as np
 import pandas as pd
 
 from .messages import shown_list, shown_rows, shown_value
+
+log = logging.getLogger(__name__)
 
 DATA_FORMATS = ("auto", "text", "prompt-completion", "messages")
 PROMPT, COMPLETION, MESSAGES = "prompt", "completion", "messages"
@@ -101,6 +104,15 @@ def parse_examples(frame: pd.DataFrame, data_format: str, text_column: str, sour
         raise ValueError(
             f"{source}: the {PROMPT!r} and {COMPLETION!r} columns must both be texts, or both message lists "
             f"(conversational prompt-completion) in every row ({rows}); convert them to one kind"
+        )
+    unprompted = [where for (p, c), where in zip(sides, frame.index) if p is None and not _empty(c)]
+    if unprompted:
+        log.warning(
+            "%s: %d row(s) have no %r value (%s): trained with an empty prompt",
+            source,
+            len(unprompted),
+            PROMPT,
+            shown_rows(unprompted, frame.index.name or "row"),
         )
     return [None if _empty(c) else Example(p or ("" if isinstance(c, str) else ()), c) for p, c in sides]
 

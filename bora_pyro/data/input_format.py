@@ -8,7 +8,7 @@ adapters share (a run records it; ``generate`` and export read it back).
     prompt-completion  (scored)
 
 The task prompt (``--task-prompt``, e.g. ``"{task}: "``) of a conversation is put before the content of its
-first message that is not a system message. ``completion_only_loss=False`` scores the prompt and the
+first user message. ``global`` (Theta) gets no task prompt. ``completion_only_loss=False`` scores the prompt and the
 template's tokens too (TRL's ``completion_only_loss=False``); the task prompt and BOS stay context.
 """
 
@@ -18,8 +18,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from .batching import IGNORE_INDEX
-from .chat import chat_segments
+from .chat import NotIncremental, chat_segments, render
 from .formats import CONVERSATIONAL, Document, Example, Messages
+from .task_names import GLOBAL
 
 FORMAT_NAMES = ("text", "prompt-completion", "messages", CONVERSATIONAL)
 
@@ -53,8 +54,8 @@ class InputFormat:
         return self.data_format in ("messages", CONVERSATIONAL)
 
     def task_text(self, task: str) -> str:
-        """The task prompt of ``task`` ("" without one)."""
-        return self.task_prompt.format(task=task) if self.task_prompt else ""
+        """The task prompt of ``task`` ("" without one, and for ``global``, Theta, which no task prompt trained)."""
+        return self.task_prompt.format(task=task) if self.task_prompt and task != GLOBAL else ""
 
     def context(self, tokenizer, task: str) -> list[int]:
         """The ids every chunk of a ``task`` example starts with, never scored: BOS and the task prompt
@@ -67,7 +68,13 @@ class InputFormat:
     def body(self, tokenizer, example: Example, task: str) -> tuple[list[int], list[int]]:
         """The ids of an example after its :meth:`context`, and their labels (-100 where not scored)."""
         if self.conversational:
-            parts = chat_segments(tokenizer, self.chat_template, *self._conversation(example, task))
+            prompt, completion = self._conversation(example, task)
+            try:
+                parts = chat_segments(tokenizer, self.chat_template, prompt, completion)
+            except NotIncremental:
+                if self.completion_only_loss:
+                    raise
+                parts = [(render(tokenizer, self.chat_template, (*prompt, *(completion or ())), False), True)]
         else:
             parts = [(example.prompt, False), (example.completion, True)]
         ids: list[int] = []
@@ -121,10 +128,11 @@ class InputFormat:
 
 
 def _with_task_prompt(messages: Messages, text: str) -> Messages:
-    """``messages`` with ``text`` before the content of the first message that is not a system message."""
-    if not text or not messages:
+    """``messages`` with ``text`` before the content of the first user message (unchanged without one: the
+    task prompt is context, never put into a turn that is scored or into the system prompt)."""
+    k = next((i for i, m in enumerate(messages) if m.get("role") == "user"), None)
+    if not text or k is None:
         return messages
-    k = next((i for i, m in enumerate(messages) if m.get("role") != "system"), 0)
     first = {**messages[k], "content": text + messages[k]["content"]}
     return (*messages[:k], first, *messages[k + 1 :])
 

@@ -236,6 +236,12 @@ def dataset_frame(
         if split_column is None or names == ["train"]:
             if "train" not in ds:
                 raise ValueError(f"{source}: has no 'train' split (splits: {shown_list(names)})")
+            if names != ["train"]:
+                log.warning(
+                    "%s: --split-column none: only its 'train' split is read (and split at random); %s are left out",
+                    source,
+                    shown_list([n for n in names if n != "train"]),
+                )
             return dataset_frame(ds["train"], columns, None, source)
         if unknown:
             raise ValueError(
@@ -267,6 +273,9 @@ def python_frame(data: object, columns: Sequence[str] | None, split_column: str 
     """Data passed from Python as a frame: a pandas DataFrame, a list of dicts (one per row), or a
     ``datasets.Dataset`` / ``DatasetDict``; rows are numbered from 1."""
     if isinstance(data, pd.DataFrame):
+        repeated = [str(name) for name, n in Counter(data.columns).items() if n > 1]
+        if repeated:
+            raise ValueError(f"the DataFrame has column(s) {shown_list(repeated)} more than once; rename them")
         frame = data.copy()
     elif isinstance(data, (list, tuple)):
         bad = next((i for i, row in enumerate(data) if not isinstance(row, dict)), None)
@@ -324,7 +333,12 @@ def documents_by_task(
     documents = parse_examples(frame, data_format, text_column, source)
     empty = np.array([d is None for d in documents], dtype=bool)
     if empty.any():
-        _report_empty(frame, names, empty, format_columns(data_format, text_column), source)
+        _report_empty(frame, names, empty, format_columns(data_format, text_column)[-1:], source)
+    if split_column not in (None, "split") and split_column not in present:
+        raise ValueError(
+            f"{source}: --split-column {split_column!r} is not a column; columns present: {shown_list(present, 20)} "
+            "(--split-column none splits at random)"
+        )
     given = _given_splits(frame, split_column, source) if split_column and split_column in present else None
     out: dict[str, list[Document]] = {}
     splits: dict[str, list[str]] = {}

@@ -136,7 +136,12 @@ def tokenize_split(
             continue
         if long_documents == "truncate":
             limit = 1
-        encoded = encode_document(tokenizer, document, max_tokens, tasks[task], limit, input_format)
+        try:
+            encoded = encode_document(tokenizer, document, max_tokens, tasks[task], limit, input_format)
+        except ValueError as err:  # a template that cannot render this example: say which one
+            if isinstance(document, str):
+                raise
+            raise type(err)(f"{name} example {used + 1} (task {tasks[task]!r}): {err}") from None
         used += 1
         long += encoded.long
         cut += encoded.prompt_cut

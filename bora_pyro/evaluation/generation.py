@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from ..data.formats import Messages
+from ..data.formats import Messages, parse_messages
 from ..data.input_format import InputFormat
 from ..data.task_names import GLOBAL
 from ..nn.lora import Factors, MultiTaskLoRA, TaskRows, rows_of
@@ -63,6 +63,9 @@ def check_prompts(prompts: Sequence[str | Messages], tasks: Sequence[str], input
         raise ValueError(f"prompts must be a list of {kind} ({input_format.describe()}), got {prompts!r:.80}")
     if not prompts:
         raise ValueError("need at least one prompt to generate from, got none")
+    if input_format.conversational:
+        for k, prompt in enumerate(prompts):
+            parse_messages(list(prompt), f"prompt {k}", "messages", "generate")  # one line for a bad message
     if len(prompts) != len(tasks):
         raise ValueError(f"need one task per prompt: got {len(prompts)} prompts and {len(tasks)} tasks")
     if not input_format.conversational and not input_format.bos and any(p == "" for p in prompts):

@@ -66,9 +66,11 @@ def score_generations(
     examples: Sequence[tuple[str, Document]],
     batch_size: int = 16,
     progress: Callable | None = None,
+    split: str = "test",
 ) -> GenerationScores:
     """Generate an answer to every example's prompt (``generate(prompts, tasks) -> texts``, greedy, in
-    mixed-task batches of ``batch_size``) and score it against the reference."""
+    mixed-task batches of ``batch_size``) and score it against the reference (``split``: where the examples
+    come from, recorded with them)."""
     import sacrebleu
 
     outputs: list[str] = []
@@ -80,6 +82,7 @@ def score_generations(
     outputs = [o.strip() for o in outputs]
     frame = pd.DataFrame(
         {
+            "split": split,
             "task": [t for t, _ in examples],
             "prompt": [_shown(prompt_of(d)) for _, d in examples],
             "reference": references,

@@ -186,26 +186,39 @@ def served_format(input_format: InputFormat, task: str) -> dict:
     return {
         **input_format.to_dict(),
         "task_prompt_text": input_format.task_text(task),
-        "where_the_task_prompt_goes": "start of the first non-system message"
+        "where_the_task_prompt_goes": "start of the first user message"
         if input_format.conversational
         else "after BOS, before the prompt or text",
     }
 
 
-def model_card(task: str, base_model: str, input_format: InputFormat, note: str | None) -> str:
-    """A short README.md for one exported adapter (PEFT's convention: YAML front matter, then text)."""
+def model_card(task: str, base_model: str | None, input_format: InputFormat, note: str | None) -> str:
+    """A short README.md for one exported adapter (PEFT's convention: YAML front matter, then text), or with
+    ``base_model`` None for a merged model (the folder is the model)."""
     prompt = input_format.task_text(task)
     if input_format.conversational:
         how = (
-            "Render the conversation with the chat template in `input_format.json` (the tokenizer's own when "
-            "the run used it) and `add_generation_prompt=True`"
-            + (f", with `{prompt}` put before the content of its first non-system message" if prompt else "")
-            + "; do not add another BOS token."
+            "Render the conversation with the chat template in `input_format.json` and "
+            "`add_generation_prompt=True`"
+            + (f", with `{prompt}` put before the content of its first user message" if prompt else "")
+            + "; do not add another BOS token. Training tokenised the rendering in pieces, cut before and after "
+            "each assistant turn's generation prompt; one tokenisation of the whole text gives the same ids for "
+            "templates whose pieces meet at special tokens or line ends (ChatML, SmolLM2's)."
         )
     else:
         bos = "the tokenizer's BOS token, then " if input_format.bos else ""
-        task_prompt = f"the task prompt `{prompt}`, then " if prompt else ""
-        how = f"Feed {bos}{task_prompt}the prompt, tokenised without special tokens."
+        task_prompt = f"the ids of the task prompt `{prompt}`, then " if prompt else ""
+        how = (
+            f"Feed {bos}{task_prompt}the ids of the prompt, each part tokenised on its own without special tokens "
+            "and the ids concatenated (as training did: one tokenisation of the joined text may differ at the "
+            "joins)."
+        )
+    if base_model is None:
+        return (
+            f"---\ntags:\n- bora_pyro\n---\n\n# {task}: a base model with a BoRA adapter merged in, by bora_pyro\n\n"
+            f"Trained on {input_format.describe()}.\n\n## Input format\n\n{how}\n\n"
+            '    model = AutoModelForCausalLM.from_pretrained("<this folder>")\n'
+        )
     front = f"---\nbase_model: {base_model}\nlibrary_name: peft\ntags:\n- lora\n- bora_pyro\n---\n\n"
     return (
         f"{front}# {task}: a BoRA LoRA adapter exported by bora_pyro\n\n"
@@ -258,12 +271,25 @@ def export_merged(
     out: str | Path,
     overwrite: bool = False,
     task: str | None = None,
+    input_format: InputFormat | None = None,
 ) -> None:
     """Write a full Hugging Face model (safetensors) with one adapter merged in, plus the tokenizer.
 
-    ``task`` names the adapter in errors (see :func:`merge_into_base`).
+    ``task`` names the adapter in errors (see :func:`merge_into_base`). ``input_format``: the run's; its chat
+    template goes into the saved tokenizer, and ``input_format.json`` and a README.md say how training built
+    the input (task prompt, BOS).
     """
     model = merge_into_base(lora, factors, task)
     with atomic_folder(Path(out), "merged", overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        template = getattr(tokenizer, "chat_template", None)
+        if input_format is not None and input_format.chat_template is not None:
+            tokenizer.chat_template = input_format.chat_template
+        try:
+            tokenizer.save_pretrained(tmp)
+        finally:
+            tokenizer.chat_template = template
+        if input_format is not None:
+            name = task or GLOBAL
+            write_json(tmp / INPUT_FORMAT_FILE, {"task": name, **served_format(input_format, name)})
+            (tmp / README).write_text(model_card(name, None, input_format, None), encoding="utf-8")

@@ -44,6 +44,7 @@ from ..io.base_models import describe_base_model
 from ..io.folders import JOURNAL, atomic_folder, atomic_write, fsync_path, reading
 from ..io.integrity import MANIFEST, CorruptFile, update_manifest, verify
 from ..models.bora import BoRA
+from .spec import CHAT_TEMPLATE_FILE
 
 CONFIG_FILE, METRICS_FILE, STATUS_FILE, CORPUS_FILE = "config.json", "metrics.json", "status.json", "corpus.json"
 TASK_STORE_FOLDER = "task_store"  # a disk task store's table files (the fitted task rows), until complete
@@ -52,7 +53,14 @@ POSTERIOR_FILE, CURVE_FILE, GATES_FILE, GATES_FIGURE = "posterior.nc", "training
 TRAINED, COMPLETE, INTERRUPTED, DIVERGED = "trained", "complete", "interrupted", "diverged"
 
 SCORING = JOURNAL  # present while stage 2 writes: the folder counts as trained
-STAGE1_FILES = (CONFIG_FILE, CORPUS_FILE, ADAPTERS_FILE, FIT_STATE_FILE, TRAIN_LOG_FILE)  # what stage 2 never rewrites
+STAGE1_FILES = (  # what stage 2 never rewrites
+    CONFIG_FILE,
+    CORPUS_FILE,
+    CHAT_TEMPLATE_FILE,
+    ADAPTERS_FILE,
+    FIT_STATE_FILE,
+    TRAIN_LOG_FILE,
+)
 STAGE2_FILES = (PER_TASK_FILE, POSTERIOR_FILE, GATES_FILE, GATES_FIGURE, CURVE_FILE, METRICS_FILE, STATUS_FILE)
 DIAGNOSE_FILES = ("tau_posterior.png", "distance_forest.png", "elbo_trace.png", "compare.csv")
 GENERATION_FILE, GENERATION_TASKS_FILE = "generation.csv", "generation_per_task.csv"  # evaluate --generate
@@ -200,6 +208,8 @@ def write_fitted(
                 "input_format": corpus.input_format.to_dict(),
             },
         )
+        if corpus.input_format.chat_template is not None:  # every later command renders with this one
+            (tmp / CHAT_TEMPLATE_FILE).write_text(corpus.input_format.chat_template, encoding="utf-8")
         save_adapters(
             tmp / ADAPTERS_FILE,
             corpus.tasks,
@@ -327,6 +337,17 @@ def corpus_changes(path: Path, corpus: Corpus) -> list[str]:
         if said:
             changes.append(f"{split}: " + "; ".join(said))
     return changes
+
+
+def input_format_changes(path: Path, corpus: Corpus) -> list[str]:
+    """The fields of the input format (data format, task prompt, loss mask, chat template, BOS) that differ
+    between the run's corpus.json and ``corpus`` (empty if none, or none was recorded)."""
+    file = Path(path) / CORPUS_FILE
+    recorded = read_json(file).get("input_format") if file.is_file() else None
+    if not isinstance(recorded, dict):
+        return []
+    now = corpus.input_format.to_dict()
+    return [name for name in now if name in recorded and recorded[name] != now[name]]
 
 
 def _first(names: list[str], k: int = 3) -> str:

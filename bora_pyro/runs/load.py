@@ -20,7 +20,15 @@ from ..io.artifacts import ADAPTERS_FILE, AdapterFile, read_json
 from ..io.folders import resolve
 from ..models.bora import BoRA
 from ..models.gates import GateConfig
-from .folder import COMPLETE, CONFIG_FILE, check_base_model, corpus_changes, load_inputs, verified_status
+from .folder import (
+    COMPLETE,
+    CONFIG_FILE,
+    check_base_model,
+    corpus_changes,
+    input_format_changes,
+    load_inputs,
+    verified_status,
+)
 from .spec import RunSpec
 
 
@@ -79,6 +87,7 @@ class LoadedRun:
             examples,
             batch_size or self.spec.train.eval_batch_size,
             progress=lambda it: tqdm(it, desc="generate", unit="batch", disable=None),
+            split=split,
         )
 
     def evaluate(self, split: str = "test", batch_size: int | None = None, data: str | None = None) -> PerplexityReport:
@@ -130,6 +139,12 @@ def load_run(path: str | Path, device: str | None = None, trust_remote_code: boo
             if changes
             else f"{path}: adapter tasks {adapters.tasks[:5]}... do not match the rebuilt corpus tasks "
             f"{list(corpus.tasks)[:5]}..."
+        )
+    changed = input_format_changes(path, corpus)
+    if changed:
+        raise ValueError(
+            f"{path} was trained with another input format than the one its settings give now ({', '.join(changed)} "
+            "changed: e.g. the tokenizer's chat template); load it with the tokenizer it was trained with"
         )
     bora = replace(spec, gates=GateConfig()).build_model(lm, corpus.tasks)  # gates are folded in the saved adapters
     for name, shape in bora.lora.shapes().items():

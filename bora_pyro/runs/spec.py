@@ -29,6 +29,7 @@ from ..models.guides import INFERENCE
 from ..models.prior import POOLED, PriorConfig
 from ..options import option, parse_csv, values_from_file
 
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # a conversational run's chat template, kept in its folder
 TRUST_HELP = (
     "allow the model's own Python code (from its hub repository) to run; off by default, only for models "
     "you trust. Never taken from a file: a run trained with it needs it again"
@@ -232,7 +233,10 @@ class RunSpec:
                 f"{path} was written by bora_pyro {config.get('bora_pyro_version', '?')} in run format "
                 f"{config.get('format')!r}; this version ({__version__}) reads format {RUN_FORMAT}"
             )
-        return cls.from_dict(config, trust_remote_code, str(path))
+        spec = cls.from_dict(config, trust_remote_code, str(path))
+        if (path / CHAT_TEMPLATE_FILE).is_file():  # the template trained with, not the file it was read from
+            spec = replace(spec, corpus=replace(spec.corpus, chat_template=str(path / CHAT_TEMPLATE_FILE)))
+        return spec
 
     def settings(self) -> dict:
         """The spec as plain JSON values (what run fingerprints and sweep comparisons use)."""

@@ -51,18 +51,19 @@ def runs(folder: Path) -> pd.DataFrame:
                     "run_test_ppl": metrics["test_ppl"],
                     "run_test_macro_ppl": metrics["test_macro_ppl"],
                     "run_base_test_ppl": metrics["base_test_ppl"],
-                    "run_chrf": _overall_chrf(run),
+                    "run_chrf": _overall_chrf(run / "generation.csv"),
                     "run_seconds": float(seconds.read_text()) if seconds.is_file() else float("nan"),
                 }
             )
     return pd.DataFrame(rows)
 
 
-def _overall_chrf(run: Path) -> float:
-    """The corpus chrF over all answers of a run, from its evaluate output."""
-    text = Path(f"{run}.evaluate.txt").read_text()
-    found = re.search(r"greedy answers: chrF ([\d.]+)", text)
-    return float(found.group(1)) if found else float("nan")
+def _overall_chrf(answers: Path) -> float:
+    """The corpus chrF over all answers of a run (its generation.csv; an empty answer is "", not missing)."""
+    import sacrebleu
+
+    frame = pd.read_csv(answers, keep_default_na=False)
+    return sacrebleu.corpus_chrf(frame.output.astype(str).tolist(), [frame.reference.astype(str).tolist()]).score
 
 
 def _mean_sd(values: pd.Series, digits: int) -> str:

@@ -63,11 +63,11 @@ def render(tokenizer, template: str, messages: Sequence[dict], add_generation_pr
 def _generation_prompt(tokenizer, template: str, messages: Messages) -> str:
     """The rendering of ``messages`` with the generation prompt; before a first message, what the template
     gives for no messages (nothing, for a template that cannot render an empty conversation)."""
-    if messages:
-        return render(tokenizer, template, messages, True)
     try:
         return render(tokenizer, template, messages, True)
     except ValueError:
+        if messages:
+            raise
         return ""
 
 

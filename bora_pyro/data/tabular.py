@@ -333,7 +333,7 @@ def documents_by_task(
     documents = parse_examples(frame, data_format, text_column, source)
     empty = np.array([d is None for d in documents], dtype=bool)
     if empty.any():
-        _report_empty(frame, names, empty, format_columns(data_format, text_column)[-1:], source)
+        _report_empty(frame, names, empty, format_columns(data_format, text_column)[-1], data_format == "text", source)
     if split_column not in (None, "split") and split_column not in present:
         raise ValueError(
             f"{source}: --split-column {split_column!r} is not a column; columns present: {shown_list(present, 20)} "
@@ -389,13 +389,12 @@ def _task_names(frame: pd.DataFrame, task_column: str, source: str) -> pd.Series
     return names
 
 
-def _report_empty(frame: pd.DataFrame, names: pd.Series, empty, columns: tuple[str, ...], source: str) -> None:
+def _report_empty(frame: pd.DataFrame, names: pd.Series, empty, column: str, text: bool, source: str) -> None:
     """Refuse tasks whose every document is empty (naming them and their rows); otherwise warn, in one line,
     which rows were dropped and of which tasks."""
     kept = set(names[~empty])
     emptied = [task for task in dict.fromkeys(names[empty]) if task not in kept]
-    what = " or ".join(repr(c) for c in columns)
-    text = columns[0] != "messages" and len(columns) == 1
+    what = repr(column)  # the column whose value is empty: the text, the completion or the messages
     if emptied:
         rows = empty & names.isin(emptied).to_numpy()
         hint = f" (every {what} value is empty: is --text-column right?)" if empty.all() and text else ""

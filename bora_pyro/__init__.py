@@ -4,9 +4,11 @@ __version__ = "0.1.0"  # before the imports: run folders record it in every run 
 
 from .data import Batch, Corpus, CorpusConfig, Split, load_corpus
 from .evaluation.perplexity import PerplexityReport, evaluate
+from .evaluation.tau_posterior import tau_posterior
 from .inference import FitResult, TrainConfig, fit
 from .io.base_models import load_base_model
 from .models import BoRA
+from .models.collapsed_tau import TauPosterior
 from .models.gates import GateConfig
 from .models.prior import PriorConfig
 from .nn.lora import MultiTaskLoRA, MultiTaskLoRALinear
@@ -25,10 +27,12 @@ __all__ = [
     "PriorConfig",
     "RunSpec",
     "Split",
+    "TauPosterior",
     "TrainConfig",
     "evaluate",
     "fit",
     "load_base_model",
     "load_corpus",
     "load_run",
+    "tau_posterior",
 ]

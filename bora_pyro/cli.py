@@ -29,14 +29,16 @@ from safetensors import SafetensorError
 
 from .data.formats import parse_messages
 from .distributed import World, init_distributed
+from .evaluation.collapsed import tau_posterior_line
 from .evaluation.generation import check_sampling, task_indices
 from .evaluation.scoring import documents_line, scored_tasks_line
 from .io.artifacts import read_json
 from .io.export import export_merged, export_peft
-from .io.folders import FolderBusy, check_target, folder_kind, folder_lock
+from .io.folders import FolderBusy, atomic_write, check_target, folder_kind, folder_lock
 from .io.integrity import CorruptFile, update_manifest
 from .options import add_options, dest, parse_csv, section_values
 from .runs import SECTIONS, RunSpec, RunStopped, adapt_run, complete_run, load_run, resume_run, train_run
+from .runs.diagnose import COMPARE_BY, compare_folders, run_lines
 from .runs.folder import (
     COMPLETE,
     GENERATION_FILE,
@@ -164,6 +166,9 @@ def _train(a: argparse.Namespace) -> None:
         print(scored_tasks_line(metrics))
     if "data_format" in metrics:
         print(f"data: {metrics['data_format']}")
+    for line in (tau_posterior_line(metrics), metrics.get("guide_scale_warning")):
+        if line:
+            print(line)
     print(
         f"{metrics['steps']} steps in {metrics['train_seconds']:.0f} s of training "
         f"({metrics['train_tokens_per_second']:.0f} tokens/s), {metrics['wall_seconds']:.0f} s in all"
@@ -421,41 +426,68 @@ def _messages_option(text: str) -> list[dict]:
 
 
 def _add_diagnose(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("diagnose", help="ArviZ summary and plots of runs; az.compare when given several")
-    p.add_argument("runs", nargs="+", help="run folders holding posterior.nc")
+    p = sub.add_parser(
+        "diagnose",
+        help="a run's tau posterior, shrinkage per task and prior check (ArviZ plots with posterior.nc); "
+        "several runs: compared by held-out elpd with paired standard errors",
+    )
+    p.add_argument("runs", nargs="+", help="run folders (or a posterior.nc file, for its ArviZ summary only)")
+    p.add_argument(
+        "--by",
+        choices=tuple(COMPARE_BY),
+        default="elpd",
+        help="several runs: compare by the log predictive density of the test documents (elpd: averaged over the "
+        "guide's draws, the plug-in for MAP), the plug-in adapters', or the tau-averaged adapters'",
+    )
     p.add_argument("--out", default=None, help="where to write compare.csv (default: the first run folder)")
     p.set_defaults(func=_diagnose)
 
 
 def _diagnose(a: argparse.Namespace) -> None:
-    from .evaluation import diagnostics  # ArviZ is slow to import: only for this command
-
-    runs = {}
+    folders = []
     for path in a.runs:
-        name = Path(path).name
-        if name in runs:
-            name = str(path)
+        name = Path(path).name if Path(path).name not in [n for n, _ in folders] else str(path)
         folder = Path(path).parent if Path(path).is_file() else Path(path)
-        loose = folder.exists() and folder_kind(folder) != "run"  # a posterior file of its own, not in a run
+        loose = Path(path).is_file() and (not folder.exists() or folder_kind(folder) != "run")
+        print(f"== {path}")
         with contextlib.nullcontext() if loose else folder_lock(folder):  # the plots go into the run folder
             if not loose:
-                verified_status(folder)  # recovered; its posterior.nc checked against the run's manifest
-            runs[name] = diagnostics.load(path)
-            print(f"== {path}")
-            print(diagnostics.summary(runs[name]).to_string(float_format=lambda x: f"{x:.4g}"))
-            written = diagnostics.plot(runs[name], folder)
-            update_manifest(folder, [w.name for w in written])
-        print("plots: " + ", ".join(str(w) for w in written))
-    if len(runs) > 1:
-        table = diagnostics.compare(runs)
+                verified_status(folder)  # recovered; its files checked against the run's manifest
+                for line in run_lines(folder):
+                    print(line)
+                folders.append((name, folder))
+            _arviz(path, folder, loose)
+    if len(a.runs) > 1:
+        if len(folders) < len(a.runs):
+            raise ValueError("compare needs run folders (a posterior.nc file alone holds no test documents)")
+        table = compare_folders(folders, a.by)
         out = Path(a.out or a.runs[0])
         out.mkdir(parents=True, exist_ok=True)
         with folder_lock(out):
-            table.to_csv(out / "compare.csv")
+            with atomic_write(out / "compare.csv") as tmp:
+                table.to_csv(tmp)
             update_manifest(out, ["compare.csv"])
-        print("== az.compare (PSIS-LOO on held-out test documents; higher elpd_loo is better)")
+        print(
+            f"== compared by {a.by} of the {int(table.docs.iloc[0])} test documents (higher is better; elpd_diff: "
+            "the best's minus this run's, with paired standard errors over documents and over tasks; mc_se: the "
+            "Monte Carlo error of a run's elpd from its draws)"
+        )
         print(table.to_string(float_format=lambda x: f"{x:.4g}"))
         print(f"wrote {out / 'compare.csv'}")
+
+
+def _arviz(path: str, folder: Path, loose: bool) -> None:
+    """The ArviZ summary and plots of a run's posterior.nc, if it has one (or of a loose posterior.nc file)."""
+    if not loose and not (folder / "posterior.nc").is_file():
+        print("no posterior.nc (train with --posterior-samples N for ArviZ plots)")
+        return
+    from .evaluation import diagnostics  # ArviZ is slow to import: only for this command
+
+    idata = diagnostics.load(path)
+    print(diagnostics.summary(idata).to_string(float_format=lambda x: f"{x:.4g}"))
+    written = diagnostics.plot(idata, folder)
+    update_manifest(folder, [w.name for w in written])
+    print("plots: " + ", ".join(str(w) for w in written))
 
 
 def build_parser() -> argparse.ArgumentParser:

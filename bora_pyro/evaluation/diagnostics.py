@@ -3,15 +3,16 @@
 ``to_inference_data`` turns posterior draws into an ``arviz.InferenceData`` with
 * ``posterior``: ``tau`` (learned runs; dim ``tau_group``), and per task (dim ``task``) the distance
   ||theta_d - Theta|| and the norm ||theta_d||;
-* ``log_likelihood``: ``docs``, the log-likelihood of every held-out document per draw (dim ``doc``),
-  so that ``az.loo`` / ``az.waic`` / ``az.compare`` can rank runs;
+* ``log_likelihood``: ``docs``, the log-likelihood of every held-out TEST document per draw (dim ``doc``):
+  its log mean over draws is each document's elpd. These documents were not in the fit, so PSIS-LOO /
+  WAIC (``az.loo``, ``az.compare``) on them are not valid estimates of anything; compare runs by their
+  held-out elpd (``bora-pyro diagnose RUN RUN``, ``evaluation/comparison.py``);
 * ``constant_data``: training tokens per task; ``elbo``: the training loss trace.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -152,25 +153,13 @@ def summary(idata: az.InferenceData) -> pd.DataFrame:
         return az.summary(idata, var_names=names, kind="stats")
 
 
-def compare(runs: Mapping[str, az.InferenceData]) -> pd.DataFrame:
-    """``az.compare`` (PSIS-LOO on held-out documents) over several runs of the same test split."""
-    sizes = {name: idata.log_likelihood.docs.shape[-1] for name, idata in runs.items()}
-    if len(set(sizes.values())) != 1:
-        raise ValueError(
-            f"runs were scored on different held-out documents (counts {sizes}); compare runs of one corpus split"
-        )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return az.compare(dict(runs), ic="loo")
-
-
 def plot(idata: az.InferenceData, out: Path) -> list[Path]:
     """Posterior of tau, forest plot of per-task distance (tasks by training size), ELBO trace."""
     written = []
     if "tau" in idata.posterior:
         tau = idata.posterior.tau.stack(sample=("chain", "draw"))
         samples = {str(g): tau.sel(tau_group=g).values for g in tau.tau_group.values}
-        written.append(plots.plot_tau_posterior(samples, out / "tau_posterior.png"))
+        written.append(plots.plot_tau_guide(samples, out / "tau_guide_draws.png"))
     if "distance" in idata.posterior:
         distance = idata.posterior.distance
         with warnings.catch_warnings():

@@ -201,15 +201,77 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_tau_posterior(samples: dict[str, np.ndarray], path: Path) -> Path:
-    """Histogram of posterior draws of each learned tau (log scale)."""
+def plot_tau_guide(samples: dict[str, np.ndarray], path: Path) -> Path:
+    """Histogram of the VI guide's draws of each learned tau (log scale). Mean-field VI makes this far too
+    narrow: the collapsed posterior (:func:`plot_collapsed_tau`) is the calibrated one."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for group, values in samples.items():
         ax.hist(np.log10(values), bins=20, alpha=0.6, label=f"τ ({group}): median {np.median(values):.3g}")
     ax.set_xlabel("log10 τ")
-    ax.set_ylabel("posterior draws")
-    ax.set_title("Posterior of the prior precision τ")
+    ax.set_ylabel("guide draws")
+    ax.set_title("Mean-field guide's τ (too narrow: see tau_posterior.png)")
     ax.legend()
+    _save(fig, path)
+    return path
+
+
+def plot_collapsed_tau(frame: pd.DataFrame, path: Path, run_tau: float | str | None = None, title: str = "") -> Path:
+    """The collapsed posterior density of log10 tau of each group (``frame``: tau_posterior.csv) with its 90%
+    interval shaded, and the tau the run was fitted at."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for group, rows in frame.groupby("group", sort=False):
+        x = np.log10(rows.tau.to_numpy())
+        density = rows.density.to_numpy() * np.log(10)  # per unit of log10 tau
+        cdf = np.concatenate([[0.0], np.cumsum(0.5 * (density[1:] + density[:-1]) * np.diff(x))])
+        cdf /= cdf[-1]
+        low, mid, high = np.interp([0.05, 0.5, 0.95], cdf, x)
+        (line,) = ax.plot(x, density, label=f"τ ({group}): {10**mid:.3g} [{10**low:.3g}, {10**high:.3g}]")
+        inside = (x >= low) & (x <= high)
+        ax.fill_between(x[inside], density[inside], alpha=0.25, color=line.get_color())
+    if isinstance(run_tau, float) and 0 < run_tau < np.inf:
+        ax.axvline(np.log10(run_tau), color="grey", linestyle="--", label=f"fitted at τ = {run_tau:g}")
+    ax.set_xlabel("log10 τ")
+    ax.set_ylabel("posterior density")
+    ax.set_title(title or "Collapsed posterior of τ (median [90% interval])")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+    return path
+
+
+def plot_shrinkage(per_task: pd.DataFrame, path: Path, title: str = "") -> Path:
+    """Per task against its training tokens: kappa_d, the share of its adapter that comes from Theta (left),
+    and p_eff,d, its effective number of own parameters (right)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    tokens = per_task.n_train_tokens.clip(lower=1)
+    for ax, column, label in (
+        (axes[0], "kappa", "κ_d: share of the adapter from Θ"),
+        (axes[1], "p_eff", "p_eff,d: effective own parameters"),
+    ):
+        ax.plot(tokens, per_task[column], "o")
+        for t, x, y in zip(per_task.task, tokens, per_task[column]):
+            ax.annotate(str(t)[:12], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("training tokens")
+        ax.set_ylabel(label)
+    fig.suptitle(title or "Shrinkage per task")
+    _save(fig, path)
+    return path
+
+
+def plot_guide_scales(log_ratios: np.ndarray, tasks, path: Path, title: str = "") -> Path:
+    """Per task, a histogram of log10 (guide sd / its converged value 1/sqrt(lambda + tau)) over coordinates:
+    0 is converged, left of log10 0.5 counts as not. Shapes: log_ratios [tasks, sample]."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    finite = log_ratios[np.isfinite(log_ratios)]
+    bins = np.linspace(finite.min(initial=-3), max(finite.max(initial=0.5), 0.5), 50)
+    for task, row in zip(tasks, log_ratios):
+        ax.hist(row[np.isfinite(row)], bins=bins, histtype="step", density=True, label=str(task)[:16])
+    ax.axvline(0, color="black", linewidth=1)
+    ax.axvline(np.log10(0.5), color="grey", linestyle="--")
+    ax.set_xlabel("log10 (guide sd / 1/sqrt(λ + τ))")
+    ax.set_ylabel("share of coordinates (density)")
+    ax.set_title(title or "Convergence of the guide's scales (0 = converged)")
+    ax.legend(fontsize=7, ncol=2)
     _save(fig, path)
     return path
 

@@ -6,14 +6,18 @@ Every data-parallel rank must call :func:`score_run` (evaluation sums the ranks'
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
+import torch
 
+from ..data.batching import IGNORE_INDEX
 from ..data.corpus import Corpus
 from ..models.bora import BoRA
 from ..models.gates import relative_bops
+from .collapsed import CollapsedReport, collapsed_report
 from .perplexity import PerplexityReport, evaluate
 from .predictive import posterior_draws, posterior_predictive, score_plug_in, summarize_draws, summarize_point
 
@@ -26,10 +30,16 @@ class Scores:
     per_task: pd.DataFrame
     idata: Any | None  # arviz.InferenceData for posterior.nc (None with posterior_samples = 0)
     gates: pd.DataFrame | None
+    test_docs: pd.DataFrame  # one row per test document: its task, tokens and log predictive densities
+    collapsed: CollapsedReport | None = None  # the tau posterior, shrinkage and prior check (None: skipped)
 
 
 def _per_task_frame(
-    corpus: Corpus, reports: dict[str, PerplexityReport], distance, calib: pd.DataFrame
+    corpus: Corpus,
+    reports: dict[str, PerplexityReport],
+    distance,
+    calib: pd.DataFrame,
+    collapsed: CollapsedReport | None,
 ) -> pd.DataFrame:
     frame = pd.DataFrame(
         {
@@ -48,6 +58,35 @@ def _per_task_frame(
     )
     if "posterior_predictive_test" in reports:
         frame["posterior_predictive_test_ppl"] = reports["posterior_predictive_test"].per_task
+    nan = float("nan")
+    frame["kappa"] = nan if collapsed is None else collapsed.shrinkage.kappa.to_numpy()
+    frame["p_eff"] = nan if collapsed is None else collapsed.shrinkage.p_eff.to_numpy()
+    frame["tau_averaged_test_ppl"] = nan if collapsed is None else collapsed.tau_averaged.per_task
+    if collapsed is not None and collapsed.scales is not None:
+        frame["scale_ratio"] = collapsed.scales.scale_ratio.to_numpy()
+        frame["scale_unconverged"] = collapsed.scales.scale_unconverged.to_numpy()
+    return frame
+
+
+def test_documents(
+    corpus: Corpus, plug_in: torch.Tensor, draws: torch.Tensor | None, collapsed: CollapsedReport | None
+) -> pd.DataFrame:
+    """Per test document: task, scored tokens, the plug-in log-likelihood, the log predictive density
+    ``elpd`` (log mean over the guide's draws; the plug-in for a MAP run or without draws) and, with a
+    collapsed report, the tau-averaged mean adapter's. Shapes: plug_in [docs], draws [draws, docs]."""
+    split = corpus.test
+    elpd = plug_in if draws is None else torch.logsumexp(draws.double(), 0) - math.log(draws.shape[0])
+    frame = pd.DataFrame(
+        {
+            "doc": range(len(split)),
+            "task": [split.tasks[t] for t in split.task_index],
+            "tokens": [sum(1 for t in labels if t != IGNORE_INDEX) for labels in split.labels],
+            "loglik_plug_in": plug_in.double().numpy(),
+            "elpd": elpd.double().numpy(),
+        }
+    )
+    if collapsed is not None:
+        frame["loglik_tau_averaged"] = collapsed.tau_averaged_loglik.double().numpy()
     return frame
 
 
@@ -71,20 +110,23 @@ def score_run(
     losses: pd.DataFrame | None = None,
     valid: PerplexityReport | None = None,
     base_test: PerplexityReport | None = None,
+    curvature_docs: int = 0,
 ) -> Scores:
     """Score the fitted ``bora`` on ``corpus`` (``losses``: the training log, kept in the ArviZ file;
     ``valid``: the fit's validation report of the state it kept, and ``base_test``: the base model's test
     report from an earlier run on the same split, each reused instead of scored again).
 
     The test split is scored once for the plug-in perplexity and the calibration; with a MAP guide every
-    posterior draw is that point, so it is also the posterior-predictive perplexity."""
+    posterior draw is that point, so it is also the posterior-predictive perplexity. ``curvature_docs`` > 0:
+    the collapsed report (tau posterior, shrinkage, prior check, tau-averaged test perplexity) from a curvature
+    pass over that many training documents of each task."""
     if base_test is None:
         base_test = evaluate(bora, corpus.test, batch_size, base_model=True)
     if valid is None:
         valid = evaluate(bora, corpus.valid, batch_size)
     reports = {"base_test": base_test, "valid": valid}
     reports["test"], plug_in_loglik, calib_per_task, calib = score_plug_in(bora, corpus.test, batch_size=batch_size)
-    idata = None
+    idata, draws_loglik = None, None
     if posterior_samples > 0:
         from .diagnostics import to_inference_data  # ArviZ: imported only when a run is scored
 
@@ -96,9 +138,12 @@ def score_run(
             draws = posterior_draws(bora, posterior_samples, seed=seed)
             predictive, doc_loglik = posterior_predictive(bora, corpus.test, draws, batch_size)
             reports["posterior_predictive_test"] = predictive
+            draws_loglik = doc_loglik
             summary = summarize_draws(bora, draws)
         idata = to_inference_data(bora, summary, doc_loglik, corpus.test, corpus.train.tokens_per_task(), losses)
     gates = None if bora.gates is None else bora.gates.report(bora.gate_values())
+    collapsed = collapsed_report(bora, corpus, curvature_docs, seed, batch_size)
+    test_docs = test_documents(corpus, plug_in_loglik, draws_loglik, collapsed)
     metrics = {
         "test_ppl": reports["test"].token_weighted,
         "test_macro_ppl": reports["test"].task_macro,
@@ -115,7 +160,11 @@ def score_run(
             else {}
         ),
         "eval_tokens_per_second": reports["test"].tokens_per_second,
-        "tau_posterior_q05_q50_q95": bora.tau_quantiles(),
+        "tau_guide_q05_q50_q95": bora.tau_quantiles(),
+        "test_elpd": float(test_docs.elpd.sum()),
+        "test_elpd_mc_se": elpd_mc_se(draws_loglik),
+        "curvature_docs": curvature_docs,
+        **({} if collapsed is None else collapsed.metrics()),
         "test_ece": calib["ece"],
         "test_brier": calib["brier"],
         "posterior_samples": posterior_samples,
@@ -124,8 +173,21 @@ def score_run(
         "data_format": corpus.input_format.describe(),
         **({} if gates is None else gate_metrics(gates)),
     }
-    per_task = _per_task_frame(corpus, reports, bora.distance_to_global(), calib_per_task)
-    return Scores(metrics, per_task, idata, gates)
+    per_task = _per_task_frame(corpus, reports, bora.distance_to_global(), calib_per_task, collapsed)
+    return Scores(metrics, per_task, idata, gates, test_docs, collapsed)
+
+
+def elpd_mc_se(draws: torch.Tensor | None, replicates: int = 200, seed: int = 0) -> float:
+    """Monte Carlo standard error of the total elpd sum_i log mean_s p(doc_i | theta_s) from S draws: the sd
+    of the total over bootstrap resamples of the draws (0 without draws, or for a MAP run's one point).
+    Shapes: draws [draws, docs]."""
+    if draws is None or draws.shape[0] < 2:
+        return 0.0
+    generator = torch.Generator().manual_seed(seed)
+    s = draws.shape[0]
+    picks = torch.randint(0, s, (replicates, s), generator=generator)
+    totals = torch.stack([(torch.logsumexp(draws[p].double(), 0) - math.log(s)).sum() for p in picks])
+    return float(totals.std())
 
 
 def scored_tasks_line(metrics: dict) -> str | None:

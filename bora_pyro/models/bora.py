@@ -28,7 +28,7 @@ from ..nn.lora import Factors, MultiTaskLoRA
 from .gates import GateConfig, Gates
 from .guides import guide_parameters, make_guide, take_rows, task_sites
 from .likelihood import lm_log_likelihood, lm_logits
-from .prior import INDEPENDENT, POOLED, HierarchicalPrior, PriorConfig
+from .prior import INDEPENDENT, LEARN, POOLED, HierarchicalPrior, PriorConfig
 from .task_subsample import TASK_PLATE, TaskSubsample
 from .tau_prior import TAU_SITE
 
@@ -42,6 +42,24 @@ class ParameterRole:
 
     per_task: bool
     fast: bool
+
+
+def check_inference(tau: float | str, inference: str) -> None:
+    """Refuse an inference that has no proper target at this tau: a MAP of a learned tau (degenerate), VI at
+    tau = 0 (an improper posterior)."""
+    if tau == LEARN and inference == "map":
+        raise ValueError(
+            "tau='learn' needs inference='vi' (CLI: --inference vi): the MAP of a hierarchical precision is "
+            "degenerate, the posterior density grows without bound as every task collapses onto Theta and "
+            "tau -> inf"
+        )
+    if tau == 0 and inference == "vi":
+        raise ValueError(
+            "inference='vi' needs tau > 0 (CLI: --tau T with T > 0, or --tau learn): at tau = 0 the task sites "
+            "have a flat prior and LoRA's symmetry (A -> M A, B -> B M^-1 leaves B A unchanged) makes their "
+            "posterior improper, so there is no distribution to approximate; use --inference map for "
+            "independent adapters"
+        )
 
 
 class BoRA:
@@ -67,6 +85,7 @@ class BoRA:
             task's prior term at every step.
         task_store: where the MAP guide's task rows and their optimizer moments live (default in memory; a
             disk store memory-maps them, for many tasks: see ``io/task_store.py``).
+        guide_init_scale: the start of a VI guide's scales (of every unconstrained latent site).
 
     The model's parameters (Theta and the guide's) live in this object's own Pyro param-store
     scope: run ``bora.model`` / ``bora.guide`` inside ``with bora.param_scope():`` to use them.
@@ -88,6 +107,7 @@ class BoRA:
         init: Mapping[str, torch.Tensor] | None = None,
         task_subsampling: bool = True,
         task_store: TaskStore | None = None,
+        guide_init_scale: float = 1e-3,
     ) -> None:
         if prior is not None and tau is not None:
             raise ValueError(f"give tau={tau!r} or prior=PriorConfig(tau=...), not both")
@@ -108,6 +128,7 @@ class BoRA:
                 "gates act on the language model's LoRA layers: they cannot be combined with a custom log_likelihood"
             )
         self.gates = Gates(gates, self.lora.adapted, rank, len(tasks)) if gates.enabled else None
+        self.guide_init_scale = guide_init_scale
         self.log_likelihood: LogLikelihood = log_likelihood or self._lm_log_likelihood
         self._store = {"params": {}, "constraints": {}}
         self._scope_active = False
@@ -204,14 +225,14 @@ class BoRA:
         return roles
 
     def _make_guide(self, inference: str):
-        if self.prior.learned and inference == "map":
-            raise ValueError(
-                "tau='learn' needs inference='vi' (CLI: --inference vi): the MAP of a hierarchical precision is "
-                "degenerate, the posterior density grows without bound as every task collapses onto Theta and "
-                "tau -> inf"
-            )
+        check_inference(self.tau, inference)
         return make_guide(
-            inference, self.model, self.prior.initial_values(self.init), self._task_plates, store=self.task_store
+            inference,
+            self.model,
+            self.prior.initial_values(self.init),
+            self._task_plates,
+            init_scale=self.guide_init_scale,
+            store=self.task_store,
         )
 
     @contextlib.contextmanager

@@ -7,7 +7,7 @@ normal hierarchical model, whose MAP and exact posterior are known.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +65,24 @@ class GaussianObservations:
             resid = y[batch.doc_index] - factors[name][batch.task_index]
             total = total + (-0.5 * resid**2 / self.sigma**2).flatten(1).sum(-1)
         return total
+
+    def sampled_log_likelihood(
+        self, samples: int
+    ) -> Callable[[Mapping[str, torch.Tensor], Batch, torch.Generator], torch.Tensor]:
+        """The log-likelihood of ``samples`` observation sets drawn from the model at ``factors`` (for the sampled
+        Fisher of ``evaluation/messages.py``): y~ = theta_task + sigma eps, the draws held fixed.
+        Shapes: -> [samples, batch]."""
+
+        def fn(factors: Mapping[str, torch.Tensor], batch: Batch, generator: torch.Generator) -> torch.Tensor:
+            total = 0.0
+            for name in self.y:
+                theta = factors[name][batch.task_index]  # [batch, *shape]
+                eps = torch.randn((samples, *theta.shape), generator=generator).to(theta)
+                resid = theta.detach() + self.sigma * eps - theta
+                total = total + (-0.5 * resid**2 / self.sigma**2).flatten(2).sum(-1)
+            return total
+
+        return fn
 
     def _task_means(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Observations per task and task means of ``y``. Shapes: y [docs, *shape] -> [D], [D, *shape]."""

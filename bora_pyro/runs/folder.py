@@ -51,6 +51,8 @@ TASK_STORE_FOLDER = "task_store"  # a disk task store's table files (the fitted 
 FIT_STATE_FILE, TRAIN_LOG_FILE, PER_TASK_FILE = "fit_state.safetensors", "train_log.csv", "per_task.csv"
 POSTERIOR_FILE, CURVE_FILE, GATES_FILE, GATES_FIGURE = "posterior.nc", "training_curve.png", "gates.csv", "gates.png"
 TRAINED, COMPLETE, INTERRUPTED, DIVERGED = "trained", "complete", "interrupted", "diverged"
+TAU_POSTERIOR_FILE, PRIOR_CHECK_FILE, TEST_DOCS_FILE = "tau_posterior.csv", "prior_check.csv", "test_docs.csv"
+TAU_FIGURE, SHRINKAGE_FIGURE, SCALES_FIGURE = "tau_posterior.png", "shrinkage.png", "guide_scales.png"
 
 SCORING = JOURNAL  # present while stage 2 writes: the folder counts as trained
 STAGE1_FILES = (  # what stage 2 never rewrites
@@ -61,8 +63,22 @@ STAGE1_FILES = (  # what stage 2 never rewrites
     FIT_STATE_FILE,
     TRAIN_LOG_FILE,
 )
-STAGE2_FILES = (PER_TASK_FILE, POSTERIOR_FILE, GATES_FILE, GATES_FIGURE, CURVE_FILE, METRICS_FILE, STATUS_FILE)
-DIAGNOSE_FILES = ("tau_posterior.png", "distance_forest.png", "elbo_trace.png", "compare.csv")
+STAGE2_FILES = (
+    PER_TASK_FILE,
+    POSTERIOR_FILE,
+    TEST_DOCS_FILE,
+    TAU_POSTERIOR_FILE,
+    PRIOR_CHECK_FILE,
+    TAU_FIGURE,
+    SHRINKAGE_FIGURE,
+    SCALES_FIGURE,
+    GATES_FILE,
+    GATES_FIGURE,
+    CURVE_FILE,
+    METRICS_FILE,
+    STATUS_FILE,
+)
+DIAGNOSE_FILES = ("tau_guide_draws.png", "distance_forest.png", "elbo_trace.png", "compare.csv")
 GENERATION_FILE, GENERATION_TASKS_FILE = "generation.csv", "generation_per_task.csv"  # evaluate --generate
 LEGACY_ENTRIES = (  # every name the tool wrote in a run folder before manifests (see folders.foreign_entries)
     CONFIG_FILE,
@@ -73,7 +89,7 @@ LEGACY_ENTRIES = (  # every name the tool wrote in a run folder before manifests
     ADAPTERS_FILE,
     *STAGE2_FILES,
     *DIAGNOSE_FILES,
-)
+)  # (before manifests, diagnose wrote tau_posterior.png, the name stage 2 now writes)
 
 
 def run_entries(path: Path) -> tuple[str, ...]:
@@ -260,13 +276,34 @@ def read_metrics(path: Path) -> dict[str, Any]:
 def write_scores(out: Path, scores: Scores, title: str, wall_seconds: float) -> dict:
     """Stage 2: add the scores to a ``trained`` folder (each file atomically), then mark it ``complete``
     and drop the fitted state. Returns the full metrics."""
-    from ..evaluation.plots import plot_gates, plot_training_curve  # matplotlib: imported when a run is written
+    from ..evaluation.plots import (  # matplotlib: imported when a run is written
+        plot_collapsed_tau,
+        plot_gates,
+        plot_guide_scales,
+        plot_shrinkage,
+        plot_training_curve,
+    )
 
     journal = out / SCORING
     journal.touch()
     fsync_path(out)
     with atomic_write(out / PER_TASK_FILE) as tmp:
         scores.per_task.to_csv(tmp, index=False)
+    with atomic_write(out / TEST_DOCS_FILE) as tmp:
+        scores.test_docs.to_csv(tmp, index=False)
+    if scores.collapsed is not None:
+        tau_frame = scores.collapsed.posterior.to_frame()
+        with atomic_write(out / TAU_POSTERIOR_FILE) as tmp:
+            tau_frame.to_csv(tmp, index=False)
+        with atomic_write(out / PRIOR_CHECK_FILE) as tmp:
+            scores.collapsed.prior_check.to_csv(tmp, index=False)
+        with atomic_write(out / TAU_FIGURE) as tmp:
+            plot_collapsed_tau(tau_frame, tmp, read_metrics(out).get("tau"), f"{title}: collapsed posterior of τ")
+        with atomic_write(out / SHRINKAGE_FIGURE) as tmp:
+            plot_shrinkage(scores.per_task, tmp, f"{title}: shrinkage per task")
+        if scores.collapsed.scale_histogram is not None:
+            with atomic_write(out / SCALES_FIGURE) as tmp:
+                plot_guide_scales(scores.collapsed.scale_histogram, scores.per_task.task, tmp, title)
     if scores.idata is not None:
         with atomic_write(out / POSTERIOR_FILE) as tmp:
             scores.idata.to_netcdf(str(tmp))

@@ -16,9 +16,11 @@ from ..data.corpus import Corpus, load_corpus
 from ..evaluation.generation import generate
 from ..evaluation.generation_scores import GenerationScores, heldout_examples, score_generations
 from ..evaluation.perplexity import PerplexityReport, evaluate
+from ..evaluation.tau_posterior import tau_posterior
 from ..io.artifacts import ADAPTERS_FILE, AdapterFile, read_json
 from ..io.folders import resolve
 from ..models.bora import BoRA
+from ..models.collapsed_tau import TauPosterior
 from ..models.gates import GateConfig
 from .folder import (
     COMPLETE,
@@ -55,6 +57,12 @@ class LoadedRun:
     def task_factors(self) -> dict[str, torch.Tensor]:
         """Every task's saved factors at once, name -> [D, ...] (prefer :meth:`rows` for many tasks)."""
         return self.rows(range(len(self.bora.tasks)))
+
+    def tau_posterior(self, **options) -> TauPosterior:
+        """The collapsed posterior of tau from the saved adapters (messages taken at them by a curvature pass over
+        the run's training documents); ``options`` as :func:`bora_pyro.tau_posterior` (not ``source="guide"``:
+        a run folder keeps no guide)."""
+        return tau_posterior(self.bora, self.corpus, point=self.task_factors, **options)
 
     def generate(self, prompts: list, tasks: list[str], **options) -> list[str]:
         """Answer or continue each prompt (a text, or a message list for conversational runs) under its task's

@@ -23,7 +23,7 @@ from ..inference.config import TrainConfig
 from ..io.artifacts import RUN_FORMAT, json_roundtrip, read_json
 from ..io.base_models import load_base_model, resolve_device
 from ..io.task_store import STORES, TaskStore, table_bytes
-from ..models.bora import BoRA
+from ..models.bora import BoRA, check_inference
 from ..models.gates import GateConfig
 from ..models.guides import INFERENCE
 from ..models.prior import POOLED, PriorConfig
@@ -55,6 +55,11 @@ class AdapterConfig:
     inference: str = option(
         "map", "map: AutoDelta guide (the paper's MAP estimate); vi: mean-field Normal guide", choices=INFERENCE
     )
+    guide_init_scale: float = option(
+        1e-3,
+        "--inference vi: the start of the guide's scales (of z_d in the non-centred form, where the prior's is 1; "
+        "of theta_d in the centred one; of log tau); see the scale_ratio column of per_task.csv",
+    )
     init_peft: str | None = option(
         None,
         "start Theta and every task from this PEFT LoRA adapter folder (same rank and target modules)",
@@ -75,6 +80,8 @@ class AdapterConfig:
     )
 
     def __post_init__(self) -> None:
+        if not (0 < self.guide_init_scale < math.inf):
+            raise ValueError(f"guide_init_scale must be a finite number > 0, got {self.guide_init_scale!r}")
         if not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"rank must be an integer >= 1, got {self.rank!r}")
         if not (self.alpha > 0 and math.isfinite(self.alpha)):
@@ -110,6 +117,11 @@ class RunSpec:
     posterior_samples: int = option(
         8, "guide draws for posterior-predictive perplexity and the ArviZ file posterior.nc (0 = skip)"
     )
+    curvature_docs: int = option(
+        32,
+        "training documents per task of the curvature pass behind the collapsed posterior of tau "
+        "(tau_posterior.csv) and the shrinkage per task (kappa, p_eff in per_task.csv) (0 = skip)",
+    )
     trust_remote_code: bool = option(False, TRUST_HELP)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -120,6 +132,9 @@ class RunSpec:
     def __post_init__(self) -> None:
         if self.posterior_samples < 0:
             raise ValueError(f"posterior_samples must be >= 0, got {self.posterior_samples}")
+        if self.curvature_docs < 0:
+            raise ValueError(f"curvature_docs must be >= 0, got {self.curvature_docs}")
+        check_inference(self.prior.tau, self.adapter.inference)
         if self.corpus.seed is None:  # the split follows the training seed unless given
             object.__setattr__(self, "corpus", replace(self.corpus, seed=self.train.seed))
 
@@ -167,6 +182,7 @@ class RunSpec:
             seed=self.train.seed,
             init=init,
             task_subsampling=a.task_subsampling,
+            guide_init_scale=a.guide_init_scale,
         )
         store = self.task_store(len(tasks), bora.lora.num_parameters(), store_folder, reopen_store)
         if store.disk and bora.mode != POOLED:  # tau = inf has no task rows: nothing to store

@@ -306,7 +306,16 @@ def _finish(
 
 def _score(spec: RunSpec, bora: BoRA, corpus: Corpus, log: pd.DataFrame, **known) -> Scores:
     """Stage 2's computations, with the run's evaluation settings (``known``: reports already scored)."""
-    return score_run(bora, corpus, spec.train.eval_batch_size, spec.posterior_samples, spec.train.seed, log, **known)
+    return score_run(
+        bora,
+        corpus,
+        spec.train.eval_batch_size,
+        spec.posterior_samples,
+        spec.train.seed,
+        log,
+        curvature_docs=spec.curvature_docs,
+        **known,
+    )
 
 
 def _stopped(out: Path, result: FitResult) -> RunStopped:

@@ -1,0 +1,197 @@
+"""Gaussian messages of each task's log-likelihood (``models/collapsed_tau.py``), taken from a fitted run.
+
+Curvature pass (any run, MAP or VI): at the fitted task factors theta_hat, for each task a diagonal
+Fisher lam_dj and the gradient grad_dj of its training log-likelihood, then the Newton message
+mu_dj = theta_hat_dj + grad_dj / lam_dj. Per-document gradients come from batches holding at most one
+document of each task: in the multi-task forward, row d of a factor's gradient is then that one document's.
+The Fisher is estimated with labels drawn from the model (``fisher="sampled"``: unbiased for the
+Gauss-Newton diagonal of a softmax likelihood) or with the data's own labels (``"empirical"``), from at most
+``docs_per_task`` documents of each task, scaled to its whole training set.
+
+Guide (a mean-field VI run, no extra LM pass): q(theta_dj) = N(m, s^2) is the exact conditional posterior
+when the likelihood is Gaussian, 1/s^2 = lam + tau and m = (lam mu + tau Theta) / (lam + tau), so
+lam = 1/s^2 - tau and mu = m + tau (m - Theta) / lam. Trustworthy only once the guide's scales have converged.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable, Iterator, Mapping
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..data.batching import IGNORE_INDEX, Batch, Split
+from ..models.bora import BoRA
+from ..models.collapsed_tau import Messages
+from ..models.likelihood import lm_logits, token_log_probs
+from ..models.tau_prior import TAU_SITE
+
+FISHER = ("sampled", "empirical")
+# (factors, batch, generator) -> [samples, batch]: log-likelihood of labels drawn from the model
+SampledLogLikelihood = Callable[[Mapping[str, torch.Tensor], Batch, torch.Generator], torch.Tensor]
+
+
+def one_per_task_batches(split: Split, docs_per_task: int | None, batch_size: int, seed: int) -> Iterator[list[int]]:
+    """Batches of document indices holding at most one document of each task: round k takes the k-th of
+    each task's (seeded, shuffled) documents, at most ``docs_per_task`` of them (None: all), cut into batches."""
+    rng = np.random.default_rng(seed)
+    task_index = np.asarray(split.task_index)
+    chosen = [rng.permutation(np.flatnonzero(task_index == d))[:docs_per_task] for d in range(len(split.tasks))]
+    rounds = max((len(c) for c in chosen), default=0)
+    for k in range(rounds):
+        docs = [int(c[k]) for c in chosen if len(c) > k]
+        for start in range(0, len(docs), batch_size):
+            yield docs[start : start + batch_size]
+
+
+def chosen_counts(split: Split, docs_per_task: int | None) -> np.ndarray:
+    """How many documents of each task the curvature pass reads. Shape: [tasks]."""
+    n = split.docs_per_task()
+    return n if docs_per_task is None else np.minimum(n, docs_per_task)
+
+
+def draw_labels(logits: torch.Tensor, labels: torch.Tensor, samples: int, generator: torch.Generator) -> torch.Tensor:
+    """Log-probability of ``samples`` label sequences drawn from the model's own next-token distribution at the
+    scored positions. Shapes: logits [batch, tokens, vocab], labels [batch, tokens] -> [samples, batch]."""
+    logp = logits[:, :-1].float().log_softmax(-1)  # [batch, tokens-1, vocab]
+    scored = labels[:, 1:] != IGNORE_INDEX
+    drawn = torch.multinomial(logp.detach().exp().flatten(0, 1).cpu(), samples, replacement=True, generator=generator)
+    drawn = drawn.T.reshape(samples, *scored.shape).to(logp.device)  # [samples, batch, tokens-1]
+    picked = logp.unsqueeze(0).expand(samples, -1, -1, -1).gather(-1, drawn.unsqueeze(-1)).squeeze(-1)
+    return (picked * scored).sum(-1)
+
+
+def _log_likelihoods(
+    bora: BoRA,
+    rows: Mapping[str, torch.Tensor],
+    batch: Batch,
+    tasks: torch.Tensor,
+    samples: int,
+    generator: torch.Generator,
+    sampled: SampledLogLikelihood | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The data's log-likelihood [batch] and, with ``samples`` > 0, that of labels drawn from the model
+    [samples, batch] (the LM's from one forward; a custom likelihood's from ``sampled``). ``batch``'s task
+    index is local (example i uses row i of ``rows``); ``tasks`` [batch] are the real ids (for gates)."""
+    if bora.log_likelihood != bora._lm_log_likelihood:
+        return bora.log_likelihood(rows, batch), sampled(rows, batch, generator) if samples else None
+    logits = lm_logits(bora.lora, rows, batch, bora.gate_values(tasks))
+    data = token_log_probs(logits, batch.labels).sum(-1)
+    return data, draw_labels(logits, batch.labels, samples, generator) if samples else None
+
+
+def curvature_messages(
+    bora: BoRA,
+    split: Split,
+    docs_per_task: int | None = 32,
+    fisher: str = "sampled",
+    label_samples: int = 1,
+    seed: int = 0,
+    batch_size: int = 16,
+    point: Mapping[str, torch.Tensor] | None = None,
+    sampled_log_likelihood: SampledLogLikelihood | None = None,
+    progress: bool = False,
+) -> Messages:
+    """Messages from one curvature pass over ``split`` (the training documents) at ``point`` (name ->
+    [D, *shape]; default the fitted point estimate ``bora.task_factors()``).
+
+    ``fisher="sampled"`` draws ``label_samples`` label sequences per document from the model (an LM run, or
+    ``sampled_log_likelihood`` for a custom likelihood); ``"empirical"`` squares the data's own per-document
+    gradients. A coordinate whose Fisher is 0 gets lam = 0 (no message). Gates, if any, are applied.
+    """
+    if fisher not in FISHER:
+        raise ValueError(f"fisher must be one of {FISHER}, got {fisher!r}")
+    if docs_per_task is not None and docs_per_task < 1:
+        raise ValueError(f"docs_per_task must be >= 1 or None, got {docs_per_task}")
+    custom = bora.log_likelihood != bora._lm_log_likelihood
+    if fisher == "sampled" and custom and sampled_log_likelihood is None:
+        raise ValueError(
+            "fisher='sampled' draws labels from the model: give sampled_log_likelihood for a custom "
+            "log_likelihood, or use fisher='empirical'"
+        )
+    samples = label_samples if fisher == "sampled" else 0
+    point = {k: v.to(bora.device) for k, v in (bora.task_factors() if point is None else point).items()}
+    grad = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in point.items()}
+    fisher_sum = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in point.items()}
+    generator = torch.Generator().manual_seed(seed)
+    batches = list(one_per_task_batches(split, docs_per_task, batch_size, seed))
+    for docs in tqdm(batches, desc="curvature", unit="batch", disable=not progress, leave=False):
+        batch = split.collate(docs).to(bora.device)
+        tasks = batch.task_index
+        rows = {k: v.index_select(0, tasks).detach().requires_grad_() for k, v in point.items()}
+        local = batch.replace(task_index=torch.arange(len(docs), device=bora.device))
+        with torch.enable_grad():
+            data, drawn = _log_likelihoods(bora, rows, local, tasks, samples, generator, sampled_log_likelihood)
+            leaves = list(rows.values())
+            data_grads = torch.autograd.grad(data.sum(), leaves, retain_graph=drawn is not None)
+            squares = [g.double() ** 2 for g in data_grads]  # the empirical Fisher
+            if drawn is not None:  # the sampled Fisher: mean over draws of the squared gradients
+                squares = [torch.zeros_like(s) for s in squares]
+                for i in range(samples):
+                    for k, g in enumerate(torch.autograd.grad(drawn[i].sum(), leaves, retain_graph=i + 1 < samples)):
+                        squares[k] += g.double() ** 2 / samples
+        for k, g, sq in zip(rows, data_grads, squares):
+            grad[k].index_add_(0, tasks, g.double())
+            fisher_sum[k].index_add_(0, tasks, sq)
+    scale = torch.as_tensor(split.docs_per_task() / np.maximum(chosen_counts(split, docs_per_task), 1))
+    mu, lam = {}, {}
+    for k, p in point.items():
+        s = scale.to(p.device, torch.float64).view(-1, *([1] * (p.dim() - 1)))
+        lam[k] = fisher_sum[k] * s
+        mu[k] = torch.where(lam[k] > 0, p.double() + grad[k] * s / lam[k].clamp_min(1e-300), p.double())
+    return Messages(
+        {k: v.float().cpu() for k, v in mu.items()},
+        {k: v.float().cpu() for k, v in lam.items()},
+        {k: v.detach().cpu() for k, v in point.items()},
+        f"fisher-{fisher}",
+    )
+
+
+def guide_moments(bora: BoRA) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The mean-field guide's mean and sd of every task factor in theta space (non-centred: theta = Theta +
+    tau^-1/2 z, at the run's tau or a learned tau's median). Shapes: -> name -> [D, *shape] twice (float64)."""
+    if bora.inference != "vi":
+        raise ValueError(f"the guide's moments need a VI run (--inference vi), this one is {bora.inference!r}")
+    if bora.mode != "hierarchical":
+        raise ValueError(f"the guide's moments need a finite tau > 0 or a learned one; tau is {bora.tau!r}")
+    theta, taus = bora.global_factors(), factor_taus(bora)
+    locs, scales = {}, {}
+    with bora.param_scope():
+        for name in theta:
+            site = f"task.{name}" + ("_decentered" if bora.prior.noncentered else "")
+            loc = operator.attrgetter(f"locs.{site}")(bora.guide).detach().double()
+            scale = operator.attrgetter(f"scales.{site}")(bora.guide).detach().double()
+            if bora.prior.noncentered:
+                loc, scale = theta[name].double() + loc / math.sqrt(taus[name]), scale / math.sqrt(taus[name])
+            locs[name], scales[name] = loc, scale
+    return locs, scales
+
+
+def guide_messages(bora: BoRA) -> Messages:
+    """Messages read from a fitted mean-field VI guide at its tau (a learned tau: its median); see the module
+    docstring. A coordinate whose guide is no narrower than its prior gets lam = 0."""
+    theta, taus = bora.global_factors(), factor_taus(bora)
+    locs, scales = guide_moments(bora)
+    mu, lam = {}, {}
+    for name, loc in locs.items():
+        tau = taus[name]
+        lam[name] = (1.0 / scales[name] ** 2 - tau).clamp_min(0)
+        step = tau * (loc - theta[name].double()) / lam[name].clamp_min(1e-300)
+        mu[name] = torch.where(lam[name] > 0, loc + step, loc)
+    cpu = lambda d: {k: v.float().cpu() for k, v in d.items()}
+    return Messages(cpu(mu), cpu(lam), cpu(locs), "guide")
+
+
+def factor_taus(bora: BoRA) -> dict[str, float]:
+    """The tau of every factor: the run's fixed tau, or a learned tau's guide median (by tau group)."""
+    names = list(bora.lora.shapes())
+    if not bora.prior.learned:
+        tau = float(bora.tau)
+        return dict.fromkeys(names, tau)
+    with bora.param_scope():
+        median = bora.guide.median()[TAU_SITE]  # [groups]
+    group = bora.prior.tau_prior.group_index(names)
+    return {n: float(median[group[n]]) for n in names}

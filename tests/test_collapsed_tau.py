@@ -1,0 +1,257 @@
+"""The collapsed posterior of tau, its messages, the shrinkage per task and the elpd comparison of runs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import bora_pyro
+from bora_pyro import PriorConfig
+from bora_pyro.cli import main
+from bora_pyro.evaluation.comparison import compare_runs, paired_se
+from bora_pyro.evaluation.messages import curvature_messages, one_per_task_batches
+from bora_pyro.models.collapsed_tau import (
+    Messages,
+    collapsed_tau_posterior,
+    conditional_mean,
+    shrinkage,
+    standardised_residuals,
+)
+from bora_pyro.models.gaussian import GaussianObservations, observation_corpus
+from bora_pyro.models.tau_prior import TauPrior
+
+from .conftest import synthetic_rows, train_args
+
+PRIOR = TauPrior.parse("lognormal:2.3,3")
+SIGMA = 0.5
+DOCS = [2 + (3 * d) % 9 for d in range(10)]  # 2..10 observations per task
+
+
+def _simulated(tau: float = 4.0, seed: int = 1, shapes=None) -> GaussianObservations:
+    shapes = shapes or {"a": (3, 4), "b": (5,)}
+    return GaussianObservations.simulate(
+        shapes, DOCS, tau=tau, sigma=SIGMA, generator=torch.Generator().manual_seed(seed)
+    )
+
+
+def _exact_messages(data: GaussianObservations) -> Messages:
+    """The Gaussian likelihood's own messages: lam = n_d / sigma^2, mu = the task mean."""
+    n = torch.tensor(DOCS, dtype=torch.float64)
+    mu = {k: torch.stack([y[data.task_index == d].mean(0) for d in range(len(DOCS))]) for k, y in data.y.items()}
+    lam = {k: (n / SIGMA**2).view(-1, *[1] * (m.dim() - 1)).expand_as(m).float() for k, m in mu.items()}
+    return Messages(mu, lam, mu, "exact")
+
+
+def _grid_quantiles(log_tau: torch.Tensor, weights: np.ndarray) -> np.ndarray:
+    cdf = (np.cumsum(weights) - 0.5 * weights) / weights.sum()  # each point holds the mass of its cell
+    return np.exp(np.interp([0.05, 0.5, 0.95], cdf, log_tau.numpy()))
+
+
+def test_collapsed_posterior_is_the_exact_posterior_of_the_normal_hierarchical_model():
+    data = _simulated()
+    grid = torch.linspace(math.log(1e-2), math.log(1e4), 600)
+    posterior = collapsed_tau_posterior(_exact_messages(data), PRIOR, log_tau=grid)
+    exact = data.tau_posterior(PRIOR, grid, "integrated").numpy()  # theta_d and Theta integrated analytically
+    density = posterior.density[0]
+    assert density / density.sum() == pytest.approx(exact, rel=1e-4, abs=1e-9)  # float32 terms, float64 sums
+    zoomed = collapsed_tau_posterior(_exact_messages(data), PRIOR)  # its own grid
+    assert zoomed.quantiles()[0] == pytest.approx(_grid_quantiles(grid, exact), rel=0.01)
+
+
+def test_latent_theta_and_uninformed_coordinates_match_quadrature():
+    """Theta ~ N(0, 1/g) and some lam = 0: the formula against numerical integration over Theta."""
+    gen = torch.Generator().manual_seed(3)
+    mu = {"x": torch.randn(4, 3, generator=gen)}
+    lam = {"x": torch.rand(4, 3, generator=gen) * 5}
+    lam["x"][0, 1] = lam["x"][2, 2] = 0.0
+    g = 0.7
+    log_tau = torch.linspace(-3, 4, 50, dtype=torch.float64)
+    posterior = collapsed_tau_posterior(Messages(mu, lam, mu, "test"), PRIOR, global_precision=g, log_tau=log_tau)
+    theta = torch.linspace(-12, 12, 8001, dtype=torch.float64)  # a quadrature grid for each Theta_j
+    expected = []
+    for tau in log_tau.exp():
+        logp = 0.0
+        for j in range(3):
+            log_integrand = -0.5 * g * theta**2
+            for d in range(4):
+                lj = float(lam["x"][d, j])
+                if lj > 0:  # mu_dj ~ N(Theta_j, 1/lam + 1/tau); lam = 0: no term
+                    var = 1 / lj + 1 / tau
+                    log_integrand = log_integrand - 0.5 * (mu["x"][d, j] - theta) ** 2 / var - 0.5 * torch.log(var)
+            logp += float(torch.logsumexp(log_integrand, 0))
+        expected.append(logp)
+    expected = np.asarray(expected)
+    got = posterior.log_likelihood[0]
+    assert got - got.mean() == pytest.approx(expected - expected.mean(), abs=1e-6)
+
+
+def test_groups_factorise():
+    data = _simulated()
+    messages = _exact_messages(data)
+    both = collapsed_tau_posterior(messages, PRIOR, {"a": 0, "b": 1}, ("a", "b"))
+    alone = collapsed_tau_posterior(
+        Messages(*({"b": m["b"]} for m in (messages.mu, messages.lam, messages.point)), ""), PRIOR
+    )
+    assert both.quantiles()[1] == pytest.approx(alone.quantiles()[0], rel=1e-3)
+    assert both.groups == ("a", "b") and both.density.shape[0] == 2
+
+
+def test_a_narrow_posterior_is_resolved():
+    """Many coordinates: the posterior of log tau is far narrower than any fixed grid's spacing."""
+    data = _simulated(tau=30.0, shapes={"a": (200, 50)})
+    posterior = collapsed_tau_posterior(_exact_messages(data), PRIOR)
+    low, mid, high = posterior.quantiles()[0]
+    assert low < mid < high and high / low < 1.3  # 10,000 coordinates x 10 tasks
+    assert 20 < mid < 45
+    fine = torch.linspace(math.log(low / 2), math.log(high * 2), 4000)
+    reference = collapsed_tau_posterior(_exact_messages(data), PRIOR, log_tau=fine)
+    assert posterior.quantiles()[0] == pytest.approx(reference.quantiles()[0], rel=1e-3)
+    assert posterior.weights().sum() == pytest.approx(1.0)
+
+
+def test_conditional_mean_and_shrinkage_are_the_closed_form():
+    data = _simulated()
+    messages = _exact_messages(data)
+    theta, means = conditional_mean(messages, 4.0)
+    theta_cf, mean_cf, _ = data.closed_form("a", 4.0)
+    assert theta["a"] == pytest.approx(theta_cf, abs=1e-5)
+    assert means["a"] == pytest.approx(mean_cf, abs=1e-5)
+    kappa = shrinkage(messages, 4.0)
+    n = np.asarray(DOCS, dtype=float)
+    assert kappa.kappa.to_numpy() == pytest.approx(4.0 / (n / SIGMA**2 + 4.0))
+    assert kappa.p_eff.to_numpy() == pytest.approx(17 * (1 - 4.0 / (n / SIGMA**2 + 4.0)), rel=1e-5)
+    assert (shrinkage(messages, 0.0).kappa == 0).all() and (shrinkage(messages, math.inf).kappa == 1).all()
+
+
+def test_residuals_of_data_from_the_prior_are_standard_normal():
+    data = _simulated(tau=4.0, shapes={"a": (100, 20)})
+    check = standardised_residuals(_exact_messages(data), 4.0)
+    assert check.mean_square.iloc[0] == pytest.approx(0.9, abs=0.1)  # a little below 1: Thetabar is fitted
+    assert abs(check.excess_kurtosis.iloc[0]) < 0.3
+
+
+@pytest.mark.parametrize("parameterization", ["noncentered", "centered"])
+def test_curvature_messages_of_a_map_fit_recover_the_exact_posterior(tiny_lm, parameterization):
+    corpus = observation_corpus(DOCS)
+    prior = PriorConfig(tau=10.0, tau_prior="lognormal:2.3,3", parameterization=parameterization)
+    bora = bora_pyro.BoRA(tiny_lm[0], corpus.tasks, rank=1, alpha=1, targets=["q_proj"], prior=prior)
+    data = _simulated(shapes=bora.lora.shapes())
+    bora.log_likelihood = data.log_likelihood
+    bora_pyro.fit(
+        bora,
+        corpus,
+        steps=300,
+        batch_size=sum(DOCS),
+        lr=0.03,
+        clip_norm=None,
+        eval_every=300,
+        lr_schedule="cosine",
+        progress=False,
+    )
+    grid = torch.linspace(math.log(1e-1), math.log(1e3), 800)
+    exact = _grid_quantiles(grid, data.tau_posterior(PRIOR, grid, "integrated").numpy())
+    posterior = bora_pyro.tau_posterior(
+        bora, corpus, label_samples=32, sampled_log_likelihood=data.sampled_log_likelihood(32)
+    )
+    assert posterior.quantiles()[0] == pytest.approx(exact, rel=0.06)
+    refreshed = bora_pyro.tau_posterior(
+        bora, corpus, label_samples=32, sampled_log_likelihood=data.sampled_log_likelihood(32), refresh=True
+    )
+    assert refreshed.quantiles()[0] == pytest.approx(posterior.quantiles()[0], rel=0.03)  # a Gaussian: no change
+
+
+def test_guide_messages_of_a_converged_vi_fit_recover_the_exact_posterior(tiny_lm):
+    corpus = observation_corpus(DOCS)
+    prior = PriorConfig(tau=10.0, tau_prior="lognormal:2.3,3")
+    bora = bora_pyro.BoRA(tiny_lm[0], corpus.tasks, rank=1, alpha=1, targets=["q_proj"], prior=prior, inference="vi")
+    data = _simulated(shapes=bora.lora.shapes())
+    bora.log_likelihood = data.log_likelihood
+    bora_pyro.fit(
+        bora,
+        corpus,
+        steps=1000,
+        batch_size=sum(DOCS),
+        lr=0.03,
+        guide_lr=0.03,
+        clip_norm=None,
+        eval_every=1000,
+        lr_schedule="cosine",
+        num_particles=2,
+        progress=False,
+    )
+    grid = torch.linspace(math.log(1e-1), math.log(1e3), 800)
+    exact = _grid_quantiles(grid, data.tau_posterior(PRIOR, grid, "integrated").numpy())
+    posterior = bora_pyro.tau_posterior(bora, corpus, source="guide")
+    assert posterior.quantiles()[0] == pytest.approx(exact, rel=0.04)
+
+
+def test_one_per_task_batches_give_every_document_its_own_gradient(make_corpus, tiny_lm):
+    """The curvature pass takes per-document gradients from mixed-task batches holding one document of each
+    task: it must equal a pass over one document at a time."""
+    corpus = make_corpus({"a": 6, "b": 4, "c": 3})
+    bora = bora_pyro.BoRA(tiny_lm[0], corpus.tasks, rank=2)
+    bora_pyro.fit(bora, corpus, steps=4, batch_size=4, eval_every=4, progress=False, lr=0.05)
+    batched = curvature_messages(bora, corpus.train, docs_per_task=4, fisher="empirical", batch_size=16)
+    alone = curvature_messages(bora, corpus.train, docs_per_task=4, fisher="empirical", batch_size=1)
+    for name in batched.lam:
+        assert batched.lam[name] == pytest.approx(alone.lam[name], rel=1e-4, abs=1e-9)
+        # mu = theta + grad / lam is ill-conditioned where lam is tiny
+        assert batched.mu[name] == pytest.approx(alone.mu[name], rel=1e-3, abs=1e-6)
+    batches = list(one_per_task_batches(corpus.train, 4, 2, seed=0))
+    assert all(len({corpus.train.task_index[i] for i in b}) == len(b) for b in batches)
+
+
+def test_vi_at_tau_zero_is_refused(tiny_lm, make_corpus):
+    corpus = make_corpus()
+    with pytest.raises(ValueError, match="needs tau > 0.*improper"):
+        bora_pyro.BoRA(tiny_lm[0], corpus.tasks, tau=0.0, inference="vi")
+
+
+def test_paired_standard_errors():
+    docs = pd.DataFrame({"doc": range(6), "task": list("aabbcc"), "tokens": [3] * 6})
+    good = docs.assign(elpd=[-1.0, -2.0, -1.5, -1.0, -3.0, -2.0])
+    bad = docs.assign(elpd=good.elpd - [0.5, 0.1, 0.2, 0.4, 0.3, 0.1])
+    table = compare_runs({"good": good, "bad": bad})
+    assert list(table.index) == ["good", "bad"]
+    diff = np.array([0.5, 0.1, 0.2, 0.4, 0.3, 0.1])
+    assert table.loc["bad", "elpd_diff"] == pytest.approx(diff.sum())
+    assert table.loc["bad", "se_docs"] == pytest.approx(math.sqrt(6 * diff.var(ddof=1)))
+    per_task = np.array([0.6, 0.6, 0.4])
+    assert table.loc["bad", "se_tasks"] == pytest.approx(math.sqrt(3 * per_task.var(ddof=1)))
+    assert paired_se(diff, np.array(list("aabbcc"))) == pytest.approx(table.loc["bad", "se_tasks"])
+    with pytest.raises(ValueError, match="different test documents"):
+        compare_runs({"good": good, "short": bad.iloc[:5]})
+
+
+def test_every_run_reports_its_tau_posterior_and_shrinkage(tmp_path, capsys):
+    data = tmp_path / "corpus.csv"
+    synthetic_rows({"a": 16, "b": 8, "c": 4}).to_csv(data, index=False)
+    for name, extra in {"t10": ["--tau", "10"], "pooled": ["--tau", "inf"], "none": ["--curvature-docs", "0"]}.items():
+        assert main(train_args(data, tmp_path / name, "--curvature-docs", "4", *extra)) == 0
+    out = capsys.readouterr().out
+    assert "tau posterior (collapsed, 4 training documents per task)" in out
+    run = tmp_path / "t10"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["tau_q05"] < metrics["tau_median"] < metrics["tau_q95"]
+    frame = pd.read_csv(run / "tau_posterior.csv")
+    assert list(frame.columns) == ["group", "tau", "log_tau", "density", "log_likelihood"]
+    assert np.trapezoid(frame.density, frame.log_tau) == pytest.approx(1.0, rel=1e-3)
+    per_task = pd.read_csv(run / "per_task.csv")
+    assert ((per_task.kappa > 0) & (per_task.kappa < 1)).all()
+    assert per_task.p_eff.to_numpy() == pytest.approx(
+        (1 - per_task.kappa.to_numpy()) * bora_pyro.load_run(run).bora.lora.num_parameters(), rel=1e-4
+    )
+    assert (pd.read_csv(tmp_path / "pooled" / "per_task.csv").kappa == 1).all()
+    assert not (tmp_path / "none" / "tau_posterior.csv").exists()
+    assert pd.read_csv(tmp_path / "none" / "per_task.csv").kappa.isna().all()
+    for name in ("tau_posterior.png", "shrinkage.png", "prior_check.csv", "test_docs.csv"):
+        assert (run / name).is_file()
+    capsys.readouterr()
+    assert main(["diagnose", str(run), str(tmp_path / "pooled")]) == 0
+    out = capsys.readouterr().out
+    assert "shrinkage at the fitted tau" in out and "prior check" in out and "compared by elpd" in out

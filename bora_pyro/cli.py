@@ -36,6 +36,7 @@ from .io.artifacts import read_json
 from .io.export import export_merged, export_peft
 from .io.folders import FolderBusy, atomic_write, check_target, folder_kind, folder_lock
 from .io.integrity import CorruptFile, update_manifest
+from .models.tau_prior import TauPrior
 from .options import add_options, dest, parse_csv, section_values
 from .runs import SECTIONS, RunSpec, RunStopped, adapt_run, complete_run, load_run, resume_run, train_run
 from .runs.diagnose import COMPARE_BY, compare_folders, run_lines
@@ -439,11 +440,20 @@ def _add_diagnose(sub: argparse._SubParsersAction) -> None:
         help="several runs: compare by the log predictive density of the test documents (elpd: averaged over the "
         "guide's draws, the plug-in for MAP), the plug-in adapters', or the tau-averaged adapters'",
     )
+    p.add_argument(
+        "--tau-prior",
+        default=None,
+        metavar="SPEC",
+        help="also show each run's tau posterior under this hyperprior (lognormal:LOC,SCALE or gamma:SHAPE,RATE): "
+        "its grid reweighted, nothing refitted",
+    )
     p.add_argument("--out", default=None, help="where to write compare.csv (default: the first run folder)")
     p.set_defaults(func=_diagnose)
 
 
 def _diagnose(a: argparse.Namespace) -> None:
+    if a.tau_prior is not None:
+        TauPrior.parse(a.tau_prior)  # a bad spec is refused before any run is read
     folders = []
     for path in a.runs:
         name = Path(path).name if Path(path).name not in [n for n, _ in folders] else str(path)
@@ -453,7 +463,7 @@ def _diagnose(a: argparse.Namespace) -> None:
         with contextlib.nullcontext() if loose else folder_lock(folder):  # the plots go into the run folder
             if not loose:
                 verified_status(folder)  # recovered; its files checked against the run's manifest
-                for line in run_lines(folder):
+                for line in run_lines(folder, a.tau_prior):
                     print(line)
                 folders.append((name, folder))
             _arviz(path, folder, loose)

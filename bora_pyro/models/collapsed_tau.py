@@ -211,6 +211,18 @@ class TauPosterior:
     def _group_of(self) -> Mapping[str, int]:
         return dict.fromkeys(self._messages().lam, 0) if self.group_of is None else self.group_of
 
+    @classmethod
+    def from_frame(cls, frame: pd.DataFrame, tau_prior: TauPrior) -> TauPosterior:
+        """Read back :meth:`to_frame` (a run's tau_posterior.csv), under ``tau_prior`` (the run's hyperprior, or
+        another one to see how much the answer depends on it), without its messages."""
+        groups = tuple(dict.fromkeys(frame.group.astype(str)))
+        parts = [frame[frame.group.astype(str) == g] for g in groups]
+        if len({len(p) for p in parts}) != 1:
+            raise ValueError("every tau group of a tau_posterior table must have a grid of the same length")
+        log_tau = np.stack([p.log_tau.to_numpy(dtype=float) for p in parts])
+        loglik = np.stack([p.log_likelihood.to_numpy(dtype=float) for p in parts])
+        return cls(groups, log_tau, loglik, log_prior_density(tau_prior, log_tau))
+
     def summary(self) -> dict[str, dict[str, float]]:
         """{group: {"q05", "median", "q95"}} of tau."""
         q = self.quantiles((0.05, 0.5, 0.95))

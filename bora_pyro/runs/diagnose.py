@@ -16,7 +16,9 @@ import pandas as pd
 from ..evaluation.collapsed import tau_posterior_line
 from ..evaluation.comparison import compare_runs
 from ..io.integrity import CorruptFile
-from .folder import PER_TASK_FILE, PRIOR_CHECK_FILE, TEST_DOCS_FILE, read_metrics
+from ..models.collapsed_tau import TauPosterior
+from ..models.tau_prior import TauPrior
+from .folder import PER_TASK_FILE, PRIOR_CHECK_FILE, TAU_POSTERIOR_FILE, TEST_DOCS_FILE, read_metrics
 
 SHRINKAGE_COLUMNS = ("task", "n_train_tokens", "kappa", "p_eff", "scale_ratio", "test_ppl", "tau_averaged_test_ppl")
 COMPARE_BY = {"elpd": "elpd", "plug-in": "loglik_plug_in", "tau-averaged": "loglik_tau_averaged"}
@@ -29,12 +31,18 @@ def _read_csv(path: Path) -> pd.DataFrame:
         raise CorruptFile(f"{path} cannot be read as a table ({type(err).__name__}: {err})") from None
 
 
-def run_lines(folder: Path) -> list[str]:
-    """What ``diagnose`` prints of one run folder (its files verified by the caller)."""
+def run_lines(folder: Path, tau_prior: str | None = None) -> list[str]:
+    """What ``diagnose`` prints of one run folder (its files verified by the caller); ``tau_prior``: also the
+    tau posterior under this hyperprior (the grid reweighted: how much the answer depends on the prior)."""
     metrics = read_metrics(folder)
     lines = [f"tau: fitted at {metrics.get('tau')}"]
     line = tau_posterior_line(metrics)
     lines.append(line or "no collapsed tau posterior (trained with --curvature-docs 0, or by an older bora_pyro)")
+    if line and tau_prior is not None:
+        frame = _read_csv(folder / TAU_POSTERIOR_FILE)
+        other = TauPosterior.from_frame(frame, TauPrior.parse(tau_prior)).summary()
+        text = "; ".join(f"{g} {s['median']:.3g} [{s['q05']:.3g}, {s['q95']:.3g}]" for g, s in other.items())
+        lines.append(f"under the hyperprior {tau_prior} instead: {text}")
     if (folder / PER_TASK_FILE).is_file():
         per_task = _read_csv(folder / PER_TASK_FILE)
         if "kappa" in per_task and per_task.kappa.notna().any():

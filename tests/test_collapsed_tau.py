@@ -206,10 +206,15 @@ def test_one_per_task_batches_give_every_document_its_own_gradient(make_corpus, 
     assert all(len({corpus.train.task_index[i] for i in b}) == len(b) for b in batches)
 
 
-def test_vi_at_tau_zero_is_refused(tiny_lm, make_corpus):
+def test_vi_at_tau_zero_is_refused(tiny_lm, make_corpus, tmp_path, capsys):
     corpus = make_corpus()
+    bora = bora_pyro.BoRA(tiny_lm[0], corpus.tasks, tau=0.0, inference="vi")  # an old run of it still loads
     with pytest.raises(ValueError, match="needs tau > 0.*improper"):
-        bora_pyro.BoRA(tiny_lm[0], corpus.tasks, tau=0.0, inference="vi")
+        bora_pyro.fit(bora, corpus, steps=1, progress=False)
+    data = tmp_path / "corpus.csv"
+    synthetic_rows({"a": 6, "b": 4}).to_csv(data, index=False)
+    assert main(train_args(data, tmp_path / "run", "--tau", "0", "--inference", "vi")) == 2
+    assert "needs tau > 0" in capsys.readouterr().err and not (tmp_path / "run").exists()
 
 
 def test_paired_standard_errors():
@@ -234,7 +239,7 @@ def test_every_run_reports_its_tau_posterior_and_shrinkage(tmp_path, capsys):
     for name, extra in {"t10": ["--tau", "10"], "pooled": ["--tau", "inf"], "none": ["--curvature-docs", "0"]}.items():
         assert main(train_args(data, tmp_path / name, "--curvature-docs", "4", *extra)) == 0
     out = capsys.readouterr().out
-    assert "tau posterior (collapsed, 4 training documents per task)" in out
+    assert "tau posterior (collapsed, diagonal Gaussian messages from 4 training documents" in out
     run = tmp_path / "t10"
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["tau_q05"] < metrics["tau_median"] < metrics["tau_q95"]

@@ -14,7 +14,7 @@ import torch
 
 from ..data.corpus import Corpus
 from ..models.bora import BoRA
-from ..models.collapsed_tau import TauPosterior
+from ..models.collapsed_tau import Messages, TauPosterior
 from .guide_scales import scale_report, scale_warning
 from .messages import factor_taus
 from .perplexity import PerplexityReport, document_log_likelihoods, report_from_documents
@@ -23,6 +23,7 @@ from .tau_posterior import tau_posterior
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_COORDINATES = 50_000_000  # tasks x coordinates of the messages (~1.4 GB of working tensors)
+UNSTATIONARY = 3.0  # fit_stationarity above this: the fit is too far from converged for its messages
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,8 @@ class CollapsedReport:
             "tau_median": pick("median"),
             "tau_q95": pick("q95"),
             "tau_posterior_source": self.posterior.source,
+            "tau_posterior_at_edge": any(self.posterior.at_edge()),
+            "fit_stationarity": self.posterior.messages.stationarity,
             "tau_averaged_test_ppl": self.tau_averaged.token_weighted,
             "tau_averaged_test_macro_ppl": self.tau_averaged.task_macro,
             "collapsed_seconds": self.seconds,
@@ -63,6 +66,8 @@ def why_not_collapsed(bora: BoRA, corpus: Corpus, docs_per_task: int) -> str | N
         return "--curvature-docs 0"
     if len(corpus.train) == 0:
         return "no training documents"
+    if bora.log_likelihood != bora._lm_log_likelihood:
+        return "a custom log_likelihood (bora_pyro.tau_posterior takes its sampled_log_likelihood)"
     if bora.task_store.disk:
         return "the task rows are in a disk task store (many tasks): the messages would not fit in memory"
     size = len(bora.tasks) * bora.lora.num_parameters()
@@ -89,7 +94,9 @@ def collapsed_report(
     averaged = document_log_likelihoods(lambda b: bora.log_likelihood(factors, b), corpus.test, bora.device, batch_size)
     scales, histogram = None, None
     if bora.inference == "vi" and bora.mode == "hierarchical":
-        scales, histogram = scale_report(bora, posterior.messages)
+        messages = posterior.messages
+        every = Messages(messages.mu, posterior.curvature or messages.lam, messages.point, messages.source)
+        scales, histogram = scale_report(bora, every)
     seconds = time.perf_counter() - start
     report = report_from_documents(corpus.test, averaged, seconds)
     return CollapsedReport(posterior, shrink, posterior.residuals(), report, averaged, seconds, scales, histogram)
@@ -104,11 +111,19 @@ def tau_posterior_line(metrics: dict) -> str | None:
         text = "; ".join(f"{g} {mid[g]:.3g} [{low[g]:.3g}, {high[g]:.3g}]" for g in mid)
     else:
         text = f"{mid:.3g}, 90% interval [{low:.3g}, {high:.3g}]"
-        if high < 1e-3:
-            text += " (tau -> 0: the data see the tasks as unrelated)"
-        elif low > 1e8:
-            text += " (tau -> inf: one pooled adapter explains them)"
-    line = f"tau posterior (collapsed, {metrics.get('curvature_docs')} training documents per task): {text}"
+    if metrics.get("tau_posterior_at_edge"):
+        text += " (its mass reaches the end of the range searched, 1e-4 to 1e9: tau -> 0 or tau -> inf)"
+    line = (
+        f"tau posterior (collapsed, diagonal Gaussian messages from {metrics.get('curvature_docs')} training documents "
+        f"per task; exploratory: it has not passed calibration checks on language models, see docs/results.md): {text}"
+    )
+    stationarity = metrics.get("fit_stationarity")
+    if stationarity is not None and stationarity > UNSTATIONARY:
+        line += (
+            f"; NOT RELIABLE here: the fit has not converged (its measured likelihood gradient departs from the one "
+            f"its prior balances by {stationarity:.3g} noise variances, about 1 at convergence), and the Gaussian "
+            "messages assume it has: train to convergence (--steps, --patience) before reading tau from it"
+        )
     if metrics.get("tau_averaged_test_ppl") is not None:
         line += f"; tau-averaged adapters: test perplexity {metrics['tau_averaged_test_ppl']:.2f}"
     return line

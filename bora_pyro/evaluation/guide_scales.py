@@ -23,7 +23,7 @@ def scale_ratios(bora: BoRA, messages: Messages) -> dict[str, torch.Tensor]:
     """The guide's sd over its target 1 / sqrt(lam + tau), per coordinate. Shapes: -> name -> [D, *shape]."""
     _, scales = guide_moments(bora)
     taus = factor_taus(bora)
-    return {n: (scales[n] * (messages.lam[n].double() + taus[n]).sqrt()).float().cpu() for n in scales}
+    return {n: (scales[n].cpu() * (messages.lam[n].double().cpu() + taus[n]).sqrt()).float() for n in scales}
 
 
 def scale_report(bora: BoRA, messages: Messages) -> tuple[pd.DataFrame, np.ndarray]:

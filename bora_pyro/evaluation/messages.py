@@ -1,12 +1,13 @@
 """Gaussian messages of each task's log-likelihood (``models/collapsed_tau.py``), taken from a fitted run.
 
-Curvature pass (any run, MAP or VI): at the fitted task factors theta_hat, for each task a diagonal
-Fisher lam_dj and the gradient grad_dj of its training log-likelihood, then the Newton message
-mu_dj = theta_hat_dj + grad_dj / lam_dj. Per-document gradients come from batches holding at most one
-document of each task: in the multi-task forward, row d of a factor's gradient is then that one document's.
-The Fisher is estimated with labels drawn from the model (``fisher="sampled"``: unbiased for the
-Gauss-Newton diagonal of a softmax likelihood) or with the data's own labels (``"empirical"``), from at most
-``docs_per_task`` documents of each task, scaled to its whole training set.
+Curvature pass (any run, MAP or VI): at the fitted task factors theta_hat, for each task a diagonal Fisher
+lam_dj of its training log-likelihood, and the Newton message mu_dj = theta_hat_dj + grad_dj / lam_dj with the
+gradient the fit's stationarity implies (grad_d = tau (theta_hat_d - Theta), exact at a converged MAP) or, for
+a pooled run, the measured one with its sampling noise added to the message. Per-document gradients come from
+batches holding at most one document of each task: in the multi-task forward, row d of a factor's gradient is
+then that one document's. The Fisher is estimated with labels drawn from the model (``fisher="sampled"``:
+unbiased for the Gauss-Newton diagonal of a softmax likelihood) or with the data's own labels
+(``"empirical"``), from at most ``docs_per_task`` documents of each task, scaled to its whole training set.
 
 Guide (a mean-field VI run, no extra LM pass): q(theta_dj) = N(m, s^2) is the exact conditional posterior
 when the likelihood is Gaussian, 1/s^2 = lam + tau and m = (lam mu + tau Theta) / (lam + tau), so
@@ -18,6 +19,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -58,8 +60,8 @@ def draw_labels(logits: torch.Tensor, labels: torch.Tensor, samples: int, genera
     scored positions. Shapes: logits [batch, tokens, vocab], labels [batch, tokens] -> [samples, batch]."""
     logp = logits[:, :-1].float().log_softmax(-1)  # [batch, tokens-1, vocab]
     scored = labels[:, 1:] != IGNORE_INDEX
-    drawn = torch.multinomial(logp.detach().exp().flatten(0, 1).cpu(), samples, replacement=True, generator=generator)
-    drawn = drawn.T.reshape(samples, *scored.shape).to(logp.device)  # [samples, batch, tokens-1]
+    drawn = torch.multinomial(logp.detach().exp().flatten(0, 1), samples, replacement=True, generator=generator)
+    drawn = drawn.T.reshape(samples, *scored.shape)  # [samples, batch, tokens-1], drawn where the logits are
     picked = logp.unsqueeze(0).expand(samples, -1, -1, -1).gather(-1, drawn.unsqueeze(-1)).squeeze(-1)
     return (picked * scored).sum(-1)
 
@@ -83,40 +85,137 @@ def _log_likelihoods(
     return data, draw_labels(logits, batch.labels, samples, generator) if samples else None
 
 
+GRADIENTS = ("auto", "prior", "data", "none")
+
+
 def curvature_messages(
     bora: BoRA,
     split: Split,
-    docs_per_task: int | None = 32,
+    docs_per_task: int | None = 8,
     fisher: str = "sampled",
     label_samples: int = 1,
+    gradient: str = "auto",
     seed: int = 0,
     batch_size: int = 16,
     point: Mapping[str, torch.Tensor] | None = None,
+    theta: Mapping[str, torch.Tensor] | None = None,
+    taus: Mapping[str, float] | None = None,
     sampled_log_likelihood: SampledLogLikelihood | None = None,
     progress: bool = False,
 ) -> Messages:
     """Messages from one curvature pass over ``split`` (the training documents) at ``point`` (name ->
     [D, *shape]; default the fitted point estimate ``bora.task_factors()``).
 
-    ``fisher="sampled"`` draws ``label_samples`` label sequences per document from the model (an LM run, or
-    ``sampled_log_likelihood`` for a custom likelihood); ``"empirical"`` squares the data's own per-document
-    gradients. A coordinate whose Fisher is 0 gets lam = 0 (no message). Gates, if any, are applied.
+    lam: ``fisher="sampled"`` draws ``label_samples`` label sequences per document from the model (an LM run,
+    or ``sampled_log_likelihood`` for a custom likelihood); ``"empirical"`` squares the data's own
+    per-document gradients. A coordinate whose Fisher is 0 gets lam = 0 (no message). Gates, if any, apply.
+
+    mu = point + grad / lam, with the gradient of each task's log-likelihood at the point:
+    ``"prior"``: the one the fit's stationarity implies, grad_d = tau (theta_d - Theta) (0 at tau = 0): exact at
+    a converged MAP, and no estimate of it is needed (``theta``: Theta, default the fitted one; ``taus``: tau
+    per factor, default :func:`factor_taus`); ``"data"``: measured on the same documents, and since it is
+    scaled up from ``docs_per_task`` of a task's N_d documents, its sampling variance Var(grad) / lam^2 is added
+    to the message's (lam becomes 1 / (1/lam + Var(grad) / lam^2)): a noisy gradient must not read as
+    task-to-task spread; ``"none"``: mu = point (the curvature alone); ``"auto"``: "data" for a pooled run
+    (tau = inf: the prior implies no task's gradient), else "prior".
+
+    With the prior gradient the measured one is compared with it: ``Messages.stationarity`` is the mean over
+    the coordinates with lam >= tau of (measured - implied)^2 / (its sampling variance), about 1 at a converged
+    fit; far above 1, the fit has not converged and the messages (which assume it has) misplace the tasks'
+    likelihoods.
     """
     if fisher not in FISHER:
         raise ValueError(f"fisher must be one of {FISHER}, got {fisher!r}")
+    if gradient not in GRADIENTS:
+        raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
     if docs_per_task is not None and docs_per_task < 1:
         raise ValueError(f"docs_per_task must be >= 1 or None, got {docs_per_task}")
+    if fisher == "sampled" and label_samples < 1:
+        raise ValueError(f"label_samples must be >= 1 for fisher='sampled', got {label_samples}")
     custom = bora.log_likelihood != bora._lm_log_likelihood
     if fisher == "sampled" and custom and sampled_log_likelihood is None:
         raise ValueError(
             "fisher='sampled' draws labels from the model: give sampled_log_likelihood for a custom "
             "log_likelihood, or use fisher='empirical'"
         )
-    samples = label_samples if fisher == "sampled" else 0
+    taus = factor_taus(bora) if taus is None else dict(taus)
+    if gradient == "auto":
+        gradient = "data" if all(math.isinf(t) for t in taus.values()) else "prior"
+    if gradient == "prior" and any(math.isinf(t) for t in taus.values()):
+        raise ValueError("gradient='prior' needs a finite tau: a pooled run's tasks have no gradient of their own")
     point = {k: v.to(bora.device) for k, v in (bora.task_factors() if point is None else point).items()}
-    grad = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in point.items()}
-    fisher_sum = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in point.items()}
-    generator = torch.Generator().manual_seed(seed)
+    needs_data = gradient in ("data", "prior") or fisher == "empirical"
+    options = (docs_per_task, fisher, label_samples, seed, batch_size, sampled_log_likelihood, needs_data, progress)
+    sums = _curvature_pass(bora, split, point, *options)
+    n = torch.as_tensor(split.docs_per_task(), dtype=torch.float64)
+    m = torch.as_tensor(chosen_counts(split, docs_per_task), dtype=torch.float64)
+    if gradient == "prior" and theta is None:
+        theta = bora.global_factors()
+    mu, lam = {}, {}
+    misfit, counted = 0.0, 0
+    for k, p in point.items():
+        shape = (-1, *([1] * (p.dim() - 1)))
+        nk, mk = n.to(p.device).view(shape), m.to(p.device).clamp_min(1).view(shape)
+        lam[k] = sums.fisher[k] * nk / mk
+        if gradient == "none":
+            mu[k] = p.double()
+            continue
+        measured = sums.grad[k] * nk / mk
+        unbiased = (sums.grad_square[k] - sums.grad[k] ** 2 / mk) / (mk - 1).clamp_min(1)
+        spread = torch.where(mk > 1, unbiased, sums.grad_square[k])  # one document: its square, an upper bound
+        noise = nk**2 * (1 - mk / nk) * spread.clamp_min(0) / mk  # variance of the scaled-up gradient
+        if gradient == "prior":
+            tau = taus[k]
+            grad = torch.zeros_like(lam[k]) if tau == 0 else tau * (p.double() - theta[k].to(p.device).double())
+            checked = (lam[k] >= tau) & (noise > 0)  # the coordinates the posterior of tau will use
+            misfit += float(((measured - grad) ** 2 / noise.clamp_min(1e-300))[checked].sum())
+            counted += int(checked.sum())
+        else:
+            grad = measured
+            mu[k] = torch.where(lam[k] > 0, p.double() + grad / lam[k].clamp_min(1e-300), p.double())
+            lam[k] = torch.where(lam[k] > 0, lam[k] ** 2 / (lam[k] + noise), lam[k])  # mu's variance widened
+            continue
+        mu[k] = torch.where(lam[k] > 0, p.double() + grad / lam[k].clamp_min(1e-300), p.double())
+    return Messages(
+        {k: v.float().cpu() for k, v in mu.items()},
+        {k: v.float().cpu() for k, v in lam.items()},
+        {k: v.detach().cpu() for k, v in point.items()},
+        f"fisher-{fisher}, gradient-{gradient}",
+        misfit / counted if counted else None,
+    )
+
+
+@dataclass(frozen=True)
+class _Sums:
+    """Per task and coordinate, over the documents read: the Fisher's sum, the gradient's sum and its squares'
+    sum. Shapes: name -> [D, *shape] (float64)."""
+
+    fisher: dict[str, torch.Tensor]
+    grad: dict[str, torch.Tensor]
+    grad_square: dict[str, torch.Tensor]
+
+
+def _curvature_pass(
+    bora: BoRA,
+    split: Split,
+    point: Mapping[str, torch.Tensor],
+    docs_per_task: int | None,
+    fisher: str,
+    label_samples: int,
+    seed: int,
+    batch_size: int,
+    sampled: SampledLogLikelihood | None,
+    needs_data: bool,
+    progress: bool,
+) -> _Sums:
+    """One pass over at most ``docs_per_task`` documents of each task, in batches of at most one document per
+    task (row d of a factor's gradient is then that document's): see :func:`curvature_messages`.
+    ``needs_data``: also the data's own per-document gradients (the sampled Fisher alone needs one backward
+    pass per label draw, not that one)."""
+    samples = label_samples if fisher == "sampled" else 0
+    zeros = lambda: {k: torch.zeros_like(v, dtype=torch.float64) for k, v in point.items()}
+    sums = _Sums(zeros(), zeros(), zeros())
+    generator = torch.Generator(device=bora.device).manual_seed(seed)
     batches = list(one_per_task_batches(split, docs_per_task, batch_size, seed))
     for docs in tqdm(batches, desc="curvature", unit="batch", disable=not progress, leave=False):
         batch = split.collate(docs).to(bora.device)
@@ -124,30 +223,23 @@ def curvature_messages(
         rows = {k: v.index_select(0, tasks).detach().requires_grad_() for k, v in point.items()}
         local = batch.replace(task_index=torch.arange(len(docs), device=bora.device))
         with torch.enable_grad():
-            data, drawn = _log_likelihoods(bora, rows, local, tasks, samples, generator, sampled_log_likelihood)
+            data, drawn = _log_likelihoods(bora, rows, local, tasks, samples, generator, sampled)
             leaves = list(rows.values())
-            data_grads = torch.autograd.grad(data.sum(), leaves, retain_graph=drawn is not None)
-            squares = [g.double() ** 2 for g in data_grads]  # the empirical Fisher
+            data_grads = [torch.zeros_like(v, dtype=torch.float64) for v in leaves]
+            if needs_data:
+                grads = torch.autograd.grad(data.sum(), leaves, retain_graph=drawn is not None)
+                data_grads = [g.double() for g in grads]
+            squares = [g**2 for g in data_grads]  # the empirical Fisher
             if drawn is not None:  # the sampled Fisher: mean over draws of the squared gradients
                 squares = [torch.zeros_like(s) for s in squares]
                 for i in range(samples):
                     for k, g in enumerate(torch.autograd.grad(drawn[i].sum(), leaves, retain_graph=i + 1 < samples)):
                         squares[k] += g.double() ** 2 / samples
         for k, g, sq in zip(rows, data_grads, squares):
-            grad[k].index_add_(0, tasks, g.double())
-            fisher_sum[k].index_add_(0, tasks, sq)
-    scale = torch.as_tensor(split.docs_per_task() / np.maximum(chosen_counts(split, docs_per_task), 1))
-    mu, lam = {}, {}
-    for k, p in point.items():
-        s = scale.to(p.device, torch.float64).view(-1, *([1] * (p.dim() - 1)))
-        lam[k] = fisher_sum[k] * s
-        mu[k] = torch.where(lam[k] > 0, p.double() + grad[k] * s / lam[k].clamp_min(1e-300), p.double())
-    return Messages(
-        {k: v.float().cpu() for k, v in mu.items()},
-        {k: v.float().cpu() for k, v in lam.items()},
-        {k: v.detach().cpu() for k, v in point.items()},
-        f"fisher-{fisher}",
-    )
+            sums.grad[k].index_add_(0, tasks, g)
+            sums.grad_square[k].index_add_(0, tasks, g**2)
+            sums.fisher[k].index_add_(0, tasks, sq)
+    return sums
 
 
 def guide_moments(bora: BoRA) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -8,6 +8,7 @@ matters if the run's own tau is far from the data's) and recomputes the posterio
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -16,7 +17,7 @@ from ..data.batching import Split
 from ..data.corpus import Corpus
 from ..models.bora import BoRA
 from ..models.collapsed_tau import TauPosterior, collapsed_tau_posterior, conditional_mean
-from .messages import SampledLogLikelihood, curvature_messages, guide_messages
+from .messages import SampledLogLikelihood, curvature_messages, factor_taus, guide_messages
 
 SOURCES = ("curvature", "guide")
 
@@ -25,23 +26,35 @@ def tau_posterior(
     bora: BoRA,
     data: Corpus | Split,
     source: str = "curvature",
-    docs_per_task: int | None = 32,
+    docs_per_task: int | None = 8,
     fisher: str = "sampled",
     label_samples: int = 1,
+    gradient: str = "auto",
     refresh: bool = False,
+    trust: bool = True,
     seed: int = 0,
     batch_size: int = 16,
     sampled_log_likelihood: SampledLogLikelihood | None = None,
     point: Mapping[str, torch.Tensor] | None = None,
+    theta: Mapping[str, torch.Tensor] | None = None,
+    taus: Mapping[str, float] | None = None,
     progress: bool = False,
 ) -> TauPosterior:
     """The posterior of tau (one per tau group of the run's hyperprior) of a fitted ``bora`` from the training
     documents of ``data`` (a corpus, or its training split), under the run's tau hyperprior (``--tau-prior``,
     whatever tau the run was fitted at), with Theta integrated out (under its prior, if latent).
 
-    ``point`` (name -> [D, *shape]): the task factors to take the messages at (default the fitted point
-    estimate; a loaded run's saved adapters: :meth:`LoadedRun.tau_posterior`). ``refresh`` takes them again at
-    E[theta_d | tau = the posterior median] (always by a curvature pass).
+    ``docs_per_task``, ``fisher``, ``label_samples``, ``gradient``: the curvature pass
+    (:func:`~bora_pyro.evaluation.messages.curvature_messages`). ``point`` (name -> [D, *shape]), ``theta``
+    (name -> [*shape]) and ``taus`` (factor name -> tau): the fit to take the messages at (default the fitted
+    model's; a loaded run's saved adapters: :meth:`LoadedRun.tau_posterior`). ``refresh`` re-expands the
+    messages once at E[theta_d | tau = the posterior median] (a second curvature pass there). ``trust``: where
+    the message's mean is the fit extrapolated by tau (theta_hat - Theta) / lam (the prior gradient, and a VI
+    guide's), coordinates with lam < tau are left out of the posterior of tau and keep their fitted value in
+    ``mean_factors()``: there the extrapolation amplifies the fit's deviation by tau / lam > 1, and optimiser
+    drift of an unconverged fit reads as task-to-task spread. Which coordinates a task informs does not depend
+    on its deviations, so leaving some out loses information but biases nothing (exact for a Gaussian
+    likelihood); shrinkage (kappa, p_eff) is computed from every coordinate.
 
     Returns a :class:`TauPosterior`: ``.grid`` (tau), ``.density`` (of log tau), ``.quantiles(probs)``,
     ``.mean_factors()`` (the tau-averaged posterior mean of every task's factors), ``.shrinkage()``.
@@ -57,20 +70,29 @@ def tau_posterior(
         batch_size=batch_size,
         sampled_log_likelihood=sampled_log_likelihood,
         progress=progress,
+        taus=taus,
     )
     if source == "guide":
         messages = guide_messages(bora)
     else:
-        messages = curvature_messages(bora, split, point=point, **options)
+        messages = curvature_messages(bora, split, point=point, theta=theta, gradient=gradient, **options)
+    extrapolated = source == "guide" or "gradient-prior" in messages.source
+    floor = factor_taus(bora) if taus is None else dict(taus)
+    floor = {k: (t if extrapolated and trust and math.isfinite(t) else 0.0) for k, t in floor.items()}
+    full, messages = messages, messages.restricted(floor)
     names = list(bora.lora.shapes())
     tau_prior = bora.prior.tau_prior
     groups = tau_prior.group_names(names)
     group_of = tau_prior.group_index(names)
     scale = bora.prior.global_scale
     precision = 0.0 if scale is None or not bora.prior.latent_global else scale**-2.0
-    posterior = collapsed_tau_posterior(messages, tau_prior, group_of, groups, precision)
+    posterior = collapsed_tau_posterior(messages, tau_prior, group_of, groups, precision, curvature=full.lam)
     if refresh:
-        _, point = conditional_mean(messages, posterior.factor_medians(), precision)
-        messages = curvature_messages(bora, split, point=point, **options)
-        posterior = collapsed_tau_posterior(messages, tau_prior, group_of, groups, precision)
+        _, moved = conditional_mean(messages, posterior.factor_medians(), precision)
+        if "gradient-data" in messages.source:  # measured again there, with its noise
+            messages = curvature_messages(bora, split, point=moved, gradient="data", **options)
+        else:
+            there = curvature_messages(bora, split, point=moved, gradient="none", **options)
+            messages = messages.recentred(moved, there.lam)
+        posterior = collapsed_tau_posterior(messages, tau_prior, group_of, groups, precision, curvature=full.lam)
     return posterior

@@ -34,7 +34,7 @@ from ..data.corpus import Corpus
 from ..distributed import World
 from ..evaluation.perplexity import PerplexityReport, evaluate
 from ..io.task_store import TaskStore
-from ..models.bora import BoRA, ParameterRole
+from ..models.bora import BoRA, ParameterRole, check_inference
 from ..models.likelihood import scored_tokens
 from .checkpoint import LoopState, checkpoint_step, load_checkpoint, save_checkpoint
 from .config import TrainConfig
@@ -375,6 +375,7 @@ def fit(
             f"{checkpoint} already holds a checkpoint (step {saved_step}) of an earlier fit: "
             "resume it (resume=True) or remove it"
         )
+    check_inference(bora.tau, inference or bora.inference)
     if inference is not None and inference != bora.inference:
         bora.use_inference(inference)
     bora.lora.configure(gradient_checkpointing=config.gradient_checkpointing, bf16=config.bf16)

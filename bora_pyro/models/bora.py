@@ -44,16 +44,17 @@ class ParameterRole:
     fast: bool
 
 
-def check_inference(tau: float | str, inference: str) -> None:
-    """Refuse an inference that has no proper target at this tau: a MAP of a learned tau (degenerate), VI at
-    tau = 0 (an improper posterior)."""
+def check_inference(tau: float | str, inference: str, fitting: bool = True) -> None:
+    """Refuse an inference that has no proper target at this tau: a MAP of a learned tau (degenerate), and,
+    when ``fitting``, VI at tau = 0 (an improper posterior; a run folder of one, fitted before this check
+    existed, still loads)."""
     if tau == LEARN and inference == "map":
         raise ValueError(
             "tau='learn' needs inference='vi' (CLI: --inference vi): the MAP of a hierarchical precision is "
             "degenerate, the posterior density grows without bound as every task collapses onto Theta and "
             "tau -> inf"
         )
-    if tau == 0 and inference == "vi":
+    if fitting and tau == 0 and inference == "vi":
         raise ValueError(
             "inference='vi' needs tau > 0 (CLI: --tau T with T > 0, or --tau learn): at tau = 0 the task sites "
             "have a flat prior and LoRA's symmetry (A -> M A, B -> B M^-1 leaves B A unchanged) makes their "
@@ -225,7 +226,7 @@ class BoRA:
         return roles
 
     def _make_guide(self, inference: str):
-        check_inference(self.tau, inference)
+        check_inference(self.tau, inference, fitting=False)
         return make_guide(
             inference,
             self.model,

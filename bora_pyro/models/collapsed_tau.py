@@ -34,8 +34,8 @@ import torch
 from .tau_prior import TauPrior
 
 LOG_TAU_RANGE = (math.log(1e-4), math.log(1e9))  # the first, coarse grid
-COARSE_POINTS, FINE_POINTS = 40, 121
-PEAK_STEPS, WIDEN_STEPS = 20, 6
+COARSE_POINTS, FINE_POINTS = 28, 121
+GOLDEN_STEPS, PEAK_STEPS, WIDEN_STEPS = 30, 8, 8
 KEEP_LOG_DENSITY = 25.0  # the final grid's ends lie this far below the peak of the log density (e^-25 ~ 1e-11)
 
 
@@ -43,16 +43,35 @@ KEEP_LOG_DENSITY = 25.0  # the final grid's ends lie this far below the peak of 
 class Messages:
     """Gaussian messages of every task's log-likelihood, per coordinate. Shapes: ``mu``, ``lam``, ``point``:
     factor name -> [D, *shape] (``point``: where they were taken, the fitted task factors); ``source``: how
-    they were made ("fisher", "guide", "exact")."""
+    they were made (e.g. "fisher-sampled, gradient-prior", "guide")."""
 
     mu: Mapping[str, torch.Tensor]
     lam: Mapping[str, torch.Tensor]
     point: Mapping[str, torch.Tensor]
     source: str
+    stationarity: float | None = None  # see evaluation/messages.py: about 1 at a converged fit
 
     @property
     def num_tasks(self) -> int:
         return next(iter(self.lam.values())).shape[0]
+
+    def recentred(self, point: Mapping[str, torch.Tensor], lam: Mapping[str, torch.Tensor]) -> Messages:
+        """The messages re-expanded at ``point`` with the curvature ``lam`` measured there, the gradient taken from
+        the current quadratic (lam_old (mu - point)): mu' = point + lam_old / lam' (mu - point). A coordinate
+        without a message before (lam_old = 0: dropped, or uninformed) gets none now either, nor where lam' is 0.
+        Shapes: name -> [D, *shape]."""
+        mu = {}
+        for k, p in point.items():
+            old, new, p64 = self.lam[k].double(), lam[k].double(), p.double().cpu()
+            step = old / new.clamp_min(1e-300) * (self.mu[k].double() - p64)
+            mu[k] = torch.where((new > 0) & (old > 0), p64 + step, p64).float()
+        kept = {k: torch.where(self.lam[k] > 0, lam[k].cpu(), torch.zeros_like(lam[k].cpu())).float() for k in lam}
+        return Messages(mu, kept, dict(point), f"{self.source}, refreshed")
+
+    def restricted(self, min_lam: Mapping[str, float]) -> Messages:
+        """The messages with lam < ``min_lam[name]`` dropped (lam = 0): see :func:`trusted_precision`."""
+        lam = {k: torch.where(v >= min_lam[k], v, torch.zeros_like(v)) for k, v in self.lam.items()}
+        return Messages(self.mu, lam, self.point, self.source, self.stationarity)
 
     def coordinates(self) -> int:
         """Coordinates per task (all factors)."""
@@ -60,27 +79,27 @@ class Messages:
 
 
 def _flat(messages: Messages, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """mu, lam of one factor in float32, flattened per task (lam >= 0). Shapes: -> [D, n], [D, n]."""
-    return messages.mu[name].float().flatten(1), messages.lam[name].float().clamp_min(0).flatten(1)
+    """mu, lam of one factor in float64 on the CPU, flattened per task (lam >= 0). Shapes: -> [D, n], [D, n]."""
+    mu, lam = messages.mu[name].detach().cpu().double(), messages.lam[name].detach().cpu().double()
+    return mu.flatten(1), lam.clamp_min(0).flatten(1)
 
 
 def _factor_terms(mu: torch.Tensor, lam: torch.Tensor, tau: torch.Tensor, g: float) -> torch.Tensor:
     """The collapsed log-likelihood of one factor's coordinates at each tau, constants dropped.
 
-    Shapes: mu, lam [D, n], tau [K] -> [K] (float64; the per-coordinate terms in float32, their sums in
-    float64). ``1/2 log w`` is written as ``-1/2 log1p(lam / tau)`` (its ``1/2 log lam`` does not depend on tau),
-    so a coordinate a task does not inform (lam = 0) adds nothing. Coordinates no task informs are left out
-    (with a flat Theta their integral is improper and constant in tau).
+    Shapes: mu, lam [D, n], tau [K] -> [K] (float64). ``1/2 log w`` is written as ``-1/2 log1p(lam / tau)``
+    (its ``1/2 log lam`` does not depend on tau), so a coordinate a task does not inform (lam = 0) adds nothing.
+    Coordinates no task informs are left out (with a flat Theta their integral is improper and constant in tau).
     """
     informed = lam.sum(0) > 0  # [n]
     mu, lam = mu[:, informed], lam[:, informed]
-    t = tau.to(lam.dtype).view(-1, 1, 1)  # [K, 1, 1]
+    t = tau.to(lam).view(-1, 1, 1)  # [K, 1, 1]
     w = lam * t / (lam + t)  # [K, D, n]
     total = w.sum(1)  # [K, n]
-    theta = (w * mu).sum(1) / (total + g)  # [K, n]
+    theta = (w * mu).sum(1) / (total + g).clamp_min(1e-300)  # [K, n]
     quad = (w * (mu - theta.unsqueeze(1)).square()).sum(1) + g * theta.square()  # [K, n]
     per_coordinate = -0.5 * torch.log1p(lam / t).sum(1) - 0.5 * quad - 0.5 * torch.log(total + g)  # [K, n]
-    return per_coordinate.sum(-1, dtype=torch.float64)
+    return per_coordinate.sum(-1)
 
 
 def _chunks(n: int, budget: int) -> Iterator[slice]:
@@ -98,7 +117,7 @@ def collapsed_log_likelihood(
     out = torch.zeros(len(tau), dtype=torch.float64)
     for name in messages.lam if names is None else names:
         mu, lam = _flat(messages, name)
-        budget = max(1, int(2e7 // max(1, mu.numel())))  # grid points per chunk: [K, D, n] in ~80 MB of float32
+        budget = max(1, int(1e7 // max(1, mu.numel())))  # grid points per chunk: [K, D, n] in ~80 MB of float64
         for part in _chunks(len(tau), budget):
             out[part] += _factor_terms(mu, lam, tau[part], global_precision)
     return out
@@ -121,6 +140,7 @@ class TauPosterior:
     messages: Messages | None = None
     group_of: Mapping[str, int] | None = None
     global_precision: float = 0.0
+    curvature: Mapping[str, torch.Tensor] | None = None  # every coordinate's lam (for shrinkage), if messages dropped
 
     @property
     def source(self) -> str | None:
@@ -185,6 +205,20 @@ class TauPosterior:
             }
         )
 
+    def at_edge(self) -> list[bool]:
+        """Per group: does the posterior reach the end of the range of log tau searched ([1e-4, 1e9]), with more
+        than e^-25 of its peak density there (its mass continues beyond: tau -> 0 or tau -> inf)?"""
+        low, high = LOG_TAU_RANGE
+        logp = self.log_density
+        cut = logp.max(1) - KEEP_LOG_DENSITY
+        return [
+            bool(
+                (self.log_tau[g, 0] <= low + 1e-9 and logp[g, 0] > cut[g])
+                or (self.log_tau[g, -1] >= high - 1e-9 and logp[g, -1] > cut[g])
+            )
+            for g in range(len(self.groups))
+        ]
+
     def factor_medians(self) -> dict[str, float]:
         """Each factor's tau at its group's posterior median."""
         median = self.median()
@@ -195,8 +229,11 @@ class TauPosterior:
         return averaged_mean(self._messages(), self, self._group_of(), self.global_precision)
 
     def shrinkage(self, tau: float | Mapping[str, float] | None = None) -> pd.DataFrame:
-        """:func:`shrinkage` per task at ``tau`` (default: the posterior median)."""
-        return shrinkage(self._messages(), self.factor_medians() if tau is None else tau)
+        """:func:`shrinkage` per task at ``tau`` (default: the posterior median), from every coordinate's lam."""
+        messages = self._messages()
+        if self.curvature is not None:
+            messages = Messages(messages.mu, self.curvature, messages.point, messages.source)
+        return shrinkage(messages, self.factor_medians() if tau is None else tau)
 
     def residuals(self, tau: float | Mapping[str, float] | None = None) -> pd.DataFrame:
         """:func:`standardised_residuals` per factor at ``tau`` (default: the posterior median)."""
@@ -247,9 +284,11 @@ def collapsed_tau_posterior(
     groups: Sequence[str] = ("all",),
     global_precision: float = 0.0,
     log_tau: torch.Tensor | None = None,
+    curvature: Mapping[str, torch.Tensor] | None = None,
 ) -> TauPosterior:
     """The posterior of tau from ``messages`` (Theta integrated out under a flat prior, or under
-    Normal(0, 1/global_precision)); ``group_of``: factor name -> index into ``groups`` (default one tau).
+    Normal(0, 1/global_precision)); ``group_of``: factor name -> index into ``groups`` (default one tau);
+    ``curvature``: every coordinate's lam, kept for :meth:`TauPosterior.shrinkage` when ``messages`` dropped some.
 
     With ``log_tau`` [K] the posterior is evaluated on that grid. By default each group gets its own grid: a
     coarse one over [1e-4, 1e9] finds the mode, a few parabola steps its curvature, and the final grid of
@@ -268,40 +307,63 @@ def collapsed_tau_posterior(
         grid = log_tau.double() if log_tau is not None else _final_grid(lambda x, f=loglik: f(x) + prior(x))
         rows.append((grid, loglik(grid), prior(grid)))
     stack = lambda i: torch.stack([r[i] for r in rows]).numpy()
-    return TauPosterior(tuple(groups), stack(0), stack(1), stack(2), messages, group_of, global_precision)
+    return TauPosterior(tuple(groups), stack(0), stack(1), stack(2), messages, group_of, global_precision, curvature)
 
 
 def _final_grid(log_post: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """A grid of log tau [FINE_POINTS] holding the posterior's mass (see :func:`collapsed_tau_posterior`)."""
+    """A grid of log tau [FINE_POINTS] holding the posterior's mass (see :func:`collapsed_tau_posterior`): the
+    best point of a coarse grid, the mode by golden-section search between its neighbours, the posterior sd of
+    log tau from a parabola through points ~1 sd apart, then mode +- 8 sd, widened while an end is above the
+    cutoff, and zoomed back onto the points above it."""
     low, high = LOG_TAU_RANGE
     coarse = torch.linspace(low, high, COARSE_POINTS, dtype=torch.float64)
-    values = log_post(coarse)
-    best = int(values.argmax())
-    x, h = float(coarse[best]), float(coarse[1] - coarse[0]) / 2
+    best = int(log_post(coarse).argmax())
+    a, b = float(coarse[max(best - 1, 0)]), float(coarse[min(best + 1, COARSE_POINTS - 1)])
+    f = lambda x: float(log_post(torch.tensor([x], dtype=torch.float64))[0])
+    ratio = (math.sqrt(5) - 1) / 2
+    c, d = b - ratio * (b - a), a + ratio * (b - a)
+    fc, fd = f(c), f(d)
+    for _ in range(GOLDEN_STEPS):  # the bracket shrinks by 0.618 a step: ~1e-6 of the coarse spacing
+        if fc >= fd:
+            b, d, fd = d, c, fc
+            c = b - ratio * (b - a)
+            fc = f(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + ratio * (b - a)
+            fd = f(d)
+    x = (a + b) / 2
+    h = (high - low) / COARSE_POINTS
     sd = h
-    for _ in range(PEAK_STEPS):  # parabola (Newton) steps through x - h, x, x + h
+    for _ in range(PEAK_STEPS):  # a parabola through x - h, x, x + h with h shrunk to about one sd
         ys = log_post(torch.tensor([x - h, x, x + h], dtype=torch.float64))
         curvature = float(ys[0] - 2 * ys[1] + ys[2]) / h**2
-        if curvature >= 0:  # not concave here: move to the better side
-            x += h if ys[2] > ys[0] else -h
-            continue
-        sd = (-curvature) ** -0.5
-        step = max(-2 * h, min(2 * h, -float(ys[2] - ys[0]) / (2 * h) / curvature))
-        x = min(max(x + step, low), high)
-        if abs(step) < 0.1 * sd and h <= sd:
+        if curvature >= 0:  # flat at this scale (a posterior wider than h): look wider
+            sd = h
             break
-        h = min(h, sd)
-    left, right = x - 8 * sd, x + 8 * sd
+        sd = (-curvature) ** -0.5
+        if 0.25 * sd <= h <= 2 * sd:
+            break
+        h = sd
+    left, right = max(x - 8 * sd, low), min(x + 8 * sd, high)
     for _ in range(WIDEN_STEPS):
-        grid = torch.linspace(max(left, low), min(right, high), FINE_POINTS, dtype=torch.float64)
+        grid = torch.linspace(left, right, FINE_POINTS, dtype=torch.float64)
         values = log_post(grid)
         top = float(values.max()) - KEEP_LOG_DENSITY
-        wider_left = float(values[0]) > top and left > low
-        wider_right = float(values[-1]) > top and right < high
+        wider_left, wider_right = float(values[0]) > top and left > low, float(values[-1]) > top and right < high
         if not (wider_left or wider_right):
-            return grid
+            break
         width = right - left
-        left, right = left - width * wider_left, right + width * wider_right
+        left, right = max(left - width * wider_left, low), min(right + width * wider_right, high)
+    kept = torch.nonzero(values >= top).flatten()
+    first, last = int(kept[0]), int(kept[-1])
+    if last - first < FINE_POINTS // 4:  # the mass sits on a few points: zoom onto them
+        grid = torch.linspace(
+            float(grid[max(first - 1, 0)]),
+            float(grid[min(last + 1, FINE_POINTS - 1)]),
+            FINE_POINTS,
+            dtype=torch.float64,
+        )
     return grid
 
 
@@ -309,27 +371,26 @@ def conditional_mean(
     messages: Messages, tau: float | Mapping[str, float], global_precision: float = 0.0
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """E[Theta | tau, data] and E[theta_d | tau, data] under the messages (``tau``: one value, or one per factor
-    name); a coordinate no task informs keeps the mean of the tasks' points.
+    name). A coordinate of a task without a message (lam = 0) keeps its point (the fit's value: the messages say
+    nothing of it), and Theta where no task informs it the mean of the tasks' points.
     Shapes: -> name -> [*shape], name -> [D, *shape]."""
     thetas, means = {}, {}
     for name, point in messages.point.items():
         tau_n = float(tau[name]) if isinstance(tau, Mapping) else float(tau)
         mu, lam = _flat(messages, name)
-        fallback = point.double().flatten(1).mean(0)  # [n]
+        here = point.detach().cpu().double().flatten(1)  # [D, n]
         if math.isinf(tau_n):
             w = lam
         else:
             w = lam * tau_n / (lam + tau_n) if tau_n > 0 else torch.zeros_like(lam)
         total = w.sum(0)
-        theta = torch.where(total + global_precision > 0, (w * mu).sum(0) / (total + global_precision), fallback)
+        theta = torch.where(total + global_precision > 0, (w * mu).sum(0) / (total + global_precision), here.mean(0))
         if math.isinf(tau_n):
-            mean = theta.expand_as(mu)
+            mean = torch.where(lam > 0, theta.expand_as(mu), here)
         else:
-            safe = torch.where(lam + tau_n > 0, lam + tau_n, torch.ones_like(lam))
-            mean = torch.where(lam + tau_n > 0, (lam * mu + tau_n * theta) / safe, point.double().flatten(1))
-        shape = point.shape
-        thetas[name] = theta.view(shape[1:]).to(point.dtype)
-        means[name] = mean.reshape(shape).to(point.dtype)
+            mean = torch.where(lam > 0, (lam * mu + tau_n * theta) / (lam + tau_n).clamp_min(1e-30), here)
+        thetas[name] = theta.view(point.shape[1:]).float()
+        means[name] = mean.reshape(point.shape).float()
     return thetas, means
 
 
@@ -344,7 +405,7 @@ def averaged_mean(
     ``min_mass`` of it, renormalised). Shapes: -> name -> [D, *shape]."""
     group_of = dict.fromkeys(messages.lam, 0) if group_of is None else group_of
     weights, grid = posterior.weights(), posterior.grid
-    out = {name: torch.zeros_like(p, dtype=torch.float64) for name, p in messages.point.items()}
+    out = {name: torch.zeros(p.shape, dtype=torch.float64) for name, p in messages.point.items()}
     for g in range(len(posterior.groups)):
         kept = weights[g] >= min_mass
         mass = weights[g][kept] / weights[g][kept].sum()
@@ -353,7 +414,7 @@ def averaged_mean(
             _, means = conditional_mean(_subset(messages, names), float(tau), global_precision)
             for name in names:
                 out[name] += p * means[name].double()
-    return {name: out[name].to(messages.point[name].dtype) for name in out}
+    return {name: out[name].float() for name in out}
 
 
 def _subset(messages: Messages, names: Sequence[str]) -> Messages:
@@ -374,7 +435,7 @@ def shrinkage(messages: Messages, tau: float | Mapping[str, float]) -> pd.DataFr
         if math.isinf(t):
             kappa = torch.ones_like(lam)
         elif t == 0:
-            kappa = torch.zeros_like(lam)
+            kappa = (lam == 0).double()  # a coordinate no data informs (a closed gate) is no parameter of its own
         else:
             kappa = t / (lam + t)
         kappa_sum += kappa.sum(1)

@@ -77,7 +77,7 @@ class GaussianObservations:
             total = 0.0
             for name in self.y:
                 theta = factors[name][batch.task_index]  # [batch, *shape]
-                eps = torch.randn((samples, *theta.shape), generator=generator).to(theta)
+                eps = torch.randn((samples, *theta.shape), generator=generator, device=generator.device).to(theta)
                 resid = theta.detach() + self.sigma * eps - theta
                 total = total + (-0.5 * resid**2 / self.sigma**2).flatten(2).sum(-1)
             return total

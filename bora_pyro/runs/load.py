@@ -29,6 +29,7 @@ from .folder import (
     corpus_changes,
     input_format_changes,
     load_inputs,
+    read_metrics,
     verified_status,
 )
 from .spec import RunSpec
@@ -62,7 +63,20 @@ class LoadedRun:
         """The collapsed posterior of tau from the saved adapters (messages taken at them by a curvature pass over
         the run's training documents); ``options`` as :func:`bora_pyro.tau_posterior` (not ``source="guide"``:
         a run folder keeps no guide)."""
-        return tau_posterior(self.bora, self.corpus, point=self.task_factors, **options)
+        names = list(self.bora.lora.shapes())
+        tau = self.spec.prior.tau
+        if isinstance(tau, float):
+            taus = dict.fromkeys(names, tau)
+        else:  # learned: the tau the adapters were fitted at, the guide's median (a run folder keeps no guide)
+            metrics = read_metrics(self.path)
+            medians = metrics.get("tau_guide_q05_q50_q95") or metrics.get("tau_posterior_q05_q50_q95")
+            if not medians:
+                raise ValueError(f"{self.path} has a learned tau but records no guide median of it in metrics.json")
+            group = self.bora.prior.tau_prior.group_index(names)
+            groups = self.bora.prior.tau_groups()
+            taus = {n: float(medians[groups[group[n]]][1]) for n in names}
+        theta = self.global_factors
+        return tau_posterior(self.bora, self.corpus, point=self.task_factors, theta=theta, taus=taus, **options)
 
     def generate(self, prompts: list, tasks: list[str], **options) -> list[str]:
         """Answer or continue each prompt (a text, or a message list for conversational runs) under its task's

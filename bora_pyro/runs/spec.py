@@ -23,7 +23,7 @@ from ..inference.config import TrainConfig
 from ..io.artifacts import RUN_FORMAT, json_roundtrip, read_json
 from ..io.base_models import load_base_model, resolve_device
 from ..io.task_store import STORES, TaskStore, table_bytes
-from ..models.bora import BoRA, check_inference
+from ..models.bora import BoRA
 from ..models.gates import GateConfig
 from ..models.guides import INFERENCE
 from ..models.prior import POOLED, PriorConfig
@@ -118,7 +118,7 @@ class RunSpec:
         8, "guide draws for posterior-predictive perplexity and the ArviZ file posterior.nc (0 = skip)"
     )
     curvature_docs: int = option(
-        32,
+        8,
         "training documents per task of the curvature pass behind the collapsed posterior of tau "
         "(tau_posterior.csv) and the shrinkage per task (kappa, p_eff in per_task.csv) (0 = skip)",
     )
@@ -134,7 +134,6 @@ class RunSpec:
             raise ValueError(f"posterior_samples must be >= 0, got {self.posterior_samples}")
         if self.curvature_docs < 0:
             raise ValueError(f"curvature_docs must be >= 0, got {self.curvature_docs}")
-        check_inference(self.prior.tau, self.adapter.inference)
         if self.corpus.seed is None:  # the split follows the training seed unless given
             object.__setattr__(self, "corpus", replace(self.corpus, seed=self.train.seed))
 

@@ -40,7 +40,7 @@ from ..io.folders import (
 from ..io.integrity import CorruptFile
 from ..io.peft_import import import_peft
 from ..io.task_store import TABLE_SUFFIX, TaskStore
-from ..models.bora import BoRA
+from ..models.bora import BoRA, check_inference
 from .folder import (
     COMPLETE,
     CONFIG_FILE,
@@ -173,6 +173,7 @@ def train_run(
     fit was interrupted or diverged.
     """
     started = time.perf_counter()
+    check_inference(spec.prior.tau, spec.adapter.inference)  # before a model is loaded
     out = resolve(out, "run folder")
     world = World.current()
     with _writer(out):

@@ -29,9 +29,29 @@ def main(args: argparse.Namespace) -> None:
     for scale in args.scales.split(","):
         folder = runs / f"scale={scale}"
         if not (folder / "status.json").is_file() or '"complete"' not in (folder / "status.json").read_text():
-            command = [sys.executable, "-m", "bora_pyro.cli", "train", "--model", args.model, "--inference", "vi",
-                       "--tau", args.tau, "--steps", str(args.steps), "--guide-init-scale", scale, "--split-seed", "0",
-                       "--no-progress", "--out", str(folder), "--overwrite", *args.extra.split()]
+            command = [
+                sys.executable,
+                "-m",
+                "bora_pyro.cli",
+                "train",
+                "--model",
+                args.model,
+                "--inference",
+                "vi",
+                "--tau",
+                args.tau,
+                "--steps",
+                str(args.steps),
+                "--guide-init-scale",
+                scale,
+                "--split-seed",
+                "0",
+                "--no-progress",
+                "--out",
+                str(folder),
+                "--overwrite",
+                *args.extra.split(),
+            ]
             subprocess.run(command, check=True)
         per_task = pd.read_csv(folder / "per_task.csv")
         metrics = json.loads((folder / "metrics.json").read_text())

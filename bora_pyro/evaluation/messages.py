@@ -116,8 +116,9 @@ def curvature_messages(
     per factor, default :func:`factor_taus`); ``"data"``: measured on the same documents, and since it is
     scaled up from ``docs_per_task`` of a task's N_d documents, its sampling variance Var(grad) / lam^2 is added
     to the message's (lam becomes 1 / (1/lam + Var(grad) / lam^2)): a noisy gradient must not read as
-    task-to-task spread; ``"none"``: mu = point (the curvature alone); ``"auto"``: "data" for a pooled run
-    (tau = inf: the prior implies no task's gradient), else "prior".
+    task-to-task spread; ``"none"``: mu = point (the curvature alone); ``"auto"``: "data" when every task's
+    documents are read (the measured gradient is then exact, converged fit or not) or for a pooled run (tau =
+    inf: the prior implies no task's gradient), else "prior".
 
     With the prior gradient the measured one is compared with it: ``Messages.stationarity`` is the mean over
     the coordinates with lam >= tau of (measured - implied)^2 / (its sampling variance), about 1 at a converged
@@ -140,7 +141,8 @@ def curvature_messages(
         )
     taus = factor_taus(bora) if taus is None else dict(taus)
     if gradient == "auto":
-        gradient = "data" if all(math.isinf(t) for t in taus.values()) else "prior"
+        every = bool((chosen_counts(split, docs_per_task) == split.docs_per_task()).all())
+        gradient = "data" if every or all(math.isinf(t) for t in taus.values()) else "prior"
     if gradient == "prior" and any(math.isinf(t) for t in taus.values()):
         raise ValueError("gradient='prior' needs a finite tau: a pooled run's tasks have no gradient of their own")
     point = {k: v.to(bora.device) for k, v in (bora.task_factors() if point is None else point).items()}

@@ -17,6 +17,7 @@ from bora_pyro.evaluation.comparison import compare_runs, paired_se
 from bora_pyro.evaluation.messages import curvature_messages, one_per_task_batches
 from bora_pyro.models.collapsed_tau import (
     Messages,
+    TauPosterior,
     collapsed_tau_posterior,
     conditional_mean,
     shrinkage,
@@ -260,3 +261,52 @@ def test_every_run_reports_its_tau_posterior_and_shrinkage(tmp_path, capsys):
     assert main(["diagnose", str(run), str(tmp_path / "pooled")]) == 0
     out = capsys.readouterr().out
     assert "shrinkage at the fitted tau" in out and "prior check" in out and "compared by elpd" in out
+
+
+def test_a_saved_posterior_reads_back_and_reweights_under_another_hyperprior():
+    posterior = collapsed_tau_posterior(_exact_messages(_simulated()), PRIOR)
+    back = TauPosterior.from_frame(posterior.to_frame(), PRIOR)
+    assert back.quantiles() == pytest.approx(posterior.quantiles(), rel=1e-9)
+    tight = TauPrior.parse("lognormal:0,0.1")  # tau near 1, far below the data's ~4
+    assert back.with_prior(tight).median()[0] < posterior.median()[0]
+    assert posterior.at_edge() == [False]
+
+
+def test_unrelated_tasks_put_the_mass_at_the_edge():
+    gen = torch.Generator().manual_seed(0)
+    mu = {"x": 100 * torch.randn(6, 50, generator=gen)}  # tasks far apart, each measured precisely
+    lam = {"x": torch.full((6, 50), 1e4)}
+    posterior = collapsed_tau_posterior(Messages(mu, lam, mu, "test"), PRIOR)
+    assert posterior.median()[0] < 1e-3 and posterior.at_edge() == [True]
+
+
+def test_dropped_coordinates_stay_dropped_and_keep_their_fitted_value():
+    data = _simulated()
+    messages = _exact_messages(data)
+    kept = messages.restricted({"a": 30.0, "b": 0.0})  # tasks with few observations lose their "a" messages
+    assert (kept.lam["a"][torch.tensor(DOCS) / SIGMA**2 < 30] == 0).all()
+    _, means = conditional_mean(kept, 4.0)
+    dropped = kept.lam["a"] == 0
+    assert means["a"][dropped] == pytest.approx(messages.point["a"][dropped].float())
+    moved = {k: v + 0.1 for k, v in messages.point.items()}
+    again = kept.recentred(moved, messages.lam)  # a curvature there for every coordinate
+    assert (again.lam["a"][dropped] == 0).all()
+    informed = ~dropped
+    assert again.mu["a"][informed] == pytest.approx(kept.mu["a"][informed], abs=1e-5)  # a quadratic: same target
+
+
+def test_the_measured_gradient_of_subsampled_documents_widens_the_messages(tiny_lm):
+    corpus = observation_corpus(DOCS)
+    bora = bora_pyro.BoRA(tiny_lm[0], corpus.tasks, rank=1, alpha=1, targets=["q_proj"], tau=10.0)
+    data = _simulated(shapes=bora.lora.shapes())
+    bora.log_likelihood = data.log_likelihood
+    options = dict(fisher="empirical", seed=0)
+    every = curvature_messages(bora, corpus.train, docs_per_task=None, gradient="data", **options)
+    curvature = curvature_messages(bora, corpus.train, docs_per_task=None, gradient="none", **options)
+    for name in every.lam:  # every document read: no sampling noise, the raw Fisher
+        assert every.lam[name] == pytest.approx(curvature.lam[name], rel=1e-6)
+    part = curvature_messages(bora, corpus.train, docs_per_task=2, gradient="data", **options)
+    part_raw = curvature_messages(bora, corpus.train, docs_per_task=2, gradient="none", **options)
+    for name in part.lam:
+        assert (part.lam[name] <= part_raw.lam[name] * (1 + 1e-6)).all()
+        assert (part.lam[name] < part_raw.lam[name]).any()

@@ -10,24 +10,22 @@ SEEDS=${SEEDS:-"0 1 2"}
 CONFIGS=${CONFIGS:-"tau0 tau10 tau100 tauinf pooled_prompt learn"}
 BORA=${BORA:-.venv/bin/bora-pyro}
 COMMON=(--max-train-docs 40 --max-eval-docs 12 --steps 600 --eval-every 25 --patience 4 --split-seed 0 --no-progress)
-options() {
-  case $1 in
-    tau0) echo "--tau 0" ;;
-    tau10) echo "--tau 10" ;;
-    tau100) echo "--tau 100" ;;
-    tauinf) echo "--tau inf" ;;
-    pooled_prompt) echo "--tau inf --task-prompt {task}:_" ;;  # "_" becomes a space below
-    learn) echo "--tau learn --inference vi --guide-lr 0.05" ;;
-    *) echo "unknown config $1" >&2; exit 2 ;;
-  esac
-}
+declare -A OPTIONS=(
+  [tau0]="--tau 0"
+  [tau10]="--tau 10"
+  [tau100]="--tau 100"
+  [tauinf]="--tau inf"
+  [pooled_prompt]="--tau inf --task-prompt {task}:_"  # "_" becomes a space below
+  [learn]="--tau learn --inference vi --guide-lr 0.05"
+)
 mkdir -p "$OUT"
 for seed in $SEEDS; do
   for config in $CONFIGS; do
+    [ -n "${OPTIONS[$config]:-}" ] || { echo "unknown config $config" >&2; exit 2; }
     run="$OUT/$config-seed$seed"
-    if grep -qs '"status": "complete"' "$run/status.json"; then echo "done: $run"; continue; fi
-    read -r -a extra <<< "$(options "$config")"
-    for i in "${!extra[@]}"; do extra[$i]=${extra[$i]//_/ }; done
+    grep -qs '"status": "complete"' "$run/status.json" && { echo "done: $run"; continue; }
+    read -r -a extra <<< "${OPTIONS[$config]}"
+    extra=("${extra[@]//_/ }")
     "$BORA" train "${COMMON[@]}" "${extra[@]}" --seed "$seed" --out "$run" --overwrite | tail -4
   done
 done

@@ -136,57 +136,34 @@ def test_residuals_of_data_from_the_prior_are_standard_normal():
     assert abs(check.excess_kurtosis.iloc[0]) < 0.3
 
 
-@pytest.mark.parametrize("parameterization", ["noncentered", "centered"])
-def test_curvature_messages_of_a_map_fit_recover_the_exact_posterior(tiny_lm, parameterization):
+def _gaussian_fit(tiny_lm, steps: int, inference: str = "map", parameterization: str = "noncentered", **options):
+    """BoRA fitted at tau = 10 to Gaussian observations (the normal hierarchical model), and the exact 5/50/95%
+    quantiles of tau."""
     corpus = observation_corpus(DOCS)
     prior = PriorConfig(tau=10.0, tau_prior="lognormal:2.3,3", parameterization=parameterization)
-    bora = bora_pyro.BoRA(tiny_lm[0], corpus.tasks, rank=1, alpha=1, targets=["q_proj"], prior=prior)
+    bora = bora_pyro.BoRA(
+        tiny_lm[0], corpus.tasks, rank=1, alpha=1, targets=["q_proj"], prior=prior, inference=inference
+    )
     data = _simulated(shapes=bora.lora.shapes())
     bora.log_likelihood = data.log_likelihood
-    bora_pyro.fit(
-        bora,
-        corpus,
-        steps=300,
-        batch_size=sum(DOCS),
-        lr=0.03,
-        clip_norm=None,
-        eval_every=300,
-        lr_schedule="cosine",
-        progress=False,
-    )
+    fit_options = dict(batch_size=sum(DOCS), lr=0.03, clip_norm=None, lr_schedule="cosine", progress=False)
+    bora_pyro.fit(bora, corpus, steps=steps, eval_every=steps, **fit_options, **options)
     grid = torch.linspace(math.log(1e-1), math.log(1e3), 800)
-    exact = _grid_quantiles(grid, data.tau_posterior(PRIOR, grid, "integrated").numpy())
-    posterior = bora_pyro.tau_posterior(
-        bora, corpus, label_samples=32, sampled_log_likelihood=data.sampled_log_likelihood(32)
-    )
+    return bora, corpus, data, _grid_quantiles(grid, data.tau_posterior(PRIOR, grid, "integrated").numpy())
+
+
+@pytest.mark.parametrize("parameterization", ["noncentered", "centered"])
+def test_curvature_messages_of_a_map_fit_recover_the_exact_posterior(tiny_lm, parameterization):
+    bora, corpus, data, exact = _gaussian_fit(tiny_lm, 300, parameterization=parameterization)
+    sampled = dict(label_samples=32, sampled_log_likelihood=data.sampled_log_likelihood(32))
+    posterior = bora_pyro.tau_posterior(bora, corpus, **sampled)
     assert posterior.quantiles()[0] == pytest.approx(exact, rel=0.06)
-    refreshed = bora_pyro.tau_posterior(
-        bora, corpus, label_samples=32, sampled_log_likelihood=data.sampled_log_likelihood(32), refresh=True
-    )
+    refreshed = bora_pyro.tau_posterior(bora, corpus, refresh=True, **sampled)
     assert refreshed.quantiles()[0] == pytest.approx(posterior.quantiles()[0], rel=0.03)  # a Gaussian: no change
 
 
 def test_guide_messages_of_a_converged_vi_fit_recover_the_exact_posterior(tiny_lm):
-    corpus = observation_corpus(DOCS)
-    prior = PriorConfig(tau=10.0, tau_prior="lognormal:2.3,3")
-    bora = bora_pyro.BoRA(tiny_lm[0], corpus.tasks, rank=1, alpha=1, targets=["q_proj"], prior=prior, inference="vi")
-    data = _simulated(shapes=bora.lora.shapes())
-    bora.log_likelihood = data.log_likelihood
-    bora_pyro.fit(
-        bora,
-        corpus,
-        steps=1000,
-        batch_size=sum(DOCS),
-        lr=0.03,
-        guide_lr=0.03,
-        clip_norm=None,
-        eval_every=1000,
-        lr_schedule="cosine",
-        num_particles=2,
-        progress=False,
-    )
-    grid = torch.linspace(math.log(1e-1), math.log(1e3), 800)
-    exact = _grid_quantiles(grid, data.tau_posterior(PRIOR, grid, "integrated").numpy())
+    bora, corpus, _, exact = _gaussian_fit(tiny_lm, 1000, inference="vi", guide_lr=0.03, num_particles=2)
     posterior = bora_pyro.tau_posterior(bora, corpus, source="guide")
     assert posterior.quantiles()[0] == pytest.approx(exact, rel=0.04)
 

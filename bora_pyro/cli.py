@@ -454,24 +454,27 @@ def _add_diagnose(sub: argparse._SubParsersAction) -> None:
 def _diagnose(a: argparse.Namespace) -> None:
     if a.tau_prior is not None:
         TauPrior.parse(a.tau_prior)  # a bad spec is refused before any run is read
-    folders = []
+    targets = []  # (argument, its run folder or the posterior file's folder, loose)
     for path in a.runs:
-        name = Path(path).name if Path(path).name not in [n for n, _ in folders] else str(path)
         folder = Path(path).parent if Path(path).is_file() else Path(path)
-        loose = Path(path).is_file() and (not folder.exists() or folder_kind(folder) != "run")
+        targets.append((path, folder, Path(path).is_file() and folder_kind(folder) != "run"))
+    if len(targets) > 1 and any(loose for *_, loose in targets):
+        raise ValueError("compare needs run folders (a posterior.nc file alone holds no test documents)")
+    folders: list[tuple[str, Path]] = []
+    for path, folder, loose in targets:
         print(f"== {path}")
         with contextlib.nullcontext() if loose else folder_lock(folder):  # the plots go into the run folder
             if not loose:
                 verified_status(folder)  # recovered; its files checked against the run's manifest
                 for line in run_lines(folder, a.tau_prior):
                     print(line)
-                folders.append((name, folder))
+                names = [n for n, _ in folders]
+                name = folder.name if folder.name not in names else str(folder.resolve())
+                folders.append((name if name not in names else f"{name} ({len(folders) + 1})", folder))
             _arviz(path, folder, loose)
-    if len(a.runs) > 1:
-        if len(folders) < len(a.runs):
-            raise ValueError("compare needs run folders (a posterior.nc file alone holds no test documents)")
+    if len(folders) > 1:
         table = compare_folders(folders, a.by)
-        out = Path(a.out or a.runs[0])
+        out = Path(a.out) if a.out else folders[0][1]
         out.mkdir(parents=True, exist_ok=True)
         with folder_lock(out):
             with atomic_write(out / "compare.csv") as tmp:

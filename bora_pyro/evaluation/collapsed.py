@@ -14,9 +14,9 @@ import torch
 
 from ..data.corpus import Corpus
 from ..models.bora import BoRA
-from ..models.collapsed_tau import Messages, TauPosterior
+from ..models.collapsed_tau import TauPosterior
 from .guide_scales import scale_report, scale_warning
-from .messages import factor_taus
+from .messages import custom_likelihood, factor_taus
 from .perplexity import PerplexityReport, document_log_likelihoods, report_from_documents
 from .tau_posterior import tau_posterior
 
@@ -66,7 +66,7 @@ def why_not_collapsed(bora: BoRA, corpus: Corpus, docs_per_task: int) -> str | N
         return "--curvature-docs 0"
     if len(corpus.train) == 0:
         return "no training documents"
-    if bora.log_likelihood != bora._lm_log_likelihood:
+    if custom_likelihood(bora):
         return "a custom log_likelihood (bora_pyro.tau_posterior takes its sampled_log_likelihood)"
     if bora.task_store.disk:
         return "the task rows are in a disk task store (many tasks): the messages would not fit in memory"
@@ -94,9 +94,7 @@ def collapsed_report(
     averaged = document_log_likelihoods(lambda b: bora.log_likelihood(factors, b), corpus.test, bora.device, batch_size)
     scales, histogram = None, None
     if bora.inference == "vi" and bora.mode == "hierarchical":
-        messages = posterior.messages
-        every = Messages(messages.mu, posterior.curvature or messages.lam, messages.point, messages.source)
-        scales, histogram = scale_report(bora, every)
+        scales, histogram = scale_report(bora, posterior.every_coordinate())
     seconds = time.perf_counter() - start
     report = report_from_documents(corpus.test, averaged, seconds)
     return CollapsedReport(posterior, shrink, posterior.residuals(), report, averaged, seconds, scales, histogram)

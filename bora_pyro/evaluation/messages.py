@@ -36,6 +36,11 @@ FISHER = ("sampled", "empirical")
 SampledLogLikelihood = Callable[[Mapping[str, torch.Tensor], Batch, torch.Generator], torch.Tensor]
 
 
+def custom_likelihood(bora: BoRA) -> bool:
+    """Whether ``bora`` scores with a swapped-in log-likelihood rather than its language model's."""
+    return bora.log_likelihood != bora._lm_log_likelihood
+
+
 def one_per_task_batches(split: Split, docs_per_task: int | None, batch_size: int, seed: int) -> Iterator[list[int]]:
     """Batches of document indices holding at most one document of each task: round k takes the k-th of
     each task's (seeded, shuffled) documents, at most ``docs_per_task`` of them (None: all), cut into batches."""
@@ -78,7 +83,7 @@ def _log_likelihoods(
     """The data's log-likelihood [batch] and, with ``samples`` > 0, that of labels drawn from the model
     [samples, batch] (the LM's from one forward; a custom likelihood's from ``sampled``). ``batch``'s task
     index is local (example i uses row i of ``rows``); ``tasks`` [batch] are the real ids (for gates)."""
-    if bora.log_likelihood != bora._lm_log_likelihood:
+    if custom_likelihood(bora):
         return bora.log_likelihood(rows, batch), sampled(rows, batch, generator) if samples else None
     logits = lm_logits(bora.lora, rows, batch, bora.gate_values(tasks))
     data = token_log_probs(logits, batch.labels).sum(-1)
@@ -133,8 +138,7 @@ def curvature_messages(
         raise ValueError(f"docs_per_task must be >= 1 or None, got {docs_per_task}")
     if fisher == "sampled" and label_samples < 1:
         raise ValueError(f"label_samples must be >= 1 for fisher='sampled', got {label_samples}")
-    custom = bora.log_likelihood != bora._lm_log_likelihood
-    if fisher == "sampled" and custom and sampled_log_likelihood is None:
+    if fisher == "sampled" and custom_likelihood(bora) and sampled_log_likelihood is None:
         raise ValueError(
             "fisher='sampled' draws labels from the model: give sampled_log_likelihood for a custom "
             "log_likelihood, or use fisher='empirical'"
@@ -267,8 +271,8 @@ def guide_moments(bora: BoRA) -> tuple[dict[str, torch.Tensor], dict[str, torch.
 def guide_messages(bora: BoRA) -> Messages:
     """Messages read from a fitted mean-field VI guide at its tau (a learned tau: its median); see the module
     docstring. A coordinate whose guide is no narrower than its prior gets lam = 0."""
-    theta, taus = bora.global_factors(), factor_taus(bora)
     locs, scales = guide_moments(bora)
+    theta, taus = bora.global_factors(), factor_taus(bora)
     mu, lam = {}, {}
     for name, loc in locs.items():
         tau = taus[name]

@@ -230,10 +230,14 @@ class TauPosterior:
 
     def shrinkage(self, tau: float | Mapping[str, float] | None = None) -> pd.DataFrame:
         """:func:`shrinkage` per task at ``tau`` (default: the posterior median), from every coordinate's lam."""
+        return shrinkage(self.every_coordinate(), self.factor_medians() if tau is None else tau)
+
+    def every_coordinate(self) -> Messages:
+        """The messages with every coordinate's lam (``curvature``), the dropped ones included."""
         messages = self._messages()
-        if self.curvature is not None:
-            messages = Messages(messages.mu, self.curvature, messages.point, messages.source)
-        return shrinkage(messages, self.factor_medians() if tau is None else tau)
+        if self.curvature is None:
+            return messages
+        return Messages(messages.mu, self.curvature, messages.point, messages.source, messages.stationarity)
 
     def residuals(self, tau: float | Mapping[str, float] | None = None) -> pd.DataFrame:
         """:func:`standardised_residuals` per factor at ``tau`` (default: the posterior median)."""

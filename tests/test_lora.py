@@ -8,6 +8,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM
 
 from bora_pyro.io.base_models import tiny_random_llama
 from bora_pyro.nn.lora import MultiTaskLoRA
+from bora_pyro.nn.targets import peft_target_modules
 
 peft = pytest.importorskip("peft")
 
@@ -55,7 +56,7 @@ def _peft_logits(lm, targets, factors, rank, alpha, input_ids, fan_in_fan_out=Fa
     config = peft.LoraConfig(
         r=rank,
         lora_alpha=alpha,
-        target_modules=list(targets),
+        target_modules=targets if isinstance(targets, str) else list(targets),
         lora_dropout=0.0,
         fan_in_fan_out=fan_in_fan_out,
         init_lora_weights=False,
@@ -129,3 +130,67 @@ def test_wrapping_twice_is_refused():
     MultiTaskLoRA(lm)
     with pytest.raises(ValueError, match="already wrapped"):
         MultiTaskLoRA(lm)
+
+
+TARGET_FORMS = [
+    ("q_proj",),
+    ("self_attn.q_proj", "mlp.down_proj"),  # dotted suffixes
+    ("layers.0.self_attn.v_proj",),  # one layer
+    "all-linear",
+    r".*layers\.1\.(self_attn\.o_proj|mlp\.up_proj)",  # a regular expression on the full path
+]
+
+
+def _peft_paths(model) -> list[str]:
+    return [
+        path.removeprefix("base_model.model.")
+        for path, module in model.named_modules()
+        if isinstance(module, peft.tuners.lora.LoraLayer)
+    ]
+
+
+@pytest.mark.parametrize("targets", TARGET_FORMS, ids=str)
+def test_every_target_form_adapts_what_peft_adapts(targets):
+    """Each of PEFT's target_modules forms selects the same layers here as in PEFT, with the same logits."""
+    ours_lm, peft_lm = tiny_random_llama()[0], tiny_random_llama()[0]
+    lora = MultiTaskLoRA(ours_lm, rank=2, alpha=4, targets=targets)
+    factors = random_factors(lora, num_tasks=1, seed=5)
+    input_ids = torch.randint(0, 200, (2, 8))
+    theirs = _peft_logits(peft_lm, targets, factors, 2, 4, input_ids)
+    assert lora.paths() == _peft_paths(peft_lm)
+    torch.testing.assert_close(logits(lora, factors, input_ids), theirs, atol=1e-5, rtol=0)
+
+
+def test_all_linear_skips_the_output_head_and_reads_from_the_cli_form():
+    lora = MultiTaskLoRA(tiny_random_llama()[0], rank=2, alpha=4, targets=("all-linear",))  # --targets all-linear
+    assert len(lora.paths()) == 2 * 7 and not any("lm_head" in p for p in lora.paths())
+
+
+@pytest.mark.parametrize(
+    "targets, message",
+    [
+        (["nope"], r"\['nope'\] not found"),
+        (["q_proj", "layers.9.self_attn.q_proj"], r"\['layers.9.self_attn.q_proj'\] not found"),
+        ("model\\.layers\\.0", "is a LlamaDecoderLayer, not a linear layer"),
+        (r"layers\.0\.q_proj", "matches no module path .*whole path"),
+        ("(q_proj", "is not a valid regular expression"),
+    ],
+)
+def test_bad_targets_name_the_problem(targets, message):
+    lm, _ = tiny_random_llama()
+    with pytest.raises(ValueError, match=message):
+        MultiTaskLoRA(lm, targets=targets)
+    assert not any(isinstance(m, peft.tuners.lora.LoraLayer) for m in lm.modules())
+    assert type(lm.model.layers[0].self_attn.q_proj).__name__ == "Linear"  # nothing wrapped half-way
+
+
+@pytest.mark.parametrize("targets", TARGET_FORMS, ids=str)
+def test_exported_target_modules_make_peft_adapt_the_same_layers(targets):
+    lora = MultiTaskLoRA(tiny_random_llama()[0], rank=2, alpha=4, targets=targets)
+    exported = peft_target_modules(lora.lm, lora.paths())
+    model = peft.get_peft_model(tiny_random_llama()[0], peft.LoraConfig(r=2, lora_alpha=4, target_modules=exported))
+    assert _peft_paths(model) == lora.paths()
+    if targets == ("layers.0.self_attn.v_proj",):
+        assert exported == ["model.layers.0.self_attn.v_proj"]  # the leaf name would adapt layer 1 too
+    elif targets == ("q_proj",):
+        assert exported == ["q_proj"]

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from ..data.input_format import InputFormat
 from ..data.task_names import GLOBAL, check_task_names
 from ..nn.lora import Factors, MultiTaskLoRA, TaskRows, rows_of
+from ..nn.targets import peft_target_modules
 from .artifacts import write_json
 from .folders import MARKER, atomic_folder
 from .integrity import MANIFEST, CorruptFile
@@ -119,7 +120,7 @@ def peft_config(lora: MultiTaskLoRA, base_model: str) -> dict:
         "lora_alpha": lora.alpha,
         "lora_dropout": 0.0,
         "bias": "none",
-        "target_modules": sorted(lora.targets),
+        "target_modules": peft_target_modules(lora.lm, lora.paths()),
         "fan_in_fan_out": fan_in_fan_out,
         "inference_mode": True,
         "init_lora_weights": True,

@@ -117,7 +117,7 @@ def import_peft(lora: MultiTaskLoRA, folder: str | Path) -> dict[str, torch.Tens
             if name not in state:
                 raise ValueError(
                     f"{folder}: no {key} weight for {layer.path!r}; the adapter targets other modules "
-                    f"(it targets {config.get('target_modules')}; this model adapts {list(lora.targets)})"
+                    f"(it targets {config.get('target_modules')}; this model adapts {lora.paths()})"
                 )
             value = state[name].float()
             expected = layer.shapes(lora.rank)[f"{layer.name}.{factor}"]

@@ -22,22 +22,8 @@ from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .gates import LayerGates
+from .targets import Targets, is_conv1d, resolve_targets, select_layers
 
-# Default target modules by Hugging Face ``model_type`` (LoRA paper / PEFT convention: q and v).
-DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
-    "llama": ("q_proj", "v_proj"),
-    "mistral": ("q_proj", "v_proj"),
-    "qwen2": ("q_proj", "v_proj"),
-    "qwen3": ("q_proj", "v_proj"),
-    "gemma": ("q_proj", "v_proj"),
-    "gemma2": ("q_proj", "v_proj"),
-    "phi3": ("qkv_proj",),
-    "opt": ("q_proj", "v_proj"),
-    "gpt2": ("c_attn",),
-    "gpt_neox": ("query_key_value",),
-    "falcon": ("query_key_value",),
-    "bloom": ("query_key_value",),
-}
 # Prefixes dropped from module names to make short, stable Pyro site names.
 _NAME_PREFIXES = ("model.decoder.", "model.", "transformer.", "gpt_neox.")
 
@@ -52,15 +38,6 @@ def rows_of(factors: Factors | TaskRows) -> TaskRows:
     return lambda ids: {k: v[torch.as_tensor(list(ids), dtype=torch.long, device=v.device)] for k, v in factors.items()}
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    """GPT-2's ``Conv1D``: a linear layer whose weight is stored transposed as [in, out]."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
-def _is_adaptable(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or _is_conv1d(module)
-
-
 class MultiTaskLoRALinear(nn.Module):
     """A frozen linear (or GPT-2 ``Conv1D``) layer plus per-example gathered LoRA factors.
 
@@ -73,7 +50,7 @@ class MultiTaskLoRALinear(nn.Module):
     def __init__(self, base: nn.Module, rank: int, alpha: float) -> None:
         super().__init__()
         self.base_layer = base
-        self.fan_in_fan_out = _is_conv1d(base)
+        self.fan_in_fan_out = is_conv1d(base)
         out_features, in_features = base.weight.shape
         if self.fan_in_fan_out:
             in_features, out_features = out_features, in_features
@@ -130,23 +107,6 @@ class AdaptedLayer:
         return {f"{self.name}.A": (rank, self.in_features), f"{self.name}.B": (self.out_features, rank)}
 
 
-def resolve_targets(lm: nn.Module, targets: tuple[str, ...] | list[str] | None) -> tuple[str, ...]:
-    """The module-name suffixes to adapt: given ones, or the default for the model type."""
-    if targets:
-        return tuple(targets)
-    model_type = getattr(getattr(lm, "config", None), "model_type", None)
-    if model_type in DEFAULT_TARGETS:
-        return DEFAULT_TARGETS[model_type]
-    names = {n.rsplit(".", 1)[-1] for n, m in lm.named_modules() if _is_adaptable(m)}
-    for guess in (("q_proj", "v_proj"), ("c_attn",), ("query_key_value",)):
-        if set(guess) <= names:
-            return guess
-    raise ValueError(
-        f"no default LoRA target modules for model type {model_type!r}; pass targets= (CLI: --targets) "
-        f"from the linear layer names it has: {sorted(names)}"
-    )
-
-
 def _short_name(path: str) -> str:
     for prefix in _NAME_PREFIXES:
         if path.startswith(prefix):
@@ -158,7 +118,9 @@ class MultiTaskLoRA:
     """Wraps the target layers of a Hugging Face causal LM (in place) with multi-task LoRA layers.
 
     The base LM's own parameters are frozen. The wrapper holds no trainable state: factors are
-    passed per forward pass through :meth:`activate`.
+    passed per forward pass through :meth:`activate`. ``targets``: which linear layers to adapt, as PEFT's
+    ``target_modules`` (names matched as path suffixes, ``"all-linear"``, or a regular expression on the
+    full path: ``nn/targets.py``); default by model type.
     """
 
     def __init__(
@@ -166,7 +128,7 @@ class MultiTaskLoRA:
         lm: nn.Module,
         rank: int = 8,
         alpha: float = 16.0,
-        targets: tuple[str, ...] | list[str] | None = None,
+        targets: Targets | None = None,
     ) -> None:
         if not isinstance(rank, int) or rank < 1:
             raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
@@ -205,22 +167,12 @@ class MultiTaskLoRA:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     def _wrap(self) -> None:
-        matches = [
-            (path, module) for path, module in self.lm.named_modules() if path.rsplit(".", 1)[-1] in self.targets
+        if any(isinstance(m, MultiTaskLoRALinear) for m in self.lm.modules()):
+            raise ValueError("model is already wrapped with multi-task LoRA")
+        wrapped = [
+            (path, MultiTaskLoRALinear(module, self.rank, self.alpha))
+            for path, module in select_layers(self.lm, self.targets)
         ]
-        already = [path for path, m in matches if isinstance(m, MultiTaskLoRALinear)]
-        if already:
-            raise ValueError(f"model is already wrapped with multi-task LoRA (e.g. {already[0]!r})")
-        found = {path.rsplit(".", 1)[-1] for path, _ in matches}
-        missing = [t for t in self.targets if t not in found]
-        if missing:
-            names = sorted({n.rsplit(".", 1)[-1] for n, m in self.lm.named_modules() if _is_adaptable(m)})
-            raise ValueError(f"target modules {missing} not found in the model; linear layers it has: {names}")
-        wrapped = []
-        for path, module in matches:
-            if not _is_adaptable(module):
-                raise ValueError(f"target {path!r} is a {type(module).__name__}, not a linear layer")
-            wrapped.append((path, MultiTaskLoRALinear(module, self.rank, self.alpha)))
         narrowest = min(wrapped, key=lambda item: min(item[1].in_features, item[1].out_features))
         width = min(narrowest[1].in_features, narrowest[1].out_features)
         if self.rank > width:  # B A has rank <= min(in, out): a larger r only costs memory
@@ -234,6 +186,10 @@ class MultiTaskLoRA:
             name = _short_name(path)
             self.layers[name] = layer
             self.adapted.append(AdaptedLayer(name, path, layer.in_features, layer.out_features))
+
+    def paths(self) -> list[str]:
+        """The full module paths of the adapted layers, in the model's order."""
+        return [layer.path for layer in self.adapted]
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Per-task factor shapes by name ("<layer>.A": (r, in), "<layer>.B": (out, r))."""

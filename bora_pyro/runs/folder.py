@@ -154,10 +154,12 @@ def verified_status(path: Path) -> dict[str, Any]:
 
 
 def train_log(result: FitResult) -> pd.DataFrame:
-    """One row per step: the objective, training NLL and prior terms; the validation columns where validated."""
+    """One row per step: the objective, training NLL and prior terms, the gradient norm before clipping and the
+    learning rate; the validation columns where validated."""
     losses = pd.DataFrame(result.losses)
     if losses.empty:
-        losses = pd.DataFrame(columns=["step", "loss_per_token", "train_nll_per_token", "train_ppl", "prior_per_token"])
+        columns = ["step", "loss_per_token", "train_nll_per_token", "train_ppl", "prior_per_token", "grad_norm", "lr"]
+        losses = pd.DataFrame(columns=columns)
     evals = pd.DataFrame(
         result.evals,
         columns=["step", "valid_ppl", "valid_macro_ppl", "valid_loglik_per_token"] if not result.evals else None,
@@ -231,7 +233,7 @@ def write_fitted(
             corpus.tasks,
             bora.iter_task_factors(export=True),  # in chunks of tasks: never every adapter at once
             bora.global_factors(),
-            {"rank": bora.lora.rank, "alpha": bora.lora.alpha, "targets": list(bora.lora.targets), "tau": bora.tau},
+            {"rank": bora.lora.rank, "alpha": bora.lora.alpha, "targets": bora.lora.paths(), "tau": bora.tau},
             shapes=bora.lora.shapes(),
         )
         save_file(bora.state_dict(), str(tmp / FIT_STATE_FILE))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pandas as pd
+import torch
 import pytest
 from safetensors.torch import load_file
 
@@ -100,3 +101,53 @@ def test_existing_run_folder_is_not_overwritten(tmp_path, corpus_csv, capsys):
 def test_evaluate_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path)]) == 2
     assert "config.json not found" in capsys.readouterr().err
+
+
+def test_a_bfloat16_base_is_recorded_and_every_verb_reloads_it(tmp_path, corpus_csv, capsys):
+    """--dtype bfloat16: the frozen base in bf16, the adapters float32; evaluate and load_run use bf16 again."""
+    from bora_pyro.runs.load import load_run
+
+    run = tmp_path / "run"
+    assert main(train_args(corpus_csv, run, "--dtype", "bfloat16", "--curvature-docs", "0")) == 0
+    assert json.loads((run / "config.json").read_text())["dtype"] == "bfloat16"
+    metrics = json.loads((run / "metrics.json").read_text())
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["token_weighted_ppl"] == pytest.approx(metrics["test_ppl"], rel=1e-5)
+    loaded = load_run(run)
+    assert {p.dtype for p in loaded.bora.lora.lm.parameters()} == {torch.bfloat16}
+    assert {v.dtype for v in load_file(run / "adapters.safetensors").values()} == {torch.float32}
+    full = tmp_path / "full"
+    assert main(train_args(corpus_csv, full, "--curvature-docs", "0")) == 0
+    reference = json.loads((full / "metrics.json").read_text())["test_ppl"]
+    assert metrics["test_ppl"] == pytest.approx(reference, rel=0.02)  # bf16 rounding, not a different model
+
+
+def test_an_unknown_dtype_is_refused_in_one_line(tmp_path, corpus_csv, capsys):
+    assert main(train_args(corpus_csv, tmp_path / "run", "--dtype", "int8")) == 2
+    assert "dtype" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("inference", ["map", "vi"])
+def test_report_to_tensorboard_writes_the_named_scalars(tmp_path, corpus_csv, inference):
+    """The event files, read back with TensorBoard's own reader, hold the log's numbers under their tags."""
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    run = tmp_path / "run"
+    options = ["--report-to", "tensorboard", "--curvature-docs", "0", "--inference", inference]
+    if inference == "vi":
+        options += ["--tau", "learn"]
+    assert main(train_args(corpus_csv, run, *options)) == 0
+    events = event_accumulator.EventAccumulator(str(tmp_path / "run.tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    expected = {"train/nll_per_token", "train/perplexity", "train/prior_per_token", "train/grad_norm"}
+    expected |= {"train/learning_rate", "eval/perplexity"}
+    if inference == "vi":
+        expected |= {"train/elbo_per_token", "tau/all"}
+    assert expected <= tags
+    log = pd.read_csv(run / "train_log.csv")
+    for tag, column in (("train/grad_norm", "grad_norm"), ("eval/perplexity", "valid_ppl")):
+        logged = log.dropna(subset=[column])
+        scalars = events.Scalars(tag)
+        assert [s.step for s in scalars] == logged.step.tolist()
+        assert [s.value for s in scalars] == pytest.approx(logged[column].tolist(), rel=1e-6)

@@ -74,13 +74,36 @@ def test_learning_rate_rules():
     assert cosine.lr_factor(1) == 1.0 and cosine.lr_factor(6) == pytest.approx(0.5)
 
 
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+@pytest.mark.parametrize("warmup", [0, 1, 4, 12])
+def test_schedules_follow_transformers_after_a_warmup_that_rises_to_the_lr(schedule, warmup):
+    """After the warmup the factor is HF's schedule at the same step; during it, step / warmup (the first
+    step already moves: HF's step 0 has lr 0)."""
+    from transformers import get_scheduler
+
+    steps = 10
+    config = TrainConfig(steps=steps, lr_schedule=schedule, warmup_steps=warmup)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    hf = get_scheduler(schedule if warmup == 0 or schedule != "constant" else "constant_with_warmup", optimizer,
+                       num_warmup_steps=warmup, num_training_steps=steps)  # fmt: skip
+    theirs = [hf.lr_lambdas[0](s - 1) for s in range(1, steps + 1)]
+    ours = [config.lr_factor(s) for s in range(1, steps + 1)]
+    for s in range(1, steps + 1):
+        if s <= warmup:
+            assert ours[s - 1] == pytest.approx(s / warmup)
+        else:
+            assert ours[s - 1] == pytest.approx(theirs[s - 1], abs=1e-12)
+
+
 @pytest.mark.parametrize(
     "option, value, message",
     [
         ("steps", 0, "steps must be an integer >= 1, got 0"),
         ("lr", -1.0, "lr must be a finite number > 0"),
         ("clip_norm", 0.0, "clip_norm must be > 0 or None"),
-        ("lr_schedule", "linear", "lr_schedule must be one of"),
+        ("lr_schedule", "step", "lr_schedule must be one of"),
+        ("warmup_steps", -1, "warmup_steps must be an integer >= 0, got -1"),
+        ("warmup_steps", 2.5, "warmup_steps must be an integer >= 0, got 2.5"),
         ("patience", 0, "patience must be >= 1 or None"),
     ],
 )
@@ -173,3 +196,13 @@ def test_a_step_updates_only_the_tasks_of_its_batch(make_corpus, tiny_lm, infere
         assert (moved_absent == []) == subsampling
         assert any(not torch.equal(after[n][:absent], before[n][:absent]) for n in task_params)
         assert any(not torch.equal(after[n], before[n]) for n in after if n.startswith("global."))
+
+
+def test_the_log_holds_the_gradient_norm_before_clipping_and_the_scheduled_rate(make_corpus):
+    corpus = make_corpus()
+    options = dict(steps=4, batch_size=4, eval_every=4, lr=0.02, warmup_steps=2, lr_schedule="linear")
+    _, clipped = fitted(corpus, clip_norm=1e-6, **options)
+    _, free = fitted(corpus, clip_norm=None, **options)
+    first = clipped.losses[0]["grad_norm"]
+    assert first > 1e-3 and first == pytest.approx(free.losses[0]["grad_norm"], rel=1e-6)  # same step-1 gradient
+    assert [row["lr"] for row in clipped.losses] == pytest.approx([0.01, 0.02, 0.02, 0.01])

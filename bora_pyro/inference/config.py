@@ -7,8 +7,11 @@ from dataclasses import asdict, dataclass
 
 from ..data.sampling import check_task_sampling, parse_task_sampling
 from ..options import option, parse_optional_int
+from .reporting import REPORT_TO
 
-LR_SCHEDULES = ("constant", "cosine")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+# The options that change how a fit is watched or saved, not what it computes (a checkpoint resumes across them).
+WATCH_ONLY = ("progress", "checkpoint_every", "report_to", "logging_dir")
 
 
 def parse_clip_norm(text: str) -> float | None:
@@ -43,7 +46,12 @@ class TrainConfig:
         "learning rate of the guide's scales and a learned tau (--inference vi) and of the "
         "B-LoRA gates' log-alphas (at --lr they would barely move from their start)",
     )
-    lr_schedule: str = option("constant", "constant, or cosine (decays to 0 at the last step)", choices=LR_SCHEDULES)
+    lr_schedule: str = option(
+        "constant",
+        "after the warmup: constant, linear or cosine (both decay to 0 at the last step)",
+        choices=LR_SCHEDULES,
+    )
+    warmup_steps: int = option(0, "steps over which the learning rate rises linearly to its value (HF convention)")
     weight_decay: float = option(0.0, "AdamW weight decay")
     clip_norm: float | None = option(1.0, "global gradient-norm clip (0 = off)", parse=parse_clip_norm)
     lr_tau_scaling: bool = option(False, "the paper's rule: learning rate proportional to tau")
@@ -67,6 +75,14 @@ class TrainConfig:
         False, "recompute decoder layers in the backward pass: less memory for long sequences, about one more forward"
     )
     bf16: bool = option(False, "bfloat16 autocast of the base LM (for GPUs)")
+    report_to: str = option(
+        "none", "log training scalars live: none, or tensorboard (event files in --logging-dir)", choices=REPORT_TO
+    )
+    logging_dir: str | None = option(
+        None,
+        "folder of the --report-to event files (default: RUN.tensorboard next to the run folder; from Python, "
+        "TensorBoard's runs/DATE_HOST)",
+    )
 
     def __post_init__(self) -> None:
         positive_ints = ("steps", "batch_size", "eval_every", "eval_batch_size", "num_particles")
@@ -81,8 +97,12 @@ class TrainConfig:
         if not isinstance(self.task_sampling, str):
             raise ValueError(f"task_sampling must be a string, got {self.task_sampling!r}")
         parse_task_sampling(self.task_sampling)
+        if self.report_to not in REPORT_TO:
+            raise ValueError(f"report_to must be one of {REPORT_TO}, got {self.report_to!r}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if not isinstance(self.warmup_steps, int) or isinstance(self.warmup_steps, bool) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.clip_norm is not None and not self.clip_norm > 0:
@@ -112,9 +132,15 @@ class TrainConfig:
         return self.lr
 
     def lr_factor(self, step: int) -> float:
-        """Multiplier of the learning rate at ``step`` (1-based) under ``lr_schedule``."""
+        """Multiplier of the learning rate at ``step`` (1-based): step / warmup_steps during the warmup, then
+        ``lr_schedule`` over the remaining steps (linear and cosine reach 0 just after the last step)."""
+        if step <= self.warmup_steps:
+            return step / self.warmup_steps
+        progress = (step - 1 - self.warmup_steps) / max(1, self.steps - self.warmup_steps)  # in [0, 1)
         if self.lr_schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * (step - 1) / self.steps))
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if self.lr_schedule == "linear":
+            return 1.0 - progress
         return 1.0
 
     def to_dict(self) -> dict:

@@ -13,6 +13,7 @@ ending exactly where an uninterrupted fit would.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import signal
@@ -37,7 +38,8 @@ from ..io.task_store import TaskStore
 from ..models.bora import BoRA, ParameterRole, check_inference
 from ..models.likelihood import scored_tokens
 from .checkpoint import LoopState, checkpoint_step, load_checkpoint, save_checkpoint
-from .config import TrainConfig
+from .config import WATCH_ONLY, TrainConfig
+from .reporting import open_reporter
 from .stopping import StopRequests
 from .task_sparse_adamw import TaskSparseAdamW
 
@@ -63,7 +65,8 @@ class FitResult:
     best_valid: PerplexityReport | None = None  # the validation of the restored state (None if not validated here)
 
     @property
-    def losses(self) -> list[dict]:  # {"step", "loss_per_token", "train_nll_per_token", "train_ppl", "prior_per_token"}
+    def losses(self) -> list[dict]:  # {"step", "loss_per_token", "train_nll_per_token", "train_ppl", "prior_per_token",
+        # "grad_norm" (before clipping), "lr" (of the LoRA weights and Theta)}
         return self.state.losses
 
     @property
@@ -193,6 +196,7 @@ class StepOutcome:
     perplexity is ``exp`` of it; under a task sampling other than proportional, both sums importance-weighted
     by ``Batch.task_weight``: an estimate of the training split's, comparable across samplings);
     ``prior_per_token``: the rest of the objective (the prior's, or KL, and gate terms) per training token.
+    ``grad_norm``: the global gradient norm before clipping (NaN when no gradient was taken).
     ``problem`` is set when the loss or gradient was not finite: the step was then NOT applied.
     ``stop``: a stop (signal) was requested on some rank.
     """
@@ -204,6 +208,7 @@ class StepOutcome:
     seconds: float
     problem: str | None = None
     stop: bool = False
+    grad_norm: float = math.nan
 
 
 class TrainStep:
@@ -272,6 +277,7 @@ class TrainStep:
             )
             loss_value, data_value, nll, nll_tokens, tokens, stops = totals.tolist()
             problem = None if math.isfinite(loss_value) else f"non-finite loss ({loss_value})"
+            grad_norm = math.nan
             if problem is None and optimizer is not None:
                 for group in optimizer.param_groups:
                     group["lr"] = group["base_lr"] * config.lr_factor(step)
@@ -279,6 +285,7 @@ class TrainStep:
                 loss.backward()
                 world.average_gradients(self.params)
                 norm = optimizer.grad_norm(rows)
+                grad_norm = float(norm)
                 if not torch.isfinite(norm):
                     problem = f"non-finite gradient norm ({norm.item()})"
                 else:
@@ -293,12 +300,13 @@ class TrainStep:
             time.perf_counter() - start,
             problem,
             stops > 0,
+            grad_norm,
         )
 
 
 def _fingerprint(bora: BoRA, corpus: Corpus, config: TrainConfig) -> dict:
     """What a checkpoint must match to be resumed when the caller gives none (JSON-comparable)."""
-    keep = {k: v for k, v in config.to_dict().items() if k not in ("progress", "checkpoint_every")}
+    keep = {k: v for k, v in config.to_dict().items() if k not in WATCH_ONLY}
     return {
         "tasks": list(bora.tasks),
         "train_docs": len(corpus.train),
@@ -419,7 +427,8 @@ def fit(
 
         upcoming = next(batches)
         upcoming_tasks = tasks_of(upcoming)
-        with StopRequests() as stop:
+        reporter = open_reporter(config.report_to, config.logging_dir, world.is_main)
+        with StopRequests() as stop, contextlib.closing(reporter):
             for step in bar:
                 indices, step_tasks = upcoming, upcoming_tasks.to(device)  # [step batch]
                 upcoming = next(batches)
@@ -458,15 +467,20 @@ def fit(
                         "train_nll_per_token": out.nll_per_token,
                         "train_ppl": math.exp(min(out.nll_per_token, 700)),
                         "prior_per_token": out.prior_per_token,
+                        "grad_norm": out.grad_norm,
+                        "lr": train_step.lr * config.lr_factor(step),
                     }
                 )
+                reporter.train(state.losses[-1], bora.inference == "vi")
                 postfix = {
                     "nll/tok": f"{out.nll_per_token:.3f}",
                     "ppl": f"{math.exp(min(out.nll_per_token, 700)):.4g}",
                     "prior/tok": f"{out.prior_per_token:.3g}",
+                    "grad": f"{out.grad_norm:.3g}",
                 }
                 if step % config.eval_every == 0 or step == config.steps:
                     report = _validate(bora, corpus, config, state, step)
+                    reporter.validation(state.evals[-1])
                     if report.loglik_per_token > state.best_ll or not report.scored.any():  # none: keep the last
                         state.best_ll, best_state, state.best_step, state.bad_evals = (
                             report.loglik_per_token,

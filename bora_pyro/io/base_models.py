@@ -168,6 +168,10 @@ def _load_pretrained(path: str | Path, trust_remote_code: bool, dtype: torch.dty
     return lm, tokenizer
 
 
+# The dtypes the frozen base model may have (--dtype): name -> torch dtype.
+BASE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def load_base_model(
     name: str = SMOLLM2,
     device: str | torch.device = "auto",

@@ -21,7 +21,7 @@ from ..data.corpus import CorpusConfig
 from ..distributed import World
 from ..inference.config import TrainConfig
 from ..io.artifacts import RUN_FORMAT, json_roundtrip, read_json
-from ..io.base_models import load_base_model, resolve_device
+from ..io.base_models import BASE_DTYPES, load_base_model, resolve_device
 from ..io.task_store import STORES, TaskStore, table_bytes
 from ..models.bora import BoRA
 from ..models.gates import GateConfig
@@ -48,8 +48,9 @@ class AdapterConfig:
     alpha: float = option(16.0, "LoRA scaling numerator: the update is scaled by alpha / r")
     targets: tuple[str, ...] | None = option(
         None,
-        "module-name suffixes to adapt, comma-separated (default by "
-        "model type: q_proj,v_proj for LLaMA / OPT, c_attn for GPT-2)",
+        "layers to adapt, comma-separated, matched as module-path suffixes like PEFT (q_proj or "
+        "self_attn.q_proj), or all-linear (every linear layer but the output head); default by model type: "
+        "q_proj,v_proj for LLaMA / OPT, c_attn for GPT-2",
         parse=parse_csv,
     )
     inference: str = option(
@@ -114,6 +115,12 @@ class RunSpec:
     )
     data: str = option("bible-books", "corpus: bible-books, csv:PATH, jsonl:PATH, datasets:NAME_OR_PATH, ton:PATH")
     device: str = option("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
+    dtype: str = option(
+        "float32",
+        "weight dtype of the frozen base model (the LoRA factors, Theta and the optimizer state stay float32, "
+        "as in PEFT); bfloat16 halves the base's memory",
+        choices=tuple(BASE_DTYPES),
+    )
     posterior_samples: int = option(
         8, "guide draws for posterior-predictive perplexity and the ArviZ file posterior.nc (0 = skip)"
     )
@@ -130,6 +137,8 @@ class RunSpec:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
+        if self.dtype not in BASE_DTYPES:
+            raise ValueError(f"dtype must be one of {tuple(BASE_DTYPES)}, got {self.dtype!r}")
         if self.posterior_samples < 0:
             raise ValueError(f"posterior_samples must be >= 0, got {self.posterior_samples}")
         if self.curvature_docs < 0:
@@ -139,7 +148,8 @@ class RunSpec:
 
     def load_model(self):
         """The base LM and tokenizer of this run, on its device."""
-        return load_base_model(self.model, device=resolve_device(self.device), trust_remote_code=self.trust_remote_code)
+        device, dtype = resolve_device(self.device), BASE_DTYPES[self.dtype]
+        return load_base_model(self.model, device=device, dtype=dtype, trust_remote_code=self.trust_remote_code)
 
     def task_store(
         self, num_tasks: int, parameters_per_task: int, folder: Path | None, reopen: bool = False

@@ -24,6 +24,7 @@ from ..distributed import World
 from ..evaluation.perplexity import PerplexityReport
 from ..evaluation.scoring import Scores, score_run
 from ..inference.checkpoint import checkpoint_step, fingerprint_differences
+from ..inference.config import WATCH_ONLY
 from ..inference.svi import FitResult, fit
 from ..io.artifacts import ADAPTERS_FILE, json_roundtrip, load_adapters, read_json, write_json
 from ..io.faults import crash_point
@@ -90,6 +91,21 @@ def checkpoint_folder(run: str | Path) -> Path:
     return run.parent / f"{run.name}.checkpoint"
 
 
+def tensorboard_folder(run: str | Path) -> Path:
+    """Where ``--report-to tensorboard`` writes a run's event files by default: ``<RUN>.tensorboard`` next to it
+    (the run folder itself appears only when the run is complete)."""
+    run = Path(run)
+    return run.parent / f"{run.name}.tensorboard"
+
+
+def _fit_options(spec: RunSpec, out: Path) -> dict:
+    """``spec``'s training options for :func:`fit`, the event-file folder defaulted for this run."""
+    options = spec.train.to_dict()
+    if options["report_to"] != "none" and options["logging_dir"] is None:
+        options["logging_dir"] = str(tensorboard_folder(out))
+    return options
+
+
 def _writer(out: Path) -> contextlib.AbstractContextManager:
     """The run folder's lock, held by the process that writes it (rank 0 under data parallelism)."""
     return folder_lock(out) if World.current().is_main else contextlib.nullcontext()
@@ -101,7 +117,7 @@ def _fingerprint(spec: RunSpec, corpus: Corpus, base_model: dict) -> dict:
     settings = spec.to_dict()
     for key in ("device", "trust_remote_code"):
         settings.pop(key)
-    settings["train"] = {k: v for k, v in settings["train"].items() if k not in ("progress", "checkpoint_every")}
+    settings["train"] = {k: v for k, v in settings["train"].items() if k not in WATCH_ONLY}
     return json_roundtrip(
         {
             "settings": settings,
@@ -194,7 +210,7 @@ def train_run(
         if spec.train.checkpoint_every or resume:
             checkpoint = _start_checkpoints(out, spec, fingerprint, resume) if world.is_main else checkpoint_folder(out)
         result = fit(
-            bora, corpus, checkpoint=checkpoint, resume=resume, fingerprint=fingerprint, **spec.train.to_dict()
+            bora, corpus, checkpoint=checkpoint, resume=resume, fingerprint=fingerprint, **_fit_options(spec, out)
         )
         return _finish(
             spec,
@@ -248,7 +264,7 @@ def adapt_run(
         lm, _, identity, corpus = load_inputs(spec)
         check_base_model(source, read_json(source / CONFIG_FILE), identity)
         bora = spec.build_model(lm, corpus.tasks, init=theta)
-        result = fit(bora, corpus, freeze_global=True, **spec.train.to_dict())
+        result = fit(bora, corpus, freeze_global=True, **_fit_options(spec, out))
         config = run_config(spec.to_dict(), corpus, identity, {"adapted_from": str(source)})
         return _finish(spec, bora, corpus, result, out, config, started, overwrite, sources=(source,))
 

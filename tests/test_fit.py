@@ -206,3 +206,17 @@ def test_the_log_holds_the_gradient_norm_before_clipping_and_the_scheduled_rate(
     first = clipped.losses[0]["grad_norm"]
     assert first > 1e-3 and first == pytest.approx(free.losses[0]["grad_norm"], rel=1e-6)  # same step-1 gradient
     assert [row["lr"] for row in clipped.losses] == pytest.approx([0.01, 0.02, 0.02, 0.01])
+
+
+def test_lora_dropout_changes_training_reproducibly(make_corpus):
+    corpus = make_corpus()
+
+    def run(p):
+        bora = bora_pyro.BoRA(tiny_random_llama()[0], corpus.tasks, rank=2, alpha=4, tau=10.0, lora_dropout=p)
+        bora_pyro.fit(bora, corpus, steps=4, batch_size=4, eval_every=4, lr=0.05, progress=False)
+        return bora.task_factors()
+
+    first, again, none = run(0.5), run(0.5), run(0.0)
+    for name, value in first.items():
+        assert torch.equal(value, again[name])  # the masks come from the seeded RNG
+    assert any(not torch.allclose(v, none[k]) for k, v in first.items())

@@ -194,3 +194,40 @@ def test_exported_target_modules_make_peft_adapt_the_same_layers(targets):
         assert exported == ["model.layers.0.self_attn.v_proj"]  # the leaf name would adapt layer 1 too
     elif targets == ("q_proj",):
         assert exported == ["q_proj"]
+
+
+def test_lora_dropout_matches_peft_in_training_and_is_off_when_scoring():
+    """PEFT's lora_dropout drops the LoRA branch's input in train mode: ours inside ``dropping()`` draws the
+    same masks (same seed, same order), and scoring outside it is deterministic and dropout-free."""
+    from bora_pyro.io.export import peft_config
+
+    ours_lm, peft_lm = tiny_random_llama()[0], tiny_random_llama()[0]
+    lora = MultiTaskLoRA(ours_lm, rank=2, alpha=4, dropout=0.3)
+    factors = random_factors(lora, num_tasks=1, seed=2)
+    input_ids = torch.randint(0, 200, (2, 8))
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.3)
+    model = peft.get_peft_model(peft_lm, config)
+    with torch.no_grad():
+        for path, module in model.named_modules():
+            if isinstance(module, peft.tuners.lora.LoraLayer):
+                short = path.split("base_model.model.model.", 1)[1]
+                module.lora_A["default"].weight.copy_(factors[f"{short}.A"][0])
+                module.lora_B["default"].weight.copy_(factors[f"{short}.B"][0])
+        model.train()
+        torch.manual_seed(7)
+        theirs = model(input_ids=input_ids).logits
+        torch.manual_seed(7)
+        with lora.dropping(), lora.activate(factors):
+            dropped = lora.lm(input_ids=input_ids).logits
+    torch.testing.assert_close(dropped, theirs, atol=1e-5, rtol=0)
+    plain = MultiTaskLoRA(tiny_random_llama()[0], rank=2, alpha=4)
+    scored = logits(lora, factors, input_ids)
+    torch.testing.assert_close(scored, logits(plain, factors, input_ids), atol=0, rtol=0)
+    assert not torch.allclose(dropped, scored, atol=1e-4)  # the dropout did something
+    assert peft_config(lora, "base")["lora_dropout"] == 0.3
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.0, float("nan")])
+def test_lora_dropout_must_be_a_probability(p):
+    with pytest.raises(ValueError, match=r"lora_dropout must be in \[0, 1\)"):
+        MultiTaskLoRA(tiny_random_llama()[0], dropout=p)

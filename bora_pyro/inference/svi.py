@@ -249,7 +249,7 @@ class TrainStep:
         start = time.perf_counter()
         if next_tasks is not None and bora.task_store.disk:
             bora.task_store.prefetch(bora.updated_tasks(next_tasks))
-        with bora.param_scope():
+        with bora.param_scope(), bora.lora.dropping():  # forward and backward
             data = _DataTerm()
             with pyro.validation_enabled(validate), data:
                 loss = self.loss_fn(bora, batch)

@@ -118,7 +118,7 @@ def peft_config(lora: MultiTaskLoRA, base_model: str) -> dict:
         "base_model_name_or_path": base_model,
         "r": lora.rank,
         "lora_alpha": lora.alpha,
-        "lora_dropout": 0.0,
+        "lora_dropout": lora.dropout,
         "bias": "none",
         "target_modules": peft_target_modules(lora.lm, lora.paths()),
         "fan_in_fan_out": fan_in_fan_out,

@@ -72,7 +72,9 @@ class BoRA:
         rank, alpha: LoRA rank r and scaling numerator (the update is scaled by alpha / r).
         tau: prior precision; 0 = independent tasks, ``float("inf")`` = one pooled adapter, "learn"; a
             shortcut for ``prior=PriorConfig(tau=tau)`` (default 100).
-        targets: module-name suffixes to adapt (default by model type, e.g. q_proj, v_proj).
+        targets: the layers to adapt, as PEFT's target_modules (names matched as module-path suffixes,
+            "all-linear", or a regular expression on the full path; default by model type, e.g. q_proj, v_proj).
+        lora_dropout: PEFT's dropout on the input of each LoRA branch, in training steps only.
         inference: "map" (AutoDelta guide, the paper's estimate) or "vi" (mean-field Normal).
         prior: the hierarchical prior (:class:`PriorConfig`: tau, parameterisation, tau's hyperprior, Theta's prior).
         gates: B-LoRA rank and precision gates (:class:`GateConfig`; default none).
@@ -99,7 +101,7 @@ class BoRA:
         rank: int = 8,
         alpha: float = 16.0,
         tau: float | str | None = None,
-        targets: Sequence[str] | None = None,
+        targets: Sequence[str] | str | None = None,
         inference: str = "map",
         prior: PriorConfig | None = None,
         gates: GateConfig | None = None,
@@ -109,6 +111,7 @@ class BoRA:
         task_subsampling: bool = True,
         task_store: TaskStore | None = None,
         guide_init_scale: float = 1e-3,
+        lora_dropout: float = 0.0,
     ) -> None:
         if prior is not None and tau is not None:
             raise ValueError(f"give tau={tau!r} or prior=PriorConfig(tau=...), not both")
@@ -116,7 +119,7 @@ class BoRA:
         tasks = tuple(str(t) for t in tasks)
         check_task_names(tasks, "BoRA")
         self.tasks = tasks
-        self.lora = MultiTaskLoRA(lm, rank=rank, alpha=alpha, targets=targets)
+        self.lora = MultiTaskLoRA(lm, rank=rank, alpha=alpha, targets=targets, dropout=lora_dropout)
         self.prior = HierarchicalPrior(
             self.lora.shapes(), len(tasks), prior.tau, prior.parameterization, prior.hyperprior(), prior.global_scale()
         )

@@ -47,7 +47,7 @@ class MultiTaskLoRALinear(nn.Module):
         With D == 1 every example uses the single adapter (pooled mode, no gather).
     """
 
-    def __init__(self, base: nn.Module, rank: int, alpha: float) -> None:
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0) -> None:
         super().__init__()
         self.base_layer = base
         self.fan_in_fan_out = is_conv1d(base)
@@ -57,6 +57,8 @@ class MultiTaskLoRALinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.rank = rank
         self.scaling = alpha / rank
+        self.dropout = dropout  # PEFT's lora_dropout: on the LoRA branch's input, while ``dropping``
+        self.dropping = False
         self._A: torch.Tensor | None = None  # [D, r, in] while a context is active
         self._B: torch.Tensor | None = None  # [D, out, r]
         self._task_index: torch.Tensor | None = None  # [batch]
@@ -68,6 +70,8 @@ class MultiTaskLoRALinear(nn.Module):
             return y
         A, B, gates = self._A, self._B, self._gates
         x = x.to(A.dtype)
+        if self.dropping and self.dropout > 0:
+            x = nn.functional.dropout(x, self.dropout, training=True)
         if gates is not None:  # B-LoRA: factors and input at their gated precision
             A, B, x = gates.quantize_factor(A), gates.quantize_factor(B), gates.quantize_input(x)
         rank_gates = None if gates is None else gates.rank  # [G, r]
@@ -129,14 +133,18 @@ class MultiTaskLoRA:
         rank: int = 8,
         alpha: float = 16.0,
         targets: Targets | None = None,
+        dropout: float = 0.0,
     ) -> None:
         if not isinstance(rank, int) or rank < 1:
             raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
         if not alpha > 0:
             raise ValueError(f"alpha must be > 0, got {alpha!r}")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {dropout!r}")
         self.lm = lm
         self.rank = rank
         self.alpha = float(alpha)
+        self.dropout = float(dropout)
         self.targets = resolve_targets(lm, targets)
         for p in lm.parameters():
             p.requires_grad_(False)
@@ -170,7 +178,7 @@ class MultiTaskLoRA:
         if any(isinstance(m, MultiTaskLoRALinear) for m in self.lm.modules()):
             raise ValueError("model is already wrapped with multi-task LoRA")
         wrapped = [
-            (path, MultiTaskLoRALinear(module, self.rank, self.alpha))
+            (path, MultiTaskLoRALinear(module, self.rank, self.alpha, self.dropout))
             for path, module in select_layers(self.lm, self.targets)
         ]
         narrowest = min(wrapped, key=lambda item: min(item[1].in_features, item[1].out_features))
@@ -240,6 +248,18 @@ class MultiTaskLoRA:
             if not self.gradient_checkpointing:  # the backward pass re-runs the layers and needs the factors
                 for layer in self.layers.values():
                     layer._A = layer._B = layer._task_index = layer._gates = None
+
+    @contextlib.contextmanager
+    def dropping(self) -> Iterator[None]:
+        """Apply the LoRA dropout (PEFT's ``lora_dropout``: on each adapted layer's input to A) inside: a
+        training step's forward AND backward (a recomputed layer must drop the same units); never when scoring."""
+        try:
+            for layer in self.layers.values():
+                layer.dropping = True
+            yield
+        finally:
+            for layer in self.layers.values():
+                layer.dropping = False
 
     def init_factors(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Standard LoRA start for one adapter: A Kaiming-uniform (as PEFT/nn.Linear), B zero.

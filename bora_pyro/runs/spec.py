@@ -53,6 +53,9 @@ class AdapterConfig:
         "q_proj,v_proj for LLaMA / OPT, c_attn for GPT-2",
         parse=parse_csv,
     )
+    lora_dropout: float = option(
+        0.0, "dropout on the input of each LoRA branch in training steps (PEFT's lora_dropout)"
+    )
     inference: str = option(
         "map", "map: AutoDelta guide (the paper's MAP estimate); vi: mean-field Normal guide", choices=INFERENCE
     )
@@ -87,6 +90,8 @@ class AdapterConfig:
             raise ValueError(f"rank must be an integer >= 1, got {self.rank!r}")
         if not (self.alpha > 0 and math.isfinite(self.alpha)):
             raise ValueError(f"alpha must be a finite number > 0, got {self.alpha!r}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.inference not in INFERENCE:
             raise ValueError(f"inference must be one of {INFERENCE}, got {self.inference!r}")
         if self.targets is not None:
@@ -192,6 +197,7 @@ class RunSpec:
             init=init,
             task_subsampling=a.task_subsampling,
             guide_init_scale=a.guide_init_scale,
+            lora_dropout=a.lora_dropout,
         )
         store = self.task_store(len(tasks), bora.lora.num_parameters(), store_folder, reopen_store)
         if store.disk and bora.mode != POOLED:  # tau = inf has no task rows: nothing to store

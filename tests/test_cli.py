@@ -151,3 +151,16 @@ def test_report_to_tensorboard_writes_the_named_scalars(tmp_path, corpus_csv, in
         scalars = events.Scalars(tag)
         assert [s.step for s in scalars] == logged.step.tolist()
         assert [s.value for s in scalars] == pytest.approx(logged[column].tolist(), rel=1e-6)
+
+
+def test_report_to_tensorboard_without_the_package_is_refused_before_any_work(
+    tmp_path, corpus_csv, capsys, monkeypatch
+):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    assert main(train_args(corpus_csv, tmp_path / "run", "--report-to", "tensorboard")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pip install 'bora-pyro[tensorboard]'" in err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "run.tensorboard").exists()

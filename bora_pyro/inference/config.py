@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 from ..data.sampling import check_task_sampling, parse_task_sampling
 from ..options import option, parse_optional_int
-from .reporting import REPORT_TO
+from .reporting import REPORT_TO, check_reporter_installed
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
 # The options that change how a fit is watched or saved, not what it computes (a checkpoint resumes across them).
@@ -99,6 +99,7 @@ class TrainConfig:
         parse_task_sampling(self.task_sampling)
         if self.report_to not in REPORT_TO:
             raise ValueError(f"report_to must be one of {REPORT_TO}, got {self.report_to!r}")
+        check_reporter_installed(self.report_to)
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if not isinstance(self.warmup_steps, int) or isinstance(self.warmup_steps, bool) or self.warmup_steps < 0:

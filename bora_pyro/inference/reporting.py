@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,6 +30,12 @@ _EVAL = {
 }
 
 
+def check_reporter_installed(report_to: str) -> None:
+    """Refuse, in one line and before any work, a tracker whose package is missing."""
+    if report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        raise ValueError("--report-to tensorboard needs the tensorboard package: pip install 'bora-pyro[tensorboard]'")
+
+
 class Reporter:
     """Sends the rows of the training history to a tracker; this base class sends them nowhere."""
 
@@ -46,12 +53,9 @@ class TensorBoardReporter(Reporter):
     """Scalars in TensorBoard event files under ``logging_dir`` (None: TensorBoard's ``runs/DATE_HOST``)."""
 
     def __init__(self, logging_dir: str | Path | None) -> None:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # torch's writer needs the tensorboard package
-            raise ValueError(
-                "--report-to tensorboard needs the tensorboard package: pip install 'bora-pyro[tensorboard]'"
-            ) from None
+        check_reporter_installed("tensorboard")
+        from torch.utils.tensorboard import SummaryWriter
+
         self.writer = SummaryWriter(log_dir=None if logging_dir is None else str(logging_dir))
 
     def _scalars(self, row: Mapping[str, float], names: Mapping[str, str]) -> None:

@@ -220,3 +220,29 @@ def test_lora_dropout_changes_training_reproducibly(make_corpus):
     for name, value in first.items():
         assert torch.equal(value, again[name])  # the masks come from the seeded RNG
     assert any(not torch.allclose(v, none[k]) for k, v in first.items())
+
+
+@pytest.mark.parametrize(
+    "model", [dict(tau=10.0), dict(tau=10.0, inference="vi"), dict(tau="learn", inference="vi")], ids=str
+)
+def test_gradient_accumulation_equals_one_big_batch(make_corpus, model):
+    """4 micro-batches a step give the parameters and the logged objective of one batch 4 times larger."""
+    corpus = make_corpus()
+    options = dict(steps=3, batch_size=8, eval_every=3, lr=0.01, **model)
+    big, big_fit = fitted(corpus, **options)
+    small, small_fit = fitted(corpus, grad_accum=4, **options)
+    for name, value in big.task_factors().items():
+        torch.testing.assert_close(small.task_factors()[name], value, atol=1e-6, rtol=0)
+    with big.param_scope():
+        params = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+    with small.param_scope():
+        for name, value in pyro.get_param_store().items():
+            torch.testing.assert_close(value.detach(), params[name], atol=1e-6, rtol=0)
+    for a, b in zip(big_fit.losses, small_fit.losses):
+        assert b["loss_per_token"] == pytest.approx(a["loss_per_token"], rel=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+
+
+def test_more_micro_batches_than_documents_is_refused():
+    with pytest.raises(ValueError, match="grad_accum 16 exceeds batch_size 8"):
+        TrainConfig(batch_size=8, grad_accum=16)

@@ -65,6 +65,24 @@ class Batch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def split(self, parts: int) -> list[Batch]:
+        """The batch cut into ``parts`` consecutive micro-batches of near-equal size (gradient accumulation).
+        Each keeps the step's tasks (``step_task_index``), so that its prior terms are the whole step's, and
+        ``num_docs``, so that its likelihood is scaled to the split. Raises ValueError when a part would be
+        empty."""
+        if parts > len(self):
+            raise ValueError(
+                f"grad_accum={parts} micro-batches need at least {parts} documents per step (per process), "
+                f"this step has {len(self)}: raise batch_size or lower grad_accum"
+            )
+        tasks = self.task_index if self.step_task_index is None else self.step_task_index
+        rows = ("input_ids", "attention_mask", "labels", "task_index", "doc_index")
+        out = []
+        for index in torch.arange(len(self)).tensor_split(parts):
+            sliced = {name: getattr(self, name)[index[0] : index[-1] + 1] for name in rows}
+            out.append(self.replace(**sliced, step_task_index=tasks))
+        return out
+
 
 @dataclass(frozen=True)
 class Split:

@@ -31,6 +31,11 @@ class TrainConfig:
 
     steps: int = option(100, "optimisation steps")
     batch_size: int = option(8, "documents per step (the global batch under data parallelism)")
+    grad_accum: int = option(
+        1,
+        "micro-batches per step: each step's batch is cut into N parts, run forward and backward in turn, then "
+        "one optimizer step (the same update as the whole batch, the activation memory of one part)",
+    )
     task_sampling: str = option(
         "proportional",
         "how a step draws its documents: proportional (each document alike, in epochs), uniform (each task "
@@ -85,11 +90,15 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
-        positive_ints = ("steps", "batch_size", "eval_every", "eval_batch_size", "num_particles")
+        positive_ints = ("steps", "batch_size", "grad_accum", "eval_every", "eval_batch_size", "num_particles")
         for name in positive_ints:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.grad_accum > self.batch_size:
+            raise ValueError(
+                f"grad_accum {self.grad_accum} exceeds batch_size {self.batch_size}: each micro-batch needs a document"
+            )
         for name in ("lr", "guide_lr"):
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):

@@ -231,6 +231,26 @@ class TrainStep:
             named = trainable_parameters(bora, self.loss_fn, example_batch, freeze_global)
         self.params = list(named.values())
         self.optimizer = make_optimizer(named, bora.parameter_roles(), self.lr, config, bora.task_store)
+        self.draws = bora.inference == "vi" or bora.gates is not None  # the objective draws random numbers
+
+    def _objective(self, batch: Batch, validate: bool, share: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The objective on ``batch`` (differentiable) and this rank's sums for the step's report: the objective
+        and its data term (both times ``share`` over the ranks), the (weighted) NLL, its tokens, the scored
+        tokens. Shapes: -> [], [5]."""
+        data = _DataTerm()
+        with pyro.validation_enabled(validate), data:
+            loss = self.loss_fn(self.bora, batch)
+        loglik = data.loglik.detach() if data.loglik is not None else loss.new_zeros(len(batch))  # [batch]
+        tokens = scored_tokens(batch.labels)  # [batch]
+        weight = batch.example_weight()  # [batch]: importance weights of the task sampling (None: all 1)
+        if weight is not None:  # the training split's NLL per token estimated without the sampling's bias
+            loglik, weighted_tokens = weight * loglik, (weight * tokens).sum()
+        else:
+            weighted_tokens = tokens.sum().to(loss)
+        scale = batch.num_docs / len(batch)  # the likelihood's minibatch scale in the objective
+        ranks = share / self.world.size
+        sums = [loss.detach() * ranks, -scale * loglik.sum() * ranks, -loglik.sum(), weighted_tokens, tokens.sum()]
+        return loss, torch.stack([v.to(loss) for v in sums])
 
     def __call__(
         self,
@@ -249,40 +269,31 @@ class TrainStep:
         start = time.perf_counter()
         if next_tasks is not None and bora.task_store.disk:
             bora.task_store.prefetch(bora.updated_tasks(next_tasks))
+        parts = batch.split(config.grad_accum) if config.grad_accum > 1 else [batch]
         with bora.param_scope(), bora.lora.dropping():  # forward and backward
-            data = _DataTerm()
-            with pyro.validation_enabled(validate), data:
-                loss = self.loss_fn(bora, batch)
-            loglik = data.loglik.detach() if data.loglik is not None else loss.new_zeros(len(batch))  # [batch]
-            tokens = scored_tokens(batch.labels)  # [batch]
-            weight = batch.example_weight()  # [batch]: importance weights of the task sampling (None: all 1)
-            if weight is not None:  # the training split's NLL per token estimated without the sampling's bias
-                loglik, weighted_tokens = weight * loglik, (weight * tokens).sum()
-            else:
-                weighted_tokens = tokens.sum().to(loss)
-            scale = batch.num_docs / len(batch)  # the likelihood's minibatch scale in the objective
+            if optimizer is not None:
+                optimizer.zero_grad(set_to_none=True)
+            # a VI guide (or the gates) draws at random: every micro-batch gets the step's one draw
+            replay = _rng_replay(bora.device) if len(parts) > 1 and self.draws else None
+            sums = []
+            for part in parts:
+                if replay is not None:
+                    replay()
+                share = len(part) / len(batch)  # micro-batch m's objective weighs len_m / len: one batch's sum
+                loss, part_sums = self._objective(part, validate, share)
+                if optimizer is not None and torch.isfinite(loss):
+                    (share * loss).backward()
+                sums.append(part_sums)
             # sums over ranks: the objective and its data term (means over ranks), (weighted) NLL and scored
             # tokens, scored tokens, stop votes
-            totals = world.sum(
-                torch.stack(
-                    [
-                        loss.detach() / world.size,
-                        -scale * loglik.sum() / world.size,
-                        -loglik.sum(),
-                        weighted_tokens,
-                        tokens.sum().to(loss),
-                        loss.new_tensor(float(stop_requested)),
-                    ]
-                )
-            )
+            totals = torch.stack(sums).sum(0)
+            totals = world.sum(torch.cat([totals, totals.new_tensor([float(stop_requested)])]))
             loss_value, data_value, nll, nll_tokens, tokens, stops = totals.tolist()
             problem = None if math.isfinite(loss_value) else f"non-finite loss ({loss_value})"
             grad_norm = math.nan
             if problem is None and optimizer is not None:
                 for group in optimizer.param_groups:
                     group["lr"] = group["base_lr"] * config.lr_factor(step)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
                 world.average_gradients(self.params)
                 norm = optimizer.grad_norm(rows)
                 grad_norm = float(norm)
@@ -302,6 +313,19 @@ class TrainStep:
             stops > 0,
             grad_norm,
         )
+
+
+def _rng_replay(device: torch.device) -> Callable[[], None]:
+    """A function that puts torch's random state (the CPU's and ``device``'s) back to what it is now."""
+    cpu = torch.get_rng_state()
+    accelerator = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    def replay() -> None:
+        torch.set_rng_state(cpu)
+        if accelerator is not None:
+            torch.cuda.set_rng_state(accelerator, device)
+
+    return replay
 
 
 def _fingerprint(bora: BoRA, corpus: Corpus, config: TrainConfig) -> dict:
@@ -361,6 +385,11 @@ def fit(
     config = TrainConfig(**options)
     world = World.current()
     world.check_batch_size(config.batch_size)
+    if config.batch_size // world.size < config.grad_accum:
+        raise ValueError(
+            f"grad_accum {config.grad_accum} exceeds the {config.batch_size // world.size} documents each of the "
+            f"{world.size} processes takes per step: raise batch_size or lower grad_accum"
+        )
     if corpus.tasks != bora.tasks:
         raise ValueError(f"corpus tasks {list(corpus.tasks)} differ from the model's tasks {list(bora.tasks)}")
     if config.batch_size > max(

@@ -114,3 +114,38 @@ def test_adapters_written_in_chunks_equal_the_whole(tmp_path):
     names, loaded, loaded_theta, meta = load_adapters(tmp_path / "chunks.safetensors")
     assert names == tasks and meta == {"rank": 2} and torch.equal(loaded["a.B"], factors["a.B"])
     assert torch.equal(AdapterFile(tmp_path / "chunks.safetensors").rows([5, 1])["a.A"], factors["a.A"][[5, 1]])
+
+
+def test_every_exported_adapter_serves_in_one_stock_peft_model_with_a_mixed_batch(tmp_path):
+    """The serving path of multi-adapter servers: all adapters loaded into ONE PeftModel (load_adapter per
+    task) and a batch whose rows name different adapters (adapter_names=[...]) gives our mixed-batch logits."""
+    data = tmp_path / "corpus.csv"
+    synthetic_rows({"north": 10, "east": 6, "west": 4}).to_csv(data, index=False)
+    run, out = tmp_path / "run", tmp_path / "peft"
+    assert main(train_args(data, run, "--lr", "0.05", "--targets", "all-linear", "--lora-dropout", "0.1")) == 0
+    assert main(["export", str(run), "--format", "peft", "--out", str(out)]) == 0
+    folders = json.loads((out / "tasks.json").read_text())
+    tasks = ["north", "east", "west"]
+    model = peft.PeftModel.from_pretrained(tiny_random_llama()[0], out / folders[tasks[0]], adapter_name=tasks[0])
+    for task in tasks[1:]:
+        model.load_adapter(out / folders[task], adapter_name=task)
+    model.eval()
+    rows = [2, 0, 1, 1, 0, 2]
+    input_ids = torch.randint(0, 250, (len(rows), 12))
+    loaded = load_run(run, device="cpu")
+    with torch.no_grad():
+        theirs = model(input_ids=input_ids, adapter_names=[tasks[d] for d in rows]).logits
+        with loaded.bora.lora.activate(loaded.task_factors, torch.tensor(rows)):
+            ours = loaded.bora.lora.lm(input_ids=input_ids).logits
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+    assert json.loads((out / folders["north"] / "adapter_config.json").read_text())["lora_dropout"] == 0.1
+
+
+@pytest.mark.parametrize("rank, expected", [(8, None), (24, "--max-lora-rank 32"), (600, "vLLM refuses it")])
+def test_export_warns_where_vllm_would_refuse_or_slow_the_adapters(tmp_path, caplog, rank, expected):
+    lora = MultiTaskLoRA(tiny_random_llama(hidden_size=max(32, rank))[0], rank=rank, alpha=rank, targets=["q_proj"])
+    factors = {k: torch.zeros(1, *s) for k, s in lora.shapes().items()}
+    with caplog.at_level("WARNING"):
+        export_peft(lora, ["a"], factors, None, "tiny-random-llama", tmp_path / "peft")
+    lines = [r.getMessage() for r in caplog.records if "vLLM" in r.getMessage()]
+    assert (lines == []) if expected is None else (len(lines) == 1 and expected in lines[0])

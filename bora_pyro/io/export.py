@@ -10,6 +10,7 @@ names, never one of the export's own files (``tasks.json``, ``README.md``...) no
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -25,7 +26,9 @@ from ..nn.targets import peft_target_modules
 from .artifacts import write_json
 from .folders import MARKER, atomic_folder
 from .integrity import MANIFEST, CorruptFile
+from .serving import vllm_warnings
 
+log = logging.getLogger(__name__)
 MAX_FOLDER_NAME = 100  # bytes (ASCII characters); file systems allow 255
 TASKS_FILE, README, INPUT_FORMAT_FILE = "tasks.json", "README.md", "input_format.json"
 OWN_FILES = (TASKS_FILE, README, MANIFEST, MARKER)  # what an export folder holds besides the adapters
@@ -158,6 +161,8 @@ def export_peft(
     names = {**safe_names(tasks), GLOBAL: GLOBAL}
     rows, index = rows_of(task_factors), {t: d for d, t in enumerate(tasks)}
     config = peft_config(lora, base_model)
+    for line in vllm_warnings(lora):
+        log.warning("%s: the %d adapters: %s", out, len(wanted), line)
     with atomic_folder(Path(out), "export", overwrite=overwrite) as tmp:
         folders = {}
         for task in wanted:

@@ -52,7 +52,10 @@ def sample_documents(bora: bora_pyro.BoRA, factors: dict, bos: int, generator: t
     return Split("train", bora.tasks, rows, rows, tuple(int(t) for t in task), pad_token_id=0)
 
 
-def replicate(seed: int, steps: int, draws: int) -> dict:
+def simulate(seed: int, steps: int) -> tuple[bora_pyro.BoRA, Corpus, float, dict[str, torch.Tensor]]:
+    """One replicate's data and fit: tau from the hyperprior, Theta and the task adapters drawn, documents
+    sampled under them, BoRA fitted by MAP. -> (the fitted model, its corpus, the true tau, the true task
+    factors: name -> [D, *shape])."""
     generator = torch.Generator().manual_seed(seed)
     lm, tokenizer = tiny_random_llama()
     tasks = tuple(f"task{d}" for d in range(len(DOCS)))
@@ -67,18 +70,26 @@ def replicate(seed: int, steps: int, draws: int) -> dict:
     split = sample_documents(bora, factors, tokenizer.bos_token_id, generator)
     corpus = Corpus("sbc", tasks, split, split, split)
     bora.start_from(theta)
-    start = time.perf_counter()
     bora_pyro.fit(bora, corpus, steps=steps, batch_size=32, lr=0.01, eval_every=steps, progress=False, seed=seed)
+    return bora, corpus, true_tau, factors
+
+
+def rank_of(grid: np.ndarray, weights: np.ndarray, true_tau: float, draws: int, seed: int) -> int:
+    """The rank of the true tau among ``draws`` draws from a grid posterior (SBC's statistic)."""
+    picks = np.random.default_rng(seed).choice(len(weights), size=draws, p=weights)
+    return int((grid[picks] < true_tau).sum())
+
+
+def replicate(seed: int, steps: int, draws: int) -> dict:
+    start = time.perf_counter()
+    bora, corpus, true_tau, _ = simulate(seed, steps)
     posterior = bora_pyro.tau_posterior(bora, corpus, docs_per_task=None, label_samples=4, refresh=True, seed=seed)
     seconds = time.perf_counter() - start
-    weights = posterior.weights()[0]
-    picks = np.random.default_rng(seed).choice(len(weights), size=draws, p=weights)
-    samples = posterior.grid[0][picks]
     low, mid, high = posterior.quantiles((0.05, 0.5, 0.95))[0]
     return {
         "seed": seed,
         "true_tau": true_tau,
-        "rank": int((samples < true_tau).sum()),
+        "rank": rank_of(posterior.grid[0], posterior.weights()[0], true_tau, draws, seed),
         "q05": low,
         "median": mid,
         "q95": high,

@@ -218,7 +218,7 @@ def report(table: pd.DataFrame, args: argparse.Namespace, out: Path) -> None:
     panels = table.structure.nunique()
     fig, axes = plt.subplots(1, panels, figsize=(2.6 * panels, 3), sharey=True)
     for ax, (structure, part) in zip(axes, table.groupby("structure", sort=False)):
-        counts = np.histogram(part.pit, bins=bins, range=(0, 1))[0]
+        counts = np.histogram(part.pit.clip(0, 1), bins=bins, range=(0, 1))[0]  # a PIT of 1 + rounding is 1
         expected = len(part) / bins
         chi2 = float(((counts - expected) ** 2 / expected).sum())
         ratio = math.exp(float(np.log(part["median"] / part.true_tau).mean()))

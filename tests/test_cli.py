@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pandas as pd
-import torch
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from bora_pyro.cli import main

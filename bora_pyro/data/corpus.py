@@ -219,10 +219,20 @@ class Corpus:
             split = self.split(name)
             digests = {task: hashlib.sha256() for task in self.tasks}
             for task, ids, labels in zip(split.task_index, split.input_ids, split.labels):
-                digest = digests[self.tasks[task]]
-                digest.update(np.asarray([len(ids), *ids, *labels], dtype=np.int64).tobytes())
+                digests[self.tasks[task]].update(_document_bytes(ids, labels))
             out[name] = {task: digest.hexdigest() for task, digest in digests.items()}
         return out
+
+    def document_digests(self) -> list[tuple[str, str, str]]:
+        """(split, task, digest) of every tokenised document in order: the first 16 hex digits of the SHA-256 of
+        its length, token ids and labels (what lets a later run say how many documents of a task changed)."""
+        return [
+            (name, self.tasks[task], hashlib.sha256(_document_bytes(ids, labels)).hexdigest()[:16])
+            for name in ("train", "valid", "test")
+            for task, ids, labels in zip(
+                self.split(name).task_index, self.split(name).input_ids, self.split(name).labels
+            )
+        ]
 
     def documents(self) -> dict[str, dict[str, int]]:
         """Per split: the source documents used (after the per-task caps), those available before the
@@ -307,6 +317,11 @@ def input_format_of(grouped: Grouped, tokenizer, config: CorpusConfig) -> InputF
         read_chat_template(config.chat_template, tokenizer) if conversational else None,
         bos=tokenizer.bos_token_id is not None,
     )
+
+
+def _document_bytes(ids: list[int], labels: list[int]) -> bytes:
+    """What a document's digests cover: its length, token ids and labels."""
+    return np.asarray([len(ids), *ids, *labels], dtype=np.int64).tobytes()
 
 
 def load_corpus(data: object, tokenizer, **options) -> Corpus:

@@ -124,7 +124,8 @@ def read_manifest(folder: Path) -> dict | None:
 
 
 def verify(folder: Path, only: Iterable[str] | None = None) -> dict | None:
-    """Check every file the manifest lists (or those of ``only`` that it lists) against its digest and size.
+    """Check every file the manifest lists (or those of ``only`` that it lists, a folder's name standing for the
+    files in it) against its digest and size.
 
     Raises :class:`CorruptFile` naming the first file that is missing, has another size or another digest.
     Returns the manifest (None for a folder written before manifests: nothing to check).
@@ -135,7 +136,7 @@ def verify(folder: Path, only: Iterable[str] | None = None) -> dict | None:
         return None
     wanted = None if only is None else set(only)
     for rel, entry in sorted(manifest["files"].items()):
-        if wanted is not None and rel not in wanted:
+        if wanted is not None and rel not in wanted and rel.split("/")[0] not in wanted:
             continue
         path = folder / rel
         if path.is_symlink():

@@ -27,6 +27,7 @@ import logging
 import platform
 import shutil
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import __version__
 from ..data.corpus import Corpus, load_corpus
+from ..data.input_format import InputFormat
 from ..evaluation.generation_scores import GenerationScores
 from ..evaluation.scoring import Scores
 from ..inference.svi import FitResult
@@ -53,11 +55,15 @@ POSTERIOR_FILE, CURVE_FILE, GATES_FILE, GATES_FIGURE = "posterior.nc", "training
 TRAINED, COMPLETE, INTERRUPTED, DIVERGED = "trained", "complete", "interrupted", "diverged"
 TAU_POSTERIOR_FILE, PRIOR_CHECK_FILE, TEST_DOCS_FILE = "tau_posterior.csv", "prior_check.csv", "test_docs.csv"
 TAU_FIGURE, SHRINKAGE_FIGURE, SCALES_FIGURE = "tau_posterior.png", "shrinkage.png", "guide_scales.png"
+TOKENIZER_FOLDER = "tokenizer"  # the tokenizer trained with (save_pretrained): the folder stands alone
+DOCUMENTS_FILE = "documents.csv"  # split, task, digest of every document trained and scored on
 
 SCORING = JOURNAL  # present while stage 2 writes: the folder counts as trained
 STAGE1_FILES = (  # what stage 2 never rewrites
     CONFIG_FILE,
     CORPUS_FILE,
+    DOCUMENTS_FILE,
+    TOKENIZER_FOLDER,
     CHAT_TEMPLATE_FILE,
     ADAPTERS_FILE,
     FIT_STATE_FILE,
@@ -212,10 +218,12 @@ def write_fitted(
     overwrite: bool,
     fingerprint: str | None = None,
     sources: tuple[Path, ...] = (),
+    tokenizer=None,
 ) -> None:
     """Stage 1: write the whole folder with the fitted state (atomically), status ``status``
     (``fingerprint``: the digest of what the run's checkpoints must match, see ``runs.fingerprint_id``;
-    ``sources``: folders the run was made from, which it must not replace)."""
+    ``sources``: folders the run was made from, which it must not replace; ``tokenizer``: the one trained with,
+    kept in the folder)."""
     with atomic_folder(out, "run", overwrite, run_entries(out), sources, unhashed=(TASK_STORE_FOLDER,)) as tmp:
         write_json(tmp / CONFIG_FILE, config)
         write_json(
@@ -226,6 +234,11 @@ def write_fitted(
                 "input_format": corpus.input_format.to_dict(),
             },
         )
+        pd.DataFrame(corpus.document_digests(), columns=["split", "task", "digest"]).to_csv(
+            tmp / DOCUMENTS_FILE, index=False
+        )
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp / TOKENIZER_FOLDER))
         if corpus.input_format.chat_template is not None:  # every later command renders with this one
             (tmp / CHAT_TEMPLATE_FILE).write_text(corpus.input_format.chat_template, encoding="utf-8")
         save_adapters(
@@ -358,24 +371,78 @@ def check_base_model(path: Path, config: dict, loaded: dict) -> None:
 
 
 def corpus_changes(path: Path, corpus: Corpus) -> list[str]:
-    """What differs between the corpus a run was trained on (its corpus.json) and ``corpus``, one phrase per
-    split (e.g. "test: tasks 'a', 'b' changed, 'c' missing"); empty if nothing (or nothing was recorded)."""
+    """What differs between the corpus a run was trained on (its corpus.json and documents.csv) and ``corpus``,
+    one phrase per split (e.g. "test: 2 task(s) changed ('a': 3 of 40 documents differ, 1 new; ...)"); empty if
+    nothing (or nothing was recorded)."""
     file = Path(path) / CORPUS_FILE
     if not file.is_file():
         return []
     recorded, now = read_json(file)["splits"], corpus.split_digests()
+    documents = _recorded_documents(path)
+    current = _documents_by_task(corpus.document_digests())
     changes = []
     for split in ("train", "valid", "test"):
         before, after = recorded.get(split, {}), now.get(split, {})
+        changed = [t for t in before if t in after and before[t] != after[t]]
         parts = {
-            "changed": [t for t in before if t in after and before[t] != after[t]],
-            "missing": [t for t in before if t not in after],
-            "new": [t for t in after if t not in before],
+            "changed": [_task_change(t, documents.get((split, t)), current.get((split, t), [])) for t in changed],
+            "missing": [repr(t) for t in before if t not in after],
+            "new": [repr(t) for t in after if t not in before],
         }
         said = [f"{len(n)} task(s) {label} ({_first(n)})" for label, n in parts.items() if n]
         if said:
             changes.append(f"{split}: " + "; ".join(said))
     return changes
+
+
+def _documents_by_task(rows) -> dict[tuple[str, str], list[str]]:
+    """(split, task) -> the digests of its documents, from (split, task, digest) rows."""
+    out: dict[tuple[str, str], list[str]] = {}
+    for split, task, digest in rows:
+        out.setdefault((split, task), []).append(digest)
+    return out
+
+
+def _recorded_documents(path: Path) -> dict[tuple[str, str], list[str]]:
+    """The run's documents.csv by (split, task) (empty for a folder written before it existed)."""
+    file = Path(path) / DOCUMENTS_FILE
+    if not file.is_file():
+        return {}
+    table = pd.read_csv(file, dtype=str, keep_default_na=False)
+    return _documents_by_task(table[["split", "task", "digest"]].itertuples(index=False, name=None))
+
+
+def _task_change(task: str, before: list[str] | None, after: list[str]) -> str:
+    """``'a': 3 of 40 documents differ, 1 new`` (the recorded documents of a changed task against today's)."""
+    if before is None:
+        return repr(task)
+    gone, added = Counter(before) - Counter(after), Counter(after) - Counter(before)
+    n_gone, n_added = sum(gone.values()), sum(added.values())
+    if not n_gone and not n_added:
+        return f"{task!r}: the same documents in another order"
+    replaced = min(n_gone, n_added)
+    said = [f"{replaced} of {len(before)} documents differ"] if replaced else []
+    said += [f"{n_added - replaced} new"] if n_added > replaced else []
+    said += [f"{n_gone - replaced} gone"] if n_gone > replaced else []
+    return f"{task!r}: {', '.join(said)}"
+
+
+def recorded_input_format(path: Path) -> InputFormat | None:
+    """The input format a run recorded in its corpus.json (None for a folder written before it did)."""
+    file = Path(path) / CORPUS_FILE
+    recorded = read_json(file).get("input_format") if file.is_file() else None
+    return InputFormat(**recorded) if isinstance(recorded, dict) else None
+
+
+def run_tokenizer(path: Path, spec):
+    """The tokenizer a run was trained with, from its folder (None for a folder written before it kept one, or a
+    model with remote code, whose tokenizer class is that code's)."""
+    folder = Path(path) / TOKENIZER_FOLDER
+    if not folder.is_dir() or spec.trust_remote_code:
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
 
 
 def input_format_changes(path: Path, corpus: Corpus) -> list[str]:
@@ -389,13 +456,15 @@ def input_format_changes(path: Path, corpus: Corpus) -> list[str]:
     return [name for name in now if name in recorded and recorded[name] != now[name]]
 
 
-def _first(names: list[str], k: int = 3) -> str:
-    return ", ".join(map(repr, names[:k])) + (", ..." if len(names) > k else "")
+def _first(said: list[str], k: int = 3) -> str:
+    return "; ".join(said[:k]) + ("; ..." if len(said) > k else "")
 
 
-def load_inputs(spec) -> tuple[object, object, dict, Corpus]:
-    """A run's base LM, tokenizer and identity (taken before the LM is wrapped), and its corpus."""
+def load_inputs(spec, folder: Path | None = None) -> tuple[object, object, dict, Corpus]:
+    """A run's base LM, tokenizer (the one kept in the run ``folder``, if given and kept) and identity (taken
+    before the LM is wrapped), and its corpus."""
     lm, tokenizer = spec.load_model()
     identity = describe_base_model(spec.model, lm)
+    tokenizer = (run_tokenizer(folder, spec) if folder is not None else None) or tokenizer
     corpus = load_corpus(spec.data, tokenizer, **spec.corpus.to_dict())
     return lm, tokenizer, identity, corpus

@@ -1,4 +1,9 @@
-"""A run folder brought back to life: its spec, corpus, base model (checked) and saved adapters."""
+"""A run folder brought back to life: its spec, base model (checked), tokenizer, input format and saved adapters.
+
+A run folder stands alone: ``export``, ``generate`` and scoring other data (``evaluate --data OTHER``) read only
+the folder and the base model. The training corpus is read again only for what needs its documents (re-scoring
+the run's own splits, the collapsed posterior of tau, ``evaluate --generate``), and then checked against the
+digests the folder recorded, naming what changed."""
 
 from __future__ import annotations
 
@@ -13,12 +18,15 @@ from tqdm.auto import tqdm
 
 from ..data.batching import Split
 from ..data.corpus import Corpus, load_corpus
+from ..data.input_format import InputFormat
 from ..evaluation.generation import generate
 from ..evaluation.generation_scores import GenerationScores, heldout_examples, score_generations
 from ..evaluation.perplexity import PerplexityReport, evaluate
 from ..evaluation.tau_posterior import tau_posterior
 from ..io.artifacts import ADAPTERS_FILE, AdapterFile, read_json
+from ..io.base_models import describe_base_model
 from ..io.folders import resolve
+from ..io.integrity import CorruptFile
 from ..models.bora import BoRA
 from ..models.collapsed_tau import TauPosterior
 from ..models.gates import GateConfig
@@ -28,8 +36,9 @@ from .folder import (
     check_base_model,
     corpus_changes,
     input_format_changes,
-    load_inputs,
     read_metrics,
+    recorded_input_format,
+    run_tokenizer,
     verified_status,
 )
 from .spec import RunSpec
@@ -37,18 +46,48 @@ from .spec import RunSpec
 
 @dataclass
 class LoadedRun:
-    """A run folder brought back to life: the spec, corpus, model, and the saved adapters (read task by
-    task as needed: :meth:`rows`)."""
+    """A run folder brought back to life: the spec, model, tokenizer and the saved adapters (read task by
+    task as needed: :meth:`rows`); the training corpus is read on first use (:attr:`corpus`)."""
 
     path: Path
     spec: RunSpec
-    corpus: Corpus
     bora: BoRA
     tokenizer: object
     adapters: AdapterFile
     global_factors: dict[str, torch.Tensor] | None  # Theta (None for independent runs)
     status: str = COMPLETE
     base_model: dict | None = None  # the identity recorded at training (name, hub id, weights hash)
+
+    @cached_property
+    def corpus(self) -> Corpus:
+        """The corpus the run was trained on, read again from ``spec.data`` with the run's settings and checked
+        against the digests the folder recorded (a change is named and refused)."""
+        try:
+            corpus = load_corpus(self.spec.data, self.tokenizer, **self.spec.corpus.to_dict())
+        except OSError as err:
+            raise ValueError(
+                f"the training data {self.spec.data!r} of {self.path} cannot be read ({err}); re-scoring its own "
+                "splits needs it (export, generate and evaluate --data OTHER do not)"
+            ) from None
+        changes = corpus_changes(self.path, corpus)
+        if changes or corpus.tasks != self.bora.tasks:
+            raise ValueError(
+                f"the corpus {self.spec.data!r} changed since {self.path} was trained "
+                f"({'; '.join(changes) or 'other tasks'}); to score it as other data, pass --data {self.spec.data}"
+            )
+        changed = input_format_changes(self.path, corpus)
+        if changed:
+            raise ValueError(
+                f"{self.path} was trained with another input format than the one its settings give now "
+                f"({', '.join(changed)} changed: e.g. the tokenizer's chat template); load it with the tokenizer "
+                "it was trained with"
+            )
+        return corpus
+
+    @cached_property
+    def input_format(self) -> InputFormat:
+        """How the run encodes an example (recorded in the folder; an older folder's from its corpus)."""
+        return recorded_input_format(self.path) or self.corpus.input_format
 
     def rows(self, tasks: Sequence[int]) -> dict[str, torch.Tensor]:
         """The saved factors of the tasks ``tasks`` (ids), on the model's device. Shapes: name -> [P, ...]."""
@@ -89,7 +128,7 @@ class LoadedRun:
             self.global_factors,
             prompts,
             tasks,
-            input_format=self.corpus.input_format,
+            input_format=self.input_format,
             **options,
         )
 
@@ -98,11 +137,10 @@ class LoadedRun:
     ) -> GenerationScores:
         """chrF and exact match of greedy answers to the first ``per_task`` examples of each task in ``split``
         (valid or test) of the run's corpus (see :mod:`generation_scores`)."""
-        if split not in self.corpus.heldout:
+        if split not in ("valid", "test"):
             raise ValueError(
                 f"--generate answers held-out examples: the split must be 'valid' or 'test', got {split!r}"
             )
-        self.split(split)  # the corpus is the one trained on (a change is named and refused)
         examples = heldout_examples(self.bora.tasks, self.corpus.heldout[split], per_task)
         return score_generations(
             lambda prompts, tasks: self.generate(prompts, tasks, max_new_tokens=max_new_tokens, do_sample=False),
@@ -122,13 +160,7 @@ class LoadedRun:
         """The split ``name`` to score: of the run's corpus (checked unchanged since training), or of the
         corpus ``data`` (read with the run's corpus settings; its tasks must be the run's)."""
         if data is None:
-            changes = corpus_changes(self.path, self.corpus)
-            if changes:
-                raise ValueError(
-                    f"the corpus {self.spec.data!r} changed since {self.path} was trained ({'; '.join(changes)}); "
-                    f"to score it as other data, pass --data {self.spec.data}"
-                )
-            return self.corpus.split(name)
+            return self.corpus.split(name)  # checked unchanged when read
         other = load_corpus(data, self.tokenizer, **self.spec.corpus.to_dict()).split(name)
         if set(other.tasks) != set(self.bora.tasks):
             missing, extra = set(self.bora.tasks) - set(other.tasks), set(other.tasks) - set(self.bora.tasks)
@@ -142,33 +174,26 @@ class LoadedRun:
 
 
 def load_run(path: str | Path, device: str | None = None, trust_remote_code: bool = False) -> LoadedRun:
-    """Rebuild a run from its folder: same base model (the weights it was trained on: checked), same
-    corpus split, the saved adapters. ``trust_remote_code``: your permission for a model that needs it
-    (never taken from the folder)."""
+    """Rebuild a run from its folder: same base model (the weights it was trained on: checked), its tokenizer
+    and input format, the saved adapters; the training data is not read (see :attr:`LoadedRun.corpus`).
+    ``trust_remote_code``: your permission for a model that needs it (never taken from the folder)."""
     path = resolve(path, "run folder")
     status = verified_status(path)["status"]  # recovered under the lock, every file checked
     spec = RunSpec.from_run_folder(path, trust_remote_code)
     if device is not None:
         spec = replace(spec, device=device)
-    lm, tokenizer, identity, corpus = load_inputs(spec)
+    lm, tokenizer = spec.load_model()
     config = read_json(path / CONFIG_FILE)
-    check_base_model(path, config, identity)
+    check_base_model(path, config, describe_base_model(spec.model, lm))
+    tokenizer = run_tokenizer(path, spec) or tokenizer
     adapters = AdapterFile(path / ADAPTERS_FILE)
-    if tuple(adapters.tasks) != corpus.tasks:
-        changes = corpus_changes(path, corpus)
-        raise ValueError(
-            f"the corpus {spec.data!r} changed since {path} was trained ({'; '.join(changes)})"
-            if changes
-            else f"{path}: adapter tasks {adapters.tasks[:5]}... do not match the rebuilt corpus tasks "
-            f"{list(corpus.tasks)[:5]}..."
+    tasks = tuple(config.get("tasks") or adapters.tasks)
+    if tuple(adapters.tasks) != tasks:
+        raise CorruptFile(
+            f"{path}: the tasks of {ADAPTERS_FILE} ({list(adapters.tasks)[:5]}...) are not those of {CONFIG_FILE} "
+            f"({list(tasks)[:5]}...)"
         )
-    changed = input_format_changes(path, corpus)
-    if changed:
-        raise ValueError(
-            f"{path} was trained with another input format than the one its settings give now ({', '.join(changed)} "
-            "changed: e.g. the tokenizer's chat template); load it with the tokenizer it was trained with"
-        )
-    bora = replace(spec, gates=GateConfig()).build_model(lm, corpus.tasks)  # gates are folded in the saved adapters
+    bora = replace(spec, gates=GateConfig()).build_model(lm, tasks)  # gates are folded in the saved adapters
     for name, shape in bora.lora.shapes().items():
         if adapters.shapes.get(name) != shape:
             raise ValueError(
@@ -176,4 +201,4 @@ def load_run(path: str | Path, device: str | None = None, trust_remote_code: boo
             )
     theta = adapters.global_factors()
     theta = None if theta is None else {k: v.to(bora.device) for k, v in theta.items()}
-    return LoadedRun(path, spec, corpus, bora, tokenizer, adapters, theta, status, config.get("base_model"))
+    return LoadedRun(path, spec, bora, tokenizer, adapters, theta, status, config.get("base_model"))

@@ -199,7 +199,7 @@ def train_run(
                 _refuse_resumable(out, overwrite)
                 check_target(out, overwrite, "run", run_entries(out))
                 _refuse_earlier_checkpoint(out, overwrite)
-        lm, _, identity, corpus = load_inputs(spec)
+        lm, tokenizer, identity, corpus = load_inputs(spec)
         if world.is_main and not resume:
             remove_ours(store_folder(out), "store", STORE_ENTRIES)  # table files of an earlier, unfinished run
         bora = spec.build_model(lm, corpus.tasks, store_folder=store_folder(out), reopen_store=resume)
@@ -223,6 +223,7 @@ def train_run(
             overwrite or resume,
             fingerprint_id(fingerprint),
             None if base_test_ppl is None else PerplexityReport.from_per_task_perplexity(corpus.test, base_test_ppl),
+            tokenizer=tokenizer,
         )
 
 
@@ -261,12 +262,14 @@ def adapt_run(
     )
     with _writer(out):
         check_target(out, overwrite, "run", run_entries(out), sources=(source,))
-        lm, _, identity, corpus = load_inputs(spec)
+        lm, tokenizer, identity, corpus = load_inputs(spec)
         check_base_model(source, read_json(source / CONFIG_FILE), identity)
         bora = spec.build_model(lm, corpus.tasks, init=theta)
         result = fit(bora, corpus, freeze_global=True, **_fit_options(spec, out))
         config = run_config(spec.to_dict(), corpus, identity, {"adapted_from": str(source)})
-        return _finish(spec, bora, corpus, result, out, config, started, overwrite, sources=(source,))
+        return _finish(
+            spec, bora, corpus, result, out, config, started, overwrite, sources=(source,), tokenizer=tokenizer
+        )
 
 
 def _refuse_resumable(out: Path, overwrite: bool) -> None:
@@ -294,6 +297,7 @@ def _finish(
     fingerprint: str | None = None,
     base_test: PerplexityReport | None = None,
     sources: tuple[Path, ...] = (),
+    tokenizer=None,
 ) -> dict:
     """Write the fitted state (stage 1), then score and complete the folder (stage 2; every rank scores,
     rank 0 writes). Raises :class:`RunStopped` for a fit that stopped early, after stage 1."""
@@ -304,7 +308,7 @@ def _finish(
         "wall_seconds": time.perf_counter() - started,
     }
     if world.is_main:
-        write_fitted(out, config, bora, corpus, result, metrics, status, overwrite, fingerprint, sources)
+        write_fitted(out, config, bora, corpus, result, metrics, status, overwrite, fingerprint, sources, tokenizer)
         if bora.task_store.disk:  # its files are now linked into the run folder
             bora.task_store.close()
             bora.task_store.folder = out / TASK_STORE_FOLDER
@@ -368,7 +372,7 @@ def complete_run(path: str | Path, trust_remote_code: bool = False, device: str 
             raise ValueError(f"{path} is marked {status}: only a run marked trained can be completed")
         spec = RunSpec.from_run_folder(path, trust_remote_code)
         spec = spec if device is None else replace(spec, device=device)
-        lm, _, identity, corpus = load_inputs(spec)
+        lm, _, identity, corpus = load_inputs(spec, path)
         check_base_model(path, read_json(path / CONFIG_FILE), identity)
         bora = spec.build_model(lm, corpus.tasks)
         if (path / TASK_STORE_FOLDER).is_dir():  # the fitted task rows of a disk task store

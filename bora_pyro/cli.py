@@ -258,7 +258,7 @@ def _evaluate(a: argparse.Namespace) -> None:
             f"note: {a.run} is marked {run.status}: its adapters are the best validated state before it stopped",
             file=sys.stderr,
         )
-    if a.generate is not None and run.corpus.input_format.data_format == "text":
+    if a.generate is not None and run.input_format.data_format == "text":
         raise ValueError(
             f"--generate scores answers to prompts: {a.run} was trained on text data, not prompt-completion or messages"
         )
@@ -328,6 +328,12 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 def _export(a: argparse.Namespace) -> None:
     kind = "export" if a.format == "peft" else "merged"
+    bits = RunSpec.from_run_folder(a.run, a.trust_remote_code).quantized_bits if a.format == "merged" else None
+    if bits is not None:
+        raise ValueError(
+            f"--format merged folds an adapter into the base weights, and {a.run}'s base was loaded in {bits}-bit "
+            "(bitsandbytes): export --format peft and merge into the full-precision model (PEFT's merge_and_unload)"
+        )
     a.out = check_target(Path(a.out), a.overwrite, kind, sources=(Path(a.run),))  # before the model is loaded
     with folder_lock(a.out):
         _export_locked(a)
@@ -347,7 +353,7 @@ def _export_locked(a: argparse.Namespace) -> None:
             a.out,
             overwrite=a.overwrite,
             task=a.task,
-            input_format=run.corpus.input_format,
+            input_format=run.input_format,
         )
         print(f"wrote {a.out}: {run.spec.model} with the adapter of task {a.task!r} merged in")
         return
@@ -362,7 +368,7 @@ def _export_locked(a: argparse.Namespace) -> None:
         overwrite=a.overwrite,
         note=base.get("note"),
         only=a.tasks,
-        input_format=run.corpus.input_format,
+        input_format=run.input_format,
     )
     print(
         f"wrote {len(folders)} PEFT adapters to {a.out} (task -> folder map in tasks.json); load one with "
@@ -400,10 +406,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 def _generate(a: argparse.Namespace) -> None:
     check_sampling(a.max_new_tokens, a.temperature, a.top_p, a.seed)  # before the run is loaded
     run = load_run(a.run, device=a.device, trust_remote_code=a.trust_remote_code)
-    conversational = run.corpus.input_format.conversational
+    conversational = run.input_format.conversational
     if a.messages is not None and not conversational:
         raise ValueError(
-            f"{a.run} was trained on {run.corpus.input_format.data_format} data, not conversations: give --prompt TEXT"
+            f"{a.run} was trained on {run.input_format.data_format} data, not conversations: give --prompt TEXT"
         )
     prompt = a.messages or ([{"role": "user", "content": a.prompt}] if conversational else a.prompt)
     text = run.generate(
@@ -415,7 +421,7 @@ def _generate(a: argparse.Namespace) -> None:
         top_p=a.top_p,
         seed=a.seed,
     )[0]
-    print(a.prompt + text if run.corpus.input_format.data_format == "text" else text)
+    print(a.prompt + text if run.input_format.data_format == "text" else text)
 
 
 def _messages_option(text: str) -> list[dict]:

@@ -160,12 +160,42 @@ def _cached_smollm2() -> Path:
     return target
 
 
-def _load_pretrained(path: str | Path, trust_remote_code: bool, dtype: torch.dtype):
+def _load_pretrained(path: str | Path, trust_remote_code: bool, dtype: torch.dtype, quantization=None, device=None):
+    """A model and tokenizer by ``from_pretrained``; a quantised one (``quantization``: a BitsAndBytesConfig) is
+    loaded onto ``device`` directly (bitsandbytes' weights are not moved afterwards)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    lm = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=dtype)
+    placed = {} if quantization is None else {"quantization_config": quantization, "device_map": {"": str(device)}}
+    lm = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=dtype, **placed)
     return lm, tokenizer
+
+
+def quantization_config(bits: int | None, dtype: torch.dtype):
+    """transformers' ``BitsAndBytesConfig`` of a frozen base quantised to ``bits`` (None: not quantised): 4 bits
+    as QLoRA (NF4, double quantisation, ``dtype`` compute), 8 bits as LLM.int8(). One line where bitsandbytes is
+    missing."""
+    if bits is None:
+        return None
+    if bits not in (4, 8):
+        raise ValueError(f"a base model is quantised to 4 or 8 bits, got {bits}")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(
+            f"--load-in-{bits}bit quantises the base model with bitsandbytes, which is not installed: "
+            "pip install 'bitsandbytes>=0.46' (or bora_pyro[quantization])"
+        )
+    from transformers import BitsAndBytesConfig
+
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+    )
+
+
+def is_quantized(lm: nn.Module) -> bool:
+    """Whether ``lm`` was loaded quantised (its linear weights packed by bitsandbytes)."""
+    return getattr(lm, "quantization_method", None) is not None or bool(getattr(lm, "is_quantized", False))
 
 
 # The dtypes the frozen base model may have (--dtype): name -> torch dtype.
@@ -177,6 +207,7 @@ def load_base_model(
     device: str | torch.device = "auto",
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
+    quantization=None,
 ) -> tuple[nn.Module, object]:
     """Load a frozen causal LM and its tokenizer.
 
@@ -186,15 +217,21 @@ def load_base_model(
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
         dtype: weight dtype of the frozen base model.
         trust_remote_code: passed to ``from_pretrained``; off unless you trust the model's code.
+        quantization: a ``BitsAndBytesConfig`` (:func:`quantization_config`) to load the base quantised.
     """
     device = resolve_device(device)  # an unusable device is refused before the model is loaded
+    if name == TINY_LLAMA and quantization is not None:
+        raise ValueError(
+            f"{TINY_LLAMA} is built in code and too narrow for bitsandbytes' blocks: quantise a saved model "
+            "(--model FOLDER or a hub id)"
+        )
     if name == TINY_LLAMA:
         lm, tokenizer = tiny_random_llama()
     elif name == SMOLLM2:
-        lm, tokenizer = _load_pretrained(_cached_smollm2(), False, dtype)
+        lm, tokenizer = _load_pretrained(_cached_smollm2(), False, dtype, quantization, device)
     else:
         try:
-            lm, tokenizer = _load_pretrained(name, trust_remote_code, dtype)
+            lm, tokenizer = _load_pretrained(name, trust_remote_code, dtype, quantization, device)
         except (OSError, ValueError) as err:
             raise ValueError(
                 f"cannot load model {name!r}: it is not one of the embedded models {list(EMBEDDED_MODELS)}, "
@@ -203,7 +240,12 @@ def load_base_model(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
-    lm = lm.to(device=device, dtype=dtype)
+    if quantization is None:
+        lm = lm.to(device=device, dtype=dtype)
+    else:  # bitsandbytes repacks a 4-bit layer for fast CPU inference when called without gradients, after which
+        for module in lm.modules():  # no gradient reaches the layer's input: LoRA below it would not learn
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
     lm.eval()
     for p in lm.parameters():
         p.requires_grad_(False)

@@ -51,9 +51,10 @@ class MultiTaskLoRALinear(nn.Module):
         super().__init__()
         self.base_layer = base
         self.fan_in_fan_out = is_conv1d(base)
-        out_features, in_features = base.weight.shape
-        if self.fan_in_fan_out:
-            in_features, out_features = out_features, in_features
+        if self.fan_in_fan_out:  # Conv1D's weight is [in, out]
+            in_features, out_features = base.weight.shape
+        else:  # nn.Linear and its quantised subclasses (whose packed weight has another shape)
+            in_features, out_features = base.in_features, base.out_features
         self.in_features, self.out_features = in_features, out_features
         self.rank = rank
         self.scaling = alpha / rank

@@ -21,12 +21,13 @@ from ..data.corpus import CorpusConfig
 from ..distributed import World
 from ..inference.config import TrainConfig
 from ..io.artifacts import RUN_FORMAT, json_roundtrip, read_json
-from ..io.base_models import BASE_DTYPES, load_base_model, resolve_device
+from ..io.base_models import BASE_DTYPES, load_base_model, quantization_config, resolve_device
 from ..io.task_store import STORES, TaskStore, table_bytes
 from ..models.bora import BoRA
 from ..models.gates import GateConfig
 from ..models.guides import INFERENCE
 from ..models.prior import POOLED, PriorConfig
+from ..nn.targets import ALL_LINEAR, REGEX_PREFIX
 from ..options import option, parse_csv, values_from_file
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # a conversational run's chat template, kept in its folder
@@ -40,6 +41,11 @@ class RemoteCodeRefused(ValueError):
     """A saved run, sweep or config file asks for trust_remote_code, which only the user can grant."""
 
 
+def parse_targets(text: str) -> tuple[str, ...]:
+    """--targets: comma-separated names, or one ``re:PATTERN`` taken whole (a pattern may hold commas)."""
+    return (text,) if text.startswith(REGEX_PREFIX) else parse_csv(text)
+
+
 @dataclass(frozen=True)
 class AdapterConfig:
     """The LoRA adapters and how they are fitted (every field is a CLI option)."""
@@ -49,9 +55,10 @@ class AdapterConfig:
     targets: tuple[str, ...] | None = option(
         None,
         "layers to adapt, comma-separated, matched as module-path suffixes like PEFT (q_proj or "
-        "self_attn.q_proj), or all-linear (every linear layer but the output head); default by model type: "
+        "self_attn.q_proj), all-linear (every linear layer but the output head), or re:PATTERN (a regular "
+        "expression the whole module path must match, commas kept); default by model type: "
         "q_proj,v_proj for LLaMA / OPT, c_attn for GPT-2",
-        parse=parse_csv,
+        parse=parse_targets,
     )
     lora_dropout: float = option(
         0.0, "dropout on the input of each LoRA branch in training steps (PEFT's lora_dropout)"
@@ -94,7 +101,11 @@ class AdapterConfig:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.inference not in INFERENCE:
             raise ValueError(f"inference must be one of {INFERENCE}, got {self.inference!r}")
-        if self.targets is not None:
+        if isinstance(self.targets, str):  # a regular expression (or all-linear), as BoRA(targets=...) takes it
+            object.__setattr__(
+                self, "targets", (self.targets if self.targets == ALL_LINEAR else REGEX_PREFIX + self.targets,)
+            )
+        elif self.targets is not None:
             object.__setattr__(self, "targets", tuple(self.targets))
 
 
@@ -126,6 +137,12 @@ class RunSpec:
         "as in PEFT); bfloat16 halves the base's memory",
         choices=tuple(BASE_DTYPES),
     )
+    load_in_4bit: bool = option(
+        False,
+        "load the frozen base in 4 bits (QLoRA: NF4, double quantisation, --dtype compute) with bitsandbytes; the "
+        "LoRA factors stay float32",
+    )
+    load_in_8bit: bool = option(False, "load the frozen base in 8 bits (LLM.int8()) with bitsandbytes")
     posterior_samples: int = option(
         8, "guide draws for posterior-predictive perplexity and the ArviZ file posterior.nc (0 = skip)"
     )
@@ -144,6 +161,8 @@ class RunSpec:
     def __post_init__(self) -> None:
         if self.dtype not in BASE_DTYPES:
             raise ValueError(f"dtype must be one of {tuple(BASE_DTYPES)}, got {self.dtype!r}")
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("--load-in-4bit and --load-in-8bit exclude each other: give one")
         if self.posterior_samples < 0:
             raise ValueError(f"posterior_samples must be >= 0, got {self.posterior_samples}")
         if self.curvature_docs < 0:
@@ -151,10 +170,18 @@ class RunSpec:
         if self.corpus.seed is None:  # the split follows the training seed unless given
             object.__setattr__(self, "corpus", replace(self.corpus, seed=self.train.seed))
 
+    @property
+    def quantized_bits(self) -> int | None:
+        """4 or 8 where the frozen base is loaded quantised (--load-in-4bit / --load-in-8bit), else None."""
+        return 4 if self.load_in_4bit else 8 if self.load_in_8bit else None
+
     def load_model(self):
         """The base LM and tokenizer of this run, on its device."""
         device, dtype = resolve_device(self.device), BASE_DTYPES[self.dtype]
-        return load_base_model(self.model, device=device, dtype=dtype, trust_remote_code=self.trust_remote_code)
+        quantization = quantization_config(self.quantized_bits, dtype)
+        return load_base_model(
+            self.model, device=device, dtype=dtype, trust_remote_code=self.trust_remote_code, quantization=quantization
+        )
 
     def task_store(
         self, num_tasks: int, parameters_per_task: int, folder: Path | None, reopen: bool = False

@@ -153,7 +153,12 @@ def _file_value(f: dataclasses.Field, hint: Any, value: Any, where: str) -> Any:
         if kind is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:
+                raise ValueError(
+                    f"{where} must be a float, got an integer too large for one ({len(str(value))} digits)"
+                ) from None
         if kind is float and isinstance(value, str) and value in ("inf", "-inf", "nan"):
             return float(value)
         if kind is str and isinstance(value, str):

@@ -161,6 +161,27 @@ def test_every_target_form_adapts_what_peft_adapts(targets):
     torch.testing.assert_close(logits(lora, factors, input_ids), theirs, atol=1e-5, rtol=0)
 
 
+def test_a_regular_expression_in_its_cli_form_selects_what_the_string_form_does():
+    """--targets 're:PATTERN' (commas kept) reaches the model as ("re:PATTERN",): the same layers as the pattern
+    given to BoRA as a string, or to AdapterConfig; a name list may mix it with suffixes."""
+    from bora_pyro.runs.spec import AdapterConfig, parse_targets
+
+    pattern = r".*layers\.(0|1)\.self_attn\.(q|k)_proj"
+    given = parse_targets("re:" + pattern.replace("(0|1)", "[0-1]{1,1}"))
+    assert len(given) == 1  # the comma inside the pattern's {1,1} is kept
+    expected = MultiTaskLoRA(tiny_random_llama()[0], targets=pattern).paths()
+    assert len(expected) == 4
+    assert MultiTaskLoRA(tiny_random_llama()[0], targets=given).paths() == expected
+    assert MultiTaskLoRA(tiny_random_llama()[0], targets=AdapterConfig(targets=pattern).targets).paths() == expected
+    mixed = MultiTaskLoRA(tiny_random_llama()[0], targets=("re:.*layers\\.0\\.self_attn\\.q_proj", "v_proj"))
+    assert mixed.paths() == [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.self_attn.v_proj",
+        "model.layers.1.self_attn.v_proj",
+    ]
+    assert parse_targets("q_proj,v_proj") == ("q_proj", "v_proj")
+
+
 def test_all_linear_skips_the_output_head_and_reads_from_the_cli_form():
     lora = MultiTaskLoRA(tiny_random_llama()[0], rank=2, alpha=4, targets=("all-linear",))  # --targets all-linear
     assert len(lora.paths()) == 2 * 7 and not any("lm_head" in p for p in lora.paths())

@@ -1,10 +1,11 @@
-"""Which layers of a causal LM get LoRA factors: PEFT's ``target_modules`` conventions.
+r"""Which layers of a causal LM get LoRA factors: PEFT's ``target_modules`` conventions.
 
 ``targets`` is one of
 
 - a sequence of names: a module is adapted when its full path equals a name or ends with ``"." + name``
-  (``q_proj`` adapts every ``...q_proj``; ``self_attn.q_proj`` only those of self-attention); every name must
-  match at least one module;
+  (``q_proj`` adapts every ``...q_proj``; ``self_attn.q_proj`` only those of self-attention), or, for a name
+  ``"re:PATTERN"``, when the full path matches the regular expression PATTERN whole (the CLI's form:
+  ``--targets 're:.*\.(q|v)_proj'``); every name must match at least one module;
 - ``"all-linear"`` (or the one-name sequence ``("all-linear",)``, as the CLI gives it): every linear layer
   but the output head;
 - any other string: a regular expression that the full module path must match whole (``re.fullmatch``);
@@ -73,8 +74,21 @@ def resolve_targets(lm: nn.Module, targets: Targets | None) -> tuple[str, ...] |
     )
 
 
+REGEX_PREFIX = "re:"  # a target name that is a regular expression over full module paths
+
+
 def _suffix_match(path: str, name: str) -> bool:
+    """Whether the module path ``path`` is selected by the target name ``name`` (a suffix, or ``re:PATTERN``)."""
+    if name.startswith(REGEX_PREFIX):
+        return _compiled(name[len(REGEX_PREFIX) :]).fullmatch(path) is not None
     return path == name or path.endswith("." + name)
+
+
+def _compiled(pattern: str) -> re.Pattern:
+    try:
+        return re.compile(pattern)
+    except re.error as error:
+        raise ValueError(f"targets {pattern!r} is not a valid regular expression: {error}") from None
 
 
 def select_layers(lm: nn.Module, targets: tuple[str, ...] | str) -> list[tuple[str, nn.Module]]:
@@ -88,10 +102,7 @@ def select_layers(lm: nn.Module, targets: tuple[str, ...] | str) -> list[tuple[s
         return chosen
     modules = list(lm.named_modules())
     if isinstance(targets, str):
-        try:
-            pattern = re.compile(targets)
-        except re.error as error:
-            raise ValueError(f"targets {targets!r} is not a valid regular expression: {error}") from None
+        pattern = _compiled(targets)
         chosen = [(p, m) for p, m in modules if pattern.fullmatch(p)]
         if not chosen:
             example = next((p for p, m in modules if is_linear(m)), "")
@@ -115,7 +126,7 @@ def select_layers(lm: nn.Module, targets: tuple[str, ...] | str) -> list[tuple[s
 def peft_target_modules(lm: nn.Module, paths: Sequence[str]) -> list[str]:
     """``target_modules`` for an exported adapter_config.json that makes PEFT adapt exactly ``paths``: their
     last names when those select nothing else (the usual case), else the full paths."""
-    leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})  # [last name of each adapted path]
     wrapped = set(paths)  # adapted already: no longer plain linear layers
     selected = {
         p for p, m in lm.named_modules() if (p in wrapped or is_linear(m)) and any(_suffix_match(p, t) for t in leaves)

@@ -1,4 +1,4 @@
-"""A run folder stands alone: export, generate and scoring other data work with the training data moved or
+"""A run folder stands alone: export, generate, diagnose and scoring other data work with the training data moved or
 deleted (the folder keeps its tokenizer, tasks, input format and the digests of its documents); re-scoring the
 run's own splits reads the data again and names, per task, how many documents changed."""
 
@@ -59,6 +59,7 @@ def test_the_folder_keeps_its_tokenizer_and_documents(trained):
 
 
 def test_export_generate_and_other_data_work_without_the_training_data(deleted, tmp_path, capsys):
+    assert main(["diagnose", str(deleted)]) == 0
     assert main(["export", str(deleted), "--out", str(tmp_path / "peft")]) == 0
     assert (tmp_path / "peft" / "north" / "adapter_model.safetensors").is_file()
     assert main(["export", str(deleted), "--format", "merged", "--task", "south", "--out", str(tmp_path / "m")]) == 0

@@ -193,9 +193,12 @@ def quantization_config(bits: int | None, dtype: torch.dtype):
     )
 
 
-def is_quantized(lm: nn.Module) -> bool:
-    """Whether ``lm`` was loaded quantised (its linear weights packed by bitsandbytes)."""
-    return getattr(lm, "quantization_method", None) is not None or bool(getattr(lm, "is_quantized", False))
+def keep_differentiable(lm: nn.Module) -> None:
+    """bitsandbytes repacks a 4-bit layer for fast CPU inference when it is called without gradients, after which
+    no gradient reaches the layer's input, so LoRA factors below it would not learn: switch that off."""
+    for module in lm.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 # The dtypes the frozen base model may have (--dtype): name -> torch dtype.
@@ -242,10 +245,8 @@ def load_base_model(
     tokenizer.padding_side = "right"
     if quantization is None:
         lm = lm.to(device=device, dtype=dtype)
-    else:  # bitsandbytes repacks a 4-bit layer for fast CPU inference when called without gradients, after which
-        for module in lm.modules():  # no gradient reaches the layer's input: LoRA below it would not learn
-            if hasattr(module, "support_avx512bf16_for_cpu"):
-                module.support_avx512bf16_for_cpu = False
+    else:
+        keep_differentiable(lm)
     lm.eval()
     for p in lm.parameters():
         p.requires_grad_(False)

@@ -44,6 +44,7 @@ from .runs.folder import (
     COMPLETE,
     GENERATION_FILE,
     GENERATION_TASKS_FILE,
+    LOO_FILE,
     TRAINED,
     verified_status,
     write_generation_scores,
@@ -505,8 +506,16 @@ def _arviz(path: str, folder: Path, loose: bool) -> None:
     idata = diagnostics.load(path)
     print(diagnostics.summary(idata).to_string(float_format=lambda x: f"{x:.4g}"))
     written = diagnostics.plot(idata, folder)
+    loo = diagnostics.loo_training(idata)
+    if loo is not None:  # training documents only: LOO is not defined on held-out ones
+        print(loo.line())
+        for said in loo.warnings:
+            print(f"  ArviZ: {said}")
+        with atomic_write(folder / LOO_FILE) as tmp:
+            loo.pointwise.to_csv(tmp, index_label="train_doc")
+        written.append(folder / LOO_FILE)
     update_manifest(folder, [w.name for w in written])
-    print("plots: " + ", ".join(str(w) for w in written))
+    print("wrote: " + ", ".join(str(w) for w in written))
 
 
 def build_parser() -> argparse.ArgumentParser:

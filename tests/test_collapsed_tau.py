@@ -129,6 +129,41 @@ def test_conditional_mean_and_shrinkage_are_the_closed_form():
     assert (shrinkage(messages, 0.0).kappa == 0).all() and (shrinkage(messages, math.inf).kappa == 1).all()
 
 
+def test_tau_averaged_draws_have_the_closed_form_moments():
+    """Draws of theta with tau, Theta integrated out: their mean and variance per coordinate are the mixture over
+    the tau grid of the closed-form conditionals, and two tasks covary through their shared Theta."""
+    messages = _exact_messages(_simulated())
+    posterior = collapsed_tau_posterior(messages, PRIOR)
+    draws = posterior.draws(4000, seed=3)
+    sample = torch.stack([d["a"].double().flatten(1) for d in draws])  # [S, D, n]
+    weights, grid = posterior.weights()[0], posterior.grid[0]
+    lam = messages.lam["a"].double().flatten(1)
+    first, second, cross = 0.0, 0.0, 0.0
+    for p, tau in zip(weights, grid):
+        _, means = conditional_mean(messages, float(tau))
+        mean = means["a"].double().flatten(1)
+        kappa = tau / (lam + tau)
+        precision = (lam * kappa).sum(0)  # sum_d w_d
+        variance = 1 / (lam + tau) + kappa**2 / precision
+        first, second = first + p * mean, second + p * (variance + mean**2)
+        cross = cross + p * (kappa[0] * kappa[1] / precision + mean[0] * mean[1])
+    variance = second - first**2
+    se = (variance / len(draws)).sqrt()
+    assert ((sample.mean(0) - first).abs() / se).max() < 4.5
+    ratio = sample.var(0) / variance
+    assert abs(float(ratio.mean()) - 1) < 0.02 and float((ratio - 1).abs().max()) < 0.15
+    # at one tau with weak messages (strong pooling), two tasks covary through Theta: kappa_0 kappa_1 / sum_d w_d
+    weak = Messages(messages.mu, {k: v / 100 for k, v in messages.lam.items()}, messages.point, "weak")
+    one_tau = collapsed_tau_posterior(weak, PRIOR, log_tau=math.log(4.0) + torch.tensor([-1e-6, 0.0, 1e-6]))
+    pair = torch.stack([d["a"].double().flatten(1)[:2] for d in one_tau.draws(4000, seed=4)])  # [S, 2, n]
+    lam = weak.lam["a"].double().flatten(1)[:, 0]
+    kappa = 4.0 / (lam + 4.0)
+    expected = kappa[0] * kappa[1] / (lam * kappa).sum()
+    covariance = (pair[:, 0] * pair[:, 1]).mean(0) - pair[:, 0].mean(0) * pair[:, 1].mean(0)  # [n]
+    assert float(covariance.mean() / expected) == pytest.approx(1, abs=0.05)
+    assert posterior.draws(2, seed=3)[1]["b"].equal(posterior.draws(2, seed=3)[1]["b"])  # seeded
+
+
 def test_residuals_of_data_from_the_prior_are_standard_normal():
     data = _simulated(tau=4.0, shapes={"a": (100, 20)})
     check = standardised_residuals(_exact_messages(data), 4.0)
@@ -287,3 +322,54 @@ def test_the_measured_gradient_of_subsampled_documents_widens_the_messages(tiny_
     for name in part.lam:
         assert (part.lam[name] <= part_raw.lam[name] * (1 + 1e-6)).all()
         assert (part.lam[name] < part_raw.lam[name]).any()
+
+
+def test_psis_loo_on_training_documents_matches_exact_leave_one_out():
+    """loo_training reads the training documents' draws from the ArviZ file and gives PSIS-LOO: on a conjugate
+    normal model with many draws it equals the exact leave-one-out predictive density."""
+    import arviz as az
+
+    from bora_pyro.evaluation.diagnostics import loo_training
+
+    rng = np.random.default_rng(0)
+    y = rng.normal(0.3, 1.0, size=40)
+    mu = rng.normal(y.mean(), 1 / math.sqrt(len(y)), size=4000)  # the posterior of the mean (flat prior, sd 1)
+    loglik = -0.5 * (y[None] - mu[:, None]) ** 2 - 0.5 * math.log(2 * math.pi)  # [draws, docs]
+    idata = az.from_dict(
+        posterior={"norm": np.zeros((1, len(mu), 2))},
+        log_likelihood={"train_docs": loglik[None]},
+        constant_data={"train_doc_task": np.arange(len(y)) % 2},
+        coords={"task": ["a", "b"], "train_doc": np.arange(len(y))},
+        dims={"norm": ["task"], "train_docs": ["train_doc"], "train_doc_task": ["train_doc"]},
+    )
+    report = loo_training(idata)
+    n = len(y)
+    rest = (y.sum() - y) / (n - 1)  # the mean without document i
+    exact = -0.5 * (y - rest) ** 2 / (1 + 1 / (n - 1)) - 0.5 * np.log(2 * math.pi * (1 + 1 / (n - 1)))
+    assert report.elpd == pytest.approx(exact.sum(), abs=0.3)
+    assert report.pointwise.elpd_loo.to_numpy() == pytest.approx(exact, abs=0.05)
+    assert list(report.pointwise.task[:3]) == ["a", "b", "a"] and (report.pointwise.khat < report.good_k).all()
+    assert "reliable" in report.line() and report.draws == 4000
+
+
+def test_a_vi_run_keeps_training_draws_for_loo_and_diagnose_shows_khat(tmp_path, capsys):
+    data = tmp_path / "corpus.csv"
+    synthetic_rows({"a": 12, "b": 8}).to_csv(data, index=False)
+    run = tmp_path / "run"
+    args = train_args(data, run, "--inference", "vi", "--posterior-samples", "8", "--curvature-docs", "3")
+    assert main(args) == 0
+    import arviz as az
+
+    idata = az.from_netcdf(run / "posterior.nc")
+    assert idata.log_likelihood.train_docs.shape[-1] == 6  # 3 training documents of each task
+    capsys.readouterr()
+    assert main(["diagnose", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "PSIS-LOO on 6 training documents (in the fit; 8 draws)" in out and "k-hat" in out
+    pointwise = pd.read_csv(run / "loo_training.csv")
+    assert list(pointwise.columns) == ["train_doc", "task", "elpd_loo", "khat"] and len(pointwise) == 6
+    map_run = tmp_path / "map"
+    assert main(train_args(data, map_run, "--posterior-samples", "4")) == 0
+    capsys.readouterr()
+    assert main(["diagnose", str(map_run)]) == 0
+    assert "PSIS-LOO" not in capsys.readouterr().out  # a MAP run's draws are one point: no LOO

@@ -128,6 +128,14 @@ class Split:
             counts[task] += sum(1 for t in labels if t != IGNORE_INDEX)
         return counts
 
+    def subset(self, indices: Sequence[int]) -> Split:
+        """The documents ``indices`` of this split, in that order (the same tasks; counts of source documents
+        are not kept)."""
+        pick = lambda values: tuple(values[i] for i in indices)
+        return Split(
+            self.name, self.tasks, pick(self.input_ids), pick(self.labels), pick(self.task_index), self.pad_token_id
+        )
+
     def collate(self, indices: Sequence[int]) -> Batch:
         """Pad the given documents (right padding) into one batch."""
         width = max(len(self.input_ids[i]) for i in indices)

@@ -7,12 +7,16 @@
   its log mean over draws is each document's elpd. These documents were not in the fit, so PSIS-LOO /
   WAIC (``az.loo``, ``az.compare``) on them are not valid estimates of anything; compare runs by their
   held-out elpd (``bora-pyro diagnose RUN RUN``, ``evaluation/comparison.py``);
+* ``log_likelihood``: ``train_docs`` (VI runs), the log-likelihood per draw of a sample of TRAINING documents
+  (dim ``train_doc``, at most ``--curvature-docs`` per task): these were in the fit, so PSIS-LOO on them is
+  valid (:func:`loo_training`; reliable where Pareto k-hat is small, which needs many draws);
 * ``constant_data``: training tokens per task; ``elbo``: the training loss trace.
 """
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,8 +44,10 @@ def to_inference_data(
     split: Split,
     train_tokens: np.ndarray,
     losses: pd.DataFrame | None = None,
+    train: tuple[Split, torch.Tensor] | None = None,
 ) -> az.InferenceData:
-    """Shapes: doc_loglik [draws, docs] (from :func:`bora_pyro.predictive.posterior_predictive`)."""
+    """Shapes: doc_loglik [draws, docs] (from :func:`bora_pyro.predictive.posterior_predictive`); ``train``: a
+    subset of the training documents and their log-likelihoods [draws, train docs] under the same draws."""
     distance_of_mean = bora.distance_to_global()
     posterior = {"norm": draws.norm[None]}  # [chain=1, draw, task]
     dims = {
@@ -53,16 +59,22 @@ def to_inference_data(
         "distance_of_mean": ["task"],
     }
     coords = {"task": list(bora.tasks), "doc": np.arange(len(split)), "tau_group": bora.prior.tau_groups()}
+    log_likelihood = {"docs": doc_loglik.numpy()[None]}
+    constant = {"train_tokens": np.asarray(train_tokens), "doc_task": np.asarray(split.task_index)}
+    if train is not None:
+        log_likelihood["train_docs"] = train[1].numpy()[None]
+        constant["train_doc_task"] = np.asarray(train[0].task_index)
+        coords["train_doc"] = np.arange(len(train[0]))
+        dims.update(train_docs=["train_doc"], train_doc_task=["train_doc"])
     if draws.distance is not None:
         posterior["distance"] = draws.distance[None]
     if draws.tau is not None:
         posterior["tau"] = draws.tau[None]
     idata = az.from_dict(
         posterior=posterior,
-        log_likelihood={"docs": doc_loglik.numpy()[None]},
+        log_likelihood=log_likelihood,
         constant_data={
-            "train_tokens": np.asarray(train_tokens),
-            "doc_task": np.asarray(split.task_index),
+            **constant,
             **({} if distance_of_mean is None else {"distance_of_mean": distance_of_mean.cpu().numpy()}),
         },
         coords=coords,
@@ -143,6 +155,53 @@ def load(path: str | Path) -> az.InferenceData:
     idata = _read(file)
     _check_groups(file, idata)
     return idata
+
+
+@dataclass(frozen=True)
+class LooReport:
+    """PSIS-LOO on the training documents of a run's ArviZ file: ``pointwise`` has one row per document (task,
+    elpd_loo, khat); ``good_k``: the k-hat below which a document's estimate is reliable for this many draws;
+    ``warnings``: what ArviZ said (shown, never silenced)."""
+
+    elpd: float
+    se: float
+    p_loo: float
+    draws: int
+    good_k: float
+    pointwise: pd.DataFrame
+    warnings: tuple[str, ...]
+
+    def line(self) -> str:
+        """One line: the estimate and how many documents' k-hat say it is unreliable."""
+        k = self.pointwise.khat.to_numpy()
+        bad = int((k > self.good_k).sum())
+        verdict = (
+            "reliable"
+            if bad == 0
+            else f"UNRELIABLE for {bad} of {len(k)} (k-hat > {self.good_k:.2f}: more draws, "
+            "--posterior-samples N, or these documents sway the fit)"
+        )
+        return (
+            f"PSIS-LOO on {len(k)} training documents (in the fit; {self.draws} draws): elpd_loo {self.elpd:.1f} "
+            f"(se {self.se:.1f}), p_loo {self.p_loo:.1f}; Pareto k-hat max {k.max():.2f}: {verdict}"
+        )
+
+
+def loo_training(idata: az.InferenceData, tasks: list[str] | None = None) -> LooReport | None:
+    """PSIS-LOO (``az.loo``) on the training documents kept in ``idata`` (None where it keeps none: MAP runs,
+    whose draws are one point, and files written before)."""
+    if "log_likelihood" not in idata.groups() or "train_docs" not in idata.log_likelihood:
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loo = az.loo(idata, var_name="train_docs", pointwise=True)
+    draws = int(idata.log_likelihood.sizes["draw"] * idata.log_likelihood.sizes["chain"])
+    task_index = idata.constant_data.train_doc_task.values
+    names = np.asarray(tasks or idata.posterior.task.values.tolist())[task_index]
+    pointwise = pd.DataFrame({"task": names, "elpd_loo": loo.loo_i.values, "khat": loo.pareto_k.values})
+    good_k = float(getattr(loo, "good_k", 0.7))
+    said = tuple(dict.fromkeys(str(w.message).strip().splitlines()[0] for w in caught))
+    return LooReport(float(loo.elpd_loo), float(loo.se), float(loo.p_loo), draws, good_k, pointwise, said)
 
 
 def summary(idata: az.InferenceData) -> pd.DataFrame:

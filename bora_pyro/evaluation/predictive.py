@@ -20,6 +20,7 @@ from pyro import poutine
 
 from ..data.batching import IGNORE_INDEX, Split
 from ..models.bora import BoRA
+from ..models.collapsed_tau import TauPosterior
 from ..models.likelihood import token_log_probs
 from ..models.tau_prior import TAU_SITE
 from .perplexity import PerplexityReport, document_log_likelihoods, report_from_documents
@@ -47,6 +48,15 @@ def posterior_draws(bora: BoRA, num_samples: int, seed: int = 0) -> list[Posteri
             tau = values.get(TAU_SITE)
             draws.append(PosteriorDraw(bora.task_factors(values), None if tau is None else tau.detach().clone()))
     return draws
+
+
+def tau_averaged_draws(posterior: TauPosterior, num_samples: int, seed: int = 0, device=None) -> list[PosteriorDraw]:
+    """``num_samples`` joint draws of every task's factors from the collapsed posterior of tau, tau integrated out
+    (:meth:`TauPosterior.draws`), on ``device``: what :func:`posterior_predictive` averages for the tau-averaged
+    posterior predictive."""
+    return [
+        PosteriorDraw({k: v.to(device) for k, v in draw.items()}, None) for draw in posterior.draws(num_samples, seed)
+    ]
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from ..data.corpus import Corpus
 from ..models.bora import BoRA
 from ..models.gates import relative_bops
 from .collapsed import CollapsedReport, collapsed_report
+from .messages import one_per_task_batches
 from .perplexity import PerplexityReport, evaluate
 from .predictive import posterior_draws, posterior_predictive, score_plug_in, summarize_draws, summarize_point
 
@@ -126,7 +127,7 @@ def score_run(
         valid = evaluate(bora, corpus.valid, batch_size)
     reports = {"base_test": base_test, "valid": valid}
     reports["test"], plug_in_loglik, calib_per_task, calib = score_plug_in(bora, corpus.test, batch_size=batch_size)
-    idata, draws_loglik = None, None
+    idata, draws_loglik, train = None, None, None
     if posterior_samples > 0:
         from .diagnostics import to_inference_data  # ArviZ: imported only when a run is scored
 
@@ -140,7 +141,14 @@ def score_run(
             reports["posterior_predictive_test"] = predictive
             draws_loglik = doc_loglik
             summary = summarize_draws(bora, draws)
-        idata = to_inference_data(bora, summary, doc_loglik, corpus.test, corpus.train.tokens_per_task(), losses)
+            if curvature_docs > 0 and len(corpus.train):  # training documents under the same draws: for PSIS-LOO
+                picked = sorted(
+                    i for b in one_per_task_batches(corpus.train, curvature_docs, batch_size, seed) for i in b
+                )
+                subset = corpus.train.subset(picked)
+                train = (subset, posterior_predictive(bora, subset, draws, batch_size)[1])
+        tokens = corpus.train.tokens_per_task()
+        idata = to_inference_data(bora, summary, doc_loglik, corpus.test, tokens, losses, train)
     gates = None if bora.gates is None else bora.gates.report(bora.gate_values())
     collapsed = collapsed_report(bora, corpus, curvature_docs, seed, batch_size)
     test_docs = test_documents(corpus, plug_in_loglik, draws_loglik, collapsed)

@@ -14,7 +14,8 @@ integrated out under a flat prior (or a Normal(0, 1/g) one):
 
 evaluated on a grid of log tau that zooms onto the posterior's mass (with millions of coordinates it is narrow).
 Given tau everything is Gaussian: Theta_j ~ N(Thetabar_j, 1/(g + sum_d w_dj)) and
-theta_dj | Theta, tau ~ N((lam_dj mu_dj + tau Theta_j) / (lam_dj + tau), 1/(lam_dj + tau)).
+theta_dj | Theta, tau ~ N((lam_dj mu_dj + tau Theta_j) / (lam_dj + tau), 1/(lam_dj + tau)), which gives the
+tau-averaged posterior means (:func:`averaged_mean`) and joint draws (:func:`averaged_draws`).
 
 Exact when the likelihood is Gaussian in theta (the normal hierarchical model); diagonal messages ignore
 the correlations inside a task (between A and B of a LoRA factor, for one).
@@ -228,6 +229,11 @@ class TauPosterior:
         """E[theta_d | data], tau averaged out (see :func:`averaged_mean`). Shapes: name -> [D, *shape]."""
         return averaged_mean(self._messages(), self, self._group_of(), self.global_precision)
 
+    def draws(self, num_draws: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+        """Joint draws of every task's factors, tau integrated out (see :func:`averaged_draws`).
+        Shapes: -> ``num_draws`` dicts name -> [D, *shape]."""
+        return averaged_draws(self._messages(), self, num_draws, seed, self._group_of(), self.global_precision)
+
     def shrinkage(self, tau: float | Mapping[str, float] | None = None) -> pd.DataFrame:
         """:func:`shrinkage` per task at ``tau`` (default: the posterior median), from every coordinate's lam."""
         return shrinkage(self.every_coordinate(), self.factor_medians() if tau is None else tau)
@@ -419,6 +425,47 @@ def averaged_mean(
             for name in names:
                 out[name] += p * means[name].double()
     return {name: out[name].float() for name in out}
+
+
+def averaged_draws(
+    messages: Messages,
+    posterior: TauPosterior,
+    num_draws: int,
+    seed: int = 0,
+    group_of: Mapping[str, int] | None = None,
+    global_precision: float = 0.0,
+) -> list[dict[str, torch.Tensor]]:
+    """Joint draws of every task's factors from the collapsed posterior, tau integrated out: per draw, tau from
+    the grid's posterior weights (one per group), then Theta_j | tau ~ N(Thetabar_j, 1/(g + sum_d w_dj)) and
+    theta_dj | Theta, tau ~ N((lam_dj mu_dj + tau Theta_j) / (lam_dj + tau), 1/(lam_dj + tau)). A coordinate of a
+    task without a message keeps its point (as :func:`conditional_mean`). Seeded.
+    Shapes: -> ``num_draws`` dicts name -> [D, *shape]."""
+    if num_draws < 1:
+        raise ValueError(f"num_draws must be >= 1, got {num_draws}")
+    group_of = dict.fromkeys(messages.lam, 0) if group_of is None else group_of
+    generator = torch.Generator().manual_seed(seed)
+    weights = torch.as_tensor(posterior.weights(), dtype=torch.float64)  # [groups, K]
+    grid = torch.as_tensor(posterior.grid, dtype=torch.float64)
+    picks = torch.multinomial(weights, num_draws, replacement=True, generator=generator)  # [groups, S]
+    flat = {name: _flat(messages, name) for name in messages.point}
+    draws = []
+    for s in range(num_draws):
+        draw = {}
+        for name, point in messages.point.items():
+            g = group_of[name]
+            tau = grid[g, picks[g, s]]
+            (mu, lam), here = flat[name], point.detach().cpu().double().flatten(1)  # [D, n] each
+            w = lam * tau / (lam + tau)
+            precision = w.sum(0) + global_precision  # [n]
+            informed = precision > 0
+            mean = torch.where(informed, (w * mu).sum(0) / precision.clamp_min(1e-300), here.mean(0))
+            noise = torch.randn(mean.shape, dtype=torch.float64, generator=generator)
+            theta = mean + torch.where(informed, noise / precision.clamp_min(1e-300).sqrt(), torch.zeros_like(mean))
+            noise = torch.randn(mu.shape, dtype=torch.float64, generator=generator)
+            task = (lam * mu + tau * theta) / (lam + tau) + noise / (lam + tau).sqrt()
+            draw[name] = torch.where(lam > 0, task, here).reshape(point.shape).float()
+        draws.append(draw)
+    return draws
 
 
 def _subset(messages: Messages, names: Sequence[str]) -> Messages:

@@ -84,7 +84,8 @@ STAGE2_FILES = (
     METRICS_FILE,
     STATUS_FILE,
 )
-DIAGNOSE_FILES = ("tau_guide_draws.png", "distance_forest.png", "elbo_trace.png", "compare.csv")
+LOO_FILE = "loo_training.csv"  # diagnose: PSIS-LOO per training document (VI runs)
+DIAGNOSE_FILES = ("tau_guide_draws.png", "distance_forest.png", "elbo_trace.png", "compare.csv")  # before manifests
 GENERATION_FILE, GENERATION_TASKS_FILE = "generation.csv", "generation_per_task.csv"  # evaluate --generate
 LEGACY_ENTRIES = (  # every name the tool wrote in a run folder before manifests (see folders.foreign_entries)
     CONFIG_FILE,

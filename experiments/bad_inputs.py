@@ -144,6 +144,12 @@ def main_table() -> None:
             [sys.executable, "-m", "bora_pyro.cli", *args], env={**os.environ, CRASH_ENV: crash}, capture_output=True
         )
     mine.write_text(mine.read_text().replace("text number", "words numbered"))
+    # a run whose training data was deleted after training
+    gone = tmp / "gone.csv"
+    gone.write_text(good.read_text())
+    with contextlib.redirect_stdout(io.StringIO()):
+        main(train + ["--data", f"csv:{gone}", "--out", str(tmp / "data_gone")])
+    gone.unlink()
     (tmp / "afile").write_text("not a folder")
     (tmp / "notsweep").mkdir()
     (tmp / "notsweep" / "data.txt").write_text("x")
@@ -252,6 +258,13 @@ def main_table() -> None:
             "generate --max-new-tokens 0",
             ["generate", str(tmp / "ok"), "--task", "a", "--prompt", "hi", "--max-new-tokens", "0"],
         ),
+        ("re-scoring a run whose training data was deleted", ["evaluate", str(tmp / "data_gone")]),
+        (
+            "--load-in-4bit and --load-in-8bit together",
+            train + data + ["--load-in-4bit", "--load-in-8bit", "--out", str(tmp / "r")],
+        ),
+        ("--load-in-4bit on the built-in tiny model", train + data + ["--load-in-4bit", "--out", str(tmp / "r")]),
+        ("--targets re: with an invalid pattern", train + data + ["--targets", "re:(q_proj", "--out", str(tmp / "r")]),
     ]
     print("| bad input | exit code | what the user sees |")
     print("|---|---|---|")

@@ -65,7 +65,10 @@ class World:
         values are averaged."""
         if not self.active:
             return
-        grads = [p.grad._values() if p.grad.is_sparse else p.grad for p in params if p.grad is not None]
+        for p in params:  # a row-sparse gradient's values are written in place below: coalesced, they are a view
+            if p.grad is not None and p.grad.is_sparse and not p.grad.is_coalesced():
+                p.grad = p.grad.coalesce()
+        grads = [p.grad.values() if p.grad.is_sparse else p.grad for p in params if p.grad is not None]
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat)
         flat /= self.size

@@ -5,6 +5,7 @@ of ``bora_pyro`` that leaves ArviZ and matplotlib alone, Pyro's private API touc
 from __future__ import annotations
 
 import ast
+import importlib
 import json
 import subprocess
 import sys
@@ -104,25 +105,113 @@ print(repr((failed, sorted(m for m in ("arviz", "xarray", "matplotlib") if m in 
     assert failed == [] and heavy == []
 
 
-def test_pyro_private_api_is_used_in_one_module_only():
-    private = (
-        ".get_param_store()._",
-        "._params",
-        "._constraints",
-        "_process_message",
-        "._setup_prototype",
-        "._create_plates",
-        "._get_loc_and_scale",
-        "._event_dims",
-    )
-    found = [
-        f"{p.relative_to(PACKAGE)}: {hook}"
-        for p in PACKAGE.rglob("*.py")
-        if p.name != "pyro_internals.py"
-        for hook in private
-        if hook in p.read_text()
-    ]
-    assert found == []
+THIRD_PARTY = ("pyro", "torch", "transformers", "peft")
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def _imported_roots(tree: ast.Module) -> dict[str, str]:
+    """Local name -> the top-level package it was imported from (``import pyro.distributions as dist``: dist ->
+    pyro; ``from torch import nn``: nn -> torch); relative imports (our own modules) are left out."""
+    roots = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                roots[alias.asname or alias.name.split(".")[0]] = alias.name.split(".")[0]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            for alias in node.names:
+                roots[alias.asname or alias.name] = node.module.split(".")[0]
+    return roots
+
+
+def _root_name(node: ast.expr) -> str | None:
+    while isinstance(node, (ast.Attribute, ast.Subscript, ast.Call)):
+        node = node.func if isinstance(node, ast.Call) else node.value
+    return node.id if isinstance(node, ast.Name) else None
+
+
+def _our_private_names(trees) -> set[str]:
+    """Every ``_name`` bora_pyro defines itself: functions, methods, classes, attributes it assigns."""
+    names = set()
+    for tree in trees:
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+                names.add(node.attr)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                names.add(node.id)
+            elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                names.add(node.target.id)
+    return {n for n in names if _private(n)}
+
+
+def _overrides(module: str | None, cls: str, method: str) -> bool:
+    """Whether ``method`` of the class ``cls`` of our ``module`` overrides a dependency's (a private hook); a
+    class that cannot be imported (a snippet) counts every private method as one."""
+    try:
+        owner = getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return True
+    return any(method in vars(base) for base in owner.__mro__[1:] if base.__module__.split(".")[0] in THIRD_PARTY)
+
+
+def private_uses(sources: dict[str, str]) -> list[str]:
+    """Uses of a private (``_``-prefixed) name of pyro, torch, transformers or peft in ``sources`` (file name ->
+    code): an attribute of one of their names (``torch._foo``, ``AutoGuide._setup``), a private name imported
+    from them, a private method of a subclass of one of their classes that overrides one of theirs (a private
+    hook), and a private attribute of any other object that bora_pyro does not define itself (``p.grad._values``)."""
+    trees = {name: ast.parse(code) for name, code in sources.items()}
+    ours = _our_private_names(trees.values())
+    found = []
+    for file, tree in trees.items():
+        roots = _imported_roots(tree)
+        for node in ast.walk(tree):
+            where = f"{file}:{getattr(node, 'lineno', '?')}"
+            if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                if node.module.split(".")[0] in THIRD_PARTY:
+                    found += [f"{where} imports {a.name}" for a in node.names if _private(a.name)]
+            elif isinstance(node, ast.ClassDef):
+                bases = {roots.get(_root_name(b) or "") for b in node.bases}
+                module = "bora_pyro." + file.removesuffix(".py").replace("/", ".") if file.endswith(".py") else None
+                if bases & set(THIRD_PARTY):
+                    found += [
+                        f"{where} {node.name} overrides {f.name}"
+                        for f in node.body
+                        if isinstance(f, ast.FunctionDef) and _private(f.name) and _overrides(module, node.name, f.name)
+                    ]
+            elif isinstance(node, ast.Attribute) and _private(node.attr):
+                root = _root_name(node.value)
+                if root in ("self", "cls"):
+                    continue
+                package = roots.get(root or "")
+                if package in THIRD_PARTY or (package is None and node.attr not in ours):
+                    found.append(f"{where} uses {ast.unparse(node)}")
+    return found
+
+
+def test_private_apis_of_dependencies_are_used_in_one_module_only():
+    sources = {str(p.relative_to(PACKAGE)): p.read_text() for p in PACKAGE.rglob("*.py")}
+    internals = "models/pyro_internals.py"
+    assert private_uses({k: v for k, v in sources.items() if k != internals}) == []
+    assert private_uses({internals: sources[internals]})  # the one module that does: the check sees it
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "import torch\nx = torch._C",
+        "from torch.nn import Module\nclass A(Module):\n    def _apply(self, fn):\n        pass",
+        "from transformers import _private_thing",
+        "import pyro\npyro.get_param_store()._params",
+        "def f(p):\n    return p.grad._values()",
+        "from pyro.infer.autoguide import AutoGuide as G\nG._setup_prototype(None)",
+    ],
+)
+def test_the_private_api_check_catches_each_form(code):
+    assert private_uses({"case": code})
 
 
 def test_the_private_pyro_hooks_still_do_what_we_rely_on(make_corpus, tiny_lm):

@@ -27,7 +27,6 @@ import torch
 from pyro import poutine
 from pyro.infer import TraceMeanField_ELBO
 from pyro.infer.util import is_validation_enabled
-from pyro.poutine.messenger import Messenger
 from tqdm.auto import tqdm
 
 from ..data.batching import Batch
@@ -37,6 +36,7 @@ from ..evaluation.perplexity import PerplexityReport, evaluate
 from ..io.task_store import TaskStore
 from ..models.bora import BoRA, ParameterRole, check_inference
 from ..models.likelihood import scored_tokens
+from ..models.pyro_internals import SiteRecorder
 from .checkpoint import LoopState, checkpoint_step, load_checkpoint, save_checkpoint
 from .config import WATCH_ONLY, TrainConfig
 from .reporting import open_reporter
@@ -174,19 +174,6 @@ def make_optimizer(
     return TaskSparseAdamW(groups, lr=lr, weight_decay=config.weight_decay, task_params=task_params, store=store)
 
 
-class _DataTerm(Messenger):
-    """Records the model's unscaled ``loglik`` factor ([batch]) as it is sampled, so that a step can
-    report the data term of its loss apart from the prior (or KL) terms."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.loglik: torch.Tensor | None = None
-
-    def _pyro_sample(self, msg: dict) -> None:
-        if msg["name"] == "loglik":
-            self.loglik = msg["fn"].log_factor
-
-
 @dataclass(frozen=True)
 class StepOutcome:
     """What one training step did (the same on every data-parallel rank).
@@ -237,10 +224,10 @@ class TrainStep:
         """The objective on ``batch`` (differentiable) and this rank's sums for the step's report: the objective
         and its data term (both times ``share`` over the ranks), the (weighted) NLL, its tokens, the scored
         tokens. Shapes: -> [], [5]."""
-        data = _DataTerm()
+        data = SiteRecorder("loglik")  # the model's unscaled loglik factor [batch]: the data term apart from the prior
         with pyro.validation_enabled(validate), data:
             loss = self.loss_fn(self.bora, batch)
-        loglik = data.loglik.detach() if data.loglik is not None else loss.new_zeros(len(batch))  # [batch]
+        loglik = data.fn.log_factor.detach() if data.fn is not None else loss.new_zeros(len(batch))  # [batch]
         tokens = scored_tokens(batch.labels)  # [batch]
         weight = batch.example_weight()  # [batch]: importance weights of the task sampling (None: all 1)
         if weight is not None:  # the training split's NLL per token estimated without the sampling's bias

@@ -11,12 +11,11 @@ import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
 from pyro.distributions.transforms import biject_to
-from pyro.infer.autoguide import AutoDelta, AutoGuide, AutoNormal
-from pyro.infer.autoguide.utils import deep_setattr
+from pyro.infer.autoguide import AutoGuide, AutoNormal
 from pyro.nn import PyroParam
 
 from ..io.task_store import TaskStore
-from .pyro_internals import event_dim, guide_plates, loc_and_scale, setup_prototype, trace_prototype
+from .pyro_internals import SiteParamDelta, event_dim, guide_plates, loc_and_scale, setup_prototype
 from .task_subsample import TASK_PLATE, TaskPlate, enter_plate
 
 INFERENCE = ("map", "vi")
@@ -100,7 +99,7 @@ def gather_rows(full: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return _GatherRows.apply(full, index)
 
 
-class TaskDelta(AutoDelta):
+class TaskDelta(SiteParamDelta):
     """AutoDelta (the MAP guide) whose task-site parameters are gathered for the batch's tasks with a
     row-sparse gradient (:func:`gather_rows`) rather than by Pyro's automatic plate subsampling,
     so that a step's cost does not grow with the number of tasks. Its task tables [D, ...] are
@@ -110,21 +109,17 @@ class TaskDelta(AutoDelta):
         super().__init__(model, **options)
         self.task_store = store or TaskStore()
 
-    def _setup_prototype(self, *args, **kwargs) -> None:
-        """AutoDelta's setup, but a task site's parameter is a table of the task store, every row at the
-        site's start (a site under the task plate starts shared by every task; see ``_init_to_values``)."""
-        trace_prototype(self, args, kwargs)
-        for name, site in self.prototype_trace.iter_stochastic_nodes():
-            value = site["value"].detach()
-            task = [f for f in site["cond_indep_stack"] if f.name == TASK_PLATE]
-            if task:
-                rows = task[0].full_size or task[0].size
-                value = self.task_store.table(
-                    f"guide.{name}", (rows, *value.shape[1:]), fill=value[0], device=value.device
-                )
-            elif any(f.full_size not in (None, f.size) for f in site["cond_indep_stack"]):
-                raise ValueError(f"site {name!r} is subsampled by a plate other than the task plate")
-            deep_setattr(self, name, PyroParam(value, site["fn"].support, site["fn"].event_dim))
+    def site_param(self, name: str, site: dict) -> PyroParam:
+        """AutoDelta's parameter, but a task site's is a table of the task store, every row at the site's start
+        (a site under the task plate starts shared by every task; see ``_init_to_values``)."""
+        value = site["value"].detach()
+        task = [f for f in site["cond_indep_stack"] if f.name == TASK_PLATE]
+        if task:
+            rows = task[0].full_size or task[0].size
+            value = self.task_store.table(f"guide.{name}", (rows, *value.shape[1:]), fill=value[0], device=value.device)
+        elif any(f.full_size not in (None, f.size) for f in site["cond_indep_stack"]):
+            raise ValueError(f"site {name!r} is subsampled by a plate other than the task plate")
+        return PyroParam(value, site["fn"].support, site["fn"].event_dim)
 
     def forward(self, *args, **kwargs) -> dict[str, torch.Tensor]:
         result = {}

@@ -1,6 +1,6 @@
-"""The private Pyro hooks bora_pyro needs, in one place; ``tests/test_pyro_internals.py`` fails loudly
-when a Pyro release changes them (tests/test_structure.py; pyproject.toml bounds pyro-ppl to the tested minor
-version). tests/test_structure.py also fails on a private name of pyro, torch, transformers or peft used elsewhere.
+"""The private Pyro hooks bora_pyro needs, in one place; ``tests/test_structure.py`` fails loudly when a Pyro
+release changes them (pyproject.toml bounds pyro-ppl to the tested minor version), and on a private name of
+pyro, torch, transformers or peft used anywhere else.
 
 Our guides override ``AutoGuide.forward`` (``guides.py``: the MAP guide gathers the batch's task rows
 with a row-sparse gradient; the mean-field guide samples each site from its Normal directly, for the

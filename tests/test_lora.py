@@ -180,6 +180,9 @@ def test_a_regular_expression_in_its_cli_form_selects_what_the_string_form_does(
         "model.layers.1.self_attn.v_proj",
     ]
     assert parse_targets("q_proj,v_proj") == ("q_proj", "v_proj")
+    assert (
+        AdapterConfig(targets="re:" + pattern).targets == AdapterConfig(targets=pattern).targets == ("re:" + pattern,)
+    )
 
 
 def test_all_linear_skips_the_output_head_and_reads_from_the_cli_form():
@@ -195,6 +198,9 @@ def test_all_linear_skips_the_output_head_and_reads_from_the_cli_form():
         ("model\\.layers\\.0", "is a LlamaDecoderLayer, not a linear layer"),
         (r"layers\.0\.q_proj", "matches no module path .*whole path"),
         ("(q_proj", "is not a valid regular expression"),
+        (["re:(q_proj"], "is not a valid regular expression"),
+        (["re:layers\\.0\\.q_proj,k_proj"], r"match no module path .*a comma after re: belongs to the pattern"),
+        (["all-linear", "q_proj"], "'all-linear' takes every linear layer and is given alone"),
     ],
 )
 def test_bad_targets_name_the_problem(targets, message):

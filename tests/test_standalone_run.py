@@ -126,3 +126,41 @@ def test_a_changed_corpus_is_named_to_the_document(trained, run, capsys, change,
     assert code == 2 and "changed since" in err
     assert said in err, err
     assert "valid:" not in err and "test:" not in err
+
+
+@pytest.mark.parametrize("name", ["special_tokens_map.json", "chat_template.jinja", "nested/extra.txt"])
+def test_a_file_added_to_the_tokenizer_folder_is_refused(run, capsys, name):
+    """The run's tokenizer/ is the tool's: a file it did not write there (which from_pretrained would read) is a
+    damaged folder, named in one line, never loaded."""
+    added = run / "tokenizer" / name
+    added.parent.mkdir(exist_ok=True)
+    added.write_text("hello")
+    capsys.readouterr()
+    assert main(["generate", str(run), "--task", "north", "--prompt", "the"]) == 4
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and name.split("/")[-1] in err[0] and "not a file bora_pyro wrote" in err[0]
+
+
+def test_tasks_in_another_order_are_named_so(trained, run, capsys):
+    csv = trained / "corpus.csv"
+    original = csv.read_bytes()
+    rows = pd.read_csv(csv)
+    try:
+        pd.concat([rows[rows.task != "north"], rows[rows.task == "north"]]).to_csv(csv, index=False)
+        capsys.readouterr()
+        assert main(["evaluate", str(run)]) == 2
+        err = capsys.readouterr().err
+    finally:
+        csv.write_bytes(original)
+    assert "its tasks come in another order ('south', 'east', 'north') than the run's ('north', 'south', 'east')" in err
+
+
+def test_other_data_in_another_format_is_refused(run, tmp_path, capsys):
+    other = tmp_path / "pairs.csv"
+    pd.DataFrame({"task": ["north", "south", "east"] * 3, "prompt": ["q"] * 9, "completion": ["a"] * 9}).to_csv(
+        other, index=False
+    )
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--data", f"csv:{other}"]) == 2
+    err = capsys.readouterr().err
+    assert "is prompt-completion data" in err and "trained on text data" in err

@@ -127,7 +127,8 @@ def verify(folder: Path, only: Iterable[str] | None = None) -> dict | None:
     """Check every file the manifest lists (or those of ``only`` that it lists, a folder's name standing for the
     files in it) against its digest and size.
 
-    Raises :class:`CorruptFile` naming the first file that is missing, has another size or another digest.
+    Raises :class:`CorruptFile` naming the first file that is missing, has another size or another digest, or
+    that was added to a folder the tool wrote whole (one the manifest lists files in, e.g. a run's tokenizer/).
     Returns the manifest (None for a folder written before manifests: nothing to check).
     """
     folder = Path(folder)
@@ -135,7 +136,16 @@ def verify(folder: Path, only: Iterable[str] | None = None) -> dict | None:
     if manifest is None:
         return None
     wanted = None if only is None else set(only)
-    for rel, entry in sorted(manifest["files"].items()):
+    listed = manifest["files"]
+    owned = {rel.split("/")[0] for rel in listed if "/" in rel} - set(manifest.get("unhashed", []))
+    for top in sorted(owned if wanted is None else owned & wanted):  # a folder the tool wrote holds only its files
+        for path in sorted((folder / top).rglob("*")):
+            if (path.is_file() or path.is_symlink()) and path.relative_to(folder).as_posix() not in listed:
+                raise CorruptFile(
+                    f"{path} is not a file bora_pyro wrote in {folder / top}, which holds only the files {MANIFEST} "
+                    "lists: the folder was changed since; remove it"
+                )
+    for rel, entry in sorted(listed.items()):
         if wanted is not None and rel not in wanted and rel.split("/")[0] not in wanted:
             continue
         path = folder / rel

@@ -94,6 +94,8 @@ def _compiled(pattern: str) -> re.Pattern:
 def select_layers(lm: nn.Module, targets: tuple[str, ...] | str) -> list[tuple[str, nn.Module]]:
     """The (path, module) pairs ``targets`` selects (see the module docstring), in the model's order.
     Raises ValueError naming what matched nothing, or a selected module that is not linear."""
+    if not isinstance(targets, str) and ALL_LINEAR in targets and len(targets) > 1:
+        raise ValueError(f"targets {list(targets)}: 'all-linear' takes every linear layer and is given alone")
     if targets == ALL_LINEAR or tuple(targets) == (ALL_LINEAR,):
         head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
         chosen = [(p, m) for p, m in lm.named_modules() if is_linear(m) and m is not head]
@@ -112,6 +114,13 @@ def select_layers(lm: nn.Module, targets: tuple[str, ...] | str) -> list[tuple[s
     else:
         chosen = [(p, m) for p, m in modules if p and any(_suffix_match(p, t) for t in targets)]
         missing = [t for t in targets if not any(_suffix_match(p, t) for p, _ in chosen)]
+        patterns = [t for t in missing if t.startswith(REGEX_PREFIX)]
+        if patterns:
+            example = next((p for p, m in modules if is_linear(m)), "")
+            raise ValueError(
+                f"targets {patterns} match no module path (re:PATTERN must match a whole path, such as {example!r}; "
+                "a comma after re: belongs to the pattern)"
+            )
         if missing:
             raise ValueError(
                 f"target modules {missing} not found in the model; linear layers it has: {_linear_names(lm)} "

@@ -70,10 +70,14 @@ class LoadedRun:
                 "splits needs it (export, generate and evaluate --data OTHER do not)"
             ) from None
         changes = corpus_changes(self.path, corpus)
-        if changes or corpus.tasks != self.bora.tasks:
+        if not changes and corpus.tasks != self.bora.tasks:
+            changes = [
+                f"its tasks come in another order ({_first(corpus.tasks)}) than the run's ({_first(self.bora.tasks)})"
+            ]
+        if changes:
             raise ValueError(
                 f"the corpus {self.spec.data!r} changed since {self.path} was trained "
-                f"({'; '.join(changes) or 'other tasks'}); to score it as other data, pass --data {self.spec.data}"
+                f"({'; '.join(changes)}); to score it as other data, pass --data {self.spec.data}"
             )
         changed = input_format_changes(self.path, corpus)
         if changed:
@@ -161,7 +165,13 @@ class LoadedRun:
         corpus ``data`` (read with the run's corpus settings; its tasks must be the run's)."""
         if data is None:
             return self.corpus.split(name)  # checked unchanged when read
-        other = load_corpus(data, self.tokenizer, **self.spec.corpus.to_dict()).split(name)
+        corpus = load_corpus(data, self.tokenizer, **self.spec.corpus.to_dict())
+        if corpus.input_format.data_format != self.input_format.data_format:
+            raise ValueError(
+                f"{data} is {corpus.input_format.data_format} data and {self.path} was trained on "
+                f"{self.input_format.data_format} data: score data in the run's format"
+            )
+        other = corpus.split(name)
         if set(other.tasks) != set(self.bora.tasks):
             missing, extra = set(self.bora.tasks) - set(other.tasks), set(other.tasks) - set(self.bora.tasks)
             raise ValueError(
@@ -171,6 +181,10 @@ class LoadedRun:
         return dataclasses.replace(
             other, tasks=self.bora.tasks, task_index=tuple(index[other.tasks[t]] for t in other.task_index)
         )
+
+
+def _first(tasks, k: int = 3) -> str:
+    return ", ".join(map(repr, tasks[:k])) + (", ..." if len(tasks) > k else "")
 
 
 def load_run(path: str | Path, device: str | None = None, trust_remote_code: bool = False) -> LoadedRun:

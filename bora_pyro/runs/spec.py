@@ -102,9 +102,8 @@ class AdapterConfig:
         if self.inference not in INFERENCE:
             raise ValueError(f"inference must be one of {INFERENCE}, got {self.inference!r}")
         if isinstance(self.targets, str):  # a regular expression (or all-linear), as BoRA(targets=...) takes it
-            object.__setattr__(
-                self, "targets", (self.targets if self.targets == ALL_LINEAR else REGEX_PREFIX + self.targets,)
-            )
+            plain = self.targets == ALL_LINEAR or self.targets.startswith(REGEX_PREFIX)
+            object.__setattr__(self, "targets", (self.targets if plain else REGEX_PREFIX + self.targets,))
         elif self.targets is not None:
             object.__setattr__(self, "targets", tuple(self.targets))
 

@@ -1,7 +1,5 @@
 """bora_pyro: Bayesian hierarchical multi-task LoRA (BoRA) for Hugging Face causal LMs, in Pyro."""
 
-__version__ = "0.1.0"  # before the imports: run folders record it in every run folder
-
 from .data import Batch, Corpus, CorpusConfig, Split, load_corpus
 from .evaluation.perplexity import PerplexityReport, evaluate
 from .evaluation.tau_posterior import tau_posterior
@@ -13,8 +11,10 @@ from .models.gates import GateConfig
 from .models.prior import PriorConfig
 from .nn.lora import MultiTaskLoRA, MultiTaskLoRALinear
 from .runs import RunSpec, load_run
+from .version import __version__
 
 __all__ = [
+    "__version__",
     "BoRA",
     "Batch",
     "Corpus",

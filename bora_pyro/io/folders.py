@@ -51,7 +51,7 @@ def mark(folder: Path, kind: str) -> None:
     """Write the ownership marker of a folder of ``kind`` (see :data:`KINDS`)."""
     if kind not in KINDS:
         raise ValueError(f"folder kind must be one of {KINDS}, got {kind!r}")
-    from .. import __version__
+    from ..version import __version__
 
     (Path(folder) / MARKER).write_text(json.dumps({"kind": kind, "bora_pyro_version": __version__}) + "\n")
 

@@ -35,7 +35,6 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
-from .. import __version__
 from ..data.corpus import Corpus, load_corpus
 from ..data.input_format import InputFormat
 from ..evaluation.generation_scores import GenerationScores
@@ -46,6 +45,7 @@ from ..io.base_models import describe_base_model
 from ..io.folders import JOURNAL, atomic_folder, atomic_write, fsync_path, reading
 from ..io.integrity import MANIFEST, CorruptFile, update_manifest, verify
 from ..models.bora import BoRA
+from ..version import __version__
 from .spec import CHAT_TEMPLATE_FILE
 
 CONFIG_FILE, METRICS_FILE, STATUS_FILE, CORPUS_FILE = "config.json", "metrics.json", "status.json", "corpus.json"

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
 from ..data.corpus import CorpusConfig
 from ..distributed import World
 from ..inference.config import TrainConfig
@@ -29,6 +28,7 @@ from ..models.guides import INFERENCE
 from ..models.prior import POOLED, PriorConfig
 from ..nn.targets import ALL_LINEAR, REGEX_PREFIX
 from ..options import option, parse_csv, values_from_file
+from ..version import __version__
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # a conversational run's chat template, kept in its folder
 TRUST_HELP = (

@@ -587,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
     except FolderBusy as err:
         print(f"bora-pyro {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_BUSY
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, ModuleNotFoundError, KeyError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, ModuleNotFoundError) as err:
         print(f"bora-pyro {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_USAGE
     except (MemoryError, RuntimeError) as err:

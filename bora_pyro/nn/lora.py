@@ -78,10 +78,11 @@ class MultiTaskLoRALinear(nn.Module):
         rank_gates = None if gates is None else gates.rank  # [G, r]
         idx = self._task_index
         if A.shape[0] > 1 or (rank_gates is not None and rank_gates.shape[0] > 1):
-            assert idx is not None and idx.shape[0] == x.shape[0], (
-                f"task_index must give one task per example: got {None if idx is None else tuple(idx.shape)}"
-                f" for a batch of {x.shape[0]}"
-            )
+            if idx is None or idx.shape[0] != x.shape[0]:
+                raise ValueError(
+                    f"task_index must give one task per example: got {None if idx is None else tuple(idx.shape)}"
+                    f" for a batch of {x.shape[0]}"
+                )
         if A.shape[0] == 1:  # one adapter for every example
             h = x @ A[0].transpose(0, 1)  # [batch, tokens, r]
         else:
@@ -233,8 +234,9 @@ class MultiTaskLoRA:
             expected = set(self.shapes())
             if set(factors) != expected:
                 missing, extra = sorted(expected - set(factors)), sorted(set(factors) - expected)
-                raise KeyError(
-                    f"factors do not match the adapted layers: missing {missing[:3]}, unexpected {extra[:3]}"
+                raise ValueError(
+                    f"factors do not match the adapted layers: missing {missing[:3]}, unexpected {extra[:3]} "
+                    "(give one A and one B per adapted layer, named as MultiTaskLoRA.shapes() names them)"
                 )
         try:
             for name, layer in self.layers.items():

@@ -34,11 +34,6 @@ def parse_optional_int(text: str) -> int | None:
     return None if text.strip().lower() in ("none", "all") else int(text)
 
 
-def parse_optional_float(text: str) -> float | None:
-    """ "none" -> None, else a float."""
-    return None if text.strip().lower() == "none" else float(text)
-
-
 def parse_optional_str(text: str) -> str | None:
     """ "none" -> None, else the text (a column name that can be switched off)."""
     return None if text.strip().lower() == "none" else text

@@ -217,16 +217,6 @@ def summarize_sweep(out: str | Path) -> pd.DataFrame:
     return table
 
 
-def steps_to_converge(curve: pd.DataFrame, tolerance: float = 0.01) -> int:
-    """First validated step whose perplexity is within ``tolerance`` of the final validation perplexity.
-
-    ``curve`` has columns step and valid_ppl (one row per validation, in step order).
-    """
-    final = curve.valid_ppl.iloc[-1]
-    reached = curve[curve.valid_ppl <= (1 + tolerance) * final]
-    return int(reached.step.iloc[0])
-
-
 def load_sweep_spec(out: str | Path, trust_remote_code: bool = False) -> RunSpec:
     """The RunSpec of a sweep folder (tau: the default), to rerun the same settings with changes
     (``trust_remote_code``: your permission, never taken from the file)."""

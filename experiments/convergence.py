@@ -25,7 +25,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from bora_pyro.sweep import collect, load_sweep_spec, parse_taus, run_sweep, steps_to_converge
+from bora_pyro.sweep import collect, load_sweep_spec, parse_taus, run_sweep
+
+
+def steps_to_converge(curve: pd.DataFrame, tolerance: float = 0.01) -> int:
+    """First validated step whose perplexity is within ``tolerance`` of the final validation perplexity
+    (``curve``: columns step and valid_ppl, one row per validation, in step order)."""
+    final = curve.valid_ppl.iloc[-1]
+    reached = curve[curve.valid_ppl <= (1 + tolerance) * final]
+    return int(reached.step.iloc[0])
 
 
 def main(args: argparse.Namespace) -> None:

@@ -111,12 +111,12 @@ def test_prompt_longer_than_max_tokens_is_an_error(tiny_lm):
 
 def test_batches_mix_tasks_and_cover_every_document(make_corpus):
     corpus = make_corpus({"a": 30, "b": 30, "c": 30})
-    stream = corpus.train.train_batches(batch_size=8, seed=3)
+    stream = (corpus.train.collate(c) for c in corpus.train.train_batch_indices(batch_size=8, seed=3))
     first = [next(stream) for _ in range(9)]  # 72 docs = one epoch of 72
     indices = np.concatenate([b.doc_index.numpy() for b in first])
     assert sorted(indices.tolist()) == list(range(len(corpus.train)))
     assert len(set(first[0].task_index.tolist())) > 1  # batches mix tasks
-    again = corpus.train.train_batches(batch_size=8, seed=3)
+    again = (corpus.train.collate(c) for c in corpus.train.train_batch_indices(batch_size=8, seed=3))
     assert all((next(again).doc_index == b.doc_index).all() for b in first)
     evaluated = np.concatenate([b.doc_index.numpy() for b in corpus.test.eval_batches(4)])
     assert sorted(evaluated.tolist()) == list(range(len(corpus.test)))

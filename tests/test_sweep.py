@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from bora_pyro.cli import main
-from bora_pyro.sweep import parse_taus, steps_to_converge
+from bora_pyro.sweep import parse_taus
 
 from .conftest import synthetic_rows
 
@@ -73,12 +73,6 @@ def test_parse_taus():
         parse_taus("1,1")
     with pytest.raises(ValueError, match="tau must be 0, a number in .*got '-2'"):
         parse_taus("0,-2")
-
-
-def test_steps_to_converge():
-    curve = pd.DataFrame({"step": [10, 20, 30, 40], "valid_ppl": [200.0, 101.5, 100.5, 100.0]})
-    assert steps_to_converge(curve) == 30
-    assert steps_to_converge(curve, tolerance=0.02) == 20
 
 
 def test_a_sweep_over_seeds_reports_mean_sd_and_paired_differences(tmp_path, capsys):

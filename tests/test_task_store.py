@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 import bora_pyro
 from bora_pyro.io.base_models import tiny_random_llama
-from bora_pyro.io.task_store import TaskStore, open_table
+from bora_pyro.io.task_store import TaskStore
 
 
 def test_a_disk_table_is_a_sparse_safetensors_file_read_row_by_row(tmp_path):
@@ -26,7 +26,8 @@ def test_a_disk_table_is_a_sparse_safetensors_file_read_row_by_row(tmp_path):
         rows = f.get_slice("rows")
         assert rows.get_shape() == [5000, 4, 16]
         assert torch.equal(rows[7:8], torch.full((1, 4, 16), 2.5)) and not rows[8:9].any()
-    assert torch.equal(open_table(path)[7], table[7])  # reopened: the same values
+    reopened = TaskStore("disk", tmp_path, reopen=True).table("guide.task.x", (5000, 4, 16), fill=None)
+    assert torch.equal(reopened[7], table[7])  # reopened: the same values
     filled = store.table("guide.task.y", (10, 3), fill=torch.tensor([1.0, 2.0, 3.0]))
     assert torch.equal(filled, torch.tensor([[1.0, 2.0, 3.0]] * 10))
 

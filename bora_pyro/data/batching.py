@@ -185,14 +185,6 @@ class Split:
         Shapes: -> [tasks]."""
         return importance_weights(self.docs_per_task(), temperature)
 
-    def train_batches(
-        self, batch_size: int, seed: int = 0, start_step: int = 0, temperature: float = 1.0
-    ) -> Iterator[Batch]:
-        """:meth:`train_batch_indices`, collated and weighted (:meth:`task_weights`)."""
-        weight = self.task_weights(temperature)
-        for chosen in self.train_batch_indices(batch_size, seed, start_step, temperature):
-            yield self.collate(chosen).replace(task_weight=weight)
-
     def eval_batches(self, batch_size: int) -> Iterator[Batch]:
         """All documents once, in batches of similar length (length bucketing cuts padding)."""
         by_length = sorted(range(len(self)), key=lambda i: (len(self.input_ids[i]), i))

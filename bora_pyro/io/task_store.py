@@ -73,12 +73,6 @@ def table_name(path: Path) -> str:
         return json.loads(f.read(length))["__metadata__"]["table"]
 
 
-def open_table(path: Path, shape: tuple[int, ...] | None = None, name: str = "") -> torch.Tensor:
-    """Memory-map the table file ``path`` (created as zeros of ``shape``, for table ``name``, if it does not
-    exist). Writes to the returned tensor go to the file."""
-    return _map_table(path, shape, name)[0]
-
-
 def _map_table(path: Path, shape: tuple[int, ...] | None, name: str) -> tuple[torch.Tensor, _Mapping]:
     path = Path(path)
     if not path.exists():

@@ -315,8 +315,9 @@ def _rng_replay(device: torch.device) -> Callable[[], None]:
     return replay
 
 
-def _fingerprint(bora: BoRA, corpus: Corpus, config: TrainConfig) -> dict:
-    """What a checkpoint must match to be resumed when the caller gives none (JSON-comparable)."""
+def _model_fingerprint(bora: BoRA, corpus: Corpus, config: TrainConfig) -> dict:
+    """What a checkpoint of ``fit`` called from Python (no run spec) must match to be resumed: the model's tasks,
+    shapes, tau and inference, the training settings and the number of training documents (JSON-comparable)."""
     keep = {k: v for k, v in config.to_dict().items() if k not in WATCH_ONLY}
     return {
         "tasks": list(bora.tasks),
@@ -405,7 +406,7 @@ def fit(
     bora.lora.configure(gradient_checkpointing=config.gradient_checkpointing, bf16=config.bf16)
     pyro.set_rng_seed(config.seed)
     device = bora.device
-    fingerprint = fingerprint if fingerprint is not None else _fingerprint(bora, corpus, config)
+    fingerprint = fingerprint if fingerprint is not None else _model_fingerprint(bora, corpus, config)
     train_step = TrainStep(
         bora, config, corpus.train.collate([0]).to(device), int(corpus.train.tokens_per_task().sum()), freeze_global
     )

@@ -111,9 +111,9 @@ def _writer(out: Path) -> contextlib.AbstractContextManager:
     return folder_lock(out) if World.current().is_main else contextlib.nullcontext()
 
 
-def _fingerprint(spec: RunSpec, corpus: Corpus, base_model: dict) -> dict:
-    """What a checkpoint must match to be resumed: every setting that changes the result, the tokenised
-    corpus and the base model's weights."""
+def _run_fingerprint(spec: RunSpec, corpus: Corpus, base_model: dict) -> dict:
+    """What a run's checkpoint must match to be resumed: every setting of its spec that changes the result, the
+    tokenised corpus and the base model's weights."""
     settings = spec.to_dict()
     for key in ("device", "trust_remote_code"):
         settings.pop(key)
@@ -205,7 +205,7 @@ def train_run(
         bora = spec.build_model(lm, corpus.tasks, store_folder=store_folder(out), reopen_store=resume)
         if spec.adapter.init_peft is not None:
             bora.start_from(import_peft(bora.lora, spec.adapter.init_peft))
-        fingerprint = _fingerprint(spec, corpus, identity)
+        fingerprint = _run_fingerprint(spec, corpus, identity)
         checkpoint = None
         if spec.train.checkpoint_every or resume:
             checkpoint = _start_checkpoints(out, spec, fingerprint, resume) if world.is_main else checkpoint_folder(out)

@@ -124,6 +124,21 @@ def train_once(root: Path, docs_per_task: dict[str, int], *options: str) -> Path
     return root
 
 
+def evaluate_on_changed_data(csv: Path, rows: pd.DataFrame, run: Path, capsys) -> tuple[int, str]:
+    """``bora-pyro evaluate RUN`` with the training data ``csv`` replaced by ``rows`` for the call (restored
+    after); returns the exit code and stderr."""
+    from bora_pyro.cli import main
+
+    original = csv.read_bytes()
+    try:
+        rows.to_csv(csv, index=False)
+        capsys.readouterr()
+        code = main(["evaluate", str(run)])
+        return code, capsys.readouterr().err
+    finally:
+        csv.write_bytes(original)
+
+
 def copy_run(trained: Path, into: Path) -> Path:
     """A copy of ``trained``'s run folder and corpus in ``into``, for a test to damage; returns the run."""
     import shutil

@@ -11,7 +11,7 @@ from bora_pyro.cli import main
 from bora_pyro.io.integrity import MANIFEST, CorruptFile, read_manifest
 from bora_pyro.runs.folder import verified_status
 
-from .conftest import copy_run, synthetic_rows, train_args, train_once
+from .conftest import copy_run, evaluate_on_changed_data, synthetic_rows, train_args, train_once
 
 
 @pytest.fixture(scope="module")
@@ -97,22 +97,14 @@ def test_a_damaged_fitted_state_is_never_scored(tmp_path, trained, capsys, monke
 def test_evaluate_names_what_changed_in_the_corpus(run, trained, capsys, change):
     import pandas as pd
 
-    csv = trained / "corpus.csv"  # the file the run was trained on (config.json names it)
-    original = csv.read_bytes()
-    rows = pd.read_csv(csv)
+    rows = pd.read_csv(trained / "corpus.csv")  # the file the run was trained on (config.json names it)
     if change == "text":
         rows.loc[rows.task == "south", "text"] = "entirely other words " * 3
     elif change == "task_removed":
         rows = rows[rows.task != "east"]
     else:
         rows.loc[rows.index[-1], "text"] = "a changed last row"
-    try:
-        rows.to_csv(csv, index=False)
-        capsys.readouterr()
-        code = main(["evaluate", str(run)])
-        err = capsys.readouterr().err
-    finally:
-        csv.write_bytes(original)
+    code, err = evaluate_on_changed_data(trained / "corpus.csv", rows, run, capsys)
     assert code == 2
     assert "changed since" in err or "do not match" in err
     if change == "text":

@@ -13,7 +13,7 @@ import pytest
 import bora_pyro
 from bora_pyro.cli import main
 
-from .conftest import copy_run, synthetic_rows, train_args
+from .conftest import copy_run, evaluate_on_changed_data, synthetic_rows, train_args
 
 
 @pytest.fixture(scope="module")
@@ -103,9 +103,7 @@ def test_the_moved_data_scores_as_other_data_and_gives_the_same_numbers(trained,
     ],
 )
 def test_a_changed_corpus_is_named_to_the_document(trained, run, capsys, change, said):
-    csv = trained / "corpus.csv"
-    original = csv.read_bytes()
-    rows = pd.read_csv(csv)
+    rows = pd.read_csv(trained / "corpus.csv")
     south = rows.index[(rows.task == "south") & (rows.split == "train")]
     if change == "one_text":
         rows.loc[south[0], "text"] = "entirely other words " * 3
@@ -116,13 +114,7 @@ def test_a_changed_corpus_is_named_to_the_document(trained, run, capsys, change,
         rows = rows.drop(index=south[-1])
     else:  # the same rows of every task, another order within 'south'
         rows = pd.concat([rows.drop(index=south), rows.loc[south[::-1]]], ignore_index=True)
-    try:
-        rows.to_csv(csv, index=False)
-        capsys.readouterr()
-        code = main(["evaluate", str(run)])
-        err = capsys.readouterr().err
-    finally:
-        csv.write_bytes(original)
+    code, err = evaluate_on_changed_data(trained / "corpus.csv", rows, run, capsys)
     assert code == 2 and "changed since" in err
     assert said in err, err
     assert "valid:" not in err and "test:" not in err
@@ -142,17 +134,14 @@ def test_a_file_added_to_the_tokenizer_folder_is_refused(run, capsys, name):
 
 
 def test_tasks_in_another_order_are_named_so(trained, run, capsys):
-    csv = trained / "corpus.csv"
-    original = csv.read_bytes()
-    rows = pd.read_csv(csv)
-    try:
-        pd.concat([rows[rows.task != "north"], rows[rows.task == "north"]]).to_csv(csv, index=False)
-        capsys.readouterr()
-        assert main(["evaluate", str(run)]) == 2
-        err = capsys.readouterr().err
-    finally:
-        csv.write_bytes(original)
-    assert "its tasks come in another order ('south', 'east', 'north') than the run's ('north', 'south', 'east')" in err
+    rows = pd.read_csv(trained / "corpus.csv")
+    reordered = pd.concat([rows[rows.task != "north"], rows[rows.task == "north"]])
+    code, err = evaluate_on_changed_data(trained / "corpus.csv", reordered, run, capsys)
+    assert (
+        code == 2
+        and "its tasks come in another order ('south', 'east', 'north') than the run's ('north', 'south', 'east')"
+        in err
+    )
 
 
 def test_other_data_in_another_format_is_refused(run, tmp_path, capsys):

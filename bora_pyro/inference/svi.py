@@ -371,6 +371,32 @@ def fit(
         **options: fields of :class:`TrainConfig` (``steps``, ``batch_size``, ``lr``...).
     """
     config = TrainConfig(**options)
+    checkpoint = Path(checkpoint) if checkpoint is not None else None
+    saved_step = _check_fit(bora, corpus, config, checkpoint, resume)
+    check_inference(bora.tau, inference or bora.inference)
+    if inference is not None and inference != bora.inference:
+        bora.use_inference(inference)
+    bora.lora.configure(gradient_checkpointing=config.gradient_checkpointing, bf16=config.bf16)
+    pyro.set_rng_seed(config.seed)
+    fingerprint = fingerprint if fingerprint is not None else _model_fingerprint(bora, corpus, config)
+    train_step = TrainStep(
+        bora,
+        config,
+        corpus.train.collate([0]).to(bora.device),
+        int(corpus.train.tokens_per_task().sum()),
+        freeze_global,
+    )
+    with bora.param_scope():
+        loop = _Loop(bora, corpus, config, train_step, checkpoint, fingerprint)
+        loop.start(resume, saved_step)
+        loop.run()
+        _restore(loop.best_state, bora.task_store)
+    return loop.result
+
+
+def _check_fit(bora: BoRA, corpus: Corpus, config: TrainConfig, checkpoint: Path | None, resume: bool) -> int | None:
+    """Refuse what cannot be fitted (one line each); warn where no validation will pick the state kept.
+    Returns the step of the checkpoint already in ``checkpoint`` (None: none)."""
     world = World.current()
     world.check_batch_size(config.batch_size)
     if config.batch_size // world.size < config.grad_accum:
@@ -393,137 +419,177 @@ def fit(
             "the last state is kept%s",
             "; --patience does not apply" if config.patience is not None else "",
         )
-    checkpoint = Path(checkpoint) if checkpoint is not None else None
     saved_step = checkpoint_step(checkpoint) if checkpoint is not None else None
     if saved_step is not None and not resume:
         raise ValueError(
             f"{checkpoint} already holds a checkpoint (step {saved_step}) of an earlier fit: "
             "resume it (resume=True) or remove it"
         )
-    check_inference(bora.tau, inference or bora.inference)
-    if inference is not None and inference != bora.inference:
-        bora.use_inference(inference)
-    bora.lora.configure(gradient_checkpointing=config.gradient_checkpointing, bf16=config.bf16)
-    pyro.set_rng_seed(config.seed)
-    device = bora.device
-    fingerprint = fingerprint if fingerprint is not None else _model_fingerprint(bora, corpus, config)
-    train_step = TrainStep(
-        bora, config, corpus.train.collate([0]).to(device), int(corpus.train.tokens_per_task().sum()), freeze_global
-    )
+    return saved_step
 
-    with bora.param_scope():
-        state, best_state = LoopState(), _snapshot(bora.task_store)
-        if bora.task_store.disk and checkpoint is not None and saved_step is None:
+
+class _Loop:
+    """The steps of one fit, each a method: :meth:`start` (fresh, or restored from a checkpoint), then
+    :meth:`run`, which per step trains (:meth:`step`), records it (:meth:`record`), validates and keeps the best
+    state (:meth:`validate`), checkpoints, and stops on divergence, a signal or patience."""
+
+    def __init__(
+        self,
+        bora: BoRA,
+        corpus: Corpus,
+        config: TrainConfig,
+        train_step: TrainStep,
+        checkpoint: Path | None,
+        fingerprint: dict,
+    ) -> None:
+        self.bora, self.corpus, self.config, self.train_step = bora, corpus, config, train_step
+        self.checkpoint, self.fingerprint = checkpoint, fingerprint
+        self.world = World.current()
+        self.state, self.best_state = LoopState(), _snapshot(bora.task_store)
+        self.result = FitResult(config=config, lr=train_step.lr, state=self.state)
+
+    def start(self, resume: bool, saved_step: int | None) -> None:
+        """A fresh start, or the state of the checkpoint at ``saved_step`` (a disk task store's undo log opened)."""
+        store = self.bora.task_store
+        if store.disk and self.checkpoint is not None and saved_step is None:
             if resume:  # killed before its first checkpoint: the tables go back to their start
-                bora.task_store.rollback(0)
-            bora.task_store.begin(0)
+                store.rollback(0)
+            store.begin(0)
         if saved_step is not None:
-            state, best_state = load_checkpoint(checkpoint, train_step.optimizer, fingerprint, bora.task_store)
-            log.warning("resuming from %s at step %d", checkpoint, state.step)
-        result = FitResult(config=config, lr=train_step.lr, state=state)
-        batches = corpus.train.train_batch_indices(
-            config.batch_size, seed=config.seed, start_step=state.step, temperature=config.temperature
+            self.state, self.best_state = load_checkpoint(
+                self.checkpoint, self.train_step.optimizer, self.fingerprint, store
+            )
+            self.result.state = self.state
+            log.warning("resuming from %s at step %d", self.checkpoint, self.state.step)
+
+    def run(self) -> None:
+        """Every step from the one after the state's to ``config.steps``, until one of them says stop."""
+        config, train = self.config, self.corpus.train
+        batches = train.train_batch_indices(
+            config.batch_size, seed=config.seed, start_step=self.state.step, temperature=config.temperature
         )
-        task_weight = corpus.train.task_weights(config.temperature)  # [tasks] or None (proportional)
-        task_weight = None if task_weight is None else task_weight.to(device)
-        validate, first_step = is_validation_enabled(), state.step + 1
+        weight = train.task_weights(config.temperature)  # [tasks] or None (proportional)
+        self.task_weight = None if weight is None else weight.to(self.bora.device)
+        self.first_step, self.validate_once = self.state.step + 1, is_validation_enabled()
         bar = tqdm(
-            range(state.step + 1, config.steps + 1),
-            desc=f"fit tau={bora.tau}",
-            disable=not (config.progress and world.is_main),
-            initial=state.step,
+            range(self.state.step + 1, config.steps + 1),
+            desc=f"fit tau={self.bora.tau}",
+            disable=not (config.progress and self.world.is_main),
+            initial=self.state.step,
             total=config.steps,
         )
-
-        def save() -> None:
-            if checkpoint is not None and world.is_main:
-                save_checkpoint(checkpoint, train_step.optimizer, state, best_state, fingerprint, bora.task_store)
-
-        def tasks_of(indices: list[int]) -> torch.Tensor:  # [step batch]
-            return torch.as_tensor([corpus.train.task_index[i] for i in indices])
-
         upcoming = next(batches)
-        upcoming_tasks = tasks_of(upcoming)
-        reporter = open_reporter(config.report_to, config.logging_dir, world.is_main)
-        with StopRequests() as stop, contextlib.closing(reporter):
+        self.reporter = open_reporter(config.report_to, config.logging_dir, self.world.is_main)
+        with StopRequests() as stop, contextlib.closing(self.reporter):
             for step in bar:
-                indices, step_tasks = upcoming, upcoming_tasks.to(device)  # [step batch]
-                upcoming = next(batches)
-                upcoming_tasks = tasks_of(upcoming)
-                batch = (
-                    corpus.train.collate(world.shard(indices))
-                    .to(device)
-                    .replace(step_task_index=step_tasks, task_weight=task_weight)
-                )
-                out = train_step(
-                    batch,
-                    step,
-                    stop.requested,
-                    validate and step == first_step,  # Pyro's checks once
-                    next_tasks=upcoming_tasks if step < config.steps else None,
-                )
+                indices, upcoming = upcoming, next(batches)
+                out = self.step(step, indices, upcoming, stop.requested)
                 if out.problem is not None:
-                    result.status = "diverged"
-                    where = (
-                        f"; the last good checkpoint (step {checkpoint_step(checkpoint)}) is in {checkpoint}"
-                        if checkpoint is not None and checkpoint_step(checkpoint) is not None
-                        else ""
-                    )
-                    result.message = (
-                        f"{out.problem} at step {step}, not applied; lower the learning rate (lr={train_step.lr:g})"
-                        f" or clip gradients (--clip-norm){where}"
-                    )
+                    self.diverged(out, step)
                     break
-                state.train_seconds += out.seconds
-                state.train_tokens += out.tokens
-                state.step = step
-                state.losses.append(
-                    {
-                        "step": step,
-                        "loss_per_token": out.loss_per_token,
-                        "train_nll_per_token": out.nll_per_token,
-                        "train_ppl": math.exp(min(out.nll_per_token, 700)),
-                        "prior_per_token": out.prior_per_token,
-                        "grad_norm": out.grad_norm,
-                        "lr": train_step.lr * config.lr_factor(step),
-                    }
-                )
-                reporter.train(state.losses[-1], bora.inference == "vi")
-                postfix = {
-                    "nll/tok": f"{out.nll_per_token:.3f}",
-                    "ppl": f"{math.exp(min(out.nll_per_token, 700)):.4g}",
-                    "prior/tok": f"{out.prior_per_token:.3g}",
-                    "grad": f"{out.grad_norm:.3g}",
-                }
+                postfix = self.record(out, step)
                 if step % config.eval_every == 0 or step == config.steps:
-                    report = _validate(bora, corpus, config, state, step)
-                    reporter.validation(state.evals[-1])
-                    if report.loglik_per_token > state.best_ll or not report.scored.any():  # none: keep the last
-                        state.best_ll, best_state, state.best_step, state.bad_evals = (
-                            report.loglik_per_token,
-                            _snapshot(bora.task_store),
-                            step,
-                            0,
-                        )
-                        result.best_valid = report
-                    else:
-                        state.bad_evals += 1
-                    postfix["valid_ppl"] = f"{report.token_weighted:.2f}"
+                    postfix["valid_ppl"] = f"{self.validate(step):.2f}"
                 bar.set_postfix(postfix)
-                if config.checkpoint_every and step % config.checkpoint_every == 0:
-                    save()
+                saved = bool(config.checkpoint_every) and step % config.checkpoint_every == 0
+                if saved:
+                    self.save()
                 if out.stop:
-                    if not (config.checkpoint_every and step % config.checkpoint_every == 0):
-                        save()
-                    result.status, result.signal = "interrupted", stop.signal_number
-                    result.message = (
-                        f"interrupted by {signal.Signals(stop.signal_number or signal.SIGTERM).name} after step {step}"
-                    )
+                    self.interrupted(step, stop.signal_number, saved)
                     break
-                if config.patience is not None and state.bad_evals >= config.patience:
-                    result.stopped_early = True
-                    log.info("early stop at step %d: no better validation for %d evaluations", step, state.bad_evals)
+                if config.patience is not None and self.state.bad_evals >= config.patience:
+                    self.result.stopped_early = True
+                    log.info(
+                        "early stop at step %d: no better validation for %d evaluations", step, self.state.bad_evals
+                    )
                     break
         bar.close()
-        _restore(best_state, bora.task_store)
-    return result
+
+    def tasks_of(self, indices: list[int]) -> torch.Tensor:
+        """The tasks of a step's documents. Shape: [step batch]."""
+        return torch.as_tensor([self.corpus.train.task_index[i] for i in indices])
+
+    def step(self, step: int, indices: list[int], upcoming: list[int], stop_requested) -> StepOutcome:
+        """Train on the documents ``indices`` (this rank's share), telling the store the next step's tasks."""
+        train, device = self.corpus.train, self.bora.device
+        batch = (
+            train.collate(self.world.shard(indices))
+            .to(device)
+            .replace(step_task_index=self.tasks_of(indices).to(device), task_weight=self.task_weight)
+        )
+        return self.train_step(
+            batch,
+            step,
+            stop_requested,
+            self.validate_once and step == self.first_step,  # Pyro's checks once
+            next_tasks=self.tasks_of(upcoming) if step < self.config.steps else None,
+        )
+
+    def record(self, out: StepOutcome, step: int) -> dict[str, str]:
+        """Count the step into the state and the training log (and the reporter); returns the bar's postfix."""
+        state = self.state
+        state.train_seconds += out.seconds
+        state.train_tokens += out.tokens
+        state.step = step
+        ppl = math.exp(min(out.nll_per_token, 700))
+        state.losses.append(
+            {
+                "step": step,
+                "loss_per_token": out.loss_per_token,
+                "train_nll_per_token": out.nll_per_token,
+                "train_ppl": ppl,
+                "prior_per_token": out.prior_per_token,
+                "grad_norm": out.grad_norm,
+                "lr": self.train_step.lr * self.config.lr_factor(step),
+            }
+        )
+        self.reporter.train(state.losses[-1], self.bora.inference == "vi")
+        return {
+            "nll/tok": f"{out.nll_per_token:.3f}",
+            "ppl": f"{ppl:.4g}",
+            "prior/tok": f"{out.prior_per_token:.3g}",
+            "grad": f"{out.grad_norm:.3g}",
+        }
+
+    def validate(self, step: int) -> float:
+        """Validate; a better validation log-likelihood (or none at all: the last state) becomes the best state.
+        Returns the validation perplexity."""
+        state = self.state
+        report = _validate(self.bora, self.corpus, self.config, state, step)
+        self.reporter.validation(state.evals[-1])
+        if report.loglik_per_token > state.best_ll or not report.scored.any():
+            state.best_ll, state.best_step, state.bad_evals = report.loglik_per_token, step, 0
+            self.best_state = _snapshot(self.bora.task_store)
+            self.result.best_valid = report
+        else:
+            state.bad_evals += 1
+        return report.token_weighted
+
+    def save(self) -> None:
+        """A checkpoint of the state so far (rank 0 writes it), where the fit has a checkpoint folder."""
+        if self.checkpoint is not None and self.world.is_main:
+            save_checkpoint(
+                self.checkpoint,
+                self.train_step.optimizer,
+                self.state,
+                self.best_state,
+                self.fingerprint,
+                self.bora.task_store,
+            )
+
+    def diverged(self, out: StepOutcome, step: int) -> None:
+        """Stop before applying the step: say what was not finite and what to change."""
+        last = checkpoint_step(self.checkpoint) if self.checkpoint is not None else None
+        where = f"; the last good checkpoint (step {last}) is in {self.checkpoint}" if last is not None else ""
+        self.result.status = "diverged"
+        self.result.message = (
+            f"{out.problem} at step {step}, not applied; lower the learning rate (lr={self.train_step.lr:g})"
+            f" or clip gradients (--clip-norm){where}"
+        )
+
+    def interrupted(self, step: int, signal_number: int | None, saved: bool) -> None:
+        """Stop after the step a signal came in: checkpoint it (unless just done) and say which signal."""
+        if not saved:
+            self.save()
+        self.result.status, self.result.signal = "interrupted", signal_number
+        self.result.message = f"interrupted by {signal.Signals(signal_number or signal.SIGTERM).name} after step {step}"

@@ -324,7 +324,7 @@ def _document_bytes(ids: list[int], labels: list[int]) -> bytes:
     return np.asarray([len(ids), *ids, *labels], dtype=np.int64).tobytes()
 
 
-def load_corpus(data: object, tokenizer, **options) -> Corpus:
+def load_corpus(data: object, tokenizer, config: CorpusConfig | None = None, **options) -> Corpus:
     """Load, split (as given, or per task, seeded) and tokenise a multi-task corpus.
 
     Args:
@@ -332,9 +332,11 @@ def load_corpus(data: object, tokenizer, **options) -> Corpus:
             passed from Python: a pandas DataFrame, a list of dicts (one per row), or a ``datasets.Dataset``
             / ``DatasetDict`` (its splits are used as given), in any format of ``formats.py``.
         tokenizer: the base model's tokenizer.
-        **options: fields of :class:`CorpusConfig` (``max_tokens``, ``seed``, ``max_train_docs``...).
+        config: the corpus settings (default :class:`CorpusConfig`'s), passed whole.
+        **options: fields of :class:`CorpusConfig` (``max_tokens``, ``seed``, ``max_train_docs``...) that override
+            ``config``'s.
     """
-    config = CorpusConfig(**options)
+    config = dataclasses.replace(config or CorpusConfig(), **options)
     name = corpus_name(data)
     grouped = _documents(data, tokenizer, config)
     docs, given = grouped.docs, grouped.splits

@@ -14,6 +14,7 @@ ending exactly where an uninterrupted fit would.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import signal
@@ -353,6 +354,7 @@ def fit(
     freeze_global: bool = False,
     resume: bool = False,
     fingerprint: dict | None = None,
+    config: TrainConfig | None = None,
     **options,
 ) -> FitResult:
     """Fit ``bora`` to ``corpus.train``, validating on ``corpus.valid``; the best state is kept.
@@ -368,9 +370,10 @@ def fit(
             holds a checkpoint is an error (it belongs to an earlier fit).
         fingerprint: what a resumed checkpoint must match (default: the tasks, data size and settings).
         freeze_global: keep Theta at its start (adapting new tasks under a fitted prior).
-        **options: fields of :class:`TrainConfig` (``steps``, ``batch_size``, ``lr``...).
+        config: the training settings (default :class:`TrainConfig`'s), passed whole.
+        **options: fields of :class:`TrainConfig` (``steps``, ``batch_size``, ``lr``...) that override ``config``'s.
     """
-    config = TrainConfig(**options)
+    config = dataclasses.replace(config or TrainConfig(), **options)
     checkpoint = Path(checkpoint) if checkpoint is not None else None
     saved_step = _check_fit(bora, corpus, config, checkpoint, resume)
     check_inference(bora.tau, inference or bora.inference)

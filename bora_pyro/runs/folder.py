@@ -467,5 +467,5 @@ def load_inputs(spec, folder: Path | None = None) -> tuple[object, object, dict,
     lm, tokenizer = spec.load_model()
     identity = describe_base_model(spec.model, lm)
     tokenizer = (run_tokenizer(folder, spec) if folder is not None else None) or tokenizer
-    corpus = load_corpus(spec.data, tokenizer, **spec.corpus.to_dict())
+    corpus = load_corpus(spec.data, tokenizer, config=spec.corpus)
     return lm, tokenizer, identity, corpus

@@ -63,7 +63,7 @@ class LoadedRun:
         """The corpus the run was trained on, read again from ``spec.data`` with the run's settings and checked
         against the digests the folder recorded (a change is named and refused)."""
         try:
-            corpus = load_corpus(self.spec.data, self.tokenizer, **self.spec.corpus.to_dict())
+            corpus = load_corpus(self.spec.data, self.tokenizer, config=self.spec.corpus)
         except OSError as err:
             raise ValueError(
                 f"the training data {self.spec.data!r} of {self.path} cannot be read ({err}); re-scoring its own "
@@ -165,7 +165,7 @@ class LoadedRun:
         corpus ``data`` (read with the run's corpus settings; its tasks must be the run's)."""
         if data is None:
             return self.corpus.split(name)  # checked unchanged when read
-        corpus = load_corpus(data, self.tokenizer, **self.spec.corpus.to_dict())
+        corpus = load_corpus(data, self.tokenizer, config=self.spec.corpus)
         if corpus.input_format.data_format != self.input_format.data_format:
             raise ValueError(
                 f"{data} is {corpus.input_format.data_format} data and {self.path} was trained on "

@@ -24,7 +24,7 @@ from ..distributed import World
 from ..evaluation.perplexity import PerplexityReport
 from ..evaluation.scoring import Scores, score_run
 from ..inference.checkpoint import checkpoint_step, fingerprint_differences
-from ..inference.config import WATCH_ONLY
+from ..inference.config import WATCH_ONLY, TrainConfig
 from ..inference.svi import FitResult, fit
 from ..io.artifacts import ADAPTERS_FILE, json_roundtrip, load_adapters, read_json, write_json
 from ..io.faults import crash_point
@@ -98,12 +98,11 @@ def tensorboard_folder(run: str | Path) -> Path:
     return run.parent / f"{run.name}.tensorboard"
 
 
-def _fit_options(spec: RunSpec, out: Path) -> dict:
-    """``spec``'s training options for :func:`fit`, the event-file folder defaulted for this run."""
-    options = spec.train.to_dict()
-    if options["report_to"] != "none" and options["logging_dir"] is None:
-        options["logging_dir"] = str(tensorboard_folder(out))
-    return options
+def _fit_config(spec: RunSpec, out: Path) -> TrainConfig:
+    """``spec``'s training settings for :func:`fit`, the event-file folder defaulted for this run."""
+    if spec.train.report_to != "none" and spec.train.logging_dir is None:
+        return replace(spec.train, logging_dir=str(tensorboard_folder(out)))
+    return spec.train
 
 
 def _writer(out: Path) -> contextlib.AbstractContextManager:
@@ -210,7 +209,7 @@ def train_run(
         if spec.train.checkpoint_every or resume:
             checkpoint = _start_checkpoints(out, spec, fingerprint, resume) if world.is_main else checkpoint_folder(out)
         result = fit(
-            bora, corpus, checkpoint=checkpoint, resume=resume, fingerprint=fingerprint, **_fit_options(spec, out)
+            bora, corpus, checkpoint=checkpoint, resume=resume, fingerprint=fingerprint, config=_fit_config(spec, out)
         )
         return _finish(
             spec,
@@ -265,7 +264,7 @@ def adapt_run(
         lm, tokenizer, identity, corpus = load_inputs(spec)
         check_base_model(source, read_json(source / CONFIG_FILE), identity)
         bora = spec.build_model(lm, corpus.tasks, init=theta)
-        result = fit(bora, corpus, freeze_global=True, **_fit_options(spec, out))
+        result = fit(bora, corpus, freeze_global=True, config=_fit_config(spec, out))
         config = run_config(spec.to_dict(), corpus, identity, {"adapted_from": str(source)})
         return _finish(
             spec, bora, corpus, result, out, config, started, overwrite, sources=(source,), tokenizer=tokenizer

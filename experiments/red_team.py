@@ -2344,7 +2344,13 @@ def item9() -> list[Case]:
             note="a loose file that is not netCDF",
         ),
         simple(
-            "9.42", 9, ["diagnose", r], (2,), ("run",), mention=("posterior.nc",), note="a run without posterior.nc"
+            "9.42",
+            9,
+            ["diagnose", r],
+            (0,),
+            ("run",),
+            mention=("posterior.nc",),
+            note="a run without posterior.nc: its collapsed report, and a line that the ArviZ part needs one",
         ),
         simple(
             "9.43",

@@ -24,7 +24,7 @@ def main(args: argparse.Namespace) -> None:
     print(table.to_string(index=False, float_format=lambda x: f"{x:.2f}"))
     print(
         f"test perplexity {report.token_weighted:.2f} (base model {base.token_weighted:.2f}); "
-        f"{result.steps_run} steps at {result.tokens_per_second:.0f} training tokens/s"
+        f"{result.state.step} steps at {result.state.tokens_per_second:.0f} training tokens/s"
     )
 
 

@@ -42,8 +42,8 @@ def test_best_validated_state_is_restored(make_corpus):
     corpus = make_corpus()
     # a learning rate far too high makes validation worse after the first evaluation
     bora, result = fitted(corpus, steps=12, batch_size=4, eval_every=3, lr=3.0, clip_norm=None)
-    best = min(result.evals, key=lambda e: e["valid_ppl"])
-    assert result.best_step == best["step"]
+    best = min(result.state.evals, key=lambda e: e["valid_ppl"])
+    assert result.state.best_step == best["step"]
     report = bora_pyro.evaluate(bora, corpus.valid)
     assert report.token_weighted == pytest.approx(best["valid_ppl"], rel=1e-5)
 
@@ -51,8 +51,8 @@ def test_best_validated_state_is_restored(make_corpus):
 def test_patience_stops_early(make_corpus):
     corpus = make_corpus()
     _, result = fitted(corpus, steps=60, batch_size=4, eval_every=2, lr=3.0, clip_norm=None, patience=2)
-    assert result.stopped_early and result.steps_run < 60
-    assert len(result.evals) >= 3
+    assert result.stopped_early and result.state.step < 60
+    assert len(result.state.evals) >= 3
 
 
 def test_vi_uses_an_autonormal_guide_and_improves_on_the_base(make_corpus):
@@ -157,7 +157,7 @@ def test_bf16_autocast_trains_close_to_float32(make_corpus, tiny_lm):
     for bf16 in (False, True):
         bora = bora_pyro.BoRA(bora_pyro.io.base_models.tiny_random_llama()[0], corpus.tasks, rank=2, tau=10.0)
         result = bora_pyro.fit(bora, corpus, steps=3, batch_size=4, eval_every=3, progress=False, bf16=bf16)
-        losses[bf16] = result.losses[-1]["loss_per_token"]
+        losses[bf16] = result.state.losses[-1]["loss_per_token"]
     assert losses[True] == pytest.approx(losses[False], rel=0.02)
 
 
@@ -203,9 +203,9 @@ def test_the_log_holds_the_gradient_norm_before_clipping_and_the_scheduled_rate(
     options = dict(steps=4, batch_size=4, eval_every=4, lr=0.02, warmup_steps=2, lr_schedule="linear")
     _, clipped = fitted(corpus, clip_norm=1e-6, **options)
     _, free = fitted(corpus, clip_norm=None, **options)
-    first = clipped.losses[0]["grad_norm"]
-    assert first > 1e-3 and first == pytest.approx(free.losses[0]["grad_norm"], rel=1e-6)  # same step-1 gradient
-    assert [row["lr"] for row in clipped.losses] == pytest.approx([0.01, 0.02, 0.02, 0.01])
+    first = clipped.state.losses[0]["grad_norm"]
+    assert first > 1e-3 and first == pytest.approx(free.state.losses[0]["grad_norm"], rel=1e-6)  # same step-1 gradient
+    assert [row["lr"] for row in clipped.state.losses] == pytest.approx([0.01, 0.02, 0.02, 0.01])
 
 
 def test_lora_dropout_changes_training_reproducibly(make_corpus):
@@ -238,7 +238,7 @@ def test_gradient_accumulation_equals_one_big_batch(make_corpus, model):
     with small.param_scope():
         for name, value in pyro.get_param_store().items():
             torch.testing.assert_close(value.detach(), params[name], atol=1e-6, rtol=0)
-    for a, b in zip(big_fit.losses, small_fit.losses):
+    for a, b in zip(big_fit.state.losses, small_fit.state.losses):
         assert b["loss_per_token"] == pytest.approx(a["loss_per_token"], rel=1e-5)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
 

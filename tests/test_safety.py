@@ -248,7 +248,7 @@ def test_the_fit_api_reports_divergence_and_keeps_the_last_good_parameters(make_
     monkeypatch.setattr(bora_pyro.models.bora, "lm_log_likelihood", poisoned_likelihood(4, "gradient"))
     bora = bora_pyro.BoRA(tiny_random_llama()[0], corpus.tasks, rank=2, alpha=4, tau=10.0)
     result = bora_pyro.fit(bora, corpus, steps=10, batch_size=4, eval_every=100, progress=False)
-    assert result.status == "diverged" and result.steps_run == 1  # call 4 is step 2
+    assert result.status == "diverged" and result.state.step == 1  # call 4 is step 2
     assert all(torch.isfinite(v).all() for v in bora.task_factors().values())
 
 

@@ -182,7 +182,7 @@ def test_uniform_draws_every_task_alike():
 def fitted(**options) -> tuple[dict[str, torch.Tensor], list[dict]]:
     bora, corpus, _ = gaussian_bora()
     result = bora_pyro.fit(bora, corpus, steps=40, batch_size=5, lr=0.05, eval_every=20, progress=False, **options)
-    return bora.state_dict(), result.losses
+    return bora.state_dict(), result.state.losses
 
 
 @pytest.mark.parametrize("option", ["proportional", "temperature:1"])
@@ -228,10 +228,10 @@ def test_an_interrupted_fit_resumed_ends_where_an_uninterrupted_one_ends(tmp_pat
 
     bora.log_likelihood = log_likelihood
     stopped = bora_pyro.fit(bora, corpus, checkpoint=tmp_path / "ckpt", **options)
-    assert stopped.status == "interrupted" and stopped.steps_run < 30
+    assert stopped.status == "interrupted" and stopped.state.step < 30
     bora, corpus, _ = gaussian_bora()
     resumed = bora_pyro.fit(bora, corpus, checkpoint=tmp_path / "ckpt", resume=True, **options)
-    assert resumed.status == "trained" and resumed.losses == straight.losses
+    assert resumed.status == "trained" and resumed.state.losses == straight.state.losses
     state = bora.state_dict()
     assert all(torch.equal(state[k], reference[k]) for k in reference)
 

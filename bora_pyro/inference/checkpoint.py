@@ -41,7 +41,10 @@ KEEP_SLOTS = 2  # a damaged newest slot falls back to the one before
 
 @dataclass
 class LoopState:
-    """Where the SVI loop is: last finished step, best validation so far, and the history."""
+    """Where the SVI loop is: last finished step, best validation so far, and the history. ``losses``: one row per
+    step {"step", "loss_per_token", "train_nll_per_token", "train_ppl", "prior_per_token", "grad_norm" (before
+    clipping), "lr"}; ``evals``: one per validation {"step", "valid_ppl", "valid_macro_ppl",
+    "valid_loglik_per_token"}."""
 
     step: int = 0
     best_ll: float = -float("inf")
@@ -52,6 +55,11 @@ class LoopState:
     train_seconds: float = 0.0
     eval_seconds: float = 0.0
     train_tokens: int = 0
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Training tokens per second of training time (NaN before the first step)."""
+        return self.train_tokens / self.train_seconds if self.train_seconds > 0 else float("nan")
 
 
 def _rng_state() -> tuple[dict, torch.Tensor]:

@@ -40,10 +40,10 @@ class Reporter:
     """Sends the rows of the training history to a tracker; this base class sends them nowhere."""
 
     def train(self, row: Mapping[str, float], variational: bool) -> None:
-        """One step's row of ``FitResult.losses``."""
+        """One step's row of ``FitResult.state.losses``."""
 
     def validation(self, row: Mapping[str, float]) -> None:
-        """One row of ``FitResult.evals``."""
+        """One row of ``FitResult.state.evals``."""
 
     def close(self) -> None:
         """Flush and release the tracker."""

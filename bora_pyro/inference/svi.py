@@ -54,6 +54,8 @@ class FitResult:
     ``status``: "trained" (all steps, or an early stop), "interrupted" (SIGINT / SIGTERM: stopped after a
     finished step) or "diverged" (a non-finite loss or gradient: stopped before applying it);
     ``message`` says what happened in one line. The best validated state is restored in every case.
+    ``state`` is where the loop ended: its steps (``state.step``), losses and validations, the restored best step,
+    timings and tokens (:class:`LoopState`).
     """
 
     config: TrainConfig
@@ -64,39 +66,6 @@ class FitResult:
     message: str | None = None
     signal: int | None = None  # the signal that interrupted the fit
     best_valid: PerplexityReport | None = None  # the validation of the restored state (None if not validated here)
-
-    @property
-    def losses(self) -> list[dict]:  # {"step", "loss_per_token", "train_nll_per_token", "train_ppl", "prior_per_token",
-        # "grad_norm" (before clipping), "lr" (of the LoRA weights and Theta)}
-        return self.state.losses
-
-    @property
-    def evals(self) -> list[dict]:  # {"step", "valid_ppl", "valid_macro_ppl", "valid_loglik_per_token"}
-        return self.state.evals
-
-    @property
-    def best_step(self) -> int:
-        return self.state.best_step
-
-    @property
-    def steps_run(self) -> int:
-        return self.state.step
-
-    @property
-    def train_seconds(self) -> float:
-        return self.state.train_seconds
-
-    @property
-    def eval_seconds(self) -> float:
-        return self.state.eval_seconds
-
-    @property
-    def train_tokens(self) -> int:
-        return self.state.train_tokens
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.train_tokens / self.train_seconds if self.train_seconds > 0 else float("nan")
 
 
 def _snapshot(store: TaskStore) -> dict[str, torch.Tensor]:

@@ -163,13 +163,13 @@ def verified_status(path: Path) -> dict[str, Any]:
 def train_log(result: FitResult) -> pd.DataFrame:
     """One row per step: the objective, training NLL and prior terms, the gradient norm before clipping and the
     learning rate; the validation columns where validated."""
-    losses = pd.DataFrame(result.losses)
+    losses = pd.DataFrame(result.state.losses)
     if losses.empty:
         columns = ["step", "loss_per_token", "train_nll_per_token", "train_ppl", "prior_per_token", "grad_norm", "lr"]
         losses = pd.DataFrame(columns=columns)
     evals = pd.DataFrame(
-        result.evals,
-        columns=["step", "valid_ppl", "valid_macro_ppl", "valid_loglik_per_token"] if not result.evals else None,
+        result.state.evals,
+        columns=["step", "valid_ppl", "valid_macro_ppl", "valid_loglik_per_token"] if not result.state.evals else None,
     )  # learned-tau runs add tau_median.<group> columns
     return losses.merge(evals, on="step", how="left")
 
@@ -180,13 +180,13 @@ def training_metrics(result: FitResult, bora: BoRA, corpus: Corpus, tau: Any, pr
         "tau": tau,
         "mode": bora.mode,
         "lr": result.lr,
-        "steps": result.steps_run,
-        "best_step": result.best_step,
+        "steps": result.state.step,
+        "best_step": result.state.best_step,
         "stopped_early": result.stopped_early,
-        "train_seconds": result.train_seconds,
-        "eval_seconds_during_training": result.eval_seconds,
-        "train_tokens": result.train_tokens,
-        "train_tokens_per_second": result.tokens_per_second,
+        "train_seconds": result.state.train_seconds,
+        "eval_seconds_during_training": result.state.eval_seconds,
+        "train_tokens": result.state.train_tokens,
+        "train_tokens_per_second": result.state.tokens_per_second,
         "num_tasks": len(corpus.tasks),
         "lora_parameters_per_task": bora.lora.num_parameters(),
         "device": str(bora.device),
@@ -261,8 +261,8 @@ def write_fitted(
             {
                 "status": status,
                 "message": result.message,
-                "step": result.steps_run,
-                "best_step": result.best_step,
+                "step": result.state.step,
+                "best_step": result.state.best_step,
                 "fingerprint": fingerprint,
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             },

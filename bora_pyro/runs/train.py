@@ -339,7 +339,7 @@ def _score(spec: RunSpec, bora: BoRA, corpus: Corpus, log: pd.DataFrame, **known
 
 
 def _stopped(out: Path, result: FitResult) -> RunStopped:
-    where = f"{out} holds the best validated state (step {result.best_step}), marked {result.status}"
+    where = f"{out} holds the best validated state (step {result.state.best_step}), marked {result.status}"
     step = checkpoint_step(checkpoint_folder(out))
     if result.status == INTERRUPTED:
         more = (

@@ -114,6 +114,7 @@ def run_one(config: str, args) -> dict:
     from bora_pyro.data.batching import Batch
     from bora_pyro.inference import TrainConfig
     from bora_pyro.inference.svi import TrainStep
+    from bora_pyro.runs.build import build_model
     from bora_pyro.runs.spec import RunSpec
 
     dtype_name, _, variant = config.partition("/")
@@ -127,7 +128,7 @@ def run_one(config: str, args) -> dict:
     built = rss()
     params = parameters(lm)
     tasks = [f"t{d}" for d in range(args.tasks)]
-    bora = RunSpec(model="llama-1b-shape").build_model(lm, tasks)
+    bora = build_model(RunSpec(model="llama-1b-shape"), lm, tasks)
     g = torch.Generator().manual_seed(0)
     batches = []
     for _ in range(args.long):

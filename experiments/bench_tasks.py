@@ -111,6 +111,7 @@ def run_bora(config: str, args) -> dict:
     from bora_pyro.inference.svi import TrainStep
     from bora_pyro.io.artifacts import save_adapters
     from bora_pyro.io.export import export_peft
+    from bora_pyro.runs.build import build_model
     from bora_pyro.runs.spec import AdapterConfig, RunSpec
 
     num_tasks, prefetch = parse_config(config)
@@ -118,7 +119,7 @@ def run_bora(config: str, args) -> dict:
     try:
         lm, tokenizer = bora_pyro.load_base_model(args.model, device="cpu")
         spec = RunSpec(model=args.model, adapter=AdapterConfig(task_store=args.task_store))
-        bora = spec.build_model(lm, [f"t{d}" for d in range(num_tasks)], store_folder=work / "store")
+        bora = build_model(spec, lm, [f"t{d}" for d in range(num_tasks)], store_folder=work / "store")
         batches = make_batches(tokenizer, num_tasks, args)
         train_step = TrainStep(bora, TrainConfig(), batches[0], total_tokens=100 * num_tasks * args.tokens)
         if bora.task_store.disk:

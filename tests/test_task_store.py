@@ -163,16 +163,17 @@ def test_prefetch_asks_the_kernel_for_exactly_the_pages_of_the_next_steps_rows(t
 
 def test_data_parallel_processes_refuse_a_disk_store_they_would_all_write(tmp_path, monkeypatch):
     from bora_pyro.distributed import World
+    from bora_pyro.runs.build import task_store
     from bora_pyro.runs.spec import AdapterConfig, RunSpec
 
     spec = RunSpec(model="tiny-random-llama", adapter=AdapterConfig(task_store="disk"))
-    assert spec.task_store(4, 100, tmp_path / "store").disk
+    assert task_store(spec, 4, 100, tmp_path / "store").disk
     monkeypatch.setattr(World, "current", classmethod(lambda cls: cls(rank=1, size=2)))
     with pytest.raises(ValueError, match=r"one of 2 data-parallel processes.*--task-store disk.*--task-store memory"):
-        spec.task_store(4, 100, tmp_path / "store")
-    assert not spec.task_store(4, 100, None).disk  # a loaded run (no folder) keeps no disk store anyway
+        task_store(spec, 4, 100, tmp_path / "store")
+    assert not task_store(spec, 4, 100, None).disk  # a loaded run (no folder) keeps no disk store anyway
     memory = RunSpec(model="tiny-random-llama", adapter=AdapterConfig(task_store="memory"))
-    assert not memory.task_store(4, 100, tmp_path / "store").disk
+    assert not task_store(memory, 4, 100, tmp_path / "store").disk
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

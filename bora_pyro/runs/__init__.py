@@ -1,4 +1,5 @@
-"""Runs: the spec of a run, training it into a run folder, and loading it back."""
+"""Runs: the spec of a run (spec.py), building its model (build.py), training it into a run folder (train.py,
+folder.py), and loading it back (load.py)."""
 
 from .load import LoadedRun, load_run
 from .spec import SECTIONS, AdapterConfig, RemoteCodeRefused, RunSpec

@@ -35,13 +35,12 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..data.corpus import Corpus, load_corpus
+from ..data.corpus import Corpus
 from ..data.input_format import InputFormat
 from ..evaluation.generation_scores import GenerationScores
 from ..evaluation.scoring import Scores
 from ..inference.svi import FitResult
 from ..io.artifacts import ADAPTERS_FILE, RUN_FORMAT, read_json, save_adapters, write_json
-from ..io.base_models import describe_base_model
 from ..io.folders import JOURNAL, atomic_folder, atomic_write, fsync_path, reading
 from ..io.integrity import MANIFEST, CorruptFile, update_manifest, verify
 from ..models.bora import BoRA
@@ -459,13 +458,3 @@ def input_format_changes(path: Path, corpus: Corpus) -> list[str]:
 
 def _first(said: list[str], k: int = 3) -> str:
     return "; ".join(said[:k]) + ("; ..." if len(said) > k else "")
-
-
-def load_inputs(spec, folder: Path | None = None) -> tuple[object, object, dict, Corpus]:
-    """A run's base LM, tokenizer (the one kept in the run ``folder``, if given and kept) and identity (taken
-    before the LM is wrapped), and its corpus."""
-    lm, tokenizer = spec.load_model()
-    identity = describe_base_model(spec.model, lm)
-    tokenizer = (run_tokenizer(folder, spec) if folder is not None else None) or tokenizer
-    corpus = load_corpus(spec.data, tokenizer, config=spec.corpus)
-    return lm, tokenizer, identity, corpus

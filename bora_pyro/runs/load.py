@@ -30,6 +30,7 @@ from ..io.integrity import CorruptFile
 from ..models.bora import BoRA
 from ..models.collapsed_tau import TauPosterior
 from ..models.gates import GateConfig
+from .build import build_model, load_model
 from .folder import (
     COMPLETE,
     CONFIG_FILE,
@@ -196,7 +197,7 @@ def load_run(path: str | Path, device: str | None = None, trust_remote_code: boo
     spec = RunSpec.from_run_folder(path, trust_remote_code)
     if device is not None:
         spec = replace(spec, device=device)
-    lm, tokenizer = spec.load_model()
+    lm, tokenizer = load_model(spec)
     config = read_json(path / CONFIG_FILE)
     check_base_model(path, config, describe_base_model(spec.model, lm))
     tokenizer = run_tokenizer(path, spec) or tokenizer
@@ -207,7 +208,7 @@ def load_run(path: str | Path, device: str | None = None, trust_remote_code: boo
             f"{path}: the tasks of {ADAPTERS_FILE} ({list(adapters.tasks)[:5]}...) are not those of {CONFIG_FILE} "
             f"({list(tasks)[:5]}...)"
         )
-    bora = replace(spec, gates=GateConfig()).build_model(lm, tasks)  # gates are folded in the saved adapters
+    bora = build_model(replace(spec, gates=GateConfig()), lm, tasks)  # gates are folded in the saved adapters
     for name, shape in bora.lora.shapes().items():
         if adapters.shapes.get(name) != shape:
             raise ValueError(

@@ -4,7 +4,8 @@
 (:class:`CorpusConfig`), ``adapter`` (:class:`AdapterConfig`), ``prior`` (:class:`PriorConfig`),
 ``gates`` (:class:`GateConfig`) and ``train`` (:class:`TrainConfig`). Each field is a CLI option
 (``options.py`` generates the flags), a key of ``--config`` files and of a run folder's
-config.json, and the Python API reads the same objects: adding an option is adding a field.
+config.json, and the Python API reads the same objects: adding an option is adding a field. A spec describes a
+run and (de)serialises it; ``build.py`` builds the run's model from it.
 """
 
 from __future__ import annotations
@@ -17,15 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from ..data.corpus import CorpusConfig
-from ..distributed import World
 from ..inference.config import TrainConfig
 from ..io.artifacts import RUN_FORMAT, json_roundtrip, read_json
-from ..io.base_models import BASE_DTYPES, load_base_model, quantization_config, resolve_device
-from ..io.task_store import STORES, TaskStore, table_bytes
-from ..models.bora import BoRA
+from ..io.base_models import BASE_DTYPES
+from ..io.task_store import STORES
 from ..models.gates import GateConfig
 from ..models.guides import INFERENCE
-from ..models.prior import POOLED, PriorConfig
+from ..models.prior import PriorConfig
 from ..nn.targets import ALL_LINEAR, REGEX_PREFIX
 from ..options import option, parse_csv, values_from_file
 from ..version import __version__
@@ -173,62 +172,6 @@ class RunSpec:
     def quantized_bits(self) -> int | None:
         """4 or 8 where the frozen base is loaded quantised (--load-in-4bit / --load-in-8bit), else None."""
         return 4 if self.load_in_4bit else 8 if self.load_in_8bit else None
-
-    def load_model(self):
-        """The base LM and tokenizer of this run, on its device."""
-        device, dtype = resolve_device(self.device), BASE_DTYPES[self.dtype]
-        quantization = quantization_config(self.quantized_bits, dtype)
-        return load_base_model(
-            self.model, device=device, dtype=dtype, trust_remote_code=self.trust_remote_code, quantization=quantization
-        )
-
-    def task_store(
-        self, num_tasks: int, parameters_per_task: int, folder: Path | None, reopen: bool = False
-    ) -> TaskStore:
-        """The store of the task tables: "auto" picks disk when the guide's rows and their two moments need
-        more than :data:`AUTO_DISK_BYTES`; a disk store keeps its files in ``folder`` (None: in memory) and,
-        with ``reopen``, starts from the files there (a resumed run)."""
-        needed = 3 * table_bytes((num_tasks, parameters_per_task))
-        kind = "memory" if self.adapter.inference != "map" else TaskStore.choose(self.adapter.task_store, needed)
-        if kind == "disk" and folder is None:
-            kind = "memory"  # a model that is not trained here (a loaded run) creates no tables
-        if kind == "disk" and not self.adapter.task_subsampling:
-            raise ValueError("a disk task store needs task subsampling (a step must touch only its batch's tasks)")
-        processes = World.current().size
-        if kind == "disk" and processes > 1:
-            raise ValueError(
-                f"a disk task store belongs to one process, and this is one of {processes} data-parallel processes "
-                f"(--task-store {self.adapter.task_store}, {needed / 1e9:.1f} GB of task tables): every process "
-                "would write the same table files. Use --task-store memory, or one process (sharding the task "
-                "rows over processes is a design in docs/multi-node.md, not implemented)"
-            )
-        return TaskStore(kind, folder if kind == "disk" else None, reopen=reopen)
-
-    def build_model(
-        self, lm, tasks, init: Mapping | None = None, store_folder: Path | None = None, reopen_store: bool = False
-    ) -> BoRA:
-        """The BoRA model of this run over ``lm`` (every run, adapted or resumed, is built here), its task
-        tables in a store chosen by :meth:`task_store` (files in ``store_folder`` for a disk store)."""
-        a = self.adapter
-        bora = BoRA(
-            lm,
-            tasks,
-            rank=a.rank,
-            alpha=a.alpha,
-            targets=a.targets,
-            inference=a.inference,
-            prior=self.prior,
-            gates=self.gates,
-            seed=self.train.seed,
-            init=init,
-            task_subsampling=a.task_subsampling,
-            guide_init_scale=a.guide_init_scale,
-            lora_dropout=a.lora_dropout,
-        )
-        store = self.task_store(len(tasks), bora.lora.num_parameters(), store_folder, reopen_store)
-        if store.disk and bora.mode != POOLED:  # tau = inf has no task rows: nothing to store
-            bora.use_task_store(store)
-        return bora
 
     def to_dict(self) -> dict:
         top = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in SECTIONS}

@@ -42,6 +42,7 @@ from ..io.integrity import CorruptFile
 from ..io.peft_import import import_peft
 from ..io.task_store import TABLE_SUFFIX, TaskStore
 from ..models.bora import BoRA, check_inference
+from .build import build_model, load_inputs
 from .folder import (
     COMPLETE,
     CONFIG_FILE,
@@ -51,7 +52,6 @@ from .folder import (
     TRAINED,
     check_base_model,
     fit_state,
-    load_inputs,
     read_metrics,
     read_status,
     run_config,
@@ -201,7 +201,7 @@ def train_run(
         lm, tokenizer, identity, corpus = load_inputs(spec)
         if world.is_main and not resume:
             remove_ours(store_folder(out), "store", STORE_ENTRIES)  # table files of an earlier, unfinished run
-        bora = spec.build_model(lm, corpus.tasks, store_folder=store_folder(out), reopen_store=resume)
+        bora = build_model(spec, lm, corpus.tasks, store_folder=store_folder(out), reopen_store=resume)
         if spec.adapter.init_peft is not None:
             bora.start_from(import_peft(bora.lora, spec.adapter.init_peft))
         fingerprint = _run_fingerprint(spec, corpus, identity)
@@ -263,7 +263,7 @@ def adapt_run(
         check_target(out, overwrite, "run", run_entries(out), sources=(source,))
         lm, tokenizer, identity, corpus = load_inputs(spec)
         check_base_model(source, read_json(source / CONFIG_FILE), identity)
-        bora = spec.build_model(lm, corpus.tasks, init=theta)
+        bora = build_model(spec, lm, corpus.tasks, init=theta)
         result = fit(bora, corpus, freeze_global=True, config=_fit_config(spec, out))
         config = run_config(spec.to_dict(), corpus, identity, {"adapted_from": str(source)})
         return _finish(
@@ -373,7 +373,7 @@ def complete_run(path: str | Path, trust_remote_code: bool = False, device: str 
         spec = spec if device is None else replace(spec, device=device)
         lm, _, identity, corpus = load_inputs(spec, path)
         check_base_model(path, read_json(path / CONFIG_FILE), identity)
-        bora = spec.build_model(lm, corpus.tasks)
+        bora = build_model(spec, lm, corpus.tasks)
         if (path / TASK_STORE_FOLDER).is_dir():  # the fitted task rows of a disk task store
             bora.use_task_store(TaskStore("disk", path / TASK_STORE_FOLDER, reopen=True))
         bora.load_state_dict(fit_state(path), corpus.train.collate([0]).to(bora.device))

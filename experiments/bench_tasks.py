@@ -111,6 +111,7 @@ def run_bora(config: str, args) -> dict:
     from bora_pyro.inference.svi import TrainStep
     from bora_pyro.io.artifacts import save_adapters
     from bora_pyro.io.export import export_peft
+    from bora_pyro.models.readout import iter_task_factors
     from bora_pyro.runs.build import build_model
     from bora_pyro.runs.spec import AdapterConfig, RunSpec
 
@@ -146,7 +147,7 @@ def run_bora(config: str, args) -> dict:
             save_adapters(
                 work / "adapters.safetensors",
                 bora.tasks,
-                bora.iter_task_factors(export=True),
+                iter_task_factors(bora, export=True),
                 bora.global_factors(),
                 {"rank": 8},
                 shapes=bora.lora.shapes(),

@@ -31,6 +31,7 @@ with warnings.catch_warnings():
 from ..data.batching import Split
 from ..io.integrity import CorruptFile
 from ..models.bora import BoRA
+from ..models.readout import distance_to_global
 from . import plots
 from .predictive import DrawSummary
 
@@ -48,7 +49,7 @@ def to_inference_data(
 ) -> az.InferenceData:
     """Shapes: doc_loglik [draws, docs] (from :func:`bora_pyro.predictive.posterior_predictive`); ``train``: a
     subset of the training documents and their log-likelihoods [draws, train docs] under the same draws."""
-    distance_of_mean = bora.distance_to_global()
+    distance_of_mean = distance_to_global(bora)
     posterior = {"norm": draws.norm[None]}  # [chain=1, draw, task]
     dims = {
         "norm": ["task"],

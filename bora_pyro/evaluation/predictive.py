@@ -22,6 +22,7 @@ from ..data.batching import IGNORE_INDEX, Split
 from ..models.bora import BoRA
 from ..models.collapsed_tau import TauPosterior
 from ..models.likelihood import token_log_probs
+from ..models.readout import iter_task_factors
 from ..models.tau_prior import TAU_SITE
 from .perplexity import PerplexityReport, document_log_likelihoods, report_from_documents
 
@@ -91,7 +92,7 @@ def summarize_point(bora: BoRA, num_draws: int) -> DrawSummary:
     """:func:`summarize_draws` for a MAP guide, whose every draw is the point estimate: computed once, in
     chunks of tasks (for any number of tasks)."""
     theta = bora.global_factors()
-    parts = [_norms(factors, theta) for _, factors in bora.iter_task_factors()]
+    parts = [_norms(factors, theta) for _, factors in iter_task_factors(bora)]
     norm = torch.cat([n for n, _ in parts]).cpu().numpy()
     distance = None if theta is None else torch.cat([d for _, d in parts]).cpu().numpy()
     repeat = lambda x: None if x is None else np.repeat(x[None], num_draws, axis=0)

@@ -17,6 +17,7 @@ from ..data.batching import IGNORE_INDEX
 from ..data.corpus import Corpus
 from ..models.bora import BoRA
 from ..models.gates import relative_bops
+from ..models.readout import distance_to_global
 from .collapsed import CollapsedReport, collapsed_report
 from .messages import one_per_task_batches
 from .perplexity import PerplexityReport, evaluate
@@ -181,7 +182,7 @@ def score_run(
         "data_format": corpus.input_format.describe(),
         **({} if gates is None else gate_metrics(gates)),
     }
-    per_task = _per_task_frame(corpus, reports, bora.distance_to_global(), calib_per_task, collapsed)
+    per_task = _per_task_frame(corpus, reports, distance_to_global(bora), calib_per_task, collapsed)
     return Scores(metrics, per_task, idata, gates, test_docs, collapsed)
 
 

@@ -289,21 +289,6 @@ class BoRA:
             return gates
         return {name: dataclasses.replace(g, rank=g.rank.index_select(0, tasks)) for name, g in gates.items()}
 
-    def export_factors(self, tasks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """:meth:`task_factors` with the inference gates folded in (closed rank columns of B zeroed, A and B
-        at their learned precision): what a plain LoRA layer needs to compute the gated adapter. ``tasks``:
-        only these tasks' rows ([P] ascending ids). Shapes: -> name -> [D or P, *shape]."""
-        factors = self.task_factors(tasks=tasks)
-        gates = self.gate_values(tasks)
-        return factors if gates is None else self.gates.fold(factors, gates)
-
-    def iter_task_factors(self, chunk: int = 256, export: bool = False) -> Iterator[tuple[torch.Tensor, dict]]:
-        """The tasks' factors in chunks of ``chunk`` tasks, never all at once: (task ids [P], name -> [P, ...]);
-        ``export``: with the gates folded in (:meth:`export_factors`)."""
-        for start in range(0, len(self.tasks), chunk):
-            tasks = torch.arange(start, min(start + chunk, len(self.tasks)), device=self.device)
-            yield tasks, (self.export_factors(tasks) if export else self.task_factors(tasks=tasks))
-
     def _batch_point(self, batch: Batch) -> tuple[dict[str, torch.Tensor], Batch, dict[str, LayerGates] | None]:
         """The point-estimate factors and inference gates of the batch's tasks only, and the batch with
         each example's position among those tasks as its task index."""
@@ -388,13 +373,3 @@ class BoRA:
         with self.param_scope():
             theta = poutine.condition(self.prior.global_factors, data=self._point_values())(self.init)
             return {name: value.detach().clone() for name, value in theta.items()}
-
-    @torch.no_grad()
-    def distance_to_global(self) -> torch.Tensor | None:
-        """||theta_d - Theta||_2 over all factors of each task (in chunks of tasks). Shapes: -> [D]; None if
-        independent."""
-        theta = self.global_factors()
-        if theta is None:
-            return None
-        parts = [sum(((f[n] - theta[n]) ** 2).flatten(1).sum(1) for n in theta) for _, f in self.iter_task_factors()]
-        return torch.cat(parts).sqrt()

@@ -44,6 +44,7 @@ from ..io.artifacts import ADAPTERS_FILE, RUN_FORMAT, read_json, save_adapters, 
 from ..io.folders import JOURNAL, atomic_folder, atomic_write, fsync_path, reading
 from ..io.integrity import MANIFEST, CorruptFile, update_manifest, verify
 from ..models.bora import BoRA
+from ..models.readout import iter_task_factors
 from ..version import __version__
 from .spec import CHAT_TEMPLATE_FILE
 
@@ -244,7 +245,7 @@ def write_fitted(
         save_adapters(
             tmp / ADAPTERS_FILE,
             corpus.tasks,
-            bora.iter_task_factors(export=True),  # in chunks of tasks: never every adapter at once
+            iter_task_factors(bora, export=True),  # in chunks of tasks: never every adapter at once
             bora.global_factors(),
             {"rank": bora.lora.rank, "alpha": bora.lora.alpha, "targets": bora.lora.paths(), "tau": bora.tau},
             shapes=bora.lora.shapes(),

@@ -12,6 +12,7 @@ from pyro.infer.autoguide import AutoDelta, AutoNormal
 
 import bora_pyro
 from bora_pyro.inference import TrainConfig
+from bora_pyro.inference.optimizer import parameter_roles
 from bora_pyro.io.base_models import tiny_random_llama
 
 
@@ -190,7 +191,7 @@ def test_a_step_updates_only_the_tasks_of_its_batch(make_corpus, tiny_lm, infere
         bora_pyro.fit(bora, only_two, steps=3, batch_size=4, eval_every=3, progress=False, lr=0.05)
         with bora.param_scope():
             after = {n: v.detach().clone() for n, v in pyro.get_param_store().items()}
-        task_params = [n for n, role in bora.parameter_roles().items() if role.per_task]
+        task_params = [n for n, role in parameter_roles(bora).items() if role.per_task]
         assert task_params and all(after[n].shape[0] == 3 for n in task_params)
         moved_absent = [n for n in task_params if not torch.equal(after[n][absent], before[n][absent])]
         assert (moved_absent == []) == subsampling

@@ -19,7 +19,7 @@ import logging
 import math
 import signal
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,14 +35,14 @@ from ..data.corpus import Corpus
 from ..distributed import World
 from ..evaluation.perplexity import PerplexityReport, evaluate
 from ..io.task_store import TaskStore
-from ..models.bora import BoRA, ParameterRole, check_inference
+from ..models.bora import BoRA, check_inference
 from ..models.likelihood import scored_tokens
 from ..models.pyro_internals import SiteRecorder
 from .checkpoint import LoopState, checkpoint_step, load_checkpoint, save_checkpoint
 from .config import WATCH_ONLY, TrainConfig
+from .optimizer import make_optimizer, parameter_roles
 from .reporting import open_reporter
 from .stopping import StopRequests
-from .task_sparse_adamw import TaskSparseAdamW
 
 log = logging.getLogger(__name__)
 
@@ -123,27 +123,6 @@ def trainable_parameters(bora: BoRA, loss: Loss, batch: Batch, freeze_global: bo
         }
 
 
-def make_optimizer(
-    params: dict[str, torch.Tensor],
-    roles: Mapping[str, ParameterRole],
-    lr: float,
-    config: TrainConfig,
-    store: TaskStore | None = None,
-) -> TaskSparseAdamW | None:
-    """AdamW (:class:`TaskSparseAdamW`: the per-task parameters stepped only on the batch's tasks) with two
-    groups: the LoRA weights at ``lr``, the fast parameters (guide scales, a learned tau, gates; see
-    :meth:`BoRA.parameter_roles`) at ``config.guide_lr``. Each group remembers its base rate in ``base_lr``."""
-    groups = [
-        {"params": [p for n, p in params.items() if roles[n].fast == fast], "base_lr": rate}
-        for fast, rate in ((False, lr), (True, config.guide_lr))
-    ]
-    groups = [g for g in groups if g["params"]]
-    task_params = [p for n, p in params.items() if roles[n].per_task]
-    if not groups:
-        return None
-    return TaskSparseAdamW(groups, lr=lr, weight_decay=config.weight_decay, task_params=task_params, store=store)
-
-
 @dataclass(frozen=True)
 class StepOutcome:
     """What one training step did (the same on every data-parallel rank).
@@ -187,7 +166,7 @@ class TrainStep:
         with bora.param_scope():
             named = trainable_parameters(bora, self.loss_fn, example_batch, freeze_global)
         self.params = list(named.values())
-        self.optimizer = make_optimizer(named, bora.parameter_roles(), self.lr, config, bora.task_store)
+        self.optimizer = make_optimizer(named, parameter_roles(bora), self.lr, config, bora.task_store)
         self.draws = bora.inference == "vi" or bora.gates is not None  # the objective draws random numbers
 
     def _objective(self, batch: Batch, validate: bool, share: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 
 import pyro
 import torch
@@ -26,22 +25,13 @@ from ..io.task_store import TaskStore
 from ..nn.gates import LayerGates
 from ..nn.lora import Factors, MultiTaskLoRA
 from .gates import GateConfig, Gates
-from .guides import guide_parameters, make_guide, take_rows, task_sites
+from .guides import guide_parameters, make_guide, take_rows
 from .likelihood import lm_log_likelihood, lm_logits
 from .prior import INDEPENDENT, LEARN, POOLED, HierarchicalPrior, PriorConfig
 from .task_subsample import TASK_PLATE, TaskSubsample
 from .tau_prior import TAU_SITE
 
 LogLikelihood = Callable[[Factors, Batch], torch.Tensor]  # (task factors, batch) -> [batch]
-
-
-@dataclass(frozen=True)
-class ParameterRole:
-    """How the optimiser treats a parameter: ``per_task``: one row per task ([D, ...]), stepped only on
-    the batch's tasks; ``fast``: learns at the guide's rate (scales, a learned tau, gates)."""
-
-    per_task: bool
-    fast: bool
 
 
 def check_inference(tau: float | str, inference: str, fitting: bool = True) -> None:
@@ -210,23 +200,6 @@ class BoRA:
             store = pyro.get_param_store()
             for name in [n for n, p in store.named_parameters() if id(p) in ids]:
                 del store[name]
-
-    def parameter_roles(self) -> dict[str, ParameterRole]:
-        """The role of every parameter of the set-up model and guide, by param-store name, found from their
-        structure: the guide's parameters of the sites under the task plate have one row per task; scales,
-        and the parameters of sites that are not LoRA weights (a learned tau), learn at the guide's rate,
-        as the gates' log-alphas do (per-task rank gates have a row per task); Theta is a plain weight."""
-        with self.param_scope():
-            names = {id(p): n for n, p in pyro.get_param_store().named_parameters()}
-            roles = dict.fromkeys(names.values(), ParameterRole(per_task=False, fast=False))
-            per_task = task_sites(self.guide)
-            weights = per_task | set(self.prior.global_sites())
-            for site, kind, tensor in guide_parameters(self.guide):
-                roles[names[id(tensor)]] = ParameterRole(site in per_task, kind == "scale" or site not in weights)
-            for name, rows in ({} if self.gates is None else self.gates.parameter_layout()).items():
-                if name in roles:
-                    roles[name] = ParameterRole(per_task=rows, fast=True)
-        return roles
 
     def _make_guide(self, inference: str):
         check_inference(self.tau, inference, fitting=False)

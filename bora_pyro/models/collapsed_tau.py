@@ -447,14 +447,14 @@ def averaged_draws(
     weights = torch.as_tensor(posterior.weights(), dtype=torch.float64)  # [groups, K]
     grid = torch.as_tensor(posterior.grid, dtype=torch.float64)
     picks = torch.multinomial(weights, num_draws, replacement=True, generator=generator)  # [groups, S]
-    flat = {name: _flat(messages, name) for name in messages.point}
+    flat = {name: (*_flat(messages, name), p.detach().cpu().double().flatten(1)) for name, p in messages.point.items()}
     draws = []
     for s in range(num_draws):
         draw = {}
         for name, point in messages.point.items():
             g = group_of[name]
             tau = grid[g, picks[g, s]]
-            (mu, lam), here = flat[name], point.detach().cpu().double().flatten(1)  # [D, n] each
+            mu, lam, here = flat[name]  # [D, n] each: the messages and the point they were taken at
             w = lam * tau / (lam + tau)
             precision = w.sum(0) + global_precision  # [n]
             informed = precision > 0

@@ -46,8 +46,9 @@ class SiteParamDelta(AutoDelta):
             deep_setattr(self, name, self.site_param(name, site))
 
     def site_param(self, name: str, site: dict) -> PyroParam:
-        """The parameter of the latent site ``name`` (``site``: its node of the prototype trace)."""
-        raise NotImplementedError
+        """The parameter of the latent site ``name`` (``site``: its node of the prototype trace): here AutoDelta's
+        own, the site's init value on its support; a subclass overrides it."""
+        return PyroParam(site["value"].detach(), site["fn"].support, site["fn"].event_dim)
 
 
 def setup_prototype(guide: AutoGuide, args: tuple, kwargs: dict) -> None:

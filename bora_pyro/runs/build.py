@@ -25,14 +25,19 @@ def load_model(spec: RunSpec):
     )
 
 
-def load_inputs(spec: RunSpec, folder: Path | None = None) -> tuple[object, object, dict, Corpus]:
-    """A run's base LM, tokenizer (the one kept in the run ``folder``, if given and kept) and identity (taken
-    before the LM is wrapped), and its corpus."""
+def load_base(spec: RunSpec, folder: Path | None = None) -> tuple[object, object, dict]:
+    """A run's base LM, its tokenizer (the one kept in the run ``folder``, if given and kept) and the LM's
+    identity (taken before the LM is wrapped)."""
     lm, tokenizer = load_model(spec)
     identity = describe_base_model(spec.model, lm)
     tokenizer = (run_tokenizer(folder, spec) if folder is not None else None) or tokenizer
-    corpus = load_corpus(spec.data, tokenizer, config=spec.corpus)
-    return lm, tokenizer, identity, corpus
+    return lm, tokenizer, identity
+
+
+def load_inputs(spec: RunSpec, folder: Path | None = None) -> tuple[object, object, dict, Corpus]:
+    """:func:`load_base` and the run's corpus."""
+    lm, tokenizer, identity = load_base(spec, folder)
+    return lm, tokenizer, identity, load_corpus(spec.data, tokenizer, config=spec.corpus)
 
 
 def task_store(

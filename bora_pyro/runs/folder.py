@@ -379,12 +379,13 @@ def corpus_changes(path: Path, corpus: Corpus) -> list[str]:
     if not file.is_file():
         return []
     recorded, now = read_json(file)["splits"], corpus.split_digests()
-    documents = _recorded_documents(path)
-    current = _documents_by_task(corpus.document_digests())
+    documents: dict | None = None  # read, and today's digested, only where a task changed
     changes = []
     for split in ("train", "valid", "test"):
         before, after = recorded.get(split, {}), now.get(split, {})
         changed = [t for t in before if t in after and before[t] != after[t]]
+        if changed and documents is None:
+            documents, current = _recorded_documents(path), _documents_by_task(corpus.document_digests())
         parts = {
             "changed": [_task_change(t, documents.get((split, t)), current.get((split, t), [])) for t in changed],
             "missing": [repr(t) for t in before if t not in after],

@@ -24,13 +24,12 @@ from ..evaluation.generation_scores import GenerationScores, heldout_examples, s
 from ..evaluation.perplexity import PerplexityReport, evaluate
 from ..evaluation.tau_posterior import tau_posterior
 from ..io.artifacts import ADAPTERS_FILE, AdapterFile, read_json
-from ..io.base_models import describe_base_model
 from ..io.folders import resolve
 from ..io.integrity import CorruptFile
 from ..models.bora import BoRA
 from ..models.collapsed_tau import TauPosterior
 from ..models.gates import GateConfig
-from .build import build_model, load_model
+from .build import build_model, load_base
 from .folder import (
     COMPLETE,
     CONFIG_FILE,
@@ -39,7 +38,6 @@ from .folder import (
     input_format_changes,
     read_metrics,
     recorded_input_format,
-    run_tokenizer,
     verified_status,
 )
 from .spec import RunSpec
@@ -197,10 +195,9 @@ def load_run(path: str | Path, device: str | None = None, trust_remote_code: boo
     spec = RunSpec.from_run_folder(path, trust_remote_code)
     if device is not None:
         spec = replace(spec, device=device)
-    lm, tokenizer = load_model(spec)
+    lm, tokenizer, identity = load_base(spec, path)
     config = read_json(path / CONFIG_FILE)
-    check_base_model(path, config, describe_base_model(spec.model, lm))
-    tokenizer = run_tokenizer(path, spec) or tokenizer
+    check_base_model(path, config, identity)
     adapters = AdapterFile(path / ADAPTERS_FILE)
     tasks = tuple(config.get("tasks") or adapters.tasks)
     if tuple(adapters.tasks) != tasks:

@@ -1,11 +1,13 @@
 """bora_pyro: Bayesian hierarchical multi-task LoRA (BoRA) for Hugging Face causal LMs, in Pyro."""
 
 from .data import Batch, Corpus, CorpusConfig, Split, load_corpus
+from .evaluation.laplace import tau_posterior_from_fits
 from .evaluation.perplexity import PerplexityReport, evaluate
 from .evaluation.tau_posterior import tau_posterior
 from .inference import FitResult, TrainConfig, fit
 from .io.base_models import load_base_model
 from .models import BoRA
+from .models.adapter import AdapterConfig
 from .models.collapsed_tau import TauPosterior
 from .models.gates import GateConfig
 from .models.prior import PriorConfig
@@ -15,6 +17,7 @@ from .version import __version__
 
 __all__ = [
     "__version__",
+    "AdapterConfig",
     "BoRA",
     "Batch",
     "Corpus",
@@ -35,4 +38,5 @@ __all__ = [
     "load_corpus",
     "load_run",
     "tau_posterior",
+    "tau_posterior_from_fits",
 ]

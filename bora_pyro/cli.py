@@ -30,17 +30,17 @@ from safetensors import SafetensorError
 from .data.formats import parse_messages
 from .distributed import World, init_distributed
 from .evaluation.collapsed import tau_posterior_line
-from .evaluation.generation import check_sampling, task_indices
 from .evaluation.scoring import documents_line, scored_tasks_line
 from .io.artifacts import read_json
 from .io.export import export_merged, export_peft
 from .io.folders import FolderBusy, atomic_write, check_target, folder_kind, folder_lock
 from .io.integrity import CorruptFile, update_manifest
+from .models.generation import check_sampling, task_indices
 from .models.tau_prior import TauPrior
 from .options import add_options, dest, parse_csv, section_values
 from .runs import SECTIONS, RunSpec, RunStopped, adapt_run, complete_run, load_run, resume_run, train_run
 from .runs.diagnose import COMPARE_BY, compare_folders, run_lines
-from .runs.folder import (
+from .runs.run_files import (
     COMPLETE,
     GENERATION_FILE,
     GENERATION_TASKS_FILE,

@@ -20,7 +20,7 @@ from .io.artifacts import read_json, write_json
 from .io.folders import MARKER, folder_kind, folder_lock, mark, protected
 from .models.prior import LEARN, parse_tau
 from .runs import RunSpec, checkpoint_folder, resume_run, train_run
-from .runs.folder import COMPLETE, TRAINED, status_of
+from .runs.run_files import COMPLETE, TRAINED, status_of
 
 log = logging.getLogger(__name__)
 

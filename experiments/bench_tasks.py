@@ -111,9 +111,10 @@ def run_bora(config: str, args) -> dict:
     from bora_pyro.inference.svi import TrainStep
     from bora_pyro.io.artifacts import save_adapters
     from bora_pyro.io.export import export_peft
+    from bora_pyro.models.adapter import AdapterConfig
     from bora_pyro.models.readout import iter_task_factors
     from bora_pyro.runs.build import build_model
-    from bora_pyro.runs.spec import AdapterConfig, RunSpec
+    from bora_pyro.runs.spec import RunSpec
 
     num_tasks, prefetch = parse_config(config)
     work = Path(tempfile.mkdtemp(prefix="bench-tasks-", dir=args.scratch))

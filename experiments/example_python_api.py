@@ -16,9 +16,9 @@ def main(args: argparse.Namespace) -> None:
     corpus = bora_pyro.load_corpus(
         "bible-books", tokenizer=tokenizer, max_tokens=64, books=("Ruth", "Jonah", "Obadiah", "James"), max_eval_docs=4
     )
-    bora = bora_pyro.BoRA(lm, tasks=corpus.tasks, rank=8, alpha=16, tau=args.tau)
+    bora = bora_pyro.BoRA(lm, tasks=corpus.tasks, rank=8, alpha=16, tau=args.tau, inference="map")
     base = bora_pyro.evaluate(bora, corpus.test, base_model=True)
-    result = bora_pyro.fit(bora, corpus, inference="map", steps=args.steps, eval_every=max(1, args.steps // 2))
+    result = bora_pyro.fit(bora, corpus, steps=args.steps, eval_every=max(1, args.steps // 2))
     report = bora_pyro.evaluate(bora, corpus.test)
     table = report.to_frame().assign(base_perplexity=base.per_task)
     print(table.to_string(index=False, float_format=lambda x: f"{x:.2f}"))

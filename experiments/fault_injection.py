@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bora_pyro.io.faults import CRASH_ENV
 from bora_pyro.io.folders import folder_kind
 from bora_pyro.io.integrity import read_manifest, verify
-from bora_pyro.runs.folder import verified_status
+from bora_pyro.runs.run_files import verified_status
 from tests.conftest import synthetic_rows, train_args
 
 # crash points and how many times a run reaches each (k is drawn from 1..count)

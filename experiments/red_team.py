@@ -1792,7 +1792,7 @@ def other_texts(frame: pd.DataFrame) -> pd.DataFrame:
 
 def split_rows(frame: pd.DataFrame, split: str) -> list[int]:
     """The row numbers of ``frame`` (the victims' corpus) that the runs' split put in ``split``."""
-    from bora_pyro.data.split import split_per_task
+    from bora_pyro.data.splitting import split_per_task
 
     docs = {task: [f"{i}" for i in frame.index[frame.task == task]] for task in dict.fromkeys(frame.task)}
     parts, _ = split_per_task(docs, 0.1, 0.1, seed=0)

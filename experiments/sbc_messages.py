@@ -37,7 +37,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
-from sbc_tau import DOCS, HYPERPRIOR, simulate
+from sbc_tau import DOCS, HYPERPRIOR, fit_at, simulate
 from scipy.stats import chi2 as chi2_dist
 from scipy.stats import norm
 
@@ -173,7 +173,8 @@ def summarise(log_lik: np.ndarray, true_tau: float) -> dict[str, float]:
 
 def replicate(seed: int, steps: int) -> list[dict]:
     start = time.perf_counter()
-    bora, corpus, true_tau, truth = simulate(seed, steps)
+    rep = simulate(seed)
+    bora, corpus, true_tau, truth = fit_at(rep, math.exp(PRIOR_LOC), steps), rep.corpus, rep.true_tau, rep.factors
     library = bora_pyro.tau_posterior(bora, corpus, docs_per_task=None, label_samples=4, refresh=True, seed=seed)
     bora.lora.lm.set_attn_implementation("eager")  # SDPA on the CPU has no double backward
     fitted = bora.task_factors()

@@ -35,6 +35,7 @@ CONFIG_NAMES = {
     "tau100": "τ = 100",
     "tauinf": "τ = ∞ (pooled)",
     "pooled_prompt": "pooled + task prompt",
+    "tau10_prompt": "τ = 10 + task prompt",
     "learn": "τ learned (VI)",
 }
 
@@ -70,7 +71,7 @@ def summarize_run(folder: Path) -> tuple[dict, pd.DataFrame, pd.DataFrame | None
         "wall_seconds": metrics["wall_seconds"],
     }
     averaged = None
-    if config != "pooled_prompt":  # a task prompt makes the tasks' inputs differ: no common prior to average
+    if run.bora.mode != "pooled":  # a pooled fit has no task's mode to expand at (bora_pyro.tau_posterior refuses)
         posterior = run.tau_posterior(refresh=True)
         low, mid, high = posterior.quantiles((0.05, 0.5, 0.95))[0]
         factors = {k: v.to(run.bora.device) for k, v in posterior.mean_factors().items()}

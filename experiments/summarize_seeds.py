@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bora_pyro.runs.folder import COMPLETE, status_of
+from bora_pyro.runs.run_files import COMPLETE, status_of
 from bora_pyro.seed_sweep import summarize_seeds
 
 LIGHT = ("config.json", "metrics.json", "per_task.csv", "train_log.csv", "status.json")

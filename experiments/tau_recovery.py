@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -29,8 +30,10 @@ import bora_pyro
 from bora_pyro import PriorConfig
 from bora_pyro.io.base_models import tiny_random_llama
 from bora_pyro.models.collapsed_tau import Messages, collapsed_tau_posterior, conditional_mean
-from bora_pyro.models.gaussian import GaussianObservations, observation_corpus
 from bora_pyro.models.tau_prior import TauPrior
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' Gaussian oracle
+from tests.gaussian_oracle import GaussianObservations, observation_corpus
 
 HYPERPRIOR_SPEC = "lognormal:2.3,3"
 HYPERPRIOR = TauPrior.parse(HYPERPRIOR_SPEC)

@@ -23,10 +23,10 @@ from bora_pyro.models.collapsed_tau import (
     shrinkage,
     standardised_residuals,
 )
-from bora_pyro.models.gaussian import GaussianObservations, observation_corpus
 from bora_pyro.models.tau_prior import TauPrior
 
 from .conftest import synthetic_rows, train_args
+from .gaussian_oracle import GaussianObservations, observation_corpus
 
 PRIOR = TauPrior.parse("lognormal:2.3,3")
 SIGMA = 0.5
@@ -264,7 +264,9 @@ def test_every_run_reports_its_tau_posterior_and_shrinkage(tmp_path, capsys):
     assert per_task.p_eff.to_numpy() == pytest.approx(
         (1 - per_task.kappa.to_numpy()) * bora_pyro.load_run(run).bora.lora.num_parameters(), rel=1e-4
     )
-    assert (pd.read_csv(tmp_path / "pooled" / "per_task.csv").kappa == 1).all()
+    assert not (tmp_path / "pooled" / "tau_posterior.csv").exists()  # no task's mode to expand at
+    pooled = json.loads((tmp_path / "pooled" / "metrics.json").read_text())
+    assert pooled["tau_posterior_skipped"].startswith("a pooled fit (tau = inf): its tasks share one adapter")
     assert not (tmp_path / "none" / "tau_posterior.csv").exists()
     assert pd.read_csv(tmp_path / "none" / "per_task.csv").kappa.isna().all()
     for name in ("tau_posterior.png", "shrinkage.png", "prior_check.csv", "test_docs.csv"):
@@ -273,6 +275,7 @@ def test_every_run_reports_its_tau_posterior_and_shrinkage(tmp_path, capsys):
     assert main(["diagnose", str(run), str(tmp_path / "pooled")]) == 0
     out = capsys.readouterr().out
     assert "shrinkage at the fitted tau" in out and "prior check" in out and "compared by elpd" in out
+    assert "no collapsed tau posterior: a pooled fit (tau = inf)" in out
 
 
 def test_a_saved_posterior_reads_back_and_reweights_under_another_hyperprior():

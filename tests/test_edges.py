@@ -18,12 +18,12 @@ from safetensors.torch import load_file, save_file
 
 from bora_pyro.cli import main
 from bora_pyro.evaluation import diagnostics
-from bora_pyro.evaluation.generation import generate
 from bora_pyro.io.base_models import available_devices, resolve_device, tiny_random_llama
 from bora_pyro.io.export import OWN_FILES, export_merged, export_peft, safe_names
 from bora_pyro.io.integrity import CorruptFile, update_manifest
 from bora_pyro.io.peft_import import import_peft
 from bora_pyro.models.gates import GateConfig
+from bora_pyro.models.generation import generate
 from bora_pyro.models.prior import PriorConfig
 from bora_pyro.models.tau_prior import TauPrior
 from bora_pyro.nn.lora import MultiTaskLoRA

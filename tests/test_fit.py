@@ -247,3 +247,15 @@ def test_gradient_accumulation_equals_one_big_batch(make_corpus, model):
 def test_more_micro_batches_than_documents_is_refused():
     with pytest.raises(ValueError, match="grad_accum 16 exceeds batch_size 8"):
         TrainConfig(batch_size=8, grad_accum=16)
+
+
+def test_bora_takes_its_adapter_settings_whole():
+    from bora_pyro.models.adapter import AdapterConfig
+
+    whole = bora_pyro.BoRA(tiny_random_llama()[0], ("a", "b"), adapter=AdapterConfig(rank=3, alpha=6.0, inference="vi"))
+    keywords = bora_pyro.BoRA(tiny_random_llama()[0], ("a", "b"), rank=3, alpha=6.0, inference="vi")
+    assert whole.lora.shapes() == keywords.lora.shapes() and whole.inference == keywords.inference == "vi"
+    with pytest.raises(ValueError, match=r"give adapter=AdapterConfig\(...\) or the keywords \['rank'\], not both"):
+        bora_pyro.BoRA(tiny_random_llama()[0], ("a",), rank=4, adapter=AdapterConfig())
+    with pytest.raises(ValueError, match="init_peft is a run's setting"):
+        bora_pyro.BoRA(tiny_random_llama()[0], ("a",), adapter=AdapterConfig(init_peft="somewhere"))

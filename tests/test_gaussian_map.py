@@ -15,7 +15,8 @@ import torch
 import bora_pyro
 from bora_pyro import PriorConfig
 from bora_pyro.io.base_models import tiny_random_llama
-from bora_pyro.models.gaussian import GaussianObservations, observation_corpus
+
+from .gaussian_oracle import GaussianObservations, observation_corpus
 
 SIGMA, TAU, DOCS = 0.5, 4.0, [12, 5, 2]
 NAME = "layers.0.self_attn.q_proj.A"  # the observed factor; the others only feel the prior

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bora_pyro.cli import main
-from bora_pyro.evaluation.generation import generate
+from bora_pyro.models.generation import generate
 from bora_pyro.runs import load_run
 
 from .conftest import synthetic_rows, train_args

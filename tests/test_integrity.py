@@ -9,7 +9,7 @@ import pytest
 
 from bora_pyro.cli import main
 from bora_pyro.io.integrity import MANIFEST, CorruptFile, read_manifest
-from bora_pyro.runs.folder import verified_status
+from bora_pyro.runs.run_files import verified_status
 
 from .conftest import copy_run, evaluate_on_changed_data, synthetic_rows, train_args, train_once
 

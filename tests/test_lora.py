@@ -164,7 +164,7 @@ def test_every_target_form_adapts_what_peft_adapts(targets):
 def test_a_regular_expression_in_its_cli_form_selects_what_the_string_form_does():
     """--targets 're:PATTERN' (commas kept) reaches the model as ("re:PATTERN",): the same layers as the pattern
     given to BoRA as a string, or to AdapterConfig; a name list may mix it with suffixes."""
-    from bora_pyro.runs.spec import AdapterConfig, parse_targets
+    from bora_pyro.models.adapter import AdapterConfig, parse_targets
 
     pattern = r".*layers\.(0|1)\.self_attn\.(q|k)_proj"
     given = parse_targets("re:" + pattern.replace("(0|1)", "[0-1]{1,1}"))

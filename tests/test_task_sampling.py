@@ -19,9 +19,9 @@ import bora_pyro
 from bora_pyro.cli import main
 from bora_pyro.data.sampling import parse_task_sampling, task_probabilities
 from bora_pyro.inference.svi import map_loss, trainable_parameters
-from bora_pyro.models.gaussian import observation_corpus
 
 from .conftest import synthetic_rows
+from .gaussian_oracle import observation_corpus
 from .test_distributed import test_two_gloo_processes_equal_one_process as two_processes_equal_one
 from .test_gaussian_map import DOCS, NAME, SIGMA, TAU, gaussian_bora
 from .test_resume import assert_same_run, resume_args, run_cli

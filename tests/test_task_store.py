@@ -163,8 +163,9 @@ def test_prefetch_asks_the_kernel_for_exactly_the_pages_of_the_next_steps_rows(t
 
 def test_data_parallel_processes_refuse_a_disk_store_they_would_all_write(tmp_path, monkeypatch):
     from bora_pyro.distributed import World
+    from bora_pyro.models.adapter import AdapterConfig
     from bora_pyro.runs.build import task_store
-    from bora_pyro.runs.spec import AdapterConfig, RunSpec
+    from bora_pyro.runs.spec import RunSpec
 
     spec = RunSpec(model="tiny-random-llama", adapter=AdapterConfig(task_store="disk"))
     assert task_store(spec, 4, 100, tmp_path / "store").disk

@@ -91,7 +91,7 @@ def test_guide_lr_moves_only_the_uncertainty_parameters(make_corpus, tiny_lm):
 
 
 def test_exact_tau_posterior_concentrates_on_the_simulated_precision():
-    from bora_pyro.models.gaussian import GaussianObservations
+    from .gaussian_oracle import GaussianObservations
 
     shapes = {"w": (40, 50)}  # 2000 elements, 30 tasks, precise observations
     data = GaussianObservations.simulate(

@@ -33,7 +33,7 @@ from .chat import NotIncremental, read_chat_template
 from .formats import COMPLETION, CONVERSATIONAL, DATA_FORMATS, MESSAGES, PROMPT
 from .input_format import InputFormat
 from .messages import shown_list
-from .split import split_per_task
+from .splitting import split_per_task
 from .tabular import Grouped, documents_by_task, python_frame, read_table
 from .talk_of_norway import TON_SELECTIONS, ton_documents
 from .task_names import check_task_names

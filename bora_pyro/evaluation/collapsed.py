@@ -1,6 +1,6 @@
 """What a run reports from its collapsed tau posterior (``evaluation/tau_posterior.py``): the posterior of tau,
 the shrinkage of every task at the run's tau, a check of the Gaussian prior, and the test perplexity of the
-tau-averaged posterior mean adapters. Computes; writes nothing (see ``runs/folder.py``)."""
+tau-averaged posterior mean adapters. Computes; writes nothing (see ``runs/run_files.py``)."""
 
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ import torch
 from ..data.corpus import Corpus
 from ..models.bora import BoRA
 from ..models.collapsed_tau import TauPosterior
+from ..models.prior import POOLED
 from .guide_scales import scale_report, scale_warning
 from .messages import custom_likelihood, factor_taus
 from .perplexity import PerplexityReport, document_log_likelihoods, report_from_documents
-from .tau_posterior import tau_posterior
+from .tau_posterior import WHY_NOT_POOLED, tau_posterior
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,8 @@ def why_not_collapsed(bora: BoRA, corpus: Corpus, docs_per_task: int) -> str | N
         return "--curvature-docs 0"
     if len(corpus.train) == 0:
         return "no training documents"
+    if bora.mode == POOLED:
+        return f"a pooled fit (tau = inf): {WHY_NOT_POOLED}"
     if custom_likelihood(bora):
         return "a custom log_likelihood (bora_pyro.tau_posterior takes its sampled_log_likelihood)"
     if bora.task_store.disk:

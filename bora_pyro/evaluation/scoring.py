@@ -1,5 +1,5 @@
 """Scoring a fitted run: test and validation perplexity, the base model's, posterior-predictive
-perplexity, calibration and the B-LoRA gate report. Computes; writes nothing (see ``run_folder.py``).
+perplexity, calibration and the B-LoRA gate report. Computes; writes nothing (see ``runs/run_files.py``).
 
 Every data-parallel rank must call :func:`score_run` (evaluation sums the ranks' shares).
 """
@@ -18,7 +18,7 @@ from ..data.corpus import Corpus
 from ..models.bora import BoRA
 from ..models.gates import relative_bops
 from ..models.readout import distance_to_global
-from .collapsed import CollapsedReport, collapsed_report
+from .collapsed import CollapsedReport, collapsed_report, why_not_collapsed
 from .messages import one_per_task_batches
 from .perplexity import PerplexityReport, evaluate
 from .predictive import posterior_draws, posterior_predictive, score_plug_in, summarize_draws, summarize_point
@@ -173,7 +173,11 @@ def score_run(
         "test_elpd": float(test_docs.elpd.sum()),
         "test_elpd_mc_se": elpd_mc_se(draws_loglik),
         "curvature_docs": curvature_docs,
-        **({} if collapsed is None else collapsed.metrics()),
+        **(
+            {"tau_posterior_skipped": why_not_collapsed(bora, corpus, curvature_docs)}
+            if collapsed is None
+            else collapsed.metrics()
+        ),
         "test_ece": calib["ece"],
         "test_brier": calib["brier"],
         "posterior_samples": posterior_samples,

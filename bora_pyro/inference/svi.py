@@ -297,7 +297,6 @@ def _validate(bora: BoRA, corpus: Corpus, config: TrainConfig, state: LoopState,
 def fit(
     bora: BoRA,
     corpus: Corpus,
-    inference: str | None = None,
     checkpoint: str | Path | None = None,
     freeze_global: bool = False,
     resume: bool = False,
@@ -305,14 +304,14 @@ def fit(
     config: TrainConfig | None = None,
     **options,
 ) -> FitResult:
-    """Fit ``bora`` to ``corpus.train``, validating on ``corpus.valid``; the best state is kept.
+    """Fit ``bora`` to ``corpus.train``, validating on ``corpus.valid``; the best state is kept. MAP or VI is the
+    model's own choice (``BoRA(..., inference="vi")``, or :meth:`BoRA.use_inference` before the fit).
 
     Ctrl-C or SIGTERM stops the fit after the current step (status "interrupted"); a non-finite loss or
     gradient stops it before that step is applied (status "diverged"). Either way the best validated
     state is restored and the result says what happened (:class:`FitResult`).
 
     Args:
-        inference: "map" or "vi"; replaces the guide if it differs from ``bora.inference``.
         checkpoint: folder for periodic checkpoints (``checkpoint_every``), and one when interrupted.
         resume: continue from the newest checkpoint in ``checkpoint``; without it a folder that already
             holds a checkpoint is an error (it belongs to an earlier fit).
@@ -324,9 +323,7 @@ def fit(
     config = dataclasses.replace(config or TrainConfig(), **options)
     checkpoint = Path(checkpoint) if checkpoint is not None else None
     saved_step = _check_fit(bora, corpus, config, checkpoint, resume)
-    check_inference(bora.tau, inference or bora.inference)
-    if inference is not None and inference != bora.inference:
-        bora.use_inference(inference)
+    check_inference(bora.tau, bora.inference)
     bora.lora.configure(gradient_checkpointing=config.gradient_checkpointing, bf16=config.bf16)
     pyro.set_rng_seed(config.seed)
     fingerprint = fingerprint if fingerprint is not None else _model_fingerprint(bora, corpus, config)

@@ -24,6 +24,7 @@ from ..data.task_names import check_task_names
 from ..io.task_store import TaskStore
 from ..nn.gates import LayerGates
 from ..nn.lora import Factors, MultiTaskLoRA
+from .adapter import AdapterConfig
 from .gates import GateConfig, Gates
 from .guides import guide_parameters, make_guide, take_rows
 from .likelihood import lm_log_likelihood, lm_logits
@@ -79,6 +80,9 @@ class BoRA:
         task_store: where the MAP guide's task rows and their optimizer moments live (default in memory; a
             disk store memory-maps them, for many tasks: see ``io/task_store.py``).
         guide_init_scale: the start of a VI guide's scales (of every unconstrained latent site).
+        adapter: the LoRA settings above (rank, alpha, targets, lora_dropout, inference, guide_init_scale,
+            task_subsampling) as one :class:`AdapterConfig`, instead of the keywords; its ``task_store`` choice
+            is the run's (pass ``task_store=`` for a store here).
 
     The model's parameters (Theta and the guide's) live in this object's own Pyro param-store
     scope: run ``bora.model`` / ``bora.guide`` inside ``with bora.param_scope():`` to use them.
@@ -102,32 +106,49 @@ class BoRA:
         task_store: TaskStore | None = None,
         guide_init_scale: float = 1e-3,
         lora_dropout: float = 0.0,
+        adapter: AdapterConfig | None = None,
     ) -> None:
         if prior is not None and tau is not None:
             raise ValueError(f"give tau={tau!r} or prior=PriorConfig(tau=...), not both")
+        shortcuts = dict(
+            rank=rank,
+            alpha=alpha,
+            targets=targets,
+            inference=inference,
+            task_subsampling=task_subsampling,
+            guide_init_scale=guide_init_scale,
+            lora_dropout=lora_dropout,
+        )
+        if adapter is not None:
+            given = [k for k, v in shortcuts.items() if v != getattr(AdapterConfig(), k)]
+            if given:
+                raise ValueError(f"give adapter=AdapterConfig(...) or the keywords {given}, not both")
+            if adapter.init_peft is not None:
+                raise ValueError("adapter.init_peft is a run's setting: pass init=import_peft(...) to BoRA instead")
+        a = adapter or AdapterConfig(**shortcuts)
         prior = prior or PriorConfig(**({} if tau is None else {"tau": tau}))
         tasks = tuple(str(t) for t in tasks)
         check_task_names(tasks, "BoRA")
         self.tasks = tasks
-        self.lora = MultiTaskLoRA(lm, rank=rank, alpha=alpha, targets=targets, dropout=lora_dropout)
+        self.lora = MultiTaskLoRA(lm, rank=a.rank, alpha=a.alpha, targets=a.targets, dropout=a.lora_dropout)
         self.prior = HierarchicalPrior(
             self.lora.shapes(), len(tasks), prior.tau, prior.parameterization, prior.hyperprior(), prior.global_scale()
         )
         self.init = self.lora.init_factors(torch.Generator().manual_seed(seed))
-        self.task_subsampling = task_subsampling
+        self.task_subsampling = a.task_subsampling
         self.task_store = task_store or TaskStore()
         gates = gates or GateConfig()
         if gates.enabled and log_likelihood is not None:
             raise ValueError(
                 "gates act on the language model's LoRA layers: they cannot be combined with a custom log_likelihood"
             )
-        self.gates = Gates(gates, self.lora.adapted, rank, len(tasks)) if gates.enabled else None
-        self.guide_init_scale = guide_init_scale
+        self.gates = Gates(gates, self.lora.adapted, a.rank, len(tasks)) if gates.enabled else None
+        self.guide_init_scale = a.guide_init_scale
         self.log_likelihood: LogLikelihood = log_likelihood or self._lm_log_likelihood
         self._store = {"params": {}, "constraints": {}}
         self._scope_active = False
-        self.inference = inference
-        self.guide = self._make_guide(inference)
+        self.inference = a.inference
+        self.guide = self._make_guide(a.inference)
         if init is not None:
             self.start_from(init)
 

@@ -44,13 +44,15 @@ KEEP_LOG_DENSITY = 25.0  # the final grid's ends lie this far below the peak of 
 class Messages:
     """Gaussian messages of every task's log-likelihood, per coordinate. Shapes: ``mu``, ``lam``, ``point``:
     factor name -> [D, *shape] (``point``: where they were taken, the fitted task factors); ``source``: how
-    they were made (e.g. "fisher-sampled, gradient-prior", "guide")."""
+    they were made (e.g. "fisher-sampled, gradient-prior", "guide"); ``log_likelihood`` [D]: the height of each
+    task's log-likelihood at ``point``, where a curvature pass measured it (scaled up to all its documents)."""
 
     mu: Mapping[str, torch.Tensor]
     lam: Mapping[str, torch.Tensor]
     point: Mapping[str, torch.Tensor]
     source: str
     stationarity: float | None = None  # see evaluation/messages.py: about 1 at a converged fit
+    log_likelihood: torch.Tensor | None = None  # [D]: each task's log-likelihood at ``point`` (all its documents)
 
     @property
     def num_tasks(self) -> int:
@@ -72,7 +74,7 @@ class Messages:
     def restricted(self, min_lam: Mapping[str, float]) -> Messages:
         """The messages with lam < ``min_lam[name]`` dropped (lam = 0): see :func:`trusted_precision`."""
         lam = {k: torch.where(v >= min_lam[k], v, torch.zeros_like(v)) for k, v in self.lam.items()}
-        return Messages(self.mu, lam, self.point, self.source, self.stationarity)
+        return dataclasses.replace(self, lam=lam)
 
     def coordinates(self) -> int:
         """Coordinates per task (all factors)."""
@@ -142,11 +144,13 @@ class TauPosterior:
     group_of: Mapping[str, int] | None = None
     global_precision: float = 0.0
     curvature: Mapping[str, torch.Tensor] | None = None  # every coordinate's lam (for shrinkage), if messages dropped
+    searched: tuple[float, float] = LOG_TAU_RANGE  # the range of log tau the posterior was looked for in
+    label: str | None = None  # how it was made, where no messages say so
 
     @property
     def source(self) -> str | None:
-        """How the messages were made ("fisher-sampled", "fisher-empirical", "guide", ...)."""
-        return None if self.messages is None else self.messages.source
+        """How the messages were made ("fisher-sampled", "fisher-empirical", "guide", ...), or ``label``."""
+        return self.label if self.messages is None else self.messages.source
 
     @property
     def grid(self) -> np.ndarray:
@@ -207,9 +211,9 @@ class TauPosterior:
         )
 
     def at_edge(self) -> list[bool]:
-        """Per group: does the posterior reach the end of the range of log tau searched ([1e-4, 1e9]), with more
-        than e^-25 of its peak density there (its mass continues beyond: tau -> 0 or tau -> inf)?"""
-        low, high = LOG_TAU_RANGE
+        """Per group: does the posterior reach an end of the range of log tau searched (``searched``, by default
+        [1e-4, 1e9]), with more than e^-25 of its peak density there (its mass continues beyond)?"""
+        low, high = self.searched
         logp = self.log_density
         cut = logp.max(1) - KEEP_LOG_DENSITY
         return [
@@ -243,7 +247,7 @@ class TauPosterior:
         messages = self._messages()
         if self.curvature is None:
             return messages
-        return Messages(messages.mu, self.curvature, messages.point, messages.source, messages.stationarity)
+        return dataclasses.replace(messages, lam=self.curvature)
 
     def residuals(self, tau: float | Mapping[str, float] | None = None) -> pd.DataFrame:
         """:func:`standardised_residuals` per factor at ``tau`` (default: the posterior median)."""
@@ -470,7 +474,7 @@ def averaged_draws(
 
 def _subset(messages: Messages, names: Sequence[str]) -> Messages:
     pick = lambda values: {n: values[n] for n in names}
-    return Messages(pick(messages.mu), pick(messages.lam), pick(messages.point), messages.source)
+    return dataclasses.replace(messages, mu=pick(messages.mu), lam=pick(messages.lam), point=pick(messages.point))
 
 
 def shrinkage(messages: Messages, tau: float | Mapping[str, float]) -> pd.DataFrame:

@@ -160,6 +160,11 @@ class HierarchicalPrior:
         return self.global_scale is not None and self.mode != INDEPENDENT
 
     @property
+    def global_precision(self) -> float:
+        """Theta's prior precision: 1 / global_scale^2 where Theta is latent, 0 where its prior is flat."""
+        return self.global_scale**-2.0 if self.latent_global else 0.0
+
+    @property
     def mode(self) -> str:
         return prior_mode(self.tau)
 

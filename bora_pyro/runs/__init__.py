@@ -1,8 +1,9 @@
 """Runs: the spec of a run (spec.py), building its model (build.py), training it into a run folder (train.py,
-folder.py), and loading it back (load.py)."""
+run_files.py), and loading it back (load.py)."""
 
+from ..models.adapter import AdapterConfig
 from .load import LoadedRun, load_run
-from .spec import SECTIONS, AdapterConfig, RemoteCodeRefused, RunSpec
+from .spec import SECTIONS, RemoteCodeRefused, RunSpec
 from .train import RunStopped, adapt_run, checkpoint_folder, complete_run, resume_run, train_run
 
 __all__ = [

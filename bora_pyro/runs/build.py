@@ -3,6 +3,7 @@ trained, adapted, resumed or loaded, is built here). ``spec.py`` describes; this
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from ..io.base_models import BASE_DTYPES, describe_base_model, load_base_model, 
 from ..io.task_store import TaskStore, table_bytes
 from ..models.bora import BoRA
 from ..models.prior import POOLED
-from .folder import run_tokenizer
+from .run_files import run_tokenizer
 from .spec import RunSpec
 
 
@@ -74,22 +75,8 @@ def build_model(
 ) -> BoRA:
     """The BoRA model of ``spec`` over ``lm``, its task tables in a store chosen by :func:`task_store` (files in
     ``store_folder`` for a disk store)."""
-    a = spec.adapter
-    bora = BoRA(
-        lm,
-        tasks,
-        rank=a.rank,
-        alpha=a.alpha,
-        targets=a.targets,
-        inference=a.inference,
-        prior=spec.prior,
-        gates=spec.gates,
-        seed=spec.train.seed,
-        init=init,
-        task_subsampling=a.task_subsampling,
-        guide_init_scale=a.guide_init_scale,
-        lora_dropout=a.lora_dropout,
-    )
+    adapter = dataclasses.replace(spec.adapter, init_peft=None)  # started from a PEFT adapter by the caller
+    bora = BoRA(lm, tasks, adapter=adapter, prior=spec.prior, gates=spec.gates, seed=spec.train.seed, init=init)
     store = task_store(spec, len(tasks), bora.lora.num_parameters(), store_folder, reopen_store)
     if store.disk and bora.mode != POOLED:  # tau = inf has no task rows: nothing to store
         bora.use_task_store(store)

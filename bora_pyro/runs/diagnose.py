@@ -18,7 +18,7 @@ from ..evaluation.comparison import compare_runs
 from ..io.integrity import CorruptFile
 from ..models.collapsed_tau import TauPosterior
 from ..models.tau_prior import TauPrior
-from .folder import PER_TASK_FILE, PRIOR_CHECK_FILE, TAU_POSTERIOR_FILE, TEST_DOCS_FILE, read_metrics
+from .run_files import PER_TASK_FILE, PRIOR_CHECK_FILE, TAU_POSTERIOR_FILE, TEST_DOCS_FILE, read_metrics
 
 SHRINKAGE_COLUMNS = ("task", "n_train_tokens", "kappa", "p_eff", "scale_ratio", "test_ppl", "tau_averaged_test_ppl")
 COMPARE_BY = {"elpd": "elpd", "plug-in": "loglik_plug_in", "tau-averaged": "loglik_tau_averaged"}
@@ -37,7 +37,8 @@ def run_lines(folder: Path, tau_prior: str | None = None) -> list[str]:
     metrics = read_metrics(folder)
     lines = [f"tau: fitted at {metrics.get('tau')}"]
     line = tau_posterior_line(metrics)
-    lines.append(line or "no collapsed tau posterior (trained with --curvature-docs 0, or by an older bora_pyro)")
+    skipped = metrics.get("tau_posterior_skipped") or "trained with --curvature-docs 0, or by an older bora_pyro"
+    lines.append(line or f"no collapsed tau posterior: {skipped}")
     if line and tau_prior is not None:
         frame = _read_csv(folder / TAU_POSTERIOR_FILE)
         other = TauPosterior.from_frame(frame, TauPrior.parse(tau_prior)).summary()

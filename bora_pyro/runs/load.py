@@ -19,7 +19,6 @@ from tqdm.auto import tqdm
 from ..data.batching import Split
 from ..data.corpus import Corpus, load_corpus
 from ..data.input_format import InputFormat
-from ..evaluation.generation import generate
 from ..evaluation.generation_scores import GenerationScores, heldout_examples, score_generations
 from ..evaluation.perplexity import PerplexityReport, evaluate
 from ..evaluation.tau_posterior import tau_posterior
@@ -29,8 +28,9 @@ from ..io.integrity import CorruptFile
 from ..models.bora import BoRA
 from ..models.collapsed_tau import TauPosterior
 from ..models.gates import GateConfig
+from ..models.generation import generate
 from .build import build_model, load_base
-from .folder import (
+from .run_files import (
     COMPLETE,
     CONFIG_FILE,
     check_base_model,

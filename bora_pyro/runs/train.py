@@ -1,6 +1,6 @@
 """One training run end to end: build, fit, write the fitted state, score, complete the run folder.
 
-A run folder (see ``run_folder.py``) holds ``config.json`` (everything needed to rebuild the run),
+A run folder (see ``run_files.py``) holds ``config.json`` (everything needed to rebuild the run),
 ``metrics.json``, ``per_task.csv``, ``adapters.safetensors``, ``train_log.csv``, ``training_curve.png``
 and ``status.json``. Checkpoints (``--checkpoint-every``) live in ``RUN.checkpoint/`` until the run is
 complete; ``train --resume RUN`` continues an interrupted run, or completes one whose scoring failed.
@@ -43,7 +43,7 @@ from ..io.peft_import import import_peft
 from ..io.task_store import TABLE_SUFFIX, TaskStore
 from ..models.bora import BoRA, check_inference
 from .build import build_model, load_inputs
-from .folder import (
+from .run_files import (
     COMPLETE,
     CONFIG_FILE,
     DIVERGED,

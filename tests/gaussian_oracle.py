@@ -1,4 +1,4 @@
-"""A Gaussian likelihood for the BoRA prior structure, with closed-form answers to check against.
+"""The tests' oracle: a Gaussian likelihood for the BoRA prior structure, with closed-form answers to check against.
 
 Documents carry no text: document i of task d observes ``y_i ~ Normal(theta_d, sigma^2)`` for every
 element of every LoRA factor. Swapped into ``BoRA(log_likelihood=...)``, the model becomes the
@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data.batching import Batch, Split
-from ..data.corpus import Corpus
-from .tau_prior import TauPrior
+from bora_pyro.data.batching import Batch, Split
+from bora_pyro.data.corpus import Corpus
+from bora_pyro.models.tau_prior import TauPrior
 
 
 def observation_corpus(docs_per_task: Sequence[int]) -> Corpus:

@@ -27,14 +27,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from sbc_messages import passes
+from sbc_messages import PRIOR_LOC, PRIOR_SCALE, passes, summarise
 from sbc_tau import HYPERPRIOR, LAPLACE_SDS, fit_at, simulate
 from scipy.interpolate import CubicSpline
-from scipy.stats import norm
 
 import bora_pyro
-
-PRIOR_LOC, PRIOR_SCALE = 3.4, 0.8  # HYPERPRIOR's log tau ~ Normal(3.4, 0.8)
 
 
 def log_evidence(fishers: torch.Tensor, point: torch.Tensor, theta: torch.Tensor, tau: float, whole: bool) -> float:
@@ -51,17 +48,6 @@ def log_evidence(fishers: torch.Tensor, point: torch.Tensor, theta: torch.Tensor
     ev = torch.linalg.eigvalsh(w)
     kept = ev > 1e-12 * ev.max()
     return float(per_task.sum() - 0.5 * torch.log(ev[kept]).sum())
-
-
-def summarise(log_tau: np.ndarray, log_lik: np.ndarray, true_tau: float) -> dict[str, float]:
-    """Quantiles and PIT of the true tau under the spline-interpolated evidence times the hyperprior."""
-    grid = np.linspace(log_tau[0], log_tau[-1], 400)
-    log_post = CubicSpline(log_tau, log_lik)(grid) + norm.logpdf(grid, PRIOR_LOC, PRIOR_SCALE)
-    weights = np.exp(log_post - log_post.max())
-    cdf = np.cumsum(weights) / weights.sum()
-    q05, q50, q95 = (math.exp(np.interp(q, cdf, grid)) for q in (0.05, 0.5, 0.95))
-    pit = float(np.interp(math.log(true_tau), grid, cdf))
-    return {"q05": q05, "median": q50, "q95": q95, "pit": pit, "covered": q05 <= true_tau <= q95}
 
 
 def replicate(seed: int, steps: int) -> list[dict]:
@@ -81,12 +67,13 @@ def replicate(seed: int, steps: int) -> list[dict]:
             evidence[structure].append(loglik + log_evidence(fishers, point, theta, tau, structure == "task"))
     seconds = time.perf_counter() - start
     log_tau = np.log(taus)
+    grid = np.linspace(log_tau[0], log_tau[-1], 400)  # the evidence spline-interpolated between the fits
     return [
         {
             "seed": seed,
             "true_tau": rep.true_tau,
             "structure": s,
-            **summarise(log_tau, np.array(e), rep.true_tau),
+            **summarise(CubicSpline(log_tau, np.array(e))(grid), rep.true_tau, grid),
             "seconds": seconds,
         }  # fmt: skip
         for s, e in evidence.items()

@@ -161,13 +161,13 @@ def conditional_means(fishers: torch.Tensor, grads: torch.Tensor, point: torch.T
     return (inverse @ (h + tau * theta).unsqueeze(-1)).squeeze(-1)
 
 
-def summarise(log_lik: np.ndarray, true_tau: float) -> dict[str, float]:
-    """Quantiles and the PIT of the true tau under the grid posterior (hyperprior times ``log_lik``)."""
-    log_post = log_lik + norm.logpdf(LOG_TAU, PRIOR_LOC, PRIOR_SCALE)
+def summarise(log_lik: np.ndarray, true_tau: float, log_tau: np.ndarray = LOG_TAU) -> dict[str, float]:
+    """Quantiles and the PIT of the true tau under the grid posterior (hyperprior times ``log_lik`` on ``log_tau``)."""
+    log_post = log_lik + norm.logpdf(log_tau, PRIOR_LOC, PRIOR_SCALE)
     weights = np.exp(log_post - log_post.max())
     cdf = np.cumsum(weights) / weights.sum()
-    q05, q50, q95 = (math.exp(np.interp(q, cdf, LOG_TAU)) for q in (0.05, 0.5, 0.95))
-    pit = float(np.interp(math.log(true_tau), LOG_TAU, cdf))
+    q05, q50, q95 = (math.exp(np.interp(q, cdf, log_tau)) for q in (0.05, 0.5, 0.95))
+    pit = float(np.interp(math.log(true_tau), log_tau, cdf))
     return {"q05": q05, "median": q50, "q95": q95, "pit": pit, "covered": q05 <= true_tau <= q95}
 
 

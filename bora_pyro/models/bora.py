@@ -110,15 +110,8 @@ class BoRA:
     ) -> None:
         if prior is not None and tau is not None:
             raise ValueError(f"give tau={tau!r} or prior=PriorConfig(tau=...), not both")
-        shortcuts = dict(
-            rank=rank,
-            alpha=alpha,
-            targets=targets,
-            inference=inference,
-            task_subsampling=task_subsampling,
-            guide_init_scale=guide_init_scale,
-            lora_dropout=lora_dropout,
-        )
+        shortcuts = dict(rank=rank, alpha=alpha, targets=targets, inference=inference, lora_dropout=lora_dropout)
+        shortcuts.update(task_subsampling=task_subsampling, guide_init_scale=guide_init_scale)
         if adapter is not None:
             given = [k for k, v in shortcuts.items() if v != getattr(AdapterConfig(), k)]
             if given:

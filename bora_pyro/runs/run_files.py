@@ -216,16 +216,16 @@ def write_fitted(
     result: FitResult,
     metrics: dict,
     status: str,
-    overwrite: bool,
+    replace: bool,
     fingerprint: str | None = None,
     sources: tuple[Path, ...] = (),
     tokenizer=None,
 ) -> None:
-    """Stage 1: write the whole folder with the fitted state (atomically), status ``status``
-    (``fingerprint``: the digest of what the run's checkpoints must match, see ``runs.fingerprint_id``;
-    ``sources``: folders the run was made from, which it must not replace; ``tokenizer``: the one trained with,
-    kept in the folder)."""
-    with atomic_folder(out, "run", overwrite, run_entries(out), sources, unhashed=(TASK_STORE_FOLDER,)) as tmp:
+    """Stage 1: write the whole folder with the fitted state (atomically), status ``status``; ``replace`` and
+    ``sources``: the run's target as claimed before training (``runs.checkpoints.RunTarget``), verified again
+    here under the folder's lock (``fingerprint``: the digest of what the run's checkpoints must match, see
+    ``runs.fingerprint_id``; ``tokenizer``: the one trained with, kept in the folder)."""
+    with atomic_folder(out, "run", replace, run_entries(out), sources, unhashed=(TASK_STORE_FOLDER,)) as tmp:
         write_json(tmp / CONFIG_FILE, config)
         write_json(
             tmp / CORPUS_FILE,

@@ -157,31 +157,15 @@ def curvature_messages(
     m = torch.as_tensor(chosen_counts(split, docs_per_task), dtype=torch.float64)
     if gradient == "prior" and theta is None:
         theta = bora.global_factors()
-    mu, lam = {}, {}
-    misfit, counted = 0.0, 0
+    mu, lam, misfit, counted = {}, {}, 0.0, 0
     for k, p in point.items():
         shape = (-1, *([1] * (p.dim() - 1)))
         nk, mk = n.to(p.device).view(shape), m.to(p.device).clamp_min(1).view(shape)
-        lam[k] = sums.fisher[k] * nk / mk
-        if gradient == "none":
-            mu[k] = p.double()
-            continue
-        measured = sums.grad[k] * nk / mk
-        unbiased = (sums.grad_square[k] - sums.grad[k] ** 2 / mk) / (mk - 1).clamp_min(1)
-        spread = torch.where(mk > 1, unbiased, sums.grad_square[k])  # one document: its square, an upper bound
-        noise = nk**2 * (1 - mk / nk) * spread.clamp_min(0) / mk  # variance of the scaled-up gradient
+        implied = None  # the prior gradient tau (theta_d - Theta), 0 at tau = 0
         if gradient == "prior":
-            tau = taus[k]
-            grad = torch.zeros_like(lam[k]) if tau == 0 else tau * (p.double() - theta[k].to(p.device).double())
-            checked = (lam[k] >= tau) & (noise > 0)  # the coordinates the posterior of tau will use
-            misfit += float(((measured - grad) ** 2 / noise.clamp_min(1e-300))[checked].sum())
-            counted += int(checked.sum())
-        else:
-            grad = measured
-            mu[k] = torch.where(lam[k] > 0, p.double() + grad / lam[k].clamp_min(1e-300), p.double())
-            lam[k] = torch.where(lam[k] > 0, lam[k] ** 2 / (lam[k] + noise), lam[k])  # mu's variance widened
-            continue
-        mu[k] = torch.where(lam[k] > 0, p.double() + grad / lam[k].clamp_min(1e-300), p.double())
+            implied = taus[k] * (p.double() - theta[k].to(p).double()) if taus[k] else torch.zeros_like(p.double())
+        mu[k], lam[k], checks = _factor_message(sums, k, p.double(), nk, mk, gradient, implied, taus[k])
+        misfit, counted = misfit + checks[0], counted + checks[1]
     return Messages(
         {k: v.float().cpu() for k, v in mu.items()},
         {k: v.float().cpu() for k, v in lam.items()},
@@ -190,6 +174,37 @@ def curvature_messages(
         misfit / counted if counted else None,
         sums.log_likelihood * n / m.clamp_min(1),
     )
+
+
+def _factor_message(
+    sums: _Sums,
+    name: str,
+    point: torch.Tensor,
+    n: torch.Tensor,
+    m: torch.Tensor,
+    gradient: str,
+    implied: torch.Tensor | None,
+    tau: float,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[float, int]]:
+    """One factor's message from the pass's sums (see :func:`curvature_messages`): mu, lam and, for the prior
+    gradient ``implied``, the (misfit, coordinates) of the stationarity check. ``n``, ``m``: every task's
+    documents and those read, shaped to broadcast. Shapes: point [D, *shape] -> mu, lam [D, *shape]."""
+    lam = sums.fisher[name] * n / m
+    if gradient == "none":
+        return point, lam, (0.0, 0)
+    measured = sums.grad[name] * n / m
+    unbiased = (sums.grad_square[name] - sums.grad[name] ** 2 / m) / (m - 1).clamp_min(1)
+    spread = torch.where(m > 1, unbiased, sums.grad_square[name])  # one document: its square, an upper bound
+    noise = n**2 * (1 - m / n) * spread.clamp_min(0) / m  # variance of the scaled-up gradient
+    grad, checks = measured, (0.0, 0)
+    if implied is not None:
+        grad = implied
+        checked = (lam >= tau) & (noise > 0)  # the coordinates the posterior of tau will use
+        checks = (float(((measured - grad) ** 2 / noise.clamp_min(1e-300))[checked].sum()), int(checked.sum()))
+    mu = torch.where(lam > 0, point + grad / lam.clamp_min(1e-300), point)
+    if implied is None:  # a measured gradient: mu's variance widened by its sampling noise
+        lam = torch.where(lam > 0, lam**2 / (lam + noise), lam)
+    return mu, lam, checks
 
 
 @dataclass(frozen=True)

@@ -103,6 +103,40 @@ def gate_metrics(report: pd.DataFrame) -> dict:
     }
 
 
+def _posterior_scores(
+    bora: BoRA,
+    corpus: Corpus,
+    posterior_samples: int,
+    seed: int,
+    batch_size: int,
+    curvature_docs: int,
+    plug_in_loglik: torch.Tensor,
+    reports: dict[str, PerplexityReport],
+    losses: pd.DataFrame | None,
+):
+    """The posterior draws' part of :func:`score_run`: the posterior-predictive test report (added to
+    ``reports``) and the ArviZ data. Returns (idata, the draws' test log-likelihoods [draws, docs] or None for
+    a MAP run, whose every draw is the plug-in point ``plug_in_loglik`` [docs])."""
+    from .diagnostics import to_inference_data  # ArviZ: imported only when a run is scored
+
+    train = None
+    if bora.inference == "map":  # every draw is the plug-in point
+        reports["posterior_predictive_test"] = reports["test"]
+        doc_loglik, draws_loglik = plug_in_loglik.expand(posterior_samples, -1), None
+        summary = summarize_point(bora, posterior_samples)
+    else:
+        draws = posterior_draws(bora, posterior_samples, seed=seed)
+        reports["posterior_predictive_test"], doc_loglik = posterior_predictive(bora, corpus.test, draws, batch_size)
+        draws_loglik = doc_loglik
+        summary = summarize_draws(bora, draws)
+        if curvature_docs > 0 and len(corpus.train):  # training documents under the same draws: for PSIS-LOO
+            batches = one_per_task_batches(corpus.train, curvature_docs, batch_size, seed)
+            subset = corpus.train.subset(sorted(i for b in batches for i in b))
+            train = (subset, posterior_predictive(bora, subset, draws, batch_size)[1])
+    tokens = corpus.train.tokens_per_task()
+    return to_inference_data(bora, summary, doc_loglik, corpus.test, tokens, losses, train), draws_loglik
+
+
 def score_run(
     bora: BoRA,
     corpus: Corpus,
@@ -128,28 +162,11 @@ def score_run(
         valid = evaluate(bora, corpus.valid, batch_size)
     reports = {"base_test": base_test, "valid": valid}
     reports["test"], plug_in_loglik, calib_per_task, calib = score_plug_in(bora, corpus.test, batch_size=batch_size)
-    idata, draws_loglik, train = None, None, None
+    idata, draws_loglik = None, None
     if posterior_samples > 0:
-        from .diagnostics import to_inference_data  # ArviZ: imported only when a run is scored
-
-        if bora.inference == "map":  # every draw is the plug-in point
-            reports["posterior_predictive_test"] = reports["test"]
-            doc_loglik = plug_in_loglik.expand(posterior_samples, -1)
-            summary = summarize_point(bora, posterior_samples)
-        else:
-            draws = posterior_draws(bora, posterior_samples, seed=seed)
-            predictive, doc_loglik = posterior_predictive(bora, corpus.test, draws, batch_size)
-            reports["posterior_predictive_test"] = predictive
-            draws_loglik = doc_loglik
-            summary = summarize_draws(bora, draws)
-            if curvature_docs > 0 and len(corpus.train):  # training documents under the same draws: for PSIS-LOO
-                picked = sorted(
-                    i for b in one_per_task_batches(corpus.train, curvature_docs, batch_size, seed) for i in b
-                )
-                subset = corpus.train.subset(picked)
-                train = (subset, posterior_predictive(bora, subset, draws, batch_size)[1])
-        tokens = corpus.train.tokens_per_task()
-        idata = to_inference_data(bora, summary, doc_loglik, corpus.test, tokens, losses, train)
+        idata, draws_loglik = _posterior_scores(
+            bora, corpus, posterior_samples, seed, batch_size, curvature_docs, plug_in_loglik, reports, losses
+        )
     gates = None if bora.gates is None else bora.gates.report(bora.gate_values())
     collapsed = collapsed_report(bora, corpus, curvature_docs, seed, batch_size)
     test_docs = test_documents(corpus, plug_in_loglik, draws_loglik, collapsed)

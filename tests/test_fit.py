@@ -259,3 +259,12 @@ def test_bora_takes_its_adapter_settings_whole():
         bora_pyro.BoRA(tiny_random_llama()[0], ("a",), rank=4, adapter=AdapterConfig())
     with pytest.raises(ValueError, match="init_peft is a run's setting"):
         bora_pyro.BoRA(tiny_random_llama()[0], ("a",), adapter=AdapterConfig(init_peft="somewhere"))
+
+
+def test_fit_names_an_unknown_option_and_the_fix(make_corpus):
+    corpus = make_corpus()
+    bora = bora_pyro.BoRA(tiny_random_llama()[0], corpus.tasks, rank=2)
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['inference'\]; MAP or VI is the model's"):
+        bora_pyro.fit(bora, corpus, inference="vi", steps=1)
+    with pytest.raises(TypeError, match=r"\[.stepz.\]; the options are TrainConfig.s fields: steps"):
+        bora_pyro.fit(bora, corpus, stepz=1)

@@ -320,6 +320,14 @@ def fit(
         config: the training settings (default :class:`TrainConfig`'s), passed whole.
         **options: fields of :class:`TrainConfig` (``steps``, ``batch_size``, ``lr``...) that override ``config``'s.
     """
+    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(TrainConfig)})
+    if unknown:
+        hint = (
+            "; MAP or VI is the model's: BoRA(..., inference='vi') or bora.use_inference('vi') before fit"
+            if "inference" in unknown
+            else f"; the options are TrainConfig's fields: {', '.join(f.name for f in dataclasses.fields(TrainConfig))}"
+        )
+        raise TypeError(f"fit() got unknown option(s) {unknown}{hint}")
     config = dataclasses.replace(config or TrainConfig(), **options)
     checkpoint = Path(checkpoint) if checkpoint is not None else None
     saved_step = _check_fit(bora, corpus, config, checkpoint, resume)

@@ -4,7 +4,6 @@ tau-averaged posterior mean adapters. Computes; writes nothing (see ``runs/run_f
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 
@@ -20,8 +19,6 @@ from .guide_scales import scale_report, scale_warning
 from .messages import custom_likelihood, factor_taus
 from .perplexity import PerplexityReport, document_log_likelihoods, report_from_documents
 from .tau_posterior import WHY_NOT_POOLED, tau_posterior
-
-log = logging.getLogger(__name__)
 
 MAX_MESSAGE_COORDINATES = 50_000_000  # tasks x coordinates of the messages (~1.4 GB of working tensors)
 UNSTATIONARY = 3.0  # fit_stationarity above this: the fit is too far from converged for its messages
@@ -81,13 +78,9 @@ def why_not_collapsed(bora: BoRA, corpus: Corpus, docs_per_task: int) -> str | N
 
 def collapsed_report(
     bora: BoRA, corpus: Corpus, docs_per_task: int, seed: int, batch_size: int, progress: bool = False
-) -> CollapsedReport | None:
+) -> CollapsedReport:
     """The collapsed report of a fitted run (one curvature pass over at most ``docs_per_task`` training
-    documents of each task, one test pass), or None (logged) where :func:`why_not_collapsed` says so."""
-    why = why_not_collapsed(bora, corpus, docs_per_task)
-    if why is not None:
-        log.info("no tau posterior or shrinkage: %s", why)
-        return None
+    documents of each task, one test pass), for a run :func:`why_not_collapsed` gives no reason against."""
     start = time.perf_counter()
     posterior = tau_posterior(
         bora, corpus, docs_per_task=docs_per_task, seed=seed, batch_size=batch_size, progress=progress

@@ -172,7 +172,7 @@ def curvature_messages(
         {k: v.detach().cpu() for k, v in point.items()},
         f"fisher-{fisher}, gradient-{gradient}",
         misfit / counted if counted else None,
-        sums.log_likelihood * n / m.clamp_min(1),
+        sums.log_likelihood.cpu() * n / m.clamp_min(1),
     )
 
 
@@ -237,7 +237,7 @@ def _curvature_pass(
     pass per label draw, not that one)."""
     samples = label_samples if fisher == "sampled" else 0
     zeros = lambda: {k: torch.zeros_like(v, dtype=torch.float64) for k, v in point.items()}
-    sums = _Sums(zeros(), zeros(), zeros(), torch.zeros(len(split.tasks), dtype=torch.float64))
+    sums = _Sums(zeros(), zeros(), zeros(), torch.zeros(len(split.tasks), dtype=torch.float64, device=bora.device))
     generator = torch.Generator(device=bora.device).manual_seed(seed)
     batches = list(one_per_task_batches(split, docs_per_task, batch_size, seed))
     for docs in tqdm(batches, desc="curvature", unit="batch", disable=not progress, leave=False):
@@ -258,7 +258,7 @@ def _curvature_pass(
                 for i in range(samples):
                     for k, g in enumerate(torch.autograd.grad(drawn[i].sum(), leaves, retain_graph=i + 1 < samples)):
                         squares[k] += g.double() ** 2 / samples
-        sums.log_likelihood.index_add_(0, tasks.cpu(), data.detach().double().cpu())
+        sums.log_likelihood.index_add_(0, tasks, data.detach().double())
         for k, g, sq in zip(rows, data_grads, squares):
             sums.grad[k].index_add_(0, tasks, g)
             sums.grad_square[k].index_add_(0, tasks, g**2)

@@ -6,6 +6,7 @@ Every data-parallel rank must call :func:`score_run` (evaluation sums the ranks'
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,8 @@ from .collapsed import CollapsedReport, collapsed_report, why_not_collapsed
 from .messages import one_per_task_batches
 from .perplexity import PerplexityReport, evaluate
 from .predictive import posterior_draws, posterior_predictive, score_plug_in, summarize_draws, summarize_point
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -168,7 +171,10 @@ def score_run(
             bora, corpus, posterior_samples, seed, batch_size, curvature_docs, plug_in_loglik, reports, losses
         )
     gates = None if bora.gates is None else bora.gates.report(bora.gate_values())
-    collapsed = collapsed_report(bora, corpus, curvature_docs, seed, batch_size)
+    skipped = why_not_collapsed(bora, corpus, curvature_docs)
+    if skipped:
+        log.info("no tau posterior or shrinkage: %s", skipped)
+    collapsed = None if skipped else collapsed_report(bora, corpus, curvature_docs, seed, batch_size)
     test_docs = test_documents(corpus, plug_in_loglik, draws_loglik, collapsed)
     metrics = {
         "test_ppl": reports["test"].token_weighted,
@@ -190,11 +196,7 @@ def score_run(
         "test_elpd": float(test_docs.elpd.sum()),
         "test_elpd_mc_se": elpd_mc_se(draws_loglik),
         "curvature_docs": curvature_docs,
-        **(
-            {"tau_posterior_skipped": why_not_collapsed(bora, corpus, curvature_docs)}
-            if collapsed is None
-            else collapsed.metrics()
-        ),
+        **({"tau_posterior_skipped": skipped} if collapsed is None else collapsed.metrics()),
         "test_ece": calib["ece"],
         "test_brier": calib["brier"],
         "posterior_samples": posterior_samples,

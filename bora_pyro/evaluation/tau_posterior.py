@@ -66,7 +66,8 @@ def tau_posterior(
     """
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
-    if all(math.isinf(t) for t in (factor_taus(bora) if taus is None else dict(taus)).values()):
+    fitted_taus = factor_taus(bora) if taus is None else dict(taus)
+    if all(math.isinf(t) for t in fitted_taus.values()):
         raise ValueError(f"a pooled fit (tau = inf) gives no collapsed posterior of tau: {WHY_NOT_POOLED}")
     split = data.train if isinstance(data, Corpus) else data
     options = dict(
@@ -84,8 +85,7 @@ def tau_posterior(
     else:
         messages = curvature_messages(bora, split, point=point, theta=theta, gradient=gradient, **options)
     extrapolated = source == "guide" or "gradient-prior" in messages.source
-    floor = factor_taus(bora) if taus is None else dict(taus)
-    floor = {k: (t if extrapolated and trust and math.isfinite(t) else 0.0) for k, t in floor.items()}
+    floor = {k: (t if extrapolated and trust and math.isfinite(t) else 0.0) for k, t in fitted_taus.items()}
     full, messages = messages, messages.restricted(floor)
     names = list(bora.lora.shapes())
     tau_prior = bora.prior.tau_prior

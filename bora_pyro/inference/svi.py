@@ -320,12 +320,13 @@ def fit(
         config: the training settings (default :class:`TrainConfig`'s), passed whole.
         **options: fields of :class:`TrainConfig` (``steps``, ``batch_size``, ``lr``...) that override ``config``'s.
     """
-    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(TrainConfig)})
+    fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    unknown = sorted(set(options) - set(fields))
     if unknown:
         hint = (
             "; MAP or VI is the model's: BoRA(..., inference='vi') or bora.use_inference('vi') before fit"
             if "inference" in unknown
-            else f"; the options are TrainConfig's fields: {', '.join(f.name for f in dataclasses.fields(TrainConfig))}"
+            else f"; the options are TrainConfig's fields: {', '.join(fields)}"
         )
         raise TypeError(f"fit() got unknown option(s) {unknown}{hint}")
     config = dataclasses.replace(config or TrainConfig(), **options)
